@@ -1,0 +1,64 @@
+"""``loom shards verify`` and ``loom shards inspect``."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from loom.platform import shards
+
+    problems = shards.verify(args.url, deep=not args.quick)
+    m = shards.read_manifest(args.url)
+    tot = m["totals"]
+    if problems:
+        for p in problems:
+            print(f"FAIL {p}")
+        print(f"{len(problems)} problem(s) in {args.url}; rerun the render command to repair unfinished shards")
+        return 1
+    print(f"OK {tot['shards']} shards, {tot['samples']} samples, {tot['bytes'] / 1e6:.1f} MB, "
+          f"{tot['failures']} failure row(s); checksums match the manifest")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from loom.datasets.inspect import contact_sheet, describe_sample
+    from loom.datasets.ttv import iter_samples
+    from loom.platform import shards, storage
+
+    try:
+        m = shards.read_manifest(args.url)
+        t = m["totals"]
+        print(f"{args.url}: {m.get('kind')} corpus, {t['shards']} shards, {t['samples']} samples, "
+              f"{t['bytes'] / 1e6:.1f} MB, {t['failures']} failures, complete={m['complete']}")
+    except FileNotFoundError:
+        pass
+    sample = next(itertools.islice(iter_samples(args.url), args.index, None), None)
+    if sample is None:
+        print(f"no sample #{args.index} in {args.url}", file=sys.stderr)
+        return 1
+    print(f"sample {sample['__key__']} from {sample['__shard__']}:")
+    print("\n".join(describe_sample(sample)))
+    sheet = args.sheet or (storage.join(args.url, f"inspect-{sample['__key__']}.png")
+                           if not args.url.endswith(".tar") else f"inspect-{sample['__key__']}.png")
+    with storage.atomic_writer(sheet) as w:
+        Image.fromarray(contact_sheet(sample)).save(w, format="PNG")
+    print(f"contact sheet (rows: frames; columns: rgb, normal, position, depth, mask): {sheet}")
+    return 0
+
+
+def register(sub) -> None:
+    g = sub.add_parser("shards", help="check and look at shards").add_subparsers(dest="scmd", metavar="CMD")
+    v = g.add_parser("verify", help="check shards against the manifest (sizes, sha256, readable to the end)")
+    v.add_argument("url", help="a Loom output folder")
+    v.add_argument("--quick", action="store_true", help="sizes and checksums only, do not read tars through")
+    v.set_defaults(func=cmd_verify)
+    i = g.add_parser("inspect", help="print a sample's arrays and metadata and write a contact sheet PNG")
+    i.add_argument("url", help="a Loom output folder, a folder of shards or one .tar")
+    i.add_argument("--index", type=int, default=0, help="which sample (default 0)")
+    i.add_argument("--sheet", help="where to write the contact sheet PNG (default: in the output folder)")
+    i.set_defaults(func=cmd_inspect)

@@ -1,0 +1,101 @@
+"""``loom render ...`` and ``loom assets ...``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from loom.platform import config as cfgmod
+
+
+def _add_job_args(p: argparse.ArgumentParser, job_cls: type) -> None:
+    names = sorted(cfgmod.recipes(job_cls))
+    p.add_argument("--recipe", default="default", help=f"named recipe: {', '.join(names)} (default: default)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set orbit.frames=24 (repeatable; see --help-config)")
+    p.add_argument("--help-config", action="store_true", help="list every config field with default and help")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def _resolve(job_cls: type, args: argparse.Namespace, **direct):
+    overrides = cfgmod.parse_set(args.overrides)
+    overrides += [(k, v) for k, v in direct.items() if v is not None]
+    return cfgmod.resolve(job_cls, args.recipe, overrides)
+
+
+def _help_config(job_cls: type) -> int:
+    for name, default, text in cfgmod.describe(job_cls):
+        print(f"{name:32s} {default:28s} {text}")
+    return 0
+
+
+def cmd_render_ttv(args: argparse.Namespace) -> int:
+    from loom.pipelines import ttv
+    from loom.pipelines.assets import resolve_source
+    from loom.pipelines.job import estimate, run_job
+
+    if args.help_config:
+        return _help_config(ttv.RenderTTVJob)
+    cfg = _resolve(ttv.RenderTTVJob, args, assets=args.assets, out=args.out)
+    if args.print_config:
+        print(cfgmod.dump_yaml(cfg), end="")
+        return 0
+    records = resolve_source(cfg.assets)
+    if cfg.limit:
+        records = records[: cfg.limit]
+    if not records:
+        raise ValueError(f"asset source {cfg.assets!r} has no assets")
+    spec = ttv.job_spec(cfg, records)
+    if args.dry_run:
+        print(f"plan for {len(records)} asset(s) x {cfg.lighting.variants} variant(s) -> {cfg.out}")
+        est = estimate(spec, calibrate=not args.no_calibrate)
+        print(est.report())
+        return 0
+    print(f"rendering {len(spec.tasks)} turntable videos of {len(records)} asset(s) into {cfg.out}",
+          file=sys.stderr)
+    summary = run_job(spec, progress=not args.no_progress, retry_failed=args.retry_failed)
+    print(summary.line())
+    for f in summary.failures[:20]:
+        print(f"  failed {f['key']}: {f['reason'].splitlines()[0]}")
+    if summary.failed > 20:
+        print(f"  ... {summary.failed - 20} more in {cfg.out}/failures.jsonl")
+    print(f"shards:   {cfg.out}/shards  (manifest {cfg.out}/manifest.json)")
+    print(f"look:     loom shards inspect {cfg.out}    verify: loom shards verify {cfg.out}")
+    return 0
+
+
+def cmd_assets_list(args: argparse.Namespace) -> int:
+    from loom.pipelines.assets import resolve_source, write_manifest
+
+    records = resolve_source(args.source)
+    for r in records:
+        print(f"{r.uid:40s} {r.format:5s} {r.size:>10d}  {r.license:14s} {r.sha256[:12]}  {r.path}")
+    print(f"{len(records)} asset(s)", file=sys.stderr)
+    if args.manifest:
+        write_manifest(records, args.manifest)
+        print(f"wrote {args.manifest}", file=sys.stderr)
+    return 0
+
+
+def register(sub) -> None:
+    from loom.pipelines.ttv import RenderTTVJob
+
+    render = sub.add_parser("render", help="render a corpus into WebDataset shards").add_subparsers(
+        dest="kind", metavar="KIND")
+    p = render.add_parser("ttv", help="turntable videos with normal/position/depth/mask passes (TAPESTRY)")
+    p.add_argument("--assets", help="asset source (default: bundled): bundled | FOLDER/URL | MANIFEST.jsonl | "
+                   "objaverse:uids=...")
+    p.add_argument("--out", help="output folder or fsspec URL (default from the recipe)")
+    _add_job_args(p, RenderTTVJob)
+    p.add_argument("--dry-run", action="store_true", help="print tasks, frames, size and cost; render nothing "
+                   "but one short calibration")
+    p.add_argument("--no-calibrate", action="store_true", help="with --dry-run: skip the calibration render")
+    p.add_argument("--retry-failed", action="store_true", help="redo shards that recorded failures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_render_ttv)
+
+    assets = sub.add_parser("assets", help="asset sources and manifests").add_subparsers(dest="acmd", metavar="CMD")
+    a = assets.add_parser("list", help="list the assets of a source; optionally write its manifest")
+    a.add_argument("source", help="bundled | FOLDER/URL | MANIFEST.jsonl | objaverse:...")
+    a.add_argument("--manifest", help="write the asset manifest (JSON lines) here")
+    a.set_defaults(func=cmd_assets_list)
