@@ -76,11 +76,13 @@ def encode_video(frames: np.ndarray, codec: str = "ffv1", fps: int = 24) -> tupl
     else:
         raise ValueError(f"unknown rgb codec {codec!r}: use 'ffv1' or 'h264'")
     buf = io.BytesIO()
-    with av.open(buf, "w", format=fmt) as c:
+    # bitexact: no random segment UIDs or encoder version strings, so the same frames give the same bytes.
+    with av.open(buf, "w", format=fmt, options={"fflags": "+bitexact"}) as c:
         s = c.add_stream(name, rate=fps)
         s.width, s.height, s.pix_fmt = w, h, pix
         s.options = opts
         s.codec_context.thread_count = 1
+        s.codec_context.flags |= av.codec.context.Flags.bitexact
         # Matroska writes wall-clock metadata unless told otherwise: keep the bytes deterministic.
         c.metadata["creation_time"] = "1970-01-01T00:00:00Z"
         for f in frames:

@@ -18,8 +18,8 @@ SPHERE_RADIUS = 0.8
 
 
 def render_sphere(params: dict) -> dict:
-    """Same contract as ``loom.pipelines.render.ttv.render_ttv``. Extra params for tests: ``fake_delay_s`` (sleep
-    per frame) and asset files whose first bytes are ``CRASH`` / ``FAIL`` to simulate a native crash / bad mesh."""
+    """Same contract as ``loom.pipelines.render.ttv.render_ttv``. Extra params for tests: ``fake_delay_s`` or the
+    environment variable LOOM_FAKE_DELAY_S (sleep per frame) and asset files whose first bytes are ``CRASH`` / ``FAIL`` to simulate a native crash / bad mesh."""
     path = params["asset_path"]
     if not os.path.exists(path):
         raise TaskError(f"asset file {path} does not exist")
@@ -58,8 +58,9 @@ def render_sphere(params: dict) -> dict:
         out["position"].append(pos.astype(np.float32))
         out["depth"].append(s.astype(np.float32))
         out["mask"].append(hit)
-        if params.get("fake_delay_s"):
-            time.sleep(params["fake_delay_s"])
+        delay = float(params.get("fake_delay_s") or os.environ.get("LOOM_FAKE_DELAY_S", 0))
+        if delay:
+            time.sleep(delay)
     res = {k: np.stack(v) for k, v in out.items()}
     res["K"] = np.repeat(K[None], n, 0).astype(np.float32)
     res["c2w"] = c2w.astype(np.float32)

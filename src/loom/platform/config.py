@@ -85,7 +85,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             return tuple(_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"{name}={value!r} should have {len(args)} items")
-        return tuple(_coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+        return tuple(_coerce(v, a, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if _is_config(tp):
         if isinstance(value, tp):
             return value
@@ -138,24 +138,22 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return conv(cfg)
 
 
-def override(cfg: T, key: str, value: Any) -> T:
-    """A copy of ``cfg`` with the dotted field ``key`` set to ``value`` (type-checked)."""
+def override(cfg: T, key: str, value: Any, _prefix: str = "") -> T:
+    """A copy of ``cfg`` with the dotted field ``key`` set to ``value`` (type-checked and validated)."""
     head, _, rest = key.partition(".")
+    full = _prefix + head
     names = {f.name: f for f in dataclasses.fields(cfg)}
     if head not in names:
-        raise ConfigError(f"unknown config key {key!r}: {type(cfg).__name__} has {sorted(names)}")
+        raise ConfigError(f"unknown config key {_prefix + key!r}: {type(cfg).__name__} has {sorted(names)}")
     tp = _hints(type(cfg))[head]
     if rest:
         sub = getattr(cfg, head)
         if not dataclasses.is_dataclass(sub):
-            raise ConfigError(f"{key!r}: {head} is a value, not a section")
-        new = override(sub, rest, value)
+            raise ConfigError(f"{_prefix + key!r}: {full} is a value, not a section")
+        new = override(sub, rest, value, _prefix=full + ".")
     else:
-        new = _coerce(value, tp, key)
-    try:
-        return dataclasses.replace(cfg, **{head: new})
-    except ConfigError as e:
-        raise ConfigError(f"{key}: {e}") from None
+        new = _coerce(value, tp, full)
+    return dataclasses.replace(cfg, **{head: new})
 
 
 def parse_set(items: Iterable[str]) -> list[tuple[str, Any]]:

@@ -87,6 +87,7 @@ def iter_tar(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     ShardError naming the shard (never a silent partial read)."""
     fs, path = storage.filesystem(url)
     try:
+        total = int(fs.size(path))
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
             cur_key, cur = None, {}
             for m in tar:
@@ -102,6 +103,11 @@ def iter_tar(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                 if len(data) != m.size:
                     raise ShardError(f"shard {url}: member {m.name} is truncated ({len(data)} of {m.size} bytes)")
                 cur[ext] = data
+            # tarfile takes a file cut at a header boundary for a clean end: insist on the end-of-archive
+            # marker (two zero blocks) after the last member.
+            if total < tar.offset + 2 * tarfile.BLOCKSIZE:
+                raise ShardError(f"shard {url} is truncated after {tar.offset} bytes (no end-of-archive marker); "
+                                 "rerun the job to rewrite it")
             if cur_key is not None:
                 yield cur_key, cur
     except (tarfile.TarError, EOFError, OSError) as e:

@@ -1,0 +1,37 @@
+# Set-up is part of every target: a fresh clone needs only `make demo` or `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.loom-installed
+PIP_CACHE := .cache/pip
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: setup demo test test-all bench clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "Loom needs Python 3.11 (Blender's bpy wheel is built for it only): install python3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --cache-dir $(PIP_CACHE) --upgrade pip
+	$(PY) -m pip install -q --cache-dir $(PIP_CACHE) -e '.[render,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Loom's main job on its embedded defaults: the bundled assets, local Ray, local files.
+demo: $(STAMP)
+	$(VENV)/bin/loom render ttv --recipe preview --out out/ttv
+	$(VENV)/bin/loom shards verify out/ttv
+	$(VENV)/bin/loom shards inspect out/ttv
+
+# The default tier (unit + integration on tiny inputs). pytest's exit 5 (no tests collected) is a failure.
+test: $(STAMP)
+	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ''
+
+bench: $(STAMP)
+	$(PY) benchmarks/render_ttv.py
+
+clean:
+	rm -rf out .pytest_cache
