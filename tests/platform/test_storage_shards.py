@@ -1,7 +1,5 @@
 """Atomic writes, path checks, tar shards, manifests and verification, on local disk and memory://."""
 
-import io
-import tarfile
 
 import pytest
 

@@ -19,7 +19,8 @@ SPHERE_RADIUS = 0.8
 
 def render_sphere(params: dict) -> dict:
     """Same contract as ``loom.pipelines.render.ttv.render_ttv``. Extra params for tests: ``fake_delay_s`` or the
-    environment variable LOOM_FAKE_DELAY_S (sleep per frame) and asset files whose first bytes are ``CRASH`` / ``FAIL`` to simulate a native crash / bad mesh."""
+    environment variable LOOM_FAKE_DELAY_S (sleep per frame) and asset files whose first bytes are ``CRASH`` /
+    ``FAIL!`` to simulate a native crash / a bad mesh."""
     path = params["asset_path"]
     if not os.path.exists(path):
         raise TaskError(f"asset file {path} does not exist")

@@ -215,7 +215,8 @@ def run_job(spec: JobSpec, *, progress: bool = True, retry_failed: bool = False,
         todo = todo[:max_shards]
     t0 = time.monotonic()
     if todo:
-        ray = init_ray(spec.cluster)
+        init_ray(spec.cluster)
+        import ray
         import ray.data
 
         for name in ("ray.data", "ray.data._internal.execution.streaming_executor", "ray.data._internal"):

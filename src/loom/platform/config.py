@@ -85,7 +85,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             return tuple(_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"{name}={value!r} should have {len(args)} items")
-        return tuple(_coerce(v, a, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(_coerce(v, a, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if _is_config(tp):
         if isinstance(value, tp):
             return value
