@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, PermissionError, ValueError, RuntimeError) as e:
+    except (ConfigError, FileNotFoundError, PermissionError, ConnectionError, ValueError, RuntimeError) as e:
         # Expected user-facing errors: one clear line, no traceback (set LOOM_DEBUG=1 for it).
         if os.environ.get("LOOM_DEBUG"):
             raise
