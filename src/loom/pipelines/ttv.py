@@ -121,13 +121,14 @@ def _smoke() -> RenderTTVJob:
     )
 
 
-@recipe(RenderTTVJob, "preview", help="quick look: 256x256, 24 frames, 2 variants")
+@recipe(RenderTTVJob, "preview", help="quick look: 256x256, 16 frames, 2 variants (the README demo)")
 def _preview() -> RenderTTVJob:
     return RenderTTVJob(
         out="out/ttv-preview",
         render=RenderSettings(width=256, height=256, samples=16),
-        orbit=OrbitSettings(frames=24),
+        orbit=OrbitSettings(frames=16),
         lighting=LightingSettings(variants=2),
+        shards=ShardSettings(samples_per_shard=2),
     )
 
 
