@@ -31,6 +31,10 @@ def corpus(ray_local, tmp_path_factory):
     shutil.copy(by_uid["bunny"].path, assets / "bunny.glb")
     for ext in ("obj", "mtl", "png"):
         shutil.copy(os.path.join(BUNDLED, f"suzi_checker.{ext}"), assets / f"suzi_checker.{ext}")
+    # The same OBJ whose texture is gone: renders without it, with a warning.
+    (assets / "notex").mkdir()
+    for ext in ("obj", "mtl"):
+        shutil.copy(os.path.join(BUNDLED, f"suzi_checker.{ext}"), assets / "notex" / f"suzi_checker.{ext}")
     (assets / "zcorrupt.glb").write_bytes(b"glTF" + os.urandom(200))
     (assets / "znan.obj").write_text("v 0 0 0\nv 1 0 0\nv nan 1 0\nf 1 2 3\n")
     (assets / "znofaces.obj").write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\n")
@@ -42,7 +46,9 @@ def corpus(ray_local, tmp_path_factory):
 
 def test_good_assets_render_and_bad_ones_are_failure_rows(corpus):
     cfg, spec, s = corpus
-    assert s.samples_done == 2, s.failures
+    assert s.samples_done == 3, s.failures
+    [warned] = s.warnings
+    assert warned["key"].startswith("notex-suzi_checker") and "suzi_checker.png" in " ".join(warned["warnings"])
     reasons = {f["uid"].split("--")[0]: f["reason"] for f in s.failures}
     assert set(reasons) == {"zcorrupt", "znan", "znofaces"}
     assert "zcorrupt" in reasons["zcorrupt"]
@@ -54,7 +60,7 @@ def test_good_assets_render_and_bad_ones_are_failure_rows(corpus):
 def test_real_render_meets_the_reader_contract(corpus):
     cfg, spec, _ = corpus
     samples = list(iter_samples(spec.out))
-    assert len(samples) == 2
+    assert len(samples) == 3
     for smp in samples:
         T, H, W = cfg.orbit.frames, cfg.render.height, cfg.render.width
         assert smp["rgb"].shape == (T, H, W, 3) and smp["rgb"].dtype == np.uint8
@@ -87,3 +93,12 @@ def test_real_render_meets_the_reader_contract(corpus):
         # The rgb pass shows the object over the white background.
         bg = ~smp["mask"]
         assert smp["rgb"][bg].mean() > 240 and smp["rgb"][smp["mask"]].mean() < 235
+
+
+def test_a_task_past_its_timeout_is_a_failure_row(ray_local, tmp_path):
+    by_uid = {r.uid: r for r in bundled_assets()}
+    cfg = c.resolve(ttv.RenderTTVJob, "smoke", c.parse_set([f"out={tmp_path / 'out'}", "render.timeout_s=0.2"]))
+    s = run_job(ttv.job_spec(cfg, [by_uid["marble_shaderball"]]), progress=False)
+    assert (s.samples_done, s.failed) == (0, 1)
+    assert "timed out" in s.failures[0]["reason"]
+    assert shards.read_manifest(cfg.out)["complete"]

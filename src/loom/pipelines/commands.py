@@ -59,6 +59,8 @@ def cmd_render_ttv(args: argparse.Namespace) -> int:
         print(f"  failed {f['key']}: {f['reason'].splitlines()[0]}")
     if summary.failed > 20:
         print(f"  ... {summary.failed - 20} more in {cfg.out}/failures.jsonl")
+    for w in summary.warnings[:10]:
+        print(f"  warning {w['key']}: {'; '.join(w['warnings'])}")
     print(f"shards:   {cfg.out}/shards  (manifest {cfg.out}/manifest.json)")
     print(f"look:     loom shards inspect {cfg.out}    verify: loom shards verify {cfg.out}")
     return 0

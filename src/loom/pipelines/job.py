@@ -85,11 +85,13 @@ class Summary:
     frames: int = 0
     seconds: float = 0.0
     failures: list[dict] = field(default_factory=list)
+    warnings: list[dict] = field(default_factory=list)
 
     def line(self) -> str:
         fps = self.frames / self.seconds if self.seconds > 0 else 0.0
         return (f"done {self.samples_done} samples in {self.shards_done} shards, skipped {self.samples_skipped} "
-                f"already complete ({self.shards_skipped} shards), failed {self.failed}; {self.frames} frames in "
+                f"already complete ({self.shards_skipped} shards), failed {self.failed}, {len(self.warnings)} with "
+                f"warnings; {self.frames} frames in "
                 f"{self.seconds:.1f} s ({fps:.2f} frames/s)")
 
 
@@ -154,7 +156,7 @@ def render_shard(shard: dict, out: str, sandbox, timeout_s: float, scratch: str,
     from loom.pipelines.errors import TaskError
 
     t0 = time.monotonic()
-    samples, failures, frames = [], [], 0
+    samples, failures, warnings, frames = [], [], [], 0
     stats: dict[str, float] = {}
     for t in shard["tasks"]:
         task = Task(**t)
@@ -165,6 +167,8 @@ def render_shard(shard: dict, out: str, sandbox, timeout_s: float, scratch: str,
             res = sandbox.run({**task.params, "asset_path": local, "workdir": workdir}, timeout_s)
             samples.append((task.key, res["files"]))
             frames += task.frames
+            if res.get("warnings"):
+                warnings.append({"key": task.key, "warnings": list(res["warnings"])})
             for k, v in res.get("timings", {}).items():
                 stats[k] = stats.get(k, 0.0) + float(v)
         except TaskError as e:
@@ -181,10 +185,10 @@ def render_shard(shard: dict, out: str, sandbox, timeout_s: float, scratch: str,
     stats["write"] = time.monotonic() - t_write
     stats["seconds"] = time.monotonic() - t0
     rec = shards.ShardRecord(name=shard["name"], samples=len(keys), size=size, sha256=sha, keys=keys,
-                             failures=failures, stats={**stats, "frames": frames})
+                             failures=failures, warnings=warnings, stats={**stats, "frames": frames})
     shards.write_sidecar(out, rec)
     return {"name": shard["name"], "samples": len(keys), "failed": len(failures), "frames": frames,
-            "failures": json.dumps(failures)}
+            "failures": json.dumps(failures), "warnings": json.dumps(warnings)}
 
 
 class _ProgressCounter:
@@ -292,6 +296,7 @@ def run_job(spec: JobSpec, *, progress: bool = True, retry_failed: bool = False,
             summary.failed += row["failed"]
             summary.frames += row["frames"]
             summary.failures += json.loads(row["failures"])
+            summary.warnings += json.loads(row["warnings"])
     summary.seconds = time.monotonic() - t0
     shards.write_manifest(spec.out, [s["name"] for s in plan],
                           extra={"kind": spec.kind, "config_hash": spec.config_hash})

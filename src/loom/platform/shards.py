@@ -45,6 +45,7 @@ class ShardRecord:
     sha256: str
     keys: list[str]
     failures: list[dict] = field(default_factory=list)
+    warnings: list[dict] = field(default_factory=list)  # {key, warnings}: e.g. a missing texture, rendered without
     stats: dict = field(default_factory=dict)  # timings etc. (informational)
 
     def to_dict(self) -> dict:
@@ -150,14 +151,15 @@ def write_sidecar(out: str, rec: ShardRecord) -> None:
 
 def write_manifest(out: str, names: list[str], extra: dict | None = None) -> dict:
     """Gather the sidecars of ``names`` (in plan order) into manifest.json and failures.jsonl."""
-    shards, failures, missing = [], [], []
+    shards, failures, warned, missing = [], [], 0, []
     for name in names:
         rec = read_sidecar(out, name)
         if rec is None:
             missing.append(name)
             continue
-        shards.append({k: v for k, v in rec.to_dict().items() if k not in ("failures",)})
+        shards.append({k: v for k, v in rec.to_dict().items() if k not in ("failures", "warnings")})
         failures += [dict(f, shard=name) for f in rec.failures]
+        warned += len(rec.warnings)
     manifest = {
         "format": "loom-shards/1",
         **(extra or {}),
@@ -169,6 +171,7 @@ def write_manifest(out: str, names: list[str], extra: dict | None = None) -> dic
             "samples": sum(s["samples"] for s in shards),
             "bytes": sum(s["size"] for s in shards),
             "failures": len(failures),
+            "samples_with_warnings": warned,
         },
     }
     storage.write_json(storage.join(out, MANIFEST), manifest)
