@@ -71,6 +71,7 @@ class JobSpec:
     cluster: ClusterSettings
     samples_per_shard: int
     env: dict[str, str] = field(default_factory=dict)
+    preload: tuple[str, ...] = ()  # modules the sandbox imports at start-up (bpy)
 
 
 @dataclass
@@ -127,12 +128,14 @@ def load_or_write_plan(spec: JobSpec) -> list[dict]:
 class ShardWorker:
     """Ray Data map function (one instance per worker): renders a shard's tasks in its sandbox, writes the tar."""
 
-    def __init__(self, entry: str, out: str, timeout_s: float, env: dict[str, str], progress=None):
+    def __init__(self, entry: str, out: str, timeout_s: float, env: dict[str, str], progress=None,
+                 preload: tuple[str, ...] = ()):
         from loom.pipelines.sandbox import Sandbox
 
         self.out, self.timeout_s, self.progress = out, timeout_s, progress
         self.scratch = tempfile.mkdtemp(prefix="loom-worker-")
-        self.sandbox = Sandbox(entry, env=env, log_dir=os.path.join(self.scratch, "logs"))
+        self.sandbox = Sandbox(entry, env=env, log_dir=os.path.join(self.scratch, "logs"), preload=preload)
+        self.sandbox.start()  # pay the bpy import while Ray is still starting the other workers
 
     def __call__(self, row: dict) -> dict:
         shard = json.loads(row["shard"])
@@ -259,7 +262,7 @@ def run_job(spec: JobSpec, *, progress: bool = True, retry_failed: bool = False,
         ds = ds.map(
             ShardWorker,
             fn_constructor_kwargs=dict(entry=spec.entry, out=spec.out, timeout_s=spec.timeout_s, env=spec.env,
-                                       progress=counter),
+                                       progress=counter, preload=spec.preload),
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=spec.cluster.cpus_per_worker,
             num_gpus=spec.cluster.gpus_per_worker or None,

@@ -28,7 +28,7 @@ def _resolve(entry: str):
     return getattr(importlib.import_module(mod), fn)
 
 
-def _serve(conn, entry: str, log_path: str, env: dict[str, str]) -> None:
+def _serve(conn, entry: str, log_path: str, env: dict[str, str], preload: tuple[str, ...] = ()) -> None:
     """Child main loop: receive params, call entry(params), send ("ok", result) or ("err", kind, message)."""
     os.environ.update(env)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -37,6 +37,8 @@ def _serve(conn, entry: str, log_path: str, env: dict[str, str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     try:
         fn = _resolve(entry)
+        for mod in preload:  # e.g. bpy: seconds of import paid at start-up rather than in the first task
+            importlib.import_module(mod)
     except Exception as e:  # noqa: BLE001 - reported to the parent verbatim
         conn.send(("fatal", f"cannot load {entry}: {type(e).__name__}: {e}"))
         return
@@ -60,8 +62,9 @@ class Sandbox:
     """One child process running ``entry`` ("module:function") on each ``run(params)``."""
 
     def __init__(self, entry: str, *, env: dict[str, str] | None = None, log_dir: str | None = None,
-                 start_timeout: float = 120.0):
+                 start_timeout: float = 120.0, preload: tuple[str, ...] = ()):
         self.entry = entry
+        self.preload = tuple(preload)
         self.env = dict(env or {})
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="loom-sandbox-")
         os.makedirs(self.log_dir, exist_ok=True)
@@ -71,11 +74,16 @@ class Sandbox:
         self.log_path = ""
         self.starts = 0
 
+    def start(self) -> None:
+        """Start the child now (e.g. while the job is still being scheduled) instead of at the first task."""
+        if self._proc is None or not self._proc.is_alive():
+            self._start()
+
     def _start(self) -> None:
         ctx = mp.get_context("spawn")  # never fork a process that may hold Ray or bpy state
         parent, child = ctx.Pipe()
         self.log_path = os.path.join(self.log_dir, f"worker-{os.getpid()}-{self.starts}.log")
-        self._proc = ctx.Process(target=_serve, args=(child, self.entry, self.log_path, self.env), daemon=True)
+        self._proc = ctx.Process(target=_serve, args=(child, self.entry, self.log_path, self.env, self.preload), daemon=True)
         self._proc.start()
         child.close()
         self._conn = parent

@@ -224,4 +224,5 @@ def job_spec(cfg: RenderTTVJob, records: list) -> JobSpec:
         cluster=cfg.cluster,
         samples_per_shard=cfg.shards.samples_per_shard,
         env={"OMP_NUM_THREADS": str(cfg.cluster.cpus_per_worker)},
+        preload=("bpy",) if cfg.render.backend == "blender" else (),
     )
