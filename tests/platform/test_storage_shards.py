@@ -67,7 +67,7 @@ def test_manifest_and_verify_catch_tampering(root):
         names.append(name)
     m = shards.write_manifest(root, names)
     assert m["complete"] and m["totals"] == {"shards": 2, "samples": 4, "bytes": m["totals"]["bytes"],
-                                             "failures": 2}
+                                             "failures": 2, "samples_with_warnings": 0}
     assert shards.verify(root) == []
     # Same size, different bytes: only the checksum can tell.
     url = shards.shard_url(root, names[1])
