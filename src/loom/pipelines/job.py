@@ -210,7 +210,8 @@ class _ProgressCounter:
         return self.ok, self.failed, self.frames
 
 
-def init_ray(cluster: ClusterSettings) -> Any:
+def init_ray(cluster: ClusterSettings, announce: bool = True) -> Any:
+    """Join the cluster at ``cluster.address``, or start a local Ray; says which on stderr."""
     import ray
 
     # Ray Data's INFO lines and per-operator bars would interleave with Loom's own progress bar.
@@ -219,9 +220,16 @@ def init_ray(cluster: ClusterSettings) -> Any:
     if not ray.is_initialized():
         kw: dict[str, Any] = dict(include_dashboard=False, configure_logging=False, log_to_driver=False)
         if cluster.address:
-            ray.init(address=cluster.address, **kw)
+            ctx = ray.init(address=cluster.address, **kw)
+            what = f"connected to the Ray cluster at {cluster.address}"
         else:
-            ray.init(num_cpus=os.cpu_count(), **kw)
+            ctx = ray.init(num_cpus=os.cpu_count(), **kw)
+            what = "started a local Ray"
+        if announce:
+            cpus = int(ray.cluster_resources().get("CPU", 0))
+            gpus = int(ray.cluster_resources().get("GPU", 0))
+            print(f"ray: {what} ({len(ray.nodes())} node(s), {cpus} CPUs, {gpus} GPUs; "
+                  f"gcs {getattr(ctx, 'address_info', {}).get('gcs_address', '?')})", file=sys.stderr)
     return ray
 
 
