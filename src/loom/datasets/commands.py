@@ -23,11 +23,38 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+# sample kind (meta.json "kind") -> (reader module, contact sheet function, what the sheet's columns show)
+KINDS = {
+    "ttv": ("loom.datasets.ttv", "contact_sheet", "rows: frames; columns: rgb, normal, position, depth, mask"),
+    "4d": ("loom.datasets.shape4d", "contact_sheet_4d",
+           "rows: frames; columns: video, aligned queries (colour = query index), surface points (colour = normal)"),
+}
+
+
+def sample_kind(url: str) -> str:
+    """The kind of the samples at ``url``: from the manifest, else from the first sample's meta.json."""
+    import json
+
+    from loom.platform import shards
+
+    try:
+        kind = shards.read_manifest(url).get("kind")
+        if kind:
+            return kind
+    except FileNotFoundError:
+        pass
+    for shard in shards.shard_urls(url):
+        for _, files in shards.iter_tar(shard):
+            return json.loads(files["meta.json"]).get("kind", "ttv")
+    raise FileNotFoundError(f"no samples at {url}")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
+    import importlib
+
     from PIL import Image
 
-    from loom.datasets.inspect import contact_sheet, describe_sample
-    from loom.datasets.ttv import iter_samples
+    from loom.datasets import inspect as insp
     from loom.platform import shards, storage
 
     try:
@@ -37,17 +64,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
               f"{t['bytes'] / 1e6:.1f} MB, {t['failures']} failures, complete={m['complete']}")
     except FileNotFoundError:
         pass
-    sample = next(itertools.islice(iter_samples(args.url), args.index, None), None)
+    kind = sample_kind(args.url)
+    if kind not in KINDS:
+        raise ValueError(f"unknown sample kind {kind!r} at {args.url}; known: {sorted(KINDS)}")
+    mod_name, sheet_fn, columns = KINDS[kind]
+    reader = importlib.import_module(mod_name)
+    sample = next(itertools.islice(reader.iter_samples(args.url), args.index, None), None)
     if sample is None:
         print(f"no sample #{args.index} in {args.url}", file=sys.stderr)
         return 1
-    print(f"sample {sample['__key__']} from {sample['__shard__']}:")
-    print("\n".join(describe_sample(sample)))
+    print(f"sample {sample['__key__']} ({kind}) from {sample['__shard__']}:")
+    print("\n".join(insp.describe_sample(sample)))
     sheet = args.sheet or (storage.join(args.url, f"inspect-{sample['__key__']}.png")
                            if not args.url.endswith(".tar") else f"inspect-{sample['__key__']}.png")
     with storage.atomic_writer(sheet) as w:
-        Image.fromarray(contact_sheet(sample)).save(w, format="PNG")
-    print(f"contact sheet (rows: frames; columns: rgb, normal, position, depth, mask): {sheet}")
+        Image.fromarray(getattr(insp, sheet_fn)(sample)).save(w, format="PNG")
+    print(f"contact sheet ({columns}): {sheet}")
     return 0
 
 

@@ -15,7 +15,7 @@ def describe_sample(sample: dict[str, Any]) -> list[str]:
             lines.append(f"  {k:10s} {str(v.shape):22s} {str(v.dtype):8s} {rng}")
     m = sample.get("meta", {})
     keep = ("kind", "uid", "variant", "seed", "asset_sha256", "blender_version", "loom_version", "config_hash",
-            "lighting", "orbit", "warnings")
+            "lighting", "orbit", "warnings", "frame_times", "animation", "half_extent", "camera")
     lines += [f"  meta.{k}: {m[k]}" for k in keep if k in m]
     return lines
 
@@ -38,4 +38,42 @@ def contact_sheet(sample: dict[str, Any], max_frames: int = 6) -> np.ndarray:
         np.repeat(mask[..., None].astype(np.float32), 3, -1),
     ]
     grid = np.concatenate([np.concatenate(list(c), axis=0) for c in cols], axis=1)  # (rows*H, 5*W, 3)
+    return (np.clip(grid, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def _splat(img: np.ndarray, pts: np.ndarray, K: np.ndarray, c2w: np.ndarray, colors: np.ndarray, r: int = 1) -> None:
+    from loom.geometry.camera import project
+
+    uv, z = project(pts.astype(np.float64), K.astype(np.float64), c2w.astype(np.float64))
+    h, w = img.shape[:2]
+    order = np.argsort(-z)  # far first, near last
+    for dy in range(-r + 1, r):
+        for dx in range(-r + 1, r):
+            u = (uv[order, 0] + dx).astype(int)
+            v = (uv[order, 1] + dy).astype(int)
+            ok = (u >= 0) & (u < w) & (v >= 0) & (v < h)
+            img[v[ok], u[ok]] = colors[order][ok]
+
+
+def contact_sheet_4d(sample: dict[str, Any], max_frames: int = 6) -> np.ndarray:
+    """Rows = frames; columns: video over a checkerboard | aligned queries coloured by index (the same colour is
+    the same physical point in every row) | surface points coloured by normal."""
+    t, h, w, _ = sample["video"].shape
+    idx = np.unique(np.linspace(0, t - 1, min(t, max_frames)).round().astype(int))
+    yy, xx = np.mgrid[:h, :w]
+    checker = np.where(((yy // 8) + (xx // 8)) % 2 == 0, 0.8, 0.6)[..., None]
+    q = sample["queries"].shape[1]
+    hue = np.linspace(0, 1, q, endpoint=False)
+    qcol = np.stack([0.5 + 0.5 * np.cos(2 * np.pi * (hue + k / 3)) for k in range(3)], axis=1)
+    rows = []
+    for i in idx:
+        rgba = sample["video"][i].astype(np.float32) / 255.0
+        comp = rgba[..., :3] * rgba[..., 3:] + checker * (1 - rgba[..., 3:])
+        qimg = np.zeros((h, w, 3), np.float32)
+        _splat(qimg, sample["queries"][i], sample["K"][i], sample["c2w"][i], qcol, r=2)
+        simg = np.zeros((h, w, 3), np.float32)
+        surf = sample["surface"][i]
+        _splat(simg, surf[:, :3], sample["K"][i], sample["c2w"][i], surf[:, 3:] * 0.5 + 0.5)
+        rows.append(np.concatenate([comp, qimg, simg], axis=1))
+    grid = np.concatenate(rows, axis=0)
     return (np.clip(grid, 0, 1) * 255 + 0.5).astype(np.uint8)

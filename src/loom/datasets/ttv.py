@@ -35,69 +35,19 @@ stored position (<= 4.9e-4 per coordinate) plus the renderer's own pixel-centre 
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
+from loom.datasets.codecs import decode_video, encode_video, iter_decoded
+from loom.datasets.codecs import npz as _npz
+from loom.datasets.codecs import unnpz as _unnpz
+
 KIND = "ttv"
 RGB_EXTS = ("rgb.mkv", "rgb.mp4")
 REQUIRED_EXTS = ("normal.npz", "position.npz", "depth.npz", "mask.npz", "camera.npz", "meta.json")
-
-
-def _npz(**arrays: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    return buf.getvalue()
-
-
-def _unnpz(data: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
-def encode_video(frames: np.ndarray, codec: str = "ffv1", fps: int = 24) -> tuple[str, bytes]:
-    """(T,H,W,3) uint8 -> (extension, bytes). FFV1 is lossless; H.264 CRF 18 yuv444p is ~40x smaller.
-    Single-threaded encoders so the bytes are deterministic."""
-    import av  # imported here: only writers and readers of videos need it
-
-    frames = np.ascontiguousarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"expected (T,H,W,3) uint8 frames, got {frames.shape} {frames.dtype}")
-    t, h, w, _ = frames.shape
-    if codec == "ffv1":
-        ext, fmt, name, pix, opts = "rgb.mkv", "matroska", "ffv1", "bgr0", {}
-    elif codec == "h264":
-        if h % 2 or w % 2:
-            raise ValueError(f"H.264 needs even width and height, got {w}x{h}")
-        ext, fmt, name, pix, opts = "rgb.mp4", "mp4", "libx264", "yuv444p", {"crf": "18", "preset": "medium"}
-    else:
-        raise ValueError(f"unknown rgb codec {codec!r}: use 'ffv1' or 'h264'")
-    buf = io.BytesIO()
-    # bitexact: no random segment UIDs or encoder version strings, so the same frames give the same bytes.
-    with av.open(buf, "w", format=fmt, options={"fflags": "+bitexact"}) as c:
-        s = c.add_stream(name, rate=fps)
-        s.width, s.height, s.pix_fmt = w, h, pix
-        s.options = opts
-        s.codec_context.thread_count = 1
-        s.codec_context.flags |= av.codec.context.Flags.bitexact
-        # Matroska writes wall-clock metadata unless told otherwise: keep the bytes deterministic.
-        c.metadata["creation_time"] = "1970-01-01T00:00:00Z"
-        for f in frames:
-            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return ext, buf.getvalue()
-
-
-def decode_video(data: bytes) -> np.ndarray:
-    import av
-
-    with av.open(io.BytesIO(data)) as c:
-        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
 
 
 def encode_sample(arrays: dict[str, np.ndarray], meta: dict[str, Any], rgb_codec: str = "ffv1") -> dict[str, bytes]:
@@ -162,11 +112,5 @@ def decode_sample(files: dict[str, bytes], keys: tuple[str, ...] | None = None) 
 
 def iter_samples(url: str, keys: tuple[str, ...] | None = None) -> Iterator[dict[str, Any]]:
     """Yield decoded samples from a shard, a folder of shards or a Loom output folder (manifest order).
-    Each dict also carries ``__key__`` and ``__shard__``."""
-    from loom.platform.shards import iter_tar, shard_urls
-
-    for shard in shard_urls(url):
-        for key, files in iter_tar(shard):
-            sample = decode_sample(files, keys)
-            sample["__key__"], sample["__shard__"] = key, shard
-            yield sample
+    Each dict also carries ``__key__`` and ``__shard__``. ``keys`` limits decoding to some passes."""
+    return iter_decoded(url, decode_sample, keys)

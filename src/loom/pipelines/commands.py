@@ -29,14 +29,31 @@ def _help_config(job_cls: type) -> int:
     return 0
 
 
-def cmd_render_ttv(args: argparse.Namespace) -> int:
-    from loom.pipelines import ttv
+# kind -> (module with job_spec(cfg, records), its root config class name, help)
+JOBS = {
+    "ttv": ("loom.pipelines.ttv", "RenderTTVJob",
+            "turntable videos with normal/position/depth/mask passes (TAPESTRY)"),
+    "4d": ("loom.pipelines.shape4d", "Render4DJob",
+           "animated 4D sequences: watertight surfaces, SDF, aligned query points, conditioning video (ShapeGen4D)"),
+}
+
+
+def _job(kind: str):
+    import importlib
+
+    mod_name, cls_name, _ = JOBS[kind]
+    mod = importlib.import_module(mod_name)
+    return mod, getattr(mod, cls_name)
+
+
+def cmd_render(args: argparse.Namespace) -> int:
     from loom.pipelines.assets import resolve_source
     from loom.pipelines.job import estimate, run_job
 
+    mod, job_cls = _job(args.kind)
     if args.help_config:
-        return _help_config(ttv.RenderTTVJob)
-    cfg = _resolve(ttv.RenderTTVJob, args, assets=args.assets, out=args.out)
+        return _help_config(job_cls)
+    cfg = _resolve(job_cls, args, assets=args.assets, out=args.out)
     if args.print_config:
         print(cfgmod.dump_yaml(cfg), end="")
         return 0
@@ -45,13 +62,12 @@ def cmd_render_ttv(args: argparse.Namespace) -> int:
         records = records[: cfg.limit]
     if not records:
         raise ValueError(f"asset source {cfg.assets!r} has no assets")
-    spec = ttv.job_spec(cfg, records)
+    spec = mod.job_spec(cfg, records)
     if args.dry_run:
-        print(f"plan for {len(records)} asset(s) x {cfg.lighting.variants} variant(s) -> {cfg.out}")
-        est = estimate(spec, calibrate=not args.no_calibrate)
-        print(est.report())
+        print(f"plan for {len(records)} asset(s) -> {len(spec.tasks)} task(s) -> {cfg.out}")
+        print(estimate(spec, calibrate=not args.no_calibrate).report())
         return 0
-    print(f"rendering {len(spec.tasks)} turntable videos of {len(records)} asset(s) into {cfg.out}",
+    print(f"rendering {len(spec.tasks)} {args.kind} sample(s) of {len(records)} asset(s) into {cfg.out}",
           file=sys.stderr)
     summary = run_job(spec, progress=not args.no_progress, retry_failed=args.retry_failed)
     print(summary.line())
@@ -80,21 +96,21 @@ def cmd_assets_list(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from loom.pipelines.ttv import RenderTTVJob
-
     render = sub.add_parser("render", help="render a corpus into WebDataset shards").add_subparsers(
         dest="kind", metavar="KIND")
-    p = render.add_parser("ttv", help="turntable videos with normal/position/depth/mask passes (TAPESTRY)")
-    p.add_argument("--assets", help="asset source (default: bundled): bundled | FOLDER/URL | MANIFEST.jsonl | "
-                   "objaverse:uids=...")
-    p.add_argument("--out", help="output folder or fsspec URL (default from the recipe)")
-    _add_job_args(p, RenderTTVJob)
-    p.add_argument("--dry-run", action="store_true", help="print tasks, frames, size and cost; render nothing "
-                   "but one short calibration")
-    p.add_argument("--no-calibrate", action="store_true", help="with --dry-run: skip the calibration render")
-    p.add_argument("--retry-failed", action="store_true", help="redo shards that recorded failures")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_render_ttv)
+    for kind, (_, _, text) in JOBS.items():
+        _, job_cls = _job(kind)
+        p = render.add_parser(kind, help=text)
+        p.add_argument("--assets", help="asset source: bundled | FOLDER/URL | MANIFEST.jsonl | objaverse:... "
+                       "(default from the recipe)")
+        p.add_argument("--out", help="output folder or fsspec URL (default from the recipe)")
+        _add_job_args(p, job_cls)
+        p.add_argument("--dry-run", action="store_true", help="print tasks, frames, size and cost; render "
+                       "nothing but one short calibration")
+        p.add_argument("--no-calibrate", action="store_true", help="with --dry-run: skip the calibration render")
+        p.add_argument("--retry-failed", action="store_true", help="redo shards that recorded failures")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.set_defaults(func=cmd_render)
 
     assets = sub.add_parser("assets", help="asset sources and manifests").add_subparsers(dest="acmd", metavar="CMD")
     a = assets.add_parser("list", help="list the assets of a source; optionally write its manifest")

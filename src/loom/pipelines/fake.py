@@ -74,3 +74,62 @@ def render_sphere(params: dict) -> dict:
         "mesh": {"vertices": 0, "faces": 0},
     }
     return res
+
+
+def _box(lo, hi) -> tuple[np.ndarray, np.ndarray]:
+    """Closed box mesh (8 vertices, 12 outward triangles)."""
+    x0, y0, z0 = lo
+    x1, y1, z1 = hi
+    v = np.array([[x0, y0, z0], [x1, y0, z0], [x1, y1, z0], [x0, y1, z0],
+                  [x0, y0, z1], [x1, y0, z1], [x1, y1, z1], [x0, y1, z1]], dtype=np.float64)
+    f = np.array([[0, 2, 1], [0, 3, 2], [4, 5, 6], [4, 6, 7], [0, 1, 5], [0, 5, 4],
+                  [1, 2, 6], [1, 6, 5], [2, 3, 7], [2, 7, 6], [3, 0, 4], [3, 4, 7]], dtype=np.int64)
+    return v, f
+
+
+def arm_sequence(params: dict) -> dict:
+    """Same contract as ``loom.pipelines.render.anim.extract_sequence``: a two-part arm (two overlapping boxes, the
+    forearm swinging 90 degrees about the elbow), already normalised into the unit box, seen by a fixed camera. The
+    video is a flat-shaded splat of the vertices, enough to test the pipeline, not a render."""
+    from loom.geometry.sequence import apply, sequence_normalization
+
+    path = params["asset_path"]
+    if not os.path.exists(path):
+        raise TaskError(f"asset file {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head == b"STATIC":
+        raise TaskError(f"{path}: no animation (no actions, armature or shape-key animation): not a 4D asset")
+    n, w, h = params["frames"], params["width"], params["height"]
+    # Dense enough for surface sampling to look like a mesh: subdivide each box face into a grid.
+    v1, f1 = _box((-1.0, -0.2, -0.2), (0.0, 0.2, 0.2))
+    v2, f2 = _box((-0.1, -0.15, -0.15), (1.0, 0.15, 0.15))
+    faces = np.concatenate([f1, f2 + len(v1)])
+    seq = []
+    for t in range(n):
+        a = 0.5 * np.pi * t / max(n - 1, 1)
+        rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+        seq.append(np.concatenate([v1, v2 @ rot.T]))
+    seq = np.stack(seq)
+    norm = sequence_normalization(seq, float(params.get("half_extent", 0.5)))
+    seq = apply(norm, seq)
+    eye = 2.5 * np.array([np.cos(params["azimuth"]) * np.cos(params["elevation"]),
+                          np.sin(params["azimuth"]) * np.cos(params["elevation"]), np.sin(params["elevation"])])
+    c2w = cam.look_at(eye)
+    fov = cam.fit_fov(seq.reshape(-1, 3), c2w[None], w, h, 1.0 / float(params.get("fill", 0.85)) - 1.0)
+    K = cam.intrinsics(fov, w, h)
+    video = np.zeros((n, h, w, 4), np.uint8)
+    for t in range(n):
+        uv, _ = cam.project(seq[t], K, c2w)
+        u = np.clip(uv[:, 0].astype(int), 0, w - 1)
+        v = np.clip(uv[:, 1].astype(int), 0, h - 1)
+        video[t, v, u] = (200, 120, 60, 255)
+    return {
+        "vertices": seq.astype(np.float32), "faces": faces.astype(np.int32), "video": video,
+        "K": np.repeat(K[None], n, 0).astype(np.float32), "c2w": np.repeat(c2w[None], n, 0).astype(np.float32),
+        "frame_times": np.arange(n, dtype=np.float64),
+        "info": {"normalization": norm.tolist(), "root_offsets": np.zeros((n, 3)).tolist(),
+                 "animation": {"kinds": ["fake"], "frame_range": [0, n - 1]}, "blender_version": "fake",
+                 "warnings": [], "timings": {"import": 0.0, "animation": 0.0, "render": 0.0, "readback": 0.0},
+                 "mesh": {"vertices": int(seq.shape[1]), "faces": int(len(faces))}},
+    }
