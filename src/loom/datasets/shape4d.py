@@ -21,8 +21,9 @@ key               shape            dtype    meaning
                                             root_offsets, animation, versions, config hash
 ================  ===============  =======  ===============================================================
 
-Coordinates: root motion removed, then one similarity for the whole sequence so every frame lies in the box
-``[-h, h]^3`` (``meta["half_extent"]``, 0.5 by default). On disk: ``surface.npz``, ``queries.npz``, ``sdf.npz``
+Coordinates: root motion removed, then one similarity for the whole sequence so every frame of the animated mesh
+lies in the box ``[-h, h]^3`` (``meta["half_extent"]``, 0.5 by default). The watertight surface (``surface``,
+``sdf``) lies slightly outside the original one: about 1/resolution of the box (0.011 at the default 20,000). On disk: ``surface.npz``, ``queries.npz``, ``sdf.npz``
 (float32, zip-compressed numpy), ``video.mkv`` (FFV1 lossless with alpha), ``camera.npz``, ``meta.json``.
 """
 

@@ -96,7 +96,8 @@ def _smoke() -> Render4DJob:
     return Render4DJob(
         out="out/4d-smoke",
         sequence=SequenceSettings(frames=4),
-        points=PointSettings(surface=2048, queries=128, query_candidates=4096, watertight_resolution=3000,
+        points=PointSettings(surface=2048, queries=128, query_candidates=4096, watertight_resolution=5000,
+                             inner_threshold=0.05,
                              sdf_near=2048, sdf_volume=1024),
         render=RenderSettings(width=64, height=64, samples=4, timeout_s=300.0),
         shards=ShardSettings(samples_per_shard=2),

@@ -49,9 +49,6 @@ Eevee runs headless through EGL but, without a GPU, spends ~15 s per 64x64 frame
 from __future__ import annotations
 
 import math
-import mmap
-import os
-import re
 import time
 from pathlib import Path
 
@@ -67,12 +64,31 @@ from loom.geometry.camera import (
 )
 from loom.pipelines.errors import TaskError
 
-SUPPORTED_FORMATS = (".glb", ".gltf", ".obj", ".fbx", ".ply", ".stl", ".blend")
-
-# Coordinates beyond this (in the file's units, after the file's own transforms) are treated as corrupt data.
-MAX_ABS_COORD = 1e6
-# Points used to fit the field of view: all vertices up to this count, else a subsample plus support points.
-FOV_FIT_MAX_POINTS = 20000
+# The import, safety, lighting, render-setting and EXR helpers live in common.py (shared with anim.py); imported
+# back under their old names here.
+from loom.pipelines.render.common import (  # noqa: F401  (re-exported: tests and callers use these names)
+    FOV_FIT_MAX_POINTS,
+    MAX_ABS_COORD,
+    SUPPORTED_FORMATS,
+    _prescan_nonfinite,
+)
+from loom.pipelines.render.common import color_pass_settings as _color_pass_settings
+from loom.pipelines.render.common import (
+    common_render_settings as _common_render_settings,
+)
+from loom.pipelines.render.common import fov_fit_points as _fov_fit_points
+from loom.pipelines.render.common import import_asset as _import_asset
+from loom.pipelines.render.common import make_world as _make_world
+from loom.pipelines.render.common import (
+    missing_texture_warnings as _missing_texture_warnings,
+)
+from loom.pipelines.render.common import read_exr as _read_exr
+from loom.pipelines.render.common import render_still as _render_still
+from loom.pipelines.render.common import reset_blender as _reset_blender
+from loom.pipelines.render.common import srgb_decode as _srgb_decode  # noqa: F401
+from loom.pipelines.render.common import srgb_encode as _srgb_encode  # noqa: F401
+from loom.pipelines.render.common import to_matrix as _to_matrix
+from loom.pipelines.render.common import to_srgb8 as _to_srgb8
 
 
 def render_ttv(params: dict) -> dict:
@@ -189,154 +205,8 @@ def render_ttv(params: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Import and checks
+# Geometry checks and normalisation (import helpers: common.py)
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def _reset_blender(bpy) -> None:
-    """Empty scene, factory preferences, and no execution of scripts embedded in assets."""
-    bpy.ops.wm.read_factory_settings(use_empty=True)
-    # The factory reset also resets preferences, so this must come after it, before any import.
-    bpy.context.preferences.filepaths.use_scripts_auto_execute = False
-    if bpy.context.preferences.filepaths.use_scripts_auto_execute:
-        raise RuntimeError("could not disable Blender's auto-execution of scripts; refusing to import untrusted assets")
-
-
-def _import_asset(bpy, asset: Path) -> list:
-    """Import ``asset`` into the empty scene; return its mesh objects. Lights and cameras from the file are deleted and
-    other renderable non-mesh objects are hidden from render."""
-    ext = asset.suffix.lower()
-    if ext not in SUPPORTED_FORMATS:
-        raise TaskError(
-            f"{asset}: unsupported format {ext or '(no extension)'!r}; supported: {', '.join(SUPPORTED_FORMATS)}. "
-            "Convert the asset to one of these or drop it from the asset list."
-        )
-    if not asset.is_file():
-        raise TaskError(f"{asset}: file not found; check the asset path and that the download completed")
-    if asset.stat().st_size == 0:
-        raise TaskError(f"{asset}: file is empty (0 bytes); re-download the asset")
-
-    _prescan_nonfinite(asset, ext)
-    path = str(asset)
-    try:
-        if ext in (".glb", ".gltf"):
-            # disable_bone_shape: otherwise skinned files add an icosphere object used to draw bones.
-            bpy.ops.import_scene.gltf(filepath=path, disable_bone_shape=True)
-        elif ext == ".obj":
-            bpy.ops.wm.obj_import(filepath=path)
-        elif ext == ".fbx":
-            bpy.ops.import_scene.fbx(filepath=path)
-        elif ext == ".ply":
-            bpy.ops.wm.ply_import(filepath=path)
-        elif ext == ".stl":
-            bpy.ops.wm.stl_import(filepath=path)
-        elif ext == ".blend":
-            _append_blend_objects(bpy, path)
-    except TaskError:
-        raise
-    except Exception as e:  # importers raise RuntimeError, ValueError, struct.error, ... on corrupt files
-        msg = str(e).strip().splitlines()
-        raise TaskError(
-            f"{asset}: Blender's {ext} importer failed ({type(e).__name__}: {msg[-1] if msg else e}); "
-            f"the file is corrupt or not a valid {ext} file: re-export or re-download it"
-        ) from None
-
-    scene = bpy.context.scene
-    for obj in list(scene.objects):
-        if obj.type in ("LIGHT", "CAMERA", "LIGHT_PROBE", "SPEAKER"):
-            bpy.data.objects.remove(obj, do_unlink=True)
-        elif obj.type not in ("MESH", "EMPTY", "ARMATURE"):
-            obj.hide_render = True  # curves, text, volumes, ...: not in the normalised bounds
-    return [o for o in scene.objects if o.type == "MESH" and not o.hide_render]
-
-
-_NONFINITE_TEXT = {
-    # Vertex lines holding a nan/inf token (also matches "-nan", "inf", "infinity", "1.#INF" variants of "inf").
-    ".obj": re.compile(rb"(?im)^[ \t]*v[ \t][^\n]*?(nan|inf)"),
-    ".stl": re.compile(rb"(?im)^[ \t]*vertex[ \t][^\n]*?(nan|inf)"),
-}
-
-
-def _prescan_nonfinite(asset: Path, ext: str) -> None:
-    """Refuse files with NaN/inf vertex coordinates *before* Blender sees them: Blender 5.0's OBJ, PLY and STL
-    importers silently replace NaN and inf by 0, which would render a distorted mesh instead of failing.
-    (glTF is refused by the importer itself: its accessor bounds then hold NaN; other formats are checked after
-    import.)"""
-    if ext not in (".obj", ".stl", ".ply"):
-        return
-    with open(asset, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        bad = None
-        if ext == ".obj":
-            bad = _NONFINITE_TEXT[".obj"].search(data) is not None
-        elif ext == ".stl":
-            n = int.from_bytes(data[80:84], "little") if len(data) >= 84 else -1
-            if len(data) == 84 + 50 * n:  # binary STL: 80-byte header, count, 50-byte triangles
-                tris = np.frombuffer(data, dtype=np.dtype([("n", "<f4", 3), ("v", "<f4", (3, 3)), ("a", "<u2")]),
-                                     count=n, offset=84)
-                bad = not np.isfinite(tris["v"]).all()
-                del tris  # a view into the mmap: it must go before the mmap closes
-            else:
-                bad = _NONFINITE_TEXT[".stl"].search(data) is not None
-        else:
-            bad = _ply_vertices_nonfinite(data)
-    if bad:
-        raise TaskError(
-            f"{asset}: non-finite or absurd coordinates: the file has NaN or infinite vertex coordinates; "
-            "the file is corrupt: re-export it"
-        )
-
-
-_PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
-              "ushort": "u2", "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
-              "float": "f4", "float32": "f4", "double": "f8", "float64": "f8"}
-
-
-def _ply_vertices_nonfinite(data) -> bool | None:
-    """True if the PLY's vertex x/y/z hold NaN/inf; None when the layout is not the common one this reads (vertex
-    element first, scalar properties only), in which case the post-import check is all there is."""
-    end = data.find(b"end_header")
-    if end < 0:
-        return None  # not a PLY: the importer will refuse it
-    body = data.find(b"\n", end) + 1
-    header = bytes(data[:end]).decode("ascii", "replace").splitlines()
-    fmt, elements = None, []
-    for line in header:
-        tok = line.split()
-        if not tok:
-            continue
-        if tok[0] == "format" and len(tok) > 1:
-            fmt = tok[1]
-        elif tok[0] == "element" and len(tok) == 3:
-            elements.append((tok[1], int(tok[2]), []))
-        elif tok[0] == "property" and elements:
-            elements[-1][2].append(tok[1:])
-    if not elements or elements[0][0] != "vertex":
-        return None
-    _, count, props = elements[0]
-    if fmt == "ascii":
-        # Only the vertex lines: face lines hold integers.
-        lines = bytes(data[body:]).split(b"\n", count)[:count]
-        return re.search(rb"(?i)(nan|inf)", b"\n".join(lines)) is not None
-    if any(p[0] == "list" or p[0] not in _PLY_TYPES for p in props):
-        return None
-    order = "<" if fmt == "binary_little_endian" else ">"
-    dtype = np.dtype([(p[1], order + _PLY_TYPES[p[0]]) for p in props])
-    if body + dtype.itemsize * count > len(data):
-        return None  # truncated: the importer will refuse it
-    v = np.frombuffer(data, dtype=dtype, count=count, offset=body)
-    names = [n for n in ("x", "y", "z") if n in v.dtype.names]
-    return any(not np.isfinite(v[n]).all() for n in names)
-
-
-def _append_blend_objects(bpy, path: str) -> None:
-    """Append a .blend's objects without opening it as the main file (its scenes, worlds and UI stay out) and without
-    running its scripts (auto-execution is off, so Python drivers and registered text blocks are inert)."""
-    with bpy.data.libraries.load(path, link=False) as (data_from, data_to):
-        data_to.objects = list(data_from.objects)
-    collection = bpy.context.scene.collection
-    for obj in data_to.objects:
-        if obj is not None:
-            collection.objects.link(obj)
 
 
 def _evaluated_vertices(bpy, asset: Path, mesh_objects: list) -> tuple[np.ndarray, int]:
@@ -373,23 +243,6 @@ def _evaluated_vertices(bpy, asset: Path, mesh_objects: list) -> tuple[np.ndarra
     return verts, n_faces
 
 
-def _missing_texture_warnings(bpy) -> list[str]:
-    """One warning per image whose file is missing or cannot be decoded. The asset still renders (Blender shows
-    missing textures as magenta); the warning lets data engineers find and filter such samples."""
-    warnings = []
-    for img in bpy.data.images:
-        if img.source not in ("FILE", "SEQUENCE", "TILED") or img.packed_file is not None:
-            continue
-        filepath = bpy.path.abspath(img.filepath, library=img.library)
-        if not filepath or not os.path.isfile(filepath):
-            warnings.append(f"missing texture: image {img.name!r} refers to {img.filepath!r}, which does not exist")
-            continue
-        # has_data is False until loaded; `size` loads the image and stays (0, 0) if decoding failed.
-        if tuple(img.size) == (0, 0):
-            warnings.append(f"unreadable texture: image {img.name!r} at {img.filepath!r} could not be decoded")
-    return warnings
-
-
 def _apply_world_transform(bpy, matrix: np.ndarray) -> None:
     """Left-multiply every object's world transform by ``matrix`` by parenting all root objects under one empty."""
     root = bpy.data.objects.new("loom_normalization", None)
@@ -405,33 +258,9 @@ def _apply_world_transform(bpy, matrix: np.ndarray) -> None:
     bpy.context.view_layer.update()
 
 
-def _fov_fit_points(verts: np.ndarray, seed: int) -> np.ndarray:
-    """At most ~FOV_FIT_MAX_POINTS points for the field-of-view fit. Above that, a seeded random subsample plus the
-    support points along 256 directions: the points that bound the projection lie on the convex hull, and support
-    points sample it densely enough that the margin (``fov_margin``) absorbs what a subsample alone would miss."""
-    if len(verts) <= FOV_FIT_MAX_POINTS:
-        return verts
-    rng = np.random.default_rng(seed)
-    sub = verts[rng.choice(len(verts), FOV_FIT_MAX_POINTS, replace=False)]
-    # Fibonacci sphere directions.
-    n = 256
-    i = np.arange(n) + 0.5
-    phi = np.arccos(1 - 2 * i / n)
-    theta = math.pi * (1 + 5**0.5) * i
-    dirs = np.stack([np.cos(theta) * np.sin(phi), np.sin(theta) * np.sin(phi), np.cos(phi)], axis=1)
-    support = verts[np.argmax(verts.astype(np.float32) @ dirs.T.astype(np.float32), axis=0)]
-    return np.concatenate([sub, support])
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Scene set-up
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def _to_matrix(m: np.ndarray):
-    from mathutils import Matrix
-
-    return Matrix(np.asarray(m, dtype=np.float64).tolist())
 
 
 def _make_camera(bpy, scene, fov_x: float, radius: float, height_z: float):
@@ -447,81 +276,6 @@ def _make_camera(bpy, scene, fov_x: float, radius: float, height_z: float):
     scene.collection.objects.link(obj)
     scene.camera = obj
     return obj
-
-
-def _make_world(bpy, scene, hdri_path: str, strength: float, rotation_z: float) -> None:
-    if not os.path.isfile(hdri_path):
-        # A job configuration error, not an asset error: every task would fail the same way.
-        raise FileNotFoundError(f"environment map {hdri_path!r} not found; check the job's hdri list")
-    world = bpy.data.worlds.new("loom_world")
-    scene.world = world
-    # Cycles' default ("AUTO") importance map is built from the full-resolution HDRI at the first render of every
-    # asset: 4.6 s of a 5.1 s first frame at 1 thread (benchmarks/README.md). 256 px keeps sampling unbiased.
-    world.cycles.sampling_method = "MANUAL"
-    world.cycles.sample_map_resolution = 256
-    nt = world.node_tree
-    nt.nodes.clear()
-    coord = nt.nodes.new("ShaderNodeTexCoord")
-    mapping = nt.nodes.new("ShaderNodeMapping")
-    mapping.vector_type = "POINT"
-    # Rotating the lookup vector by -a rotates the environment by +a about world Z.
-    mapping.inputs["Rotation"].default_value = (0.0, 0.0, -rotation_z)
-    env = nt.nodes.new("ShaderNodeTexEnvironment")
-    env.image = bpy.data.images.load(hdri_path, check_existing=True)
-    bg = nt.nodes.new("ShaderNodeBackground")
-    bg.inputs["Strength"].default_value = strength
-    out = nt.nodes.new("ShaderNodeOutputWorld")
-    nt.links.new(coord.outputs["Generated"], mapping.inputs["Vector"])
-    nt.links.new(mapping.outputs["Vector"], env.inputs["Vector"])
-    nt.links.new(env.outputs["Color"], bg.inputs["Color"])
-    nt.links.new(bg.outputs["Background"], out.inputs["Surface"])
-
-
-def _common_render_settings(bpy, scene, params: dict, width: int, height: int, warnings: list[str]) -> None:
-    r = scene.render
-    r.resolution_x, r.resolution_y, r.resolution_percentage = width, height, 100
-    r.pixel_aspect_x = r.pixel_aspect_y = 1.0
-    r.film_transparent = True
-    r.use_persistent_data = True  # keep the BVH and textures between the frames of one call
-    r.use_motion_blur = False
-    threads = int(params.get("threads", 0))
-    if threads > 0:
-        r.threads_mode = "FIXED"
-        r.threads = threads
-    else:
-        r.threads_mode = "AUTO"
-    scene.view_settings.view_transform = "Standard"
-    scene.view_settings.look = "None"
-    scene.view_settings.exposure = 0.0
-    scene.view_settings.gamma = 1.0
-    scene.cycles.seed = int(params.get("seed", 0))
-    scene.cycles.use_animated_seed = False
-    _set_device(bpy, scene, str(params.get("device", "CPU")).upper())
-
-
-def _set_device(bpy, scene, device: str) -> None:
-    scene.render.engine = "CYCLES"
-    if device == "CPU":
-        scene.cycles.device = "CPU"
-        return
-    if device != "GPU":
-        raise ValueError(f"params['device'] must be 'CPU' or 'GPU', got {device!r}")
-    prefs = bpy.context.preferences.addons["cycles"].preferences
-    available = {t[0] for t in prefs.get_device_types(bpy.context)}
-    for kind in ("OPTIX", "CUDA", "HIP", "ONEAPI", "METAL"):
-        if kind not in available:
-            continue
-        prefs.compute_device_type = kind
-        prefs.refresh_devices()
-        gpus = [d for d in prefs.devices if d.type == kind]
-        if gpus:
-            for d in prefs.devices:
-                d.use = d.type == kind  # GPUs only: mixing in the CPU slows small renders down
-            scene.cycles.device = "GPU"
-            return
-    # Configuration error (every task would be affected): fail loudly rather than fall back to CPU silently.
-    raise RuntimeError("device='GPU' was requested but Cycles finds no OptiX/CUDA/HIP/oneAPI/Metal GPU; "
-                       "use device='CPU' or run on a GPU node")
 
 
 def _geometry_pass_settings(bpy, scene) -> None:
@@ -549,106 +303,3 @@ def _geometry_pass_settings(bpy, scene) -> None:
     im.file_format = "OPEN_EXR_MULTILAYER"
     im.color_depth = "32"
     im.exr_codec = "NONE"  # tiny files in a scratch dir: compression costs more than it saves
-
-
-def _color_pass_settings(bpy, scene, params: dict, warnings: list[str]) -> None:
-    engine = str(params.get("engine", "CYCLES")).upper()
-    vl = scene.view_layers[0]
-    vl.material_override = None
-    vl.use_pass_z = vl.use_pass_normal = vl.use_pass_position = False
-    samples = int(params["samples"])
-    if engine == "CYCLES":
-        c = scene.cycles
-        c.samples = samples
-        threshold = float(params.get("adaptive_threshold", 0.0))
-        c.use_adaptive_sampling = threshold > 0
-        if threshold > 0:
-            c.adaptive_threshold = threshold
-        c.pixel_filter_type = "BLACKMAN_HARRIS"
-        c.filter_width = 1.5  # Blender's default anti-aliasing filter
-        max_b = int(params.get("max_bounces", 8))
-        # Bounded light paths: most of an object's look comes from the first few diffuse/glossy bounces.
-        c.max_bounces = max_b
-        c.diffuse_bounces = min(max_b, 2)
-        c.glossy_bounces = min(max_b, 4)
-        c.transmission_bounces = max_b
-        c.volume_bounces = 0
-        c.transparent_max_bounces = max(max_b, 8)  # alpha-blended leaves/decals need several
-        c.sample_clamp_indirect = 10.0  # fireflies
-        c.caustics_reflective = c.caustics_refractive = False
-        c.use_light_tree = True
-        c.use_denoising = False
-        if params.get("denoise", False):
-            import _cycles  # Blender's own module, present whenever Cycles is
-
-            if getattr(_cycles, "with_openimagedenoise", False):
-                c.use_denoising = True
-                c.denoiser = "OPENIMAGEDENOISE"
-                c.denoising_input_passes = "RGB_ALBEDO_NORMAL"
-                # FAST: 8.0 instead of 13.0 s a 512x512 frame at 1 thread; quality checked by the benchmark's PSNR.
-                c.denoising_prefilter = "FAST"
-            else:
-                warnings.append("denoise requested but this Blender build has no OpenImageDenoise; rendered without")
-    elif engine in ("BLENDER_EEVEE", "EEVEE"):
-        scene.render.engine = "BLENDER_EEVEE"
-        scene.eevee.taa_render_samples = samples
-    else:
-        raise ValueError(f"params['engine'] must be 'CYCLES' or 'BLENDER_EEVEE', got {engine!r}")
-    im = scene.render.image_settings
-    im.media_type = "IMAGE"
-    im.file_format = "OPEN_EXR"
-    im.color_mode = "RGBA"
-    im.color_depth = "16"  # half floats are plenty for an 8-bit result
-    im.exr_codec = "NONE"
-
-
-def _render_still(bpy, scene, path: Path, asset: Path) -> None:
-    scene.render.filepath = str(path)
-    bpy.ops.render.render(write_still=True)
-    if not path.is_file():
-        raise RuntimeError(f"Blender rendered {asset} but wrote no image to {path}")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Readback
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _read_exr(path: Path) -> dict[str, np.ndarray]:
-    """Read a geometry (multilayer) or colour EXR written above. Rows come top to bottom, as in the image."""
-    import OpenEXR
-
-    with OpenEXR.File(str(path), separate_channels=True) as f:
-        # Blender 5.0 writes multilayer EXRs as multi-part files, one part per pass: gather channels of all parts.
-        ch = {name: c for part in f.parts for name, c in part.channels.items()}
-        names = set(ch)
-
-        def get(name):
-            return np.asarray(ch[name].pixels, dtype=np.float32)
-
-        if any(n.endswith("Position.X") for n in names):
-            prefix = next(n for n in names if n.endswith("Position.X"))[: -len("Position.X")]
-            return {
-                "position": np.stack([get(f"{prefix}Position.{a}") for a in "XYZ"], axis=-1),
-                "normal": np.stack([get(f"{prefix}Normal.{a}") for a in "XYZ"], axis=-1),
-                "depth_z": get(f"{prefix}Depth.Z"),
-                "alpha": get(f"{prefix}Combined.A"),
-            }
-        return {"rgba": np.stack([get(c) for c in "RGBA"], axis=-1)}
-
-
-def _srgb_encode(linear: np.ndarray) -> np.ndarray:
-    x = np.clip(linear, 0.0, 1.0)
-    return np.where(x <= 0.0031308, 12.92 * x, 1.055 * np.power(x, 1 / 2.4) - 0.055)
-
-
-def _srgb_decode(encoded: np.ndarray) -> np.ndarray:
-    x = np.clip(encoded, 0.0, 1.0)
-    return np.where(x <= 0.04045, x / 12.92, np.power((x + 0.055) / 1.055, 2.4))
-
-
-def _to_srgb8(rgba: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """Premultiplied linear RGBA (H,W,4) over an sRGB-encoded background colour -> sRGB uint8 (H,W,3)."""
-    alpha = np.clip(rgba[..., 3:4], 0.0, 1.0)
-    linear = rgba[..., :3] + (1.0 - alpha) * _srgb_decode(background)
-    return np.round(_srgb_encode(linear) * 255.0).astype(np.uint8)
