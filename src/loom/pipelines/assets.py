@@ -6,6 +6,7 @@ uid, source, path, sha256, license, size, format and a few annotations. Sources:
 ``--assets SOURCE`` syntax, parsed by `resolve_source`:
 
 - ``bundled``: the small permissively licensed assets shipped in ``loom/data/assets`` (see ``ASSETS.md``).
+- ``bundled-animated``: Loom's own animated test assets in ``loom/data/assets/animated`` (CC0-1.0).
 - a folder, local path or fsspec URL (``/data/meshes``, ``memory://meshes``, ``s3://bucket/meshes``): every file
   with a supported extension below it, uid derived from its relative path (`uid_from_relpath`).
 - a single mesh file (``.glb .gltf .obj .fbx .ply .stl``), local or fsspec URL.
@@ -583,6 +584,12 @@ def bundled_assets() -> list[AssetRecord]:
 _OBJAVERSE_LOCK = threading.Lock()
 
 
+def bundled_animated_assets() -> list[AssetRecord]:
+    """Loom's own animated test assets (made with bpy by ``loom.pipelines.render.testassets``; CC0-1.0)."""
+    folder = os.path.join(_bundled_dir(), "animated")
+    return [dataclasses.replace(r, source="bundled-animated") for r in scan_folder(folder)]
+
+
 def _objaverse_annotation_subset(ann: dict[str, Any]) -> dict[str, Any]:
     out = {k: ann[k] for k in _ANNOTATION_KEYS if k in ann}
     for k in ("categories", "tags"):
@@ -778,7 +785,7 @@ def _parse_objaverse_spec(spec: str) -> dict[str, Any]:
 
 def resolve_source(spec: str) -> list[AssetRecord]:
     """Parse an ``--assets SOURCE`` string (syntax in the module docstring) and return its records."""
-    accepted = ("'bundled', a folder path/URL, a mesh file (" + ", ".join("." + f for f in FORMATS) + "), a "
+    accepted = ("'bundled', 'bundled-animated', a folder path/URL, a mesh file (" + ", ".join("." + f for f in FORMATS) + "), a "
                 "manifest (.jsonl/.json), or 'objaverse:KEY=V,...' (keys uids, license, category, animated, limit, "
                 "cache)")
     if not isinstance(spec, str) or not spec.strip():
@@ -786,6 +793,8 @@ def resolve_source(spec: str) -> list[AssetRecord]:
     spec = spec.strip()
     if spec == "bundled":
         return bundled_assets()
+    if spec == "bundled-animated":
+        return bundled_animated_assets()
     if spec == "objaverse" or spec.startswith("objaverse:"):
         return objaverse_assets(**_parse_objaverse_spec(spec))
     try:
