@@ -63,3 +63,9 @@ def test_verify_exit_codes(tmp_path):
     storage.write_bytes(shards.shard_url(out, name), storage.read_bytes(shards.shard_url(out, name))[:1024])
     p = loom("shards", "verify", out)
     assert p.returncode == 1 and name in p.stdout
+
+
+def test_unknown_environment_map_is_refused_before_any_work(tmp_path):
+    p = loom("render", "ttv", "--out", str(tmp_path / "o"), "--set", "lighting.hdris=[studio, nowhere]")
+    assert p.returncode == 2 and "nowhere" in p.stderr and "studio" in p.stderr
+    assert not (tmp_path / "o").exists()

@@ -50,3 +50,15 @@ class LightingSettings:
 @config
 class EncodeSettings:
     rgb_codec: Literal["ffv1", "h264"] = field("ffv1", help="rgb video codec: ffv1 (lossless) or h264 (CRF 18)")
+
+
+def check_hdris(hdris: tuple[str, ...]) -> None:
+    """Resolve every environment map before any task starts: a typo is one clear error, not a failure row per
+    task. Needs bpy installed (found without importing it)."""
+    from loom.pipelines.render import hdri_path
+
+    for name in hdris:
+        try:
+            hdri_path(name)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"lighting.hdris: {e}") from None

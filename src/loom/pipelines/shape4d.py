@@ -20,7 +20,7 @@ import numpy as np
 
 import loom
 from loom.pipelines.job import ClusterSettings, JobSpec, ShardSettings, Task
-from loom.pipelines.settings import LightingSettings, RenderSettings
+from loom.pipelines.settings import LightingSettings, RenderSettings, check_hdris
 from loom.pipelines.ttv import task_seed
 from loom.platform.config import config, config_hash, field, recipe, require, to_dict
 
@@ -206,6 +206,8 @@ def render_entry(params: dict) -> dict:
 
 
 def job_spec(cfg: Render4DJob, records: list) -> JobSpec:
+    if cfg.render.backend == "blender":
+        check_hdris(cfg.lighting.hdris)
     return JobSpec(
         kind="4d",
         entry="loom.pipelines.shape4d:render_entry",

@@ -16,7 +16,7 @@ import numpy as np
 import loom
 from loom.geometry.camera import random_rotation
 from loom.pipelines.job import ClusterSettings, JobSpec, ShardSettings, Task
-from loom.pipelines.settings import EncodeSettings, LightingSettings, RenderSettings
+from loom.pipelines.settings import EncodeSettings, LightingSettings, RenderSettings, check_hdris
 from loom.platform.config import config, config_hash, field, recipe, require, to_dict
 
 
@@ -167,6 +167,8 @@ def render_entry(params: dict) -> dict:
 
 def job_spec(cfg: RenderTTVJob, records: list) -> JobSpec:
     tasks = build_tasks(cfg, records)
+    if cfg.render.backend == "blender":
+        check_hdris(cfg.lighting.hdris)
     return JobSpec(
         kind="ttv",
         entry="loom.pipelines.ttv:render_entry",
