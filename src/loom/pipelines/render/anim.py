@@ -47,6 +47,7 @@ import numpy as np
 from loom.geometry.camera import fit_fov, intrinsics, look_at, opencv_to_blender
 from loom.geometry.sequence import apply, remove_root_motion, sequence_normalization
 from loom.pipelines.errors import TaskError
+from loom.pipelines.render.common import parent_roots_under_empty
 from loom.pipelines.render.common import (
     MAX_ABS_COORD,
     color_pass_settings,
@@ -156,7 +157,7 @@ def extract_sequence(params: dict) -> dict:
 
     # ---- scene + render ------------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    root = _parent_roots_under_empty(bpy)
+    root = parent_roots_under_empty(bpy, "loom_sequence_root")
     distance = float(p["distance"])
     az, el = float(p["azimuth"]), float(p["elevation"])
     eye = distance * np.array([math.cos(el) * math.cos(az), math.cos(el) * math.sin(az), math.sin(el)])
@@ -360,20 +361,6 @@ def _translation(t) -> np.ndarray:
     m = np.eye(4)
     m[:3, 3] = t
     return m
-
-
-def _parent_roots_under_empty(bpy):
-    """Parent every root object under one new empty (identity for now), keeping world transforms."""
-    root = bpy.data.objects.new("loom_sequence_root", None)
-    bpy.context.scene.collection.objects.link(root)
-    for obj in bpy.context.scene.objects:
-        if obj.parent is None and obj is not root:
-            world = obj.matrix_world.copy()
-            obj.parent = root
-            obj.matrix_parent_inverse.identity()
-            obj.matrix_basis = world
-    bpy.context.view_layer.update()
-    return root
 
 
 def _make_fixed_camera(bpy, scene, fov_x: float, distance: float, object_radius: float):

@@ -386,3 +386,19 @@ def to_srgb8(rgba: np.ndarray, background: np.ndarray) -> np.ndarray:
     linear = rgba[..., :3] + (1.0 - alpha) * srgb_decode(background)
     return np.round(srgb_encode(linear) * 255.0).astype(np.uint8)
 
+
+
+def parent_roots_under_empty(bpy, name: str):
+    """Parent every root object of the scene under one new empty (identity), keeping their world transforms; the
+    empty's matrix then moves everything rigidly (hierarchies, armatures and instances included)."""
+    root = bpy.data.objects.new(name, None)
+    bpy.context.scene.collection.objects.link(root)
+    for obj in bpy.context.scene.objects:
+        if obj.parent is None and obj is not root:
+            world = obj.matrix_world.copy()
+            obj.parent = root
+            # The child's world = root @ parent_inverse @ basis; keep basis = old world, so world = root @ old.
+            obj.matrix_parent_inverse.identity()
+            obj.matrix_basis = world
+    bpy.context.view_layer.update()
+    return root

@@ -82,6 +82,7 @@ from loom.pipelines.render.common import make_world as _make_world
 from loom.pipelines.render.common import (
     missing_texture_warnings as _missing_texture_warnings,
 )
+from loom.pipelines.render.common import parent_roots_under_empty
 from loom.pipelines.render.common import read_exr as _read_exr
 from loom.pipelines.render.common import render_still as _render_still
 from loom.pipelines.render.common import reset_blender as _reset_blender
@@ -244,17 +245,9 @@ def _evaluated_vertices(bpy, asset: Path, mesh_objects: list) -> tuple[np.ndarra
 
 
 def _apply_world_transform(bpy, matrix: np.ndarray) -> None:
-    """Left-multiply every object's world transform by ``matrix`` by parenting all root objects under one empty."""
-    root = bpy.data.objects.new("loom_normalization", None)
-    bpy.context.scene.collection.objects.link(root)
+    """Left-multiply every object's world transform by ``matrix`` (all root objects parented under one empty)."""
+    root = parent_roots_under_empty(bpy, "loom_normalization")
     root.matrix_world = _to_matrix(matrix)
-    for obj in bpy.context.scene.objects:
-        if obj.parent is None and obj is not root:
-            world = obj.matrix_world.copy()
-            obj.parent = root
-            # The child's world = root @ parent_inverse @ basis; keep basis = old world, so world = matrix @ old.
-            obj.matrix_parent_inverse.identity()
-            obj.matrix_basis = world
     bpy.context.view_layer.update()
 
 
