@@ -28,6 +28,9 @@ KINDS = {
     "ttv": ("loom.datasets.ttv", "contact_sheet", "rows: frames; columns: rgb, normal, position, depth, mask"),
     "4d": ("loom.datasets.shape4d", "contact_sheet_4d",
            "rows: frames; columns: video, aligned queries (colour = query index), surface points (colour = normal)"),
+    "scene": ("loom.datasets.scene", "contact_sheet_scene",
+              "rows: frames; columns: rgb, edges (silhouette red, crease green, boundary blue, intersection yellow), "
+              "forward flow, warped noise"),
 }
 
 

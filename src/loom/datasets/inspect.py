@@ -77,3 +77,32 @@ def contact_sheet_4d(sample: dict[str, Any], max_frames: int = 6) -> np.ndarray:
         rows.append(np.concatenate([comp, qimg, simg], axis=1))
     grid = np.concatenate(rows, axis=0)
     return (np.clip(grid, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def _flow_rgb(flow: np.ndarray) -> np.ndarray:
+    """Flow (H,W,2) -> colour: hue = direction, brightness = magnitude (normalised to the frame's maximum)."""
+    mag = np.linalg.norm(flow, axis=-1)
+    ang = np.arctan2(flow[..., 1], flow[..., 0])
+    v = mag / max(float(mag.max()), 1e-6)
+    return np.stack([v * (0.5 + 0.5 * np.cos(ang + k * 2 * np.pi / 3)) for k in range(3)], axis=-1)
+
+
+def contact_sheet_scene(sample: dict[str, Any], max_frames: int = 6) -> np.ndarray:
+    """Rows = frames; columns: rgb | edges (red silhouette, green crease, blue boundary, yellow intersection) |
+    forward flow (hue = direction; black on occluded pixels) | warped noise, channel 0, upsampled."""
+    t, h, w, _ = sample["rgb"].shape
+    idx = np.unique(np.linspace(0, t - 1, min(t, max_frames)).round().astype(int))
+    colours = np.array([[1, 0, 0], [0, 1, 0], [0.2, 0.4, 1], [1, 1, 0]], np.float32)
+    rows = []
+    for i in idx:
+        e = sample["edges"][i].astype(np.float32)
+        eimg = np.clip(e @ colours, 0, 1)
+        if i < t - 1:
+            fimg = np.where(sample["occlusion_fwd"][i][..., None], 0.0, _flow_rgb(sample["flow_fwd"][i]))
+        else:
+            fimg = _flow_rgb(sample["flow_last_to_first"])
+        n = sample["noise"][i, 0]
+        nimg = np.kron(np.clip(n * 0.25 + 0.5, 0, 1), np.ones((h // n.shape[0], w // n.shape[1])))
+        nimg = np.repeat(nimg[..., None], 3, -1)
+        rows.append(np.concatenate([sample["rgb"][i] / 255.0, eimg, fimg, nimg], axis=1))
+    return (np.clip(np.concatenate(rows, 0), 0, 1) * 255 + 0.5).astype(np.uint8)

@@ -23,8 +23,10 @@ key               shape            dtype    meaning
 
 Coordinates: root motion removed, then one similarity for the whole sequence so every frame of the animated mesh
 lies in the box ``[-h, h]^3`` (``meta["half_extent"]``, 0.5 by default). The watertight surface (``surface``,
-``sdf``) lies slightly outside the original one: about 1/resolution of the box (0.011 at the default 20,000). On disk: ``surface.npz``, ``queries.npz``, ``sdf.npz``
-(float32, zip-compressed numpy), ``video.mkv`` (FFV1 lossless with alpha), ``camera.npz``, ``meta.json``.
+``sdf``) lies slightly outside the original one: about 1/resolution of the box (0.011 at the default 20,000).
+
+On disk: ``surface.npz``, ``queries.npz``, ``sdf.npz`` (float32, zip-compressed numpy), ``video.mkv`` (FFV1
+lossless with alpha), ``camera.npz``, ``meta.json``.
 """
 
 from __future__ import annotations

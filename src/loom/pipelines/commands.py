@@ -29,19 +29,27 @@ def _help_config(job_cls: type) -> int:
     return 0
 
 
-# kind -> (module with job_spec(cfg, records), its root config class name, help)
+# kind -> (module with job_spec(cfg, records), its root config class name, help, the config field naming the
+# assets, extra options {flag: (config field, help)})
+_ASSETS_HELP = "asset source: bundled | FOLDER/URL | MANIFEST.jsonl | objaverse:... (default from the recipe)"
 JOBS = {
     "ttv": ("loom.pipelines.ttv", "RenderTTVJob",
-            "turntable videos with normal/position/depth/mask passes (TAPESTRY)"),
+            "turntable videos with normal/position/depth/mask passes (TAPESTRY)", "assets",
+            {"--assets": ("assets", _ASSETS_HELP)}),
     "4d": ("loom.pipelines.shape4d", "Render4DJob",
-           "animated 4D sequences: watertight surfaces, SDF, aligned query points, conditioning video (ShapeGen4D)"),
+           "animated 4D sequences: watertight surfaces, SDF, aligned query points, conditioning video (ShapeGen4D)",
+           "assets", {"--assets": ("assets", _ASSETS_HELP.replace("bundled", "bundled-animated"))}),
+    "scene": ("loom.pipelines.scene", "RenderSceneJob",
+              "scene videos along a camera trajectory: edges, geometric flow, warped noise (VideoFrom3D)", "scene",
+              {"--scene": ("scene", "scene file (.glb/.gltf/.obj/.blend) or 'bundled-scene'"),
+               "--trajectory": ("trajectory", "camera keyframes (.yaml/.json) or the preset 'orbit'")}),
 }
 
 
 def _job(kind: str):
     import importlib
 
-    mod_name, cls_name, _ = JOBS[kind]
+    mod_name, cls_name = JOBS[kind][:2]
     mod = importlib.import_module(mod_name)
     return mod, getattr(mod, cls_name)
 
@@ -51,17 +59,20 @@ def cmd_render(args: argparse.Namespace) -> int:
     from loom.pipelines.job import estimate, run_job
 
     mod, job_cls = _job(args.kind)
+    _, _, _, source_field, extra = JOBS[args.kind]
     if args.help_config:
         return _help_config(job_cls)
-    cfg = _resolve(job_cls, args, assets=args.assets, out=args.out)
+    direct = {fld: getattr(args, flag.lstrip("-")) for flag, (fld, _) in extra.items()}
+    cfg = _resolve(job_cls, args, out=args.out, **direct)
     if args.print_config:
         print(cfgmod.dump_yaml(cfg), end="")
         return 0
-    records = resolve_source(cfg.assets)
-    if cfg.limit:
+    source = getattr(cfg, source_field)
+    records = resolve_source(source)
+    if getattr(cfg, "limit", None):
         records = records[: cfg.limit]
     if not records:
-        raise ValueError(f"asset source {cfg.assets!r} has no assets")
+        raise ValueError(f"asset source {source!r} has no assets")
     spec = mod.job_spec(cfg, records)
     if args.dry_run:
         print(f"plan for {len(records)} asset(s) -> {len(spec.tasks)} task(s) -> {cfg.out}")
@@ -98,11 +109,11 @@ def cmd_assets_list(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     render = sub.add_parser("render", help="render a corpus into WebDataset shards").add_subparsers(
         dest="kind", metavar="KIND")
-    for kind, (_, _, text) in JOBS.items():
+    for kind, (_, _, text, _, extra) in JOBS.items():
         _, job_cls = _job(kind)
         p = render.add_parser(kind, help=text)
-        p.add_argument("--assets", help="asset source: bundled | FOLDER/URL | MANIFEST.jsonl | objaverse:... "
-                       "(default from the recipe)")
+        for flag, (_, help_text) in extra.items():
+            p.add_argument(flag, help=help_text)
         p.add_argument("--out", help="output folder or fsspec URL (default from the recipe)")
         _add_job_args(p, job_cls)
         p.add_argument("--dry-run", action="store_true", help="print tasks, frames, size and cost; render "

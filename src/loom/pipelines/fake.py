@@ -133,3 +133,65 @@ def arm_sequence(params: dict) -> dict:
                  "warnings": [], "timings": {"import": 0.0, "animation": 0.0, "render": 0.0, "readback": 0.0},
                  "mesh": {"vertices": int(seq.shape[1]), "faces": int(len(faces))}},
     }
+
+
+def _raycast_plane_and_box(o: np.ndarray, d: np.ndarray, lo=(-1.0, -1.0, 0.0), hi=(1.0, 1.0, 2.0), plane_half=6.0):
+    """Nearest hit of rays o + s d (d with unit camera z, so s is depth) with a ground square (z=0, |x|,|y| <=
+    plane_half, object 1) and a box (object 2). Returns depth (H,W), object id (H,W), normal (H,W,3)."""
+    lo, hi = np.asarray(lo), np.asarray(hi)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t1 = (lo - o) / d
+        t2 = (hi - o) / d
+    tmin = np.nanmax(np.minimum(t1, t2), axis=-1)
+    tmax = np.nanmin(np.maximum(t1, t2), axis=-1)
+    box_hit = (tmax >= tmin) & (tmin > 1e-6)
+    s_box = np.where(box_hit, tmin, np.inf)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s_plane = -o[2] / d[..., 2]
+    p = o + s_plane[..., None] * d
+    plane_hit = (s_plane > 1e-6) & (np.abs(p[..., 0]) <= plane_half) & (np.abs(p[..., 1]) <= plane_half)
+    s_plane = np.where(plane_hit, s_plane, np.inf)
+    depth = np.minimum(s_box, s_plane)
+    oid = np.where(np.isinf(depth), 0, np.where(s_box <= s_plane, 2, 1)).astype(np.uint16)
+    hit_p = o + np.where(np.isinf(depth), 0, depth)[..., None] * d
+    # Box normal: the axis whose face the hit lies on.
+    rel = (hit_p - 0.5 * (lo + hi)) / (0.5 * (hi - lo))
+    axis = np.argmax(np.abs(rel), axis=-1)
+    nb = np.zeros_like(hit_p)
+    np.put_along_axis(nb, axis[..., None], np.sign(np.take_along_axis(rel, axis[..., None], -1)), -1)
+    normal = np.where((oid == 2)[..., None], nb, np.where((oid == 1)[..., None], [0.0, 0.0, 1.0], 0.0))
+    return np.where(np.isinf(depth), 0.0, depth), oid, normal, hit_p
+
+
+def scene_frames(params: dict) -> dict:
+    """Same contract as ``loom.pipelines.render.scene.render_scene``: a ground square and a box ray-cast along the
+    given cameras, checker-textured so flow warping is visible; edges from the exact passes (silhouette = object or
+    background change, boundary = object change with a depth jump, crease = box edges)."""
+    path = params["asset_path"]
+    if not os.path.exists(path):
+        raise TaskError(f"scene file {path} does not exist")
+    w, h = params["width"], params["height"]
+    K_all, c2w_all = np.asarray(params["K"]), np.asarray(params["c2w"])
+    out = {k: [] for k in ("rgb", "depth", "mask", "object_id", "edges")}
+    for K, m in zip(K_all, c2w_all, strict=True):
+        d = cam.pixel_rays(K, m, w, h)
+        depth, oid, normal, p = _raycast_plane_and_box(m[:3, 3], d)
+        checker = (np.floor(p[..., 0] * 2) + np.floor(p[..., 1] * 2) + np.floor(p[..., 2] * 2)) % 2
+        base = np.where((oid == 2)[..., None], [0.8, 0.3, 0.2], [0.3, 0.6, 0.3])
+        rgb = np.where((oid > 0)[..., None], base * (0.6 + 0.4 * checker[..., None]), 1.0)
+        change = np.zeros((h, w), bool)
+        change[:, 1:] |= oid[:, 1:] != oid[:, :-1]
+        change[1:, :] |= oid[1:, :] != oid[:-1, :]
+        sil = change & ((oid == 0) | np.roll(oid == 0, 1, 1) | np.roll(oid == 0, 1, 0))
+        edges = np.stack([sil, np.zeros_like(sil), change & ~sil, np.zeros_like(sil)], -1)
+        out["rgb"].append((np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8))
+        out["depth"].append(depth.astype(np.float32))
+        out["mask"].append(oid > 0)
+        out["object_id"].append(oid)
+        out["edges"].append(edges)
+    res = {k: np.stack(v) for k, v in out.items()}
+    res["K"], res["c2w"] = K_all.astype(np.float32), c2w_all.astype(np.float32)
+    res["info"] = {"blender_version": "fake", "warnings": [], "objects": ["ground", "box"], "edges_method": "fake",
+                   "timings": {"import": 0.0, "scene": 0.0, "render_geometry": 0.0, "render_color": 0.0,
+                               "edges": 0.0, "readback": 0.0}}
+    return res
