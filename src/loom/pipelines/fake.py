@@ -165,7 +165,7 @@ def _raycast_plane_and_box(o: np.ndarray, d: np.ndarray, lo=(-1.0, -1.0, 0.0), h
 
 def scene_frames(params: dict) -> dict:
     """Same contract as ``loom.pipelines.render.scene.render_scene``: a ground square and a box ray-cast along the
-    given cameras, checker-textured so flow warping is visible; edges from the exact passes (silhouette = object or
+    given cameras, with a smooth texture so flow warping can be checked; edges from the exact passes (silhouette = object or
     background change, boundary = object change with a depth jump, crease = box edges)."""
     path = params["asset_path"]
     if not os.path.exists(path):
@@ -176,7 +176,8 @@ def scene_frames(params: dict) -> dict:
     for K, m in zip(K_all, c2w_all, strict=True):
         d = cam.pixel_rays(K, m, w, h)
         depth, oid, normal, p = _raycast_plane_and_box(m[:3, 3], d)
-        checker = (np.floor(p[..., 0] * 2) + np.floor(p[..., 1] * 2) + np.floor(p[..., 2] * 2)) % 2
+        # A smooth texture (not a checker): bilinear warping of hard texture edges would blur the flow test.
+        checker = 0.5 + 0.5 * np.sin(1.7 * p[..., 0]) * np.sin(1.3 * p[..., 1] + 0.9 * p[..., 2])
         base = np.where((oid == 2)[..., None], [0.8, 0.3, 0.2], [0.3, 0.6, 0.3])
         rgb = np.where((oid > 0)[..., None], base * (0.6 + 0.4 * checker[..., None]), 1.0)
         change = np.zeros((h, w), bool)

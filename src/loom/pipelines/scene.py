@@ -106,7 +106,7 @@ def sample_trajectory(cfg: RenderSceneJob) -> tuple[np.ndarray, np.ndarray]:
 
     w, h, n = cfg.render.width, cfg.render.height, cfg.camera.frames
     if cfg.trajectory == "orbit":
-        traj = tr.orbit(n, cfg.camera.orbit_radius, cfg.camera.orbit_height, cfg.camera.fov_deg)
+        traj = tr.orbit(cfg.camera.orbit_radius, cfg.camera.orbit_height, cfg.camera.fov_deg)
     else:
         traj = tr.load_trajectory(cfg.trajectory)
     K, c2w, _ = traj.sample(n, w, h)
@@ -137,15 +137,18 @@ def task_params(cfg: RenderSceneJob, asset: dict, variant: int, chash: str, K, c
     }
 
 
-def warped_noise(flow_fwd: np.ndarray, height: int, width: int, p: dict, seed: int) -> np.ndarray:
-    """(T,C,h,w) noise: frame 0 drawn from ``seed``, carried along the forward flows at latent resolution."""
+def warped_noise(flow_fwd: np.ndarray, occluded: np.ndarray, height: int, width: int, p: dict,
+                 seed: int) -> np.ndarray:
+    """(T,C,h,w) noise: frame 0 drawn from ``seed``, carried along the forward flows at latent resolution (occluded
+    pixels, whose flow is undefined, are left out of each latent cell's average)."""
     import torch
 
     from loom.geometry.noise import resize_flow, warp_noise
 
     h, w = height // p["downsample"], width // p["downsample"]
     g = torch.Generator().manual_seed(int(seed))
-    flows = resize_flow(torch.from_numpy(np.ascontiguousarray(flow_fwd, dtype=np.float32)), (h, w))
+    flows = resize_flow(torch.from_numpy(np.ascontiguousarray(flow_fwd, dtype=np.float32)), (h, w),
+                        valid=torch.from_numpy(~np.asarray(occluded, dtype=bool)))
     noise0 = torch.randn((p["channels"], h, w), generator=g)
     return warp_noise(noise0, flows, generator=g, upsample=p["upsample"]).numpy()
 
@@ -170,7 +173,7 @@ def render_entry(params: dict) -> dict:
     t1 = time.monotonic()
     flows = sequence_flows(res["depth"], res["K"], res["c2w"], res["mask"])
     t2 = time.monotonic()
-    noise = warped_noise(flows["flow_fwd"], params["height"], params["width"], params["noise"], params["seed"])
+    noise = warped_noise(flows["flow_fwd"], flows["occlusion_fwd"], params["height"], params["width"], params["noise"], params["seed"])
     t3 = time.monotonic()
     arrays = {k: res[k] for k in ("rgb", "depth", "mask", "object_id", "edges", "K", "c2w")}
     arrays.update({k: flows[k] for k in ("flow_fwd", "flow_bwd", "flow_last_to_first", "occlusion_fwd",
