@@ -216,7 +216,7 @@ def load_trajectory(source) -> Trajectory:
             import yaml
 
             data = yaml.safe_load(text)
-    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError
+    except Exception as e:  # noqa: BLE001  (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError)
         raise TrajectoryError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {e}") from None
     try:
         return trajectory_from_dict(data)

@@ -7,6 +7,7 @@ uid, source, path, sha256, license, size, format and a few annotations. Sources:
 
 - ``bundled``: the small permissively licensed assets shipped in ``loom/data/assets`` (see ``ASSETS.md``).
 - ``bundled-animated``: Loom's own animated test assets in ``loom/data/assets/animated`` (CC0-1.0).
+- ``bundled-scene``: Loom's own test scene in ``loom/data/assets/scenes`` (CC0-1.0).
 - a folder, local path or fsspec URL (``/data/meshes``, ``memory://meshes``, ``s3://bucket/meshes``): every file
   with a supported extension below it, uid derived from its relative path (`uid_from_relpath`).
 - a single mesh file (``.glb .gltf .obj .fbx .ply .stl``), local or fsspec URL.
@@ -785,7 +786,7 @@ def _parse_objaverse_spec(spec: str) -> dict[str, Any]:
 
 def resolve_source(spec: str) -> list[AssetRecord]:
     """Parse an ``--assets SOURCE`` string (syntax in the module docstring) and return its records."""
-    accepted = ("'bundled', 'bundled-animated', a folder path/URL, a mesh file (" + ", ".join("." + f for f in FORMATS) + "), a "
+    accepted = ("'bundled', 'bundled-animated', 'bundled-scene', a folder path/URL, a mesh file (" + ", ".join("." + f for f in FORMATS) + "), a "
                 "manifest (.jsonl/.json), or 'objaverse:KEY=V,...' (keys uids, license, category, animated, limit, "
                 "cache)")
     if not isinstance(spec, str) or not spec.strip():
@@ -795,6 +796,9 @@ def resolve_source(spec: str) -> list[AssetRecord]:
         return bundled_assets()
     if spec == "bundled-animated":
         return bundled_animated_assets()
+    if spec == "bundled-scene":
+        folder = os.path.join(_bundled_dir(), "scenes")
+        return [dataclasses.replace(r, source="bundled-scene") for r in scan_folder(folder)]
     if spec == "objaverse" or spec.startswith("objaverse:"):
         return objaverse_assets(**_parse_objaverse_spec(spec))
     try:

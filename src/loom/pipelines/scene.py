@@ -40,8 +40,8 @@ class CameraSettings:
 class EdgeSettings:
     crease_angle_deg: float = field(60.0, help="an edge between faces bent more than this is a crease")
     line_width_px: float = field(1.0, help="edge thickness in pixels")
-    method: Literal["auto", "freestyle", "gbuffer"] = field("auto", help="how edges are drawn (see "
-                                                             "loom.pipelines.render.scene)")
+    method: Literal["gbuffer", "freestyle"] = field("gbuffer", help="how edges are drawn: exact per-pixel passes "
+                                                       "or Blender Freestyle (see loom.pipelines.render.scene)")
 
     def __post_init__(self):
         require(0 < self.crease_angle_deg < 180, "edges.crease_angle_deg", self.crease_angle_deg, "must be in (0, 180)")
