@@ -123,6 +123,10 @@ def register(sub) -> None:
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.set_defaults(func=cmd_render)
 
+    from loom.pipelines.latents import register_cache
+
+    register_cache(sub)
+
     assets = sub.add_parser("assets", help="asset sources and manifests").add_subparsers(dest="acmd", metavar="CMD")
     a = assets.add_parser("list", help="list the assets of a source; optionally write its manifest")
     a.add_argument("source", help="bundled | FOLDER/URL | MANIFEST.jsonl | objaverse:...")

@@ -72,6 +72,10 @@ class JobSpec:
     samples_per_shard: int
     env: dict[str, str] = field(default_factory=dict)
     preload: tuple[str, ...] = ()  # modules the sandbox imports at start-up (bpy)
+    # "module:function(asset: dict, dest_dir) -> local path" run before each task (its result becomes the entry's
+    # ``asset_path``); None when the entry reads its own input (e.g. a source shard named in its params).
+    fetch: str | None = "loom.pipelines.job:fetch_asset"
+    verb: str = "render"  # for the progress bar
 
 
 @dataclass
@@ -129,17 +133,17 @@ class ShardWorker:
     """Ray Data map function (one instance per worker): renders a shard's tasks in its sandbox, writes the tar."""
 
     def __init__(self, entry: str, out: str, timeout_s: float, env: dict[str, str], progress=None,
-                 preload: tuple[str, ...] = ()):
+                 preload: tuple[str, ...] = (), fetch: str | None = None):
         from loom.pipelines.sandbox import Sandbox
 
-        self.out, self.timeout_s, self.progress = out, timeout_s, progress
+        self.out, self.timeout_s, self.progress, self.fetch = out, timeout_s, progress, fetch
         self.scratch = tempfile.mkdtemp(prefix="loom-worker-")
         self.sandbox = Sandbox(entry, env=env, log_dir=os.path.join(self.scratch, "logs"), preload=preload)
         self.sandbox.start()  # pay the bpy import while Ray is still starting the other workers
 
     def __call__(self, row: dict) -> dict:
         shard = json.loads(row["shard"])
-        return render_shard(shard, self.out, self.sandbox, self.timeout_s, self.scratch, self._tick)
+        return render_shard(shard, self.out, self.sandbox, self.timeout_s, self.scratch, self._tick, self.fetch)
 
     def _tick(self, ok: int, failed: int, frames: int) -> None:
         if self.progress is not None:
@@ -153,36 +157,69 @@ class ShardWorker:
             pass
 
 
-def render_shard(shard: dict, out: str, sandbox, timeout_s: float, scratch: str, tick=None) -> dict:
-    """Render every task of one shard and write it. One task's failure is a row, never the end of the shard."""
+def fetch_asset(asset: dict, dest_dir: str) -> str:
+    """The default fetch hook: a local path to the task's mesh asset (copied from remote storage if needed)."""
     from loom.pipelines.assets import AssetRecord, fetch_local
+
+    return fetch_local(AssetRecord.from_dict(asset), dest_dir)
+
+
+def _resolve_fn(ref: str):
+    import importlib
+
+    mod, _, fn = ref.partition(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def task_keys(task: Task) -> list[str]:
+    """The sample keys a task produces: one (its own key) for a render task, several for a task over a shard."""
+    return list(task.asset.get("keys") or [task.key])
+
+
+def render_shard(shard: dict, out: str, sandbox, timeout_s: float, scratch: str, tick=None,
+                 fetch: str | None = "loom.pipelines.job:fetch_asset") -> dict:
+    """Run every task of one shard and write it. One task's failure is a row, never the end of the shard.
+
+    An entry returns either ``{"files": {ext: bytes}, ...}`` (one sample, keyed by the task) or
+    ``{"samples": [(key, files)], "failures": [{"key", "reason"}], "frames": n, ...}`` (a task over many samples).
+    """
     from loom.pipelines.errors import TaskError
 
+    fetch_fn = _resolve_fn(fetch) if fetch else None
     t0 = time.monotonic()
     samples, failures, warnings, frames = [], [], [], 0
     stats: dict[str, float] = {}
     for t in shard["tasks"]:
         task = Task(**t)
-        row = {"key": task.key, "uid": task.asset.get("uid"), "source": task.asset.get("source")}
+        row = {"uid": task.asset.get("uid"), "source": task.asset.get("source")}
         workdir = tempfile.mkdtemp(prefix="task-", dir=scratch)
+        n_ok = n_failed = n_frames = 0
         try:
-            local = fetch_local(AssetRecord.from_dict(task.asset), os.path.join(scratch, "assets"))
-            res = sandbox.run({**task.params, "asset_path": local, "workdir": workdir}, timeout_s)
-            samples.append((task.key, res["files"]))
-            frames += task.frames
-            if res.get("warnings"):
-                warnings.append({"key": task.key, "warnings": list(res["warnings"])})
+            params = {**task.params, "workdir": workdir}
+            if fetch_fn is not None:
+                params["asset_path"] = fetch_fn(task.asset, os.path.join(scratch, "assets"))
+            res = sandbox.run(params, timeout_s)
+            if "samples" in res:
+                samples += [(k, f) for k, f in res["samples"]]
+                failures += [{**row, **f} for f in res["failures"]]
+                n_ok, n_failed, n_frames = len(res["samples"]), len(res["failures"]), int(res.get("frames", 0))
+            else:
+                samples.append((task.key, res["files"]))
+                n_ok, n_frames = 1, task.frames
+                if res.get("warnings"):
+                    warnings.append({"key": task.key, "warnings": list(res["warnings"])})
             for k, v in res.get("timings", {}).items():
                 stats[k] = stats.get(k, 0.0) + float(v)
-        except TaskError as e:
-            failures.append({**row, "reason": str(e)})
-        except (OSError, ValueError) as e:  # fetching: missing file, bad checksum, unreadable URL
-            failures.append({**row, "reason": f"{type(e).__name__}: {e}"})
+        except (TaskError, OSError, ValueError) as e:  # OSError/ValueError: fetching (missing file, bad checksum)
+            reason = str(e) if isinstance(e, TaskError) else f"{type(e).__name__}: {e}"
+            keys = task_keys(task)
+            failures += [{**row, "key": k, "reason": reason} for k in keys]
+            n_failed = len(keys)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
+        frames += n_frames
         if tick is not None:
-            ok = bool(samples) and samples[-1][0] == task.key
-            tick(int(ok), int(not ok), task.frames if ok else 0)
+            tick(n_ok, n_failed, n_frames)
     t_write = time.monotonic()
     size, sha, keys = shards.write_tar(shards.shard_url(out, shard["name"]), samples)
     stats["write"] = time.monotonic() - t_write
@@ -270,15 +307,16 @@ def run_job(spec: JobSpec, *, progress: bool = True, retry_failed: bool = False,
         ds = ds.map(
             ShardWorker,
             fn_constructor_kwargs=dict(entry=spec.entry, out=spec.out, timeout_s=spec.timeout_s, env=spec.env,
-                                       progress=counter, preload=spec.preload),
+                                       progress=counter, preload=spec.preload, fetch=spec.fetch),
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=spec.cluster.cpus_per_worker,
             num_gpus=spec.cluster.gpus_per_worker or None,
         )
         from tqdm import tqdm
 
-        n_tasks = sum(len(s["tasks"]) for s in todo)
-        bar = tqdm(total=n_tasks, unit="sample", desc=f"render {spec.kind}", disable=not progress, file=sys.stderr)
+        n_samples = sum(len(task_keys(Task(**t))) for s in todo for t in s["tasks"])
+        bar = tqdm(total=n_samples, unit="sample", desc=f"{spec.verb} {spec.kind}", disable=not progress,
+                   file=sys.stderr)
         rows: list[dict] = []
         errors: list[BaseException] = []
 
@@ -370,7 +408,6 @@ class Estimate:
 
 def estimate(spec: JobSpec, *, calibration_frames: int = 3, calibrate: bool = True) -> Estimate:
     """Price a job before running it: render the first task with a few frames in a sandbox and extrapolate."""
-    from loom.pipelines.assets import AssetRecord, fetch_local
     from loom.pipelines.sandbox import Sandbox
 
     n_frames = sum(t.frames for t in spec.tasks)
@@ -382,9 +419,11 @@ def estimate(spec: JobSpec, *, calibration_frames: int = 3, calibrate: bool = Tr
         cf = min(calibration_frames, task.frames) or 1
         scratch = tempfile.mkdtemp(prefix="loom-calibrate-")
         try:
-            local = fetch_local(AssetRecord.from_dict(task.asset), os.path.join(scratch, "assets"))
+            params = {**task.params, "frames": cf, "workdir": scratch}
+            if spec.fetch:
+                params["asset_path"] = _resolve_fn(spec.fetch)(task.asset, os.path.join(scratch, "assets"))
             with Sandbox(spec.entry, env=spec.env, log_dir=scratch) as box:
-                res = box.run({**task.params, "frames": cf, "asset_path": local, "workdir": scratch}, spec.timeout_s)
+                res = box.run(params, spec.timeout_s)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         tm = res["timings"]

@@ -1,0 +1,609 @@
+"""A PyTorch loader over Loom shards: every sample once per epoch, the same order for any number of workers,
+split by rank, resumable mid-epoch; and the same shards as a Ray Data dataset.
+
+Usage (trainer)::
+
+    loader = LoomLoader("s3://bucket/ttv-run", batch_size=8, seed=0, num_workers=4)   # rank/world from torch.distributed
+    loader.load_state_dict(ckpt["loader"])          # optional: resume mid-epoch
+    for epoch in range(epochs):
+        for batch in loader:                        # batch["rgb"]: (B,T,H,W,3) uint8 tensor, batch["meta"]: list
+            ...                                     # batch["__pad__"]: (B,) bool, True for padding repeats
+            ckpt["loader"] = loader.state_dict()
+
+Design (why it is built this way, against the failures of the peers):
+
+1. **Index, not stream.** A shard is a plain tar whose members ``<key>.<ext>`` are grouped by key, so one sample
+   is one contiguous byte range. :func:`build_index` scans the tar headers once (seeks only, no payload read) and
+   records per sample its key and each member's (offset, size). The scan insists on the end-of-archive marker and
+   on the manifest's keys and size, so a truncated or corrupt shard is found before the epoch starts, named, and
+   never read as a silently shorter epoch. The index of an output folder is cached in ``index.json`` (written
+   atomically, tied to the manifest's sha256 of every shard) when the folder is writable, else kept in memory.
+2. **Order in index space.** The epoch's order is a pure function of (seed, epoch, index): the shards are
+   permuted with the seed, then either a full permutation of all samples (``shuffle_buffer=None``, the default:
+   random access makes it free) or a literal shuffle buffer of that size over the concatenated stream (webdataset's
+   semantics, computed on integers). No data is read to compute it, so every rank and worker computes the same
+   order, whatever their number.
+3. **Ranks.** The order is cut into global batches of ``batch_size``; global batch ``g`` goes to rank
+   ``g % world_size``, so at each step the ranks together consume one contiguous block of ``world_size *
+   batch_size`` samples of the global order (the same blocks as one rank with a ``world_size`` times larger batch).
+   The order is padded by repeating its first samples (flagged ``__pad__``) or, with ``drop_last``, cut, to a
+   multiple of ``world_size * batch_size``: every rank gets exactly the same number of full batches, so uneven
+   shards never leave a rank waiting in a collective at the end of an epoch (unlike per-rank shard lists).
+4. **Workers.** :class:`LoomDataset` is an ``IterableDataset`` that yields whole batches (``DataLoader(
+   batch_size=None)``); worker ``k`` of ``n`` builds the rank's batches ``start + k, start + k + n, ...``. The
+   DataLoader hands out worker outputs round-robin starting at worker 0, so the batch sequence is identical for
+   0, 1, 2 or 4 workers, and resuming at any batch ``start`` keeps it.
+5. **Resume.** :class:`LoomLoader` counts the batches it has handed to the caller in the main process (workers
+   cannot see what was consumed; their prefetched batches are simply made again). ``state_dict()`` is
+   ``{seed, epoch, batch, ...}``; after ``load_state_dict()`` the next batch is exactly the next batch of the
+   uninterrupted run. No shared memory or lock files: a crash leaves nothing behind.
+6. **Reading.** One ranged read per sample (``os.pread`` on local files, ``fs.cat_file(path, start, end)`` on any
+   other fsspec filesystem, ``read_threads`` concurrent reads per worker), the kind's ``decode_sample`` (from the
+   manifest's ``kind`` or the first sample's meta.json; a generic ``.npy/.npz/.json`` decoder for other kinds such
+   as cached latents), an optional per-sample transform with its own generator seeded by (seed, epoch, sample),
+   then numpy -> torch: arrays of equal shape are stacked, others kept as lists, ``meta`` stays a list of dicts.
+7. **Errors.** A sample that cannot be read or decoded raises :class:`ShardError` naming the shard and the key.
+   With ``on_error="skip"`` it is left out of its batch (the batch is shorter, the number of batches is unchanged,
+   so ranks stay in step), logged, and recorded in ``loader.skipped``; a shard that fails the index scan is
+   dropped as a whole and recorded the same way. Nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tarfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from loom.datasets.codecs import unnpz
+from loom.platform import shards as _shards
+from loom.platform import storage
+from loom.platform.shards import ShardError
+
+log = logging.getLogger(__name__)
+
+INDEX = "index.json"
+INDEX_FORMAT = "loom-index/1"
+ON_ERROR = ("raise", "skip")
+
+# sample kind (manifest "kind" or meta.json "kind") -> module with decode_sample(files, keys)
+DECODERS = {"ttv": "loom.datasets.ttv", "4d": "loom.datasets.shape4d", "scene": "loom.datasets.scene"}
+
+Decode = Callable[[dict[str, bytes], "tuple[str, ...] | None"], dict[str, Any]]
+Transform = Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]
+
+
+# ----------------------------------------------------------------------------------------------- index
+
+
+@dataclass
+class ShardIndex:
+    """One shard: its URL and, per sample, the key and ``{ext: (offset, size)}`` of its members."""
+
+    url: str
+    keys: list[str]
+    members: list[dict[str, tuple[int, int]]]
+
+    def span(self, i: int) -> tuple[int, int]:
+        """(start, end) bytes covering all members of sample ``i`` (they are contiguous in a Loom tar)."""
+        m = self.members[i].values()
+        return min(o for o, _ in m), max(o + s for o, s in m)
+
+    def to_dict(self) -> dict:
+        return {"keys": self.keys, "members": [{e: list(r) for e, r in m.items()} for m in self.members]}
+
+
+def scan_shard(url: str, expect_keys: list[str] | None = None, expect_size: int | None = None) -> ShardIndex:
+    """Read a tar's headers (seeking over the payloads) into a :class:`ShardIndex`. Raises ShardError naming the
+    shard if it is truncated, has a corrupt header, lacks the end-of-archive marker, or disagrees with the
+    manifest's size or keys."""
+    fs, path = storage.filesystem(url)
+    keys: list[str] = []
+    members: list[dict[str, tuple[int, int]]] = []
+    try:
+        total = int(fs.size(path))
+        if expect_size is not None and total != expect_size:
+            raise ShardError(f"shard {url} has {total} bytes but the manifest says {expect_size} (truncated or "
+                             "rewritten?); run `loom shards verify` on its folder and rerun the job")
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                if m.offset_data + m.size > total:
+                    raise ShardError(f"shard {url}: member {m.name} is truncated "
+                                     f"({total - m.offset_data} of {m.size} bytes)")
+                key, ext = _shards.split_member(m.name)
+                if not keys or keys[-1] != key:
+                    keys.append(key)
+                    members.append({})
+                members[-1][ext] = (m.offset_data, m.size)
+            end = tar.offset
+            # tarfile stops quietly at a corrupt header after the first member: insist on two zero blocks there.
+            f.seek(end)
+            marker = f.read(2 * tarfile.BLOCKSIZE)
+    except ShardError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        raise ShardError(f"shard {url} is corrupt or truncated ({type(e).__name__}: {e}); run `loom shards verify` "
+                         "on its folder and rerun the job to rewrite it") from e
+    if len(marker) < 2 * tarfile.BLOCKSIZE or marker.strip(b"\0"):
+        raise ShardError(f"shard {url} is truncated or corrupt at byte {end} (no end-of-archive marker after "
+                         f"{len(keys)} samples); run `loom shards verify` on its folder and rerun the job")
+    if len(set(keys)) != len(keys):
+        raise ShardError(f"shard {url}: a key's members are not contiguous (not written by Loom?): {keys[:5]}...")
+    if expect_keys is not None and keys != list(expect_keys):
+        raise ShardError(f"shard {url}: keys {keys[:3]}... ({len(keys)}) differ from the manifest's "
+                         f"{list(expect_keys)[:3]}... ({len(expect_keys)}); run `loom shards verify`")
+    return ShardIndex(url, keys, members)
+
+
+def _sources(url: str | list[str]) -> tuple[list[str], dict[str, dict], dict]:
+    """(shard URLs, manifest entry per URL, manifest) for an output folder, a folder of tars, a tar or a list."""
+    if isinstance(url, (list, tuple)):
+        return list(url), {}, {}
+    urls = _shards.shard_urls(url)
+    if url.endswith(".tar") or not storage.exists(storage.join(url, _shards.MANIFEST)):
+        return urls, {}, {}
+    manifest = _shards.read_manifest(url)
+    entries = {_shards.shard_url(url, s["name"]): s for s in manifest["shards"]}
+    return urls, entries, manifest
+
+
+def build_index(url: str | list[str], on_error: str = "raise", cache: bool = True,
+                threads: int = 8) -> tuple[list[ShardIndex], list[dict], dict]:
+    """Index every shard at ``url``. Returns (indexes of the readable shards in order, skipped shards as
+    ``{shard, key, reason}`` rows, manifest or {}). With ``on_error="raise"`` the first bad shard raises."""
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error={on_error!r}: use one of {ON_ERROR}")
+    urls, entries, manifest = _sources(url)
+    if not urls:
+        raise FileNotFoundError(f"no shards at {url}")
+    cached = _read_index_cache(url, entries) if (cache and entries) else {}
+
+    def one(u: str) -> ShardIndex | ShardError:
+        if u in cached:
+            return cached[u]
+        e = entries.get(u, {})
+        try:
+            return scan_shard(u, e.get("keys"), e.get("size"))
+        except ShardError as err:
+            return err
+
+    with ThreadPoolExecutor(max(1, min(threads, len(urls)))) as pool:
+        results = list(pool.map(one, urls))
+    out, skipped = [], []
+    for u, r in zip(urls, results):
+        if isinstance(r, ShardError):
+            if on_error == "raise":
+                raise r
+            log.warning("skipping shard: %s", r)
+            skipped.append({"shard": u, "key": None, "reason": str(r)})
+        else:
+            out.append(r)
+    if cache and entries and not skipped and len(cached) != len(urls):
+        _write_index_cache(url, entries, out)
+    return out, skipped, manifest
+
+
+def _read_index_cache(url: str, entries: dict[str, dict]) -> dict[str, ShardIndex]:
+    try:
+        doc = storage.read_json(storage.join(url, INDEX))
+    except (FileNotFoundError, ValueError, OSError):
+        return {}
+    if doc.get("format") != INDEX_FORMAT:
+        return {}
+    got = {}
+    for u, e in entries.items():
+        s = doc["shards"].get(e["name"])
+        if s and s.get("sha256") == e["sha256"] and s.get("size") == e["size"] and s["keys"] == e["keys"]:
+            got[u] = ShardIndex(u, s["keys"], [{x: tuple(r) for x, r in m.items()} for m in s["members"]])
+    return got
+
+
+def _write_index_cache(url: str, entries: dict[str, dict], indexes: list[ShardIndex]) -> None:
+    shards = {}
+    for ix in indexes:
+        e = entries[ix.url]
+        shards[e["name"]] = {"sha256": e["sha256"], "size": e["size"], **ix.to_dict()}
+    try:
+        storage.write_bytes(storage.join(url, INDEX),
+                            json.dumps({"format": INDEX_FORMAT, "shards": shards}, separators=(",", ":")).encode())
+    except Exception as e:  # noqa: BLE001 - a read-only corpus is normal: keep the index in memory
+        log.info("index of %s kept in memory (cannot write %s: %s)", url, INDEX, e)
+
+
+# ----------------------------------------------------------------------------------------------- order
+
+
+def epoch_order(counts: list[int], seed: int, epoch: int, shuffle: bool = True,
+                shuffle_buffer: int | None = None) -> np.ndarray:
+    """Global sample ids (positions in the concatenation of the shards, in index order) for one epoch: a pure
+    function of its arguments. ``shuffle_buffer=None`` is a full permutation; an int N applies a literal
+    shuffle buffer of N samples to the stream of the seed-permuted shards."""
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    n = int(offsets[-1])
+    if not shuffle:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng([seed, epoch, 0x10AD])
+    if shuffle_buffer is None:
+        return rng.permutation(n).astype(np.int64)
+    if shuffle_buffer < 1:
+        raise ValueError(f"shuffle_buffer={shuffle_buffer}: use None (full permutation) or a size >= 1")
+    perm = rng.permutation(len(counts))
+    stream = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in perm] or [np.zeros(0, np.int64)])
+    out = np.empty(n, dtype=np.int64)
+    buf = list(stream[:shuffle_buffer])
+    picks = rng.random(n)
+    o = 0
+    for x in stream[shuffle_buffer:]:
+        j = int(picks[o] * len(buf))
+        out[o] = buf[j]
+        buf[j] = x
+        o += 1
+    tail = rng.permutation(len(buf))
+    out[o:] = np.asarray(buf, dtype=np.int64)[tail] if buf else []
+    return out
+
+
+def rank_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int,
+                 drop_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, pad) of shape (num_batches, batch_size) for ``rank``: global batch g goes to rank g % world_size;
+    the order is padded by repeating its start (pad=True) or cut (drop_last) to a multiple of
+    world_size * batch_size, so all ranks get the same number of full batches."""
+    n, block = len(order), batch_size * world_size
+    if drop_last:
+        used = n // block * block
+        ids, pad = order[:used], np.zeros(used, bool)
+    else:
+        used = -(-n // block) * block
+        if n == 0:
+            raise ValueError("no samples to load")
+        reps = np.resize(order, used - n)  # repeats from the start (wrapping if the order is tiny)
+        ids = np.concatenate([order, reps])
+        pad = np.concatenate([np.zeros(n, bool), np.ones(used - n, bool)])
+    ids = ids.reshape(-1, world_size, batch_size)[:, rank]
+    pad = pad.reshape(-1, world_size, batch_size)[:, rank]
+    return ids, pad
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+
+
+def generic_decode(files: dict[str, bytes], keys: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Decoder for kinds without a reader (e.g. cached latents): ``x.npy`` -> ``x``, each array ``a`` of
+    ``x.npz`` -> ``a``, ``x.json`` -> ``x`` (parsed); other members stay bytes under their extension."""
+    want = set(keys) if keys else None
+    out: dict[str, Any] = {}
+    for ext, data in files.items():
+        name, _, suffix = ext.rpartition(".")
+        if want is not None and name not in want and name != "meta" and suffix != "npz":
+            continue
+        if suffix == "npy":
+            out[name] = _npy_view(data)
+        elif suffix == "npz":
+            out.update({k: v for k, v in unnpz(bytes(data)).items() if want is None or k in want})
+        elif suffix == "json":
+            out[name] = json.loads(bytes(data))
+        else:
+            out[ext] = bytes(data)
+    return out
+
+
+def _npy_view(data: bytes | memoryview) -> np.ndarray:
+    """A ``.npy`` member as a read-only array over its bytes (no copy: latents are read at the I/O rate; the
+    batch is a fresh array made by collate's stack)."""
+    import io
+
+    from numpy.lib import format as npf
+
+    head = io.BytesIO(bytes(data[:65536 + 10]) if len(data) > 65546 else bytes(data))
+    major, _ = npf.read_magic(head)
+    shape, fortran, dtype = (npf.read_array_header_1_0 if major == 1 else npf.read_array_header_2_0)(head)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not loaded (they would need pickle)")
+    arr = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=head.tell())
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
+def resolve_decoder(kind: str | None) -> Decode:
+    import importlib
+
+    if kind in DECODERS:
+        return importlib.import_module(DECODERS[kind]).decode_sample
+    return generic_decode
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """List of decoded samples -> batch: equal-shape arrays stacked into a tensor (B, ...), other arrays kept as a
+    list of tensors, everything else (meta, keys) as a list."""
+    batch: dict[str, Any] = {}
+    if not samples:
+        return batch
+    names = list(samples[0])
+    for s in samples[1:]:
+        names += [k for k in s if k not in names]
+    for k in names:
+        vals = [s.get(k) for s in samples]
+        if all(isinstance(v, np.ndarray) for v in vals):
+            if all(v.shape == vals[0].shape and v.dtype == vals[0].dtype for v in vals):
+                batch[k] = torch.from_numpy(np.stack(vals))
+            else:
+                batch[k] = [torch.from_numpy(v.copy() if not v.flags.writeable else np.ascontiguousarray(v)) for v in vals]
+        else:
+            batch[k] = vals
+    return batch
+
+
+class _Reader:
+    """Ranged reads of samples, one handle per shard kept open in the process that reads (never pickled)."""
+
+    def __init__(self, max_open: int = 64):
+        self.max_open = max_open
+        self._fds: OrderedDict[str, int] = OrderedDict()
+
+    def read(self, url: str, start: int, end: int) -> bytes:
+        fs, path = storage.filesystem(url)
+        if isinstance(fs, LocalFileSystem):
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = os.open(path, os.O_RDONLY)
+                self._fds[path] = fd
+                if len(self._fds) > self.max_open:
+                    os.close(self._fds.popitem(last=False)[1])
+            else:
+                self._fds.move_to_end(path)
+            return os.pread(fd, end - start, start)
+        return fs.cat_file(path, start=start, end=end)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):  # noqa: D105
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# ----------------------------------------------------------------------------------------------- dataset
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class LoomDataset(IterableDataset):
+    """The rank's batches of one epoch, as an IterableDataset to use with ``DataLoader(batch_size=None)``.
+    Most users want :class:`LoomLoader`, which adds the consumed-batch count that makes resuming exact."""
+
+    def __init__(self, url: str | list[str], batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 shuffle_buffer: int | None = None, rank: int | None = None, world_size: int | None = None,
+                 drop_last: bool = False, kind: str | None = None, keys: tuple[str, ...] | None = None,
+                 decode: Decode | None = None, transform: Transform | None = None, on_error: str = "raise",
+                 read_threads: int | None = None, cache_index: bool = True):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error={on_error!r}: use one of {ON_ERROR}")
+        r, w = _dist_rank_world()
+        self.rank = r if rank is None else rank
+        self.world_size = w if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank={self.rank} is not in [0, world_size={self.world_size})")
+        self.url, self.batch_size, self.seed, self.shuffle = url, batch_size, seed, shuffle
+        self.shuffle_buffer, self.drop_last, self.keys, self.on_error = shuffle_buffer, drop_last, keys, on_error
+        self.transform = transform
+        self.index, self.skipped_shards, manifest = build_index(url, on_error=on_error, cache=cache_index)
+        self.counts = [len(ix.keys) for ix in self.index]
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        self.num_samples = int(self.offsets[-1])
+        if self.num_samples == 0:
+            raise ValueError(f"no readable samples at {url} (skipped: {self.skipped_shards})")
+        self.kind = kind or manifest.get("kind") or self._first_kind()
+        self.decode = decode or resolve_decoder(self.kind)
+        remote = not isinstance(storage.filesystem(self.index[0].url)[0], LocalFileSystem)
+        self.read_threads = read_threads or (16 if remote else 1)
+        self.epoch, self.start_batch = 0, 0
+        self._reader: _Reader | None = None
+
+    def _first_kind(self) -> str | None:
+        ix = self.index[0]
+        if "meta.json" not in ix.members[0]:
+            return None
+        o, s = ix.members[0]["meta.json"]
+        return json.loads(_Reader().read(ix.url, o, o + s)).get("kind")
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_reader"] = None  # file descriptors stay in the process that opened them
+        return d
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank."""
+        block = self.batch_size * self.world_size
+        return self.num_samples // block if self.drop_last else -(-self.num_samples // block)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def batches(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        order = epoch_order(self.counts, self.seed, epoch, self.shuffle, self.shuffle_buffer)
+        return rank_batches(order, self.batch_size, self.rank, self.world_size, self.drop_last)
+
+    def locate(self, gid: int) -> tuple[ShardIndex, int]:
+        s = int(np.searchsorted(self.offsets, gid, side="right")) - 1
+        return self.index[s], int(gid - self.offsets[s])
+
+    def load_sample(self, gid: int, epoch: int) -> dict[str, Any]:
+        """Read, decode and transform one sample (numpy). Raises ShardError naming the shard and key."""
+        ix, i = self.locate(gid)
+        key = ix.keys[i]
+        if self._reader is None:
+            self._reader = _Reader()
+        try:
+            start, end = ix.span(i)
+            blob = self._reader.read(ix.url, start, end)
+            if len(blob) != end - start:
+                raise ShardError(f"short read: {len(blob)} of {end - start} bytes (truncated shard?)")
+            view = memoryview(blob) if self.decode is generic_decode else blob  # zero-copy members for .npy
+            files = {e: view[o - start:o - start + n] for e, (o, n) in ix.members[i].items()}
+            sample = self.decode(files, self.keys)
+            if self.transform is not None:
+                sample = self.transform(sample, np.random.default_rng([self.seed, epoch, gid, 0x7F]))
+        except Exception as e:  # noqa: BLE001 - every failure of a sample is reported with its shard and key
+            raise ShardError(f"shard {ix.url}: sample {key!r} cannot be read ({type(e).__name__}: {e}); run "
+                             "`loom shards verify` on its folder, or pass on_error='skip' to skip and record it") from e
+        sample["__key__"], sample["__shard__"] = key, ix.url
+        return sample
+
+    def make_batch(self, ids: np.ndarray, pad: np.ndarray, epoch: int) -> dict[str, Any]:
+        def one(j: int):
+            try:
+                return self.load_sample(int(ids[j]), epoch)
+            except ShardError as e:
+                if self.on_error == "raise":
+                    raise
+                ix, i = self.locate(int(ids[j]))
+                return {"shard": ix.url, "key": ix.keys[i], "reason": str(e)}
+
+        if self.read_threads > 1 and len(ids) > 1:
+            with ThreadPoolExecutor(min(self.read_threads, len(ids))) as pool:
+                got = list(pool.map(one, range(len(ids))))
+        else:
+            got = [one(j) for j in range(len(ids))]
+        keep = [j for j, g in enumerate(got) if "__key__" in g]
+        skipped = [g for g in got if "__key__" not in g]
+        batch = collate([got[j] for j in keep])
+        batch.setdefault("__key__", [])
+        batch["__pad__"] = torch.from_numpy(pad[keep].copy())
+        batch["__index__"] = torch.from_numpy(ids[keep].copy())
+        batch["__skipped__"] = skipped
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        ids, pad = self.batches(self.epoch)
+        info = get_worker_info()
+        k, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        for b in range(self.start_batch + k, len(ids), n):
+            yield self.make_batch(ids[b], pad[b], self.epoch)
+
+
+class LoomLoader:
+    """Batches of Loom samples for one rank: ``DataLoader`` over :class:`LoomDataset` plus the exact resume
+    state. Iterating runs the current epoch from where it stands; when it ends the epoch advances.
+
+    The arguments are those of :class:`LoomDataset` plus ``num_workers``, ``pin_memory`` and ``prefetch_factor``
+    of the DataLoader. Skipped samples (``on_error="skip"``) are appended to ``self.skipped`` as
+    ``{shard, key, reason}`` and logged; ``batch["__skipped__"]`` lists those of each batch."""
+
+    def __init__(self, url: str | list[str], batch_size: int, *, num_workers: int = 0, pin_memory: bool = False,
+                 prefetch_factor: int | None = None, **dataset_kwargs: Any):
+        self.dataset = LoomDataset(url, batch_size, **dataset_kwargs)
+        self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
+        self.epoch, self.batch = 0, 0
+        self.skipped: list[dict] = list(self.dataset.skipped_shards)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first batch at the next iteration."""
+        self.epoch, self.batch = epoch, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        d = self.dataset
+        return {"seed": d.seed, "epoch": self.epoch, "batch": self.batch, "batch_size": d.batch_size,
+                "world_size": d.world_size, "rank": d.rank, "num_samples": d.num_samples,
+                "shuffle": d.shuffle, "shuffle_buffer": d.shuffle_buffer, "drop_last": d.drop_last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        d = self.dataset
+        mine = self.state_dict()
+        for k in ("seed", "batch_size", "world_size", "num_samples", "shuffle", "shuffle_buffer", "drop_last"):
+            if k in state and state[k] != mine[k]:
+                raise ValueError(f"loader state has {k}={state[k]!r} but this loader has {mine[k]!r}: the order "
+                                 "would differ, so resuming would not be exact (build the loader with the same "
+                                 "arguments and shards)")
+        if not 0 <= state["batch"] <= len(d):
+            raise ValueError(f"loader state batch={state['batch']} is outside this epoch's 0..{len(d)} batches")
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.batch >= len(self.dataset):
+            self.epoch, self.batch = self.epoch + 1, 0
+        self.dataset.set_epoch(self.epoch, self.batch)
+        kw = {"prefetch_factor": self.prefetch_factor} if self.num_workers and self.prefetch_factor else {}
+        dl = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                        persistent_workers=False, **kw)
+        for batch in dl:
+            for s in batch["__skipped__"]:
+                log.warning("skipped sample %s of %s: %s", s["key"], s["shard"], s["reason"])
+            self.skipped += batch["__skipped__"]
+            self.batch += 1
+            yield batch
+        if self.batch >= len(self.dataset):
+            self.epoch, self.batch = self.epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------------------------- Ray Data
+
+
+def ray_dataset(url: str | list[str], kind: str | None = None, keys: tuple[str, ...] | None = None,
+                decode: Decode | None = None, on_error: str = "raise", override_num_blocks: int | None = None):
+    """The samples at ``url`` as a ``ray.data.Dataset``, one row per sample in index order: the decoded arrays,
+    ``meta`` as a JSON string (rows of different kinds of metadata fit one Arrow column), ``__key__`` and
+    ``__shard__``. With ``on_error="skip"`` unreadable samples are dropped and logged by the workers; unreadable
+    shards are dropped and logged here."""
+    import ray
+
+    index, skipped, manifest = build_index(url, on_error=on_error)
+    for s in skipped:
+        log.warning("ray_dataset: skipped shard %s: %s", s["shard"], s["reason"])
+    kind = kind or manifest.get("kind")
+    if kind is None and decode is None:
+        ix = index[0]
+        if "meta.json" in ix.members[0]:
+            o, s = ix.members[0]["meta.json"]
+            kind = json.loads(_Reader().read(ix.url, o, o + s)).get("kind")
+    dec = decode or resolve_decoder(kind)
+    items = [{"shard": ix.url, "key": k, "members": json.dumps(ix.members[i])}
+             for ix in index for i, k in enumerate(ix.keys)]
+
+    def read(row: dict[str, Any]) -> list[dict[str, Any]]:
+        members = {e: tuple(r) for e, r in json.loads(row["members"]).items()}
+        start, end = min(o for o, _ in members.values()), max(o + n for o, n in members.values())
+        try:
+            blob = _Reader().read(row["shard"], start, end)
+            if len(blob) != end - start:
+                raise ShardError(f"short read: {len(blob)} of {end - start} bytes")
+            sample = dec({e: blob[o - start:o - start + n] for e, (o, n) in members.items()}, keys)
+        except Exception as e:  # noqa: BLE001
+            msg = f"shard {row['shard']}: sample {row['key']!r} cannot be read ({type(e).__name__}: {e})"
+            if on_error == "raise":
+                raise ShardError(msg) from e
+            logging.getLogger(__name__).warning("ray_dataset: skipped %s", msg)
+            return []
+        if "meta" in sample:
+            sample["meta"] = json.dumps(sample["meta"], sort_keys=True)
+        sample["__key__"], sample["__shard__"] = row["key"], row["shard"]
+        return [sample]
+
+    return ray.data.from_items(items, override_num_blocks=override_num_blocks).flat_map(read)
+
+
+__all__ = ["LoomDataset", "LoomLoader", "ShardError", "ShardIndex", "build_index", "collate", "epoch_order",
+           "generic_decode", "rank_batches", "ray_dataset", "scan_shard"]
