@@ -75,6 +75,7 @@ from loom.geometry.camera import opencv_to_blender, world_to_camera
 from loom.pipelines.errors import TaskError
 from loom.pipelines.render.common import (
     color_pass_settings,
+    exact_geometry_pass_settings,
     common_render_settings,
     import_asset,
     make_world,
@@ -368,28 +369,7 @@ def _grey_world(bpy, scene, strength: float) -> None:
 
 def _geometry_pass_settings(bpy, scene) -> None:
     """1 sample through the pixel centre, no bounces; Position, Normal, IndexOB; Combined = encoded face normal."""
-    scene.render.engine = "CYCLES"
-    c = scene.cycles
-    c.samples = 1
-    c.use_adaptive_sampling = False
-    c.use_denoising = False
-    c.pixel_filter_type = "BOX"
-    c.filter_width = 0.01
-    c.max_bounces = 0
-    c.transparent_max_bounces = 0
-    c.use_light_tree = False
-    vl = scene.view_layers[0]
-    vl.use_pass_combined = True
-    vl.use_pass_z = True
-    vl.use_pass_normal = True
-    vl.use_pass_position = True
-    vl.use_pass_object_index = True
-    vl.material_override = _geometry_material(bpy)
-    im = scene.render.image_settings
-    im.media_type = "MULTI_LAYER_IMAGE"
-    im.file_format = "OPEN_EXR_MULTILAYER"
-    im.color_depth = "32"
-    im.exr_codec = "NONE"
+    exact_geometry_pass_settings(scene, _geometry_material(bpy), object_index=True)
 
 
 def _geometry_material(bpy):

@@ -82,7 +82,7 @@ from loom.pipelines.render.common import make_world as _make_world
 from loom.pipelines.render.common import (
     missing_texture_warnings as _missing_texture_warnings,
 )
-from loom.pipelines.render.common import parent_roots_under_empty
+from loom.pipelines.render.common import exact_geometry_pass_settings, parent_roots_under_empty
 from loom.pipelines.render.common import read_exr as _read_exr
 from loom.pipelines.render.common import render_still as _render_still
 from loom.pipelines.render.common import reset_blender as _reset_blender
@@ -272,27 +272,7 @@ def _make_camera(bpy, scene, fov_x: float, radius: float, height_z: float):
 
 
 def _geometry_pass_settings(bpy, scene) -> None:
-    """Exact per-pixel-centre geometry: 1 sample through (within 0.005 px of) the pixel centre, no bounces."""
-    scene.render.engine = "CYCLES"
-    c = scene.cycles
-    c.samples = 1
-    c.use_adaptive_sampling = False
-    c.use_denoising = False
-    c.pixel_filter_type = "BOX"
-    c.filter_width = 0.01  # the smallest Blender allows
-    c.max_bounces = 0
-    c.transparent_max_bounces = 0
-    c.use_light_tree = False
-    vl = scene.view_layers[0]
-    vl.use_pass_combined = True
-    vl.use_pass_z = True
-    vl.use_pass_normal = True
-    vl.use_pass_position = True
-    # One opaque material for everything: the silhouette is the geometry's, and no alpha/transparency can hide it.
+    """Exact per-pixel-centre geometry. One opaque material for everything: the silhouette is the geometry's, and no
+    alpha/transparency can hide it."""
     mat = bpy.data.materials.get("loom_geometry") or bpy.data.materials.new("loom_geometry")
-    vl.material_override = mat
-    im = scene.render.image_settings
-    im.media_type = "MULTI_LAYER_IMAGE"  # Blender 5.0: OPEN_EXR_MULTILAYER is only offered for this media type
-    im.file_format = "OPEN_EXR_MULTILAYER"
-    im.color_depth = "32"
-    im.exr_codec = "NONE"  # tiny files in a scratch dir: compression costs more than it saves
+    exact_geometry_pass_settings(scene, mat)
