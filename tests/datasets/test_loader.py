@@ -91,7 +91,7 @@ def test_exactly_once_and_same_order_over_workers_and_ranks(corpus, buffer):
 
 
 def test_uneven_ranks_get_equal_batches_and_drop_last(corpus):
-    out, keys = corpus
+    out, _ = corpus
     for ws in (3, 5):  # 16 samples: no world size divides them
         counts = [len(run_epoch(out, 0, batch_size=2, rank=r, world_size=ws)[1]) for r in range(ws)]
         assert len(set(counts)) == 1, f"ranks would wait for each other at the end of the epoch: {counts}"
@@ -111,12 +111,16 @@ def test_batches_are_tensors_and_collated(corpus):
     assert b["x"][:, 0].tolist() == [0, 1, 2, 3] and b["y"].shape == (4, 4)
     assert [m["i"] for m in b["meta"]] == [0, 1, 2, 3] and b["__key__"] == ["k0000", "k0001", "k0002", "k0003"]
     assert b["__index__"].tolist() == [0, 1, 2, 3]
+    # .npy members read straight into the batch == the general decode path (forced by a transform)
+    _, general = run_epoch(out, 0, batch_size=4, shuffle=False, world_size=1, rank=0, transform=lambda s, r: s)
+    for x, y in zip(batches, general):
+        assert x["__key__"] == y["__key__"] and torch.equal(x["x"], y["x"]) and torch.equal(x["y"], y["y"])
 
 
 @pytest.mark.parametrize("nw", [0, 2])
 def test_resume_mid_epoch_gives_the_same_next_batches(corpus, nw):
     out, _ = corpus
-    kw = dict(batch_size=2, seed=3, rank=1, world_size=2, num_workers=nw)
+    kw = {"batch_size": 2, "seed": 3, "rank": 1, "world_size": 2, "num_workers": nw}
     ref = L.LoomLoader(out, **kw)
     full = [keys_of([b]) for _ in range(2) for b in ref]  # two epochs, uninterrupted
     assert len(full) == 2 * len(ref) == 8

@@ -36,12 +36,16 @@ Design (why it is built this way, against the failures of the peers):
 5. **Resume.** :class:`LoomLoader` counts the batches it has handed to the caller in the main process (workers
    cannot see what was consumed; their prefetched batches are simply made again). ``state_dict()`` is
    ``{seed, epoch, batch, ...}``; after ``load_state_dict()`` the next batch is exactly the next batch of the
-   uninterrupted run. No shared memory or lock files: a crash leaves nothing behind.
+   uninterrupted run. A state from another seed, batch size, world size or corpus is refused.
 6. **Reading.** One ranged read per sample (``os.pread`` on local files, ``fs.cat_file(path, start, end)`` on any
    other fsspec filesystem, ``read_threads`` concurrent reads per worker), the kind's ``decode_sample`` (from the
    manifest's ``kind`` or the first sample's meta.json; a generic ``.npy/.npz/.json`` decoder for other kinds such
    as cached latents), an optional per-sample transform with its own generator seeded by (seed, epoch, sample),
    then numpy -> torch: arrays of equal shape are stacked, others kept as lists, ``meta`` stays a list of dicts.
+   For generic kinds (latents) with no transform, ``.npy`` payloads are read with ``preadv`` straight into the
+   batch arrays: the read is the only copy, so such shards load near the raw I/O rate.
+   Workers are started per epoch (``persistent_workers`` would freeze the epoch/start seen by the workers); a
+   crash leaves no shared memory or lock files behind.
 7. **Errors.** A sample that cannot be read or decoded raises :class:`ShardError` naming the shard and the key.
    With ``on_error="skip"`` it is left out of its batch (the batch is shorter, the number of batches is unchanged,
    so ranks stay in step), logged, and recorded in ``loader.skipped``; a shard that fails the index scan is
@@ -50,6 +54,9 @@ Design (why it is built this way, against the failures of the peers):
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import json
 import logging
 import os
@@ -299,19 +306,35 @@ def generic_decode(files: dict[str, bytes], keys: tuple[str, ...] | None = None)
     return out
 
 
+@functools.lru_cache(maxsize=256)
+def _npy_header_cached(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    from numpy.lib import format as npf
+
+    f = io.BytesIO(head)
+    major, _ = npf.read_magic(f)
+    shape, fortran, dtype = (npf.read_array_header_1_0 if major == 1 else npf.read_array_header_2_0)(f)
+    return tuple(shape), fortran, dtype, f.tell()
+
+
+def _npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran_order, dtype, header length) of a ``.npy`` member from its first bytes (memoised: the
+    samples of a corpus share a few headers, and numpy parses them with ``ast``)."""
+    if data[:6] != b"\x93NUMPY" or len(data) < 10:
+        raise ValueError("not a .npy member (bad magic)")
+    major = data[6]
+    hlen = (int.from_bytes(data[8:10], "little") + 10) if major == 1 else (int.from_bytes(data[8:12], "little") + 12)
+    if hlen > len(data):
+        raise ValueError(f".npy header of {hlen} bytes is longer than the member")
+    return _npy_header_cached(bytes(data[:hlen]))
+
+
 def _npy_view(data: bytes | memoryview) -> np.ndarray:
     """A ``.npy`` member as a read-only array over its bytes (no copy: latents are read at the I/O rate; the
     batch is a fresh array made by collate's stack)."""
-    import io
-
-    from numpy.lib import format as npf
-
-    head = io.BytesIO(bytes(data[:65536 + 10]) if len(data) > 65546 else bytes(data))
-    major, _ = npf.read_magic(head)
-    shape, fortran, dtype = (npf.read_array_header_1_0 if major == 1 else npf.read_array_header_2_0)(head)
+    shape, fortran, dtype, hlen = _npy_header(data)
     if dtype.hasobject:
         raise ValueError("object arrays are not loaded (they would need pickle)")
-    arr = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=head.tell())
+    arr = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=hlen)
     return arr.reshape(shape, order="F" if fortran else "C")
 
 
@@ -350,40 +373,62 @@ class _Reader:
     def __init__(self, max_open: int = 64):
         self.max_open = max_open
         self._fds: OrderedDict[str, int] = OrderedDict()
+        self._fs: dict[str, tuple[Any, str]] = {}
+
+    def _fd(self, url: str) -> tuple[int | None, Any, str]:
+        """(file descriptor or None for a non-local filesystem, filesystem, path)."""
+        fs_path = self._fs.get(url)
+        if fs_path is None:
+            fs_path = self._fs[url] = storage.filesystem(url)
+        fs, path = fs_path
+        if not isinstance(fs, LocalFileSystem):
+            return None, fs, path
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            self._fds[path] = fd
+            if len(self._fds) > self.max_open:
+                os.close(self._fds.popitem(last=False)[1])
+        else:
+            self._fds.move_to_end(path)
+        return fd, fs, path
 
     def read(self, url: str, start: int, end: int) -> bytes:
-        fs, path = storage.filesystem(url)
-        if isinstance(fs, LocalFileSystem):
-            fd = self._fds.get(path)
-            if fd is None:
-                fd = os.open(path, os.O_RDONLY)
-                self._fds[path] = fd
-                if len(self._fds) > self.max_open:
-                    os.close(self._fds.popitem(last=False)[1])
-            else:
-                self._fds.move_to_end(path)
+        fd, fs, path = self._fd(url)
+        if fd is not None:
             return os.pread(fd, end - start, start)
         return fs.cat_file(path, start=start, end=end)
+
+    def readinto(self, url: str, start: int, buf: memoryview) -> int:
+        """Read ``len(buf)`` bytes at ``start`` straight into ``buf``; returns the count read."""
+        fd, fs, path = self._fd(url)
+        if fd is not None:
+            return os.preadv(fd, [buf], start)
+        data = fs.cat_file(path, start=start, end=start + len(buf))
+        buf[:len(data)] = data
+        return len(data)
 
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
 
-    def __del__(self):  # noqa: D105
-        try:
+    def __del__(self):
+        with contextlib.suppress(Exception):  # interpreter shutdown: os may already be gone
             self.close()
-        except Exception:  # noqa: BLE001
-            pass
 
 
 # ----------------------------------------------------------------------------------------------- dataset
 
 
+class _NotDirect(Exception):
+    """The batch needs the general decode path."""
+
+
 def _dist_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 class LoomDataset(IterableDataset):
@@ -464,13 +509,87 @@ class LoomDataset(IterableDataset):
             sample = self.decode(files, self.keys)
             if self.transform is not None:
                 sample = self.transform(sample, np.random.default_rng([self.seed, epoch, gid, 0x7F]))
-        except Exception as e:  # noqa: BLE001 - every failure of a sample is reported with its shard and key
+        except Exception as e:
             raise ShardError(f"shard {ix.url}: sample {key!r} cannot be read ({type(e).__name__}: {e}); run "
                              "`loom shards verify` on its folder, or pass on_error='skip' to skip and record it") from e
         sample["__key__"], sample["__shard__"] = key, ix.url
         return sample
 
     def make_batch(self, ids: np.ndarray, pad: np.ndarray, epoch: int) -> dict[str, Any]:
+        if self.decode is generic_decode and self.transform is None and self.read_threads == 1:
+            try:
+                return self._direct_batch(ids, pad)
+            except _NotDirect:
+                pass
+        return self._decoded_batch(ids, pad, epoch)
+
+    def _direct_batch(self, ids: np.ndarray, pad: np.ndarray) -> dict[str, Any]:
+        """Batch of generic samples (e.g. cached latents) whose ``.npy`` payloads are read straight into the batch
+        arrays: the only copy is the read itself. Raises _NotDirect where the general path is needed (arrays of
+        different shapes, Fortran order)."""
+        if self._reader is None:
+            self._reader = _Reader()
+        rd, B = self._reader, len(ids)
+        arrays: dict[str, np.ndarray] = {}
+        rows: list[dict[str, Any]] = []
+        skipped: list[dict] = []
+        keep: list[int] = []
+        for j in range(B):
+            ix, i = self.locate(int(ids[j]))
+            key = ix.keys[i]
+            row: dict[str, Any] = {}
+            filled: set[str] = set()
+            try:
+                for ext, (o, n) in ix.members[i].items():
+                    name, _, suffix = ext.rpartition(".")
+                    if suffix != "npy":
+                        data = rd.read(ix.url, o, o + n)
+                        if len(data) != n:
+                            raise ShardError(f"short read of {ext}: {len(data)} of {n} bytes (truncated shard?)")
+                        row.update(generic_decode({ext: data}, self.keys))
+                        continue
+                    if self.keys and name not in self.keys:
+                        continue
+                    shape, fortran, dtype, hlen = _npy_header(rd.read(ix.url, o, o + min(n, 4096)))
+                    if fortran or dtype.hasobject:
+                        raise _NotDirect
+                    if name not in arrays:
+                        if j:
+                            raise _NotDirect  # an array earlier samples lack
+                        arrays[name] = np.empty((B, *shape), dtype)
+                    dst = arrays[name][len(keep)]
+                    if dst.shape != tuple(shape) or dst.dtype != dtype:
+                        raise _NotDirect
+                    if n - hlen != dst.nbytes:
+                        raise ShardError(f"{ext} holds {n - hlen} bytes of data, its header says {dst.nbytes}")
+                    got = rd.readinto(ix.url, o + hlen, memoryview(dst.reshape(-1).view(np.uint8)))
+                    if got != dst.nbytes:
+                        raise ShardError(f"short read of {ext}: {got} of {dst.nbytes} bytes (truncated shard?)")
+                    filled.add(name)
+            except _NotDirect:
+                raise
+            except Exception as e:
+                err = ShardError(f"shard {ix.url}: sample {key!r} cannot be read ({type(e).__name__}: {e}); run "
+                                 "`loom shards verify` on its folder, or pass on_error='skip' to skip and record it")
+                if self.on_error == "raise":
+                    raise err from e
+                skipped.append({"shard": ix.url, "key": key, "reason": str(err)})
+                continue
+            if filled != set(arrays) or any(k in row for k in arrays):
+                raise _NotDirect  # samples with different arrays, or a name clash: the general path handles them
+            row["__key__"], row["__shard__"] = key, ix.url
+            rows.append(row)
+            keep.append(j)
+        batch = collate(rows)
+        for name, a in arrays.items():
+            batch[name] = torch.from_numpy(a[:len(keep)])
+        batch.setdefault("__key__", [])
+        batch["__pad__"] = torch.from_numpy(pad[keep].copy())
+        batch["__index__"] = torch.from_numpy(ids[keep].copy())
+        batch["__skipped__"] = skipped
+        return batch
+
+    def _decoded_batch(self, ids: np.ndarray, pad: np.ndarray, epoch: int) -> dict[str, Any]:
         def one(j: int):
             try:
                 return self.load_sample(int(ids[j]), epoch)
@@ -500,6 +619,11 @@ class LoomDataset(IterableDataset):
         k, n = (info.id, info.num_workers) if info is not None else (0, 1)
         for b in range(self.start_batch + k, len(ids), n):
             yield self.make_batch(ids[b], pad[b], self.epoch)
+
+
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    """The DataLoader's collate for ready-made batches (its default would walk every meta dict)."""
+    return batch
 
 
 class LoomLoader:
@@ -548,7 +672,7 @@ class LoomLoader:
         self.dataset.set_epoch(self.epoch, self.batch)
         kw = {"prefetch_factor": self.prefetch_factor} if self.num_workers and self.prefetch_factor else {}
         dl = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                        persistent_workers=False, **kw)
+                        persistent_workers=False, collate_fn=_as_is, **kw)
         for batch in dl:
             for s in batch["__skipped__"]:
                 log.warning("skipped sample %s of %s: %s", s["key"], s["shard"], s["reason"])
@@ -591,7 +715,7 @@ def ray_dataset(url: str | list[str], kind: str | None = None, keys: tuple[str, 
             if len(blob) != end - start:
                 raise ShardError(f"short read: {len(blob)} of {end - start} bytes")
             sample = dec({e: blob[o - start:o - start + n] for e, (o, n) in members.items()}, keys)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             msg = f"shard {row['shard']}: sample {row['key']!r} cannot be read ({type(e).__name__}: {e})"
             if on_error == "raise":
                 raise ShardError(msg) from e

@@ -178,8 +178,8 @@ def crop_resize(sample: dict[str, Any], box: tuple[int, int, int, int], size: tu
 
 def center_box(h: int, w: int, aspect: float) -> tuple[int, int, int, int]:
     """The largest centred box of width/height ``aspect`` inside an h x w image."""
-    bw = min(w, int(round(h * aspect)))
-    bh = min(h, int(round(bw / aspect)))
+    bw = min(w, round(h * aspect))
+    bh = min(h, round(bw / aspect))
     x0, y0 = (w - bw) // 2, (h - bh) // 2
     return x0, y0, x0 + bw, y0 + bh
 
@@ -190,8 +190,8 @@ def random_box(h: int, w: int, aspect: float, scale: tuple[float, float], rng: n
     a uniform random position."""
     x0, y0, x1, y1 = center_box(h, w, aspect)
     s = rng.uniform(*scale)
-    bw = max(1, int(round((x1 - x0) * s)))
-    bh = max(1, int(round((y1 - y0) * s)))
+    bw = max(1, round((x1 - x0) * s))
+    bh = max(1, round((y1 - y0) * s))
     x = int(rng.integers(0, w - bw + 1))
     y = int(rng.integers(0, h - bh + 1))
     return x, y, x + bw, y + bh
