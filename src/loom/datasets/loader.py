@@ -61,6 +61,7 @@ import json
 import logging
 import os
 import tarfile
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -70,6 +71,7 @@ from typing import Any
 import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from loom.datasets.codecs import unnpz
@@ -78,6 +80,7 @@ from loom.platform import storage
 from loom.platform.shards import ShardError
 
 log = logging.getLogger(__name__)
+_MEMORY_LOCK = threading.Lock()
 
 INDEX = "index.json"
 INDEX_FORMAT = "loom-index/1"
@@ -397,6 +400,10 @@ class _Reader:
         fd, fs, path = self._fd(url)
         if fd is not None:
             return os.pread(fd, end - start, start)
+        if isinstance(fs, MemoryFileSystem):
+            # memory:// files are shared BytesIO objects: concurrent seek+read from threads would interleave.
+            with _MEMORY_LOCK:
+                return fs.cat_file(path, start=start, end=end)
         return fs.cat_file(path, start=start, end=end)
 
     def readinto(self, url: str, start: int, buf: memoryview) -> int:
@@ -404,7 +411,7 @@ class _Reader:
         fd, fs, path = self._fd(url)
         if fd is not None:
             return os.preadv(fd, [buf], start)
-        data = fs.cat_file(path, start=start, end=start + len(buf))
+        data = self.read(url, start, start + len(buf))
         buf[:len(data)] = data
         return len(data)
 
