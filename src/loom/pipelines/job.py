@@ -427,9 +427,10 @@ def estimate(spec: JobSpec, *, calibration_frames: int = 3, calibrate: bool = Tr
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         tm = res["timings"]
-        per_frame_keys = ("render_geometry", "render_color", "readback", "encode")
-        spf = sum(tm.get(k, 0.0) for k in per_frame_keys) / cf
-        fixed = max(tm.get("task", 0.0) - spf * cf, 0.0)
+        # Every stage but loading the asset and setting up the scene grows with the number of frames.
+        per_frame = sum(v for k, v in tm.items() if k not in ("import", "scene", "load", "task"))
+        spf = per_frame / cf
+        fixed = max(tm.get("task", 0.0) - per_frame, 0.0)
         bpf = sum(len(b) for b in res["files"].values()) / cf
     return Estimate(tasks=len(spec.tasks), shards=n_shards, frames=n_frames, seconds_per_frame=spf,
                     seconds_per_task_fixed=fixed, bytes_per_frame=bpf, threads=spec.cluster.cpus_per_worker,
