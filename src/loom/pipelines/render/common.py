@@ -347,6 +347,18 @@ def render_still(bpy, scene, path: Path, asset: Path) -> None:
         raise RuntimeError(f"Blender rendered {asset} but wrote no image to {path}")
 
 
+def render_sequence(bpy, scene, frames: int, set_camera, workdir: Path, prefix: str, asset: Path) -> list[Path]:
+    """Render ``frames`` stills with the scene's current settings, calling ``set_camera(t)`` before frame t;
+    returns the written EXR paths (``workdir/<prefix>_0000.exr`` ...)."""
+    paths = []
+    for t in range(frames):
+        set_camera(t)
+        path = workdir / f"{prefix}_{t:04d}.exr"
+        render_still(bpy, scene, path, asset)
+        paths.append(path)
+    return paths
+
+
 def read_exr(path: Path) -> dict[str, np.ndarray]:
     """Read a geometry (multilayer) or colour EXR written above. Rows come top to bottom, as in the image."""
     import OpenEXR

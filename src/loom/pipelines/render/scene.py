@@ -80,6 +80,7 @@ from loom.pipelines.render.common import (
     import_asset,
     make_world,
     missing_texture_warnings,
+    render_sequence,
     render_still,
     reset_blender,
     to_matrix,
@@ -155,12 +156,10 @@ def render_scene(params: dict) -> dict:
     _geometry_pass_settings(bpy, scene)
     world = scene.world
     scene.world = None
-    geo_paths = []
-    for t in range(frames):
+    def set_camera(t: int) -> None:
         _set_camera(cam_obj, K[t], c2w[t], width, height)
-        path = workdir / f"scene_geo_{t:04d}.exr"
-        render_still(bpy, scene, path, asset)
-        geo_paths.append(path)
+
+    geo_paths = render_sequence(bpy, scene, frames, set_camera, workdir, "scene_geo", asset)
     timings["render_geometry"] = time.perf_counter() - t0
 
     # ---- Freestyle line sets (edges_method="freestyle") -------------------------------------------------------------
@@ -186,12 +185,7 @@ def render_scene(params: dict) -> dict:
     scene.world = world
     color_pass_settings(bpy, scene, params, warnings)
     scene.view_layers[0].use_pass_object_index = False
-    rgb_paths = []
-    for t in range(frames):
-        _set_camera(cam_obj, K[t], c2w[t], width, height)
-        path = workdir / f"scene_rgb_{t:04d}.exr"
-        render_still(bpy, scene, path, asset)
-        rgb_paths.append(path)
+    rgb_paths = render_sequence(bpy, scene, frames, set_camera, workdir, "scene_rgb", asset)
     timings["render_color"] = time.perf_counter() - t0
 
     # ---- readback and edges ----------------------------------------------------------------------------------------

@@ -82,9 +82,8 @@ from loom.pipelines.render.common import make_world as _make_world
 from loom.pipelines.render.common import (
     missing_texture_warnings as _missing_texture_warnings,
 )
-from loom.pipelines.render.common import exact_geometry_pass_settings, parent_roots_under_empty
+from loom.pipelines.render.common import exact_geometry_pass_settings, parent_roots_under_empty, render_sequence
 from loom.pipelines.render.common import read_exr as _read_exr
-from loom.pipelines.render.common import render_still as _render_still
 from loom.pipelines.render.common import reset_blender as _reset_blender
 from loom.pipelines.render.common import srgb_decode as _srgb_decode  # noqa: F401
 from loom.pipelines.render.common import srgb_encode as _srgb_encode  # noqa: F401
@@ -146,24 +145,17 @@ def render_ttv(params: dict) -> dict:
     _geometry_pass_settings(bpy, scene)
     world = scene.world
     scene.world = None  # the geometry pass needs no light: skip syncing the environment map for it
-    geo_paths = []
-    for t in range(frames):
+    def set_camera(t: int) -> None:
         cam_obj.matrix_world = _to_matrix(opencv_to_blender(c2w[t]))
-        path = workdir / f"geo_{t:04d}.exr"
-        _render_still(bpy, scene, path, asset)
-        geo_paths.append(path)
+
+    geo_paths = render_sequence(bpy, scene, frames, set_camera, workdir, "geo", asset)
     timings["render_geometry"] = time.perf_counter() - t0
 
     # ---- colour pass ---------------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
     scene.world = world
     _color_pass_settings(bpy, scene, params, warnings)
-    rgb_paths = []
-    for t in range(frames):
-        cam_obj.matrix_world = _to_matrix(opencv_to_blender(c2w[t]))
-        path = workdir / f"rgb_{t:04d}.exr"
-        _render_still(bpy, scene, path, asset)
-        rgb_paths.append(path)
+    rgb_paths = render_sequence(bpy, scene, frames, set_camera, workdir, "rgb", asset)
     timings["render_color"] = time.perf_counter() - t0
 
     # ---- readback ----------------------------------------------------------------------------------------------------
