@@ -1,5 +1,8 @@
-"""``loom cache latents``: a tiny random Wan VAE over a tiny fake-rendered turntable corpus, through real Ray and
-real sandbox processes, checked for shapes, keys, parity with a direct ``vae.encode``, resume and clear errors."""
+"""``loom cache latents``: a tiny random Wan VAE (and tiny random umT5 and CLIP encoders) over a tiny fake-rendered
+turntable corpus, through real Ray and real sandbox processes, checked for shapes, keys, parity with direct encoder
+runs, captions, resume and clear errors."""
+
+import json
 
 import numpy as np
 import pytest
@@ -62,6 +65,43 @@ def test_vae_shapes_and_mask_pooling(tmp_path):
     assert p[0].tolist() == [[1.0, 0.0], [0.0, 0.0]] and p[1].tolist() == [[0.0, 0.0], [0.0, 0.5]]
 
 
+def test_sample_text_captions_win_over_the_template():
+    meta = {"uid": "u1", "variant": 2, "lighting": {"hdri": "studio"}}
+    t = "a {uid} (v{variant}, {lighting[hdri]}) {key}"
+    assert latents.sample_text("k", meta, t, None) == ("a u1 (v2, studio) k", "template", [])
+    assert latents.sample_text("k", meta, t, {"u1": "a red chair"}) == ("a red chair", "captions", [])
+    text, src, warnings = latents.sample_text("k", meta, t, {"u2": "a red chair"})
+    assert (text, src) == ("a u1 (v2, studio) k", "template") and "'u1'" in warnings[0]
+    with pytest.raises(ValueError, match="license"):
+        latents.sample_text("k", meta, "{license}", None)
+
+
+def test_captions_files(tmp_path):
+    rows = tmp_path / "c.jsonl"
+    rows.write_text('{"uid": "a", "caption": "x"}\n\n{"uid": "b", "caption": "y"}\n')
+    assert latents.read_captions(str(rows))[0] == {"a": "x", "b": "y"}
+    obj = tmp_path / "c.json"
+    obj.write_text('{"a": "x"}')
+    assert latents.read_captions(str(obj))[0] == {"a": "x"}
+    for text, match in [('{"uid": "a"}', "line 1"), ('{"uid": "a", "caption": "x"}\n{"uid": "a", "caption": "z"}',
+                                                     "two different"), ('{"uid": "a", "caption": " "}', "empty")]:
+        rows.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            latents.read_captions(str(rows))
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        latents.read_captions(str(tmp_path / "nope.jsonl"))
+    # In the sandbox: a captions file changed since the job was planned is refused, not silently used.
+    from loom.pipelines.errors import TaskError
+
+    obj.write_text('{"a": "x"}')
+    planned = {"captions": str(obj), "captions_sha256": latents.read_captions(str(obj))[1]}
+    assert latents._captions(planned) == {"a": "x"}
+    obj.write_text('{"a": "changed"}')
+    latents._STATE.pop("captions", None)
+    with pytest.raises(TaskError, match="changed"):
+        latents._captions(planned)
+
+
 def test_missing_vae_dir_is_named(tmp_path):
     cfg = c.resolve(latents.CacheLatentsJob, "default", [("vae", str(tmp_path / "no-such-vae")),
                                                          ("source", str(tmp_path))])
@@ -69,11 +109,21 @@ def test_missing_vae_dir_is_named(tmp_path):
         latents.job_spec(cfg)
 
 
-def test_recipes_load_and_unsupported_encoders_are_refused():
+def test_recipes_load_and_bad_settings_are_refused():
     for name in c.recipes(latents.CacheLatentsJob):
         assert isinstance(c.resolve(latents.CacheLatentsJob, name), latents.CacheLatentsJob)
-    with pytest.raises(c.ConfigError, match="text_encoder"):
-        c.resolve(latents.CacheLatentsJob, "default", [("text_encoder", "/x")])
+    job = latents.CacheLatentsJob
+    assert c.resolve(job, "default", [("text_encoder", "/x"), ("prompt", "a {uid}, light {lighting[hdri]}")])
+    # Settings that would be ignored without their encoder, and templates naming what a sample does not have.
+    for key, value in [("captions", "c.jsonl"), ("tokenizer", "/t"), ("prompt", "a chair"),
+                       ("image_processor", "/p")]:
+        with pytest.raises(c.ConfigError, match=key):
+            c.resolve(job, "default", [(key, value)])
+    for template, match in [("a {colour} chair", "colour"), ("a {} chair", "positional"), ("a {uid", "template")]:
+        with pytest.raises(c.ConfigError, match=match):
+            c.resolve(job, "default", [("text_encoder", "/x"), ("prompt", template)])
+    with pytest.raises(c.ConfigError, match="captions"):
+        c.resolve(job, "default", [("text_encoder", "/x"), ("captions", "caps.txt")])
     with pytest.raises(c.ConfigError, match="passes"):
         c.resolve(latents.CacheLatentsJob, "default", [("passes", ["rgb", "depth"])])
     with pytest.raises(c.ConfigError, match="gpus_per_worker"):
@@ -205,3 +255,96 @@ def test_cli_dry_run_and_missing_vae(tmp_path, capsys):
     args = p.parse_args(["cache", "latents", "--source", src, "--vae", str(tmp_path / "nope"), "--dry-run"])
     with pytest.raises(FileNotFoundError, match="nope"):
         args.func(args)
+
+
+# ------------------------------------------------------------------------------- text and image encoders
+
+
+def _encoder_corpus(tmp_path):
+    from tests.training.models.test_image_encoder import save_tiny_clip
+    from tests.training.models.test_text_encoder import save_tiny_umt5
+
+    src = make_corpus(tmp_path / "ttv", frames=5)
+    return src, save_tiny_vae(tmp_path / "vae"), save_tiny_umt5(tmp_path / "umt5"), save_tiny_clip(tmp_path / "clip")
+
+
+def test_encoder_dirs_captions_and_hash(tmp_path):
+    src, vae_dir, umt5, clip = _encoder_corpus(tmp_path)
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text('{"uid": "x", "caption": "a red chair"}\n')
+    base = [("source", src), ("vae", vae_dir), ("text_encoder", umt5), ("image_encoder", clip),
+            ("captions", str(caps))]
+
+    def chash(*over):
+        return latents.job_spec(c.resolve(latents.CacheLatentsJob, "default", base + list(over))).config_hash
+
+    h = chash()
+    assert chash() == h
+    assert chash(("prompt", "a {uid}")) != h
+    assert chash(("text_max_length", 64)) != h
+    caps.write_text('{"uid": "x", "caption": "a blue chair"}\n')
+    assert chash() != h
+    h = chash()
+    assert chash(("out", str(tmp_path / "elsewhere"))) == h  # paths do not enter the hash, contents do
+    # Encoders by content: other weights in the same folder change the hash.
+    from tests.training.models.test_image_encoder import save_tiny_clip
+
+    save_tiny_clip(clip, seed=1)
+    assert chash() != h
+    vae_only = [("source", src), ("vae", vae_dir)]
+    assert latents.job_spec(c.resolve(latents.CacheLatentsJob, "default", vae_only)).config_hash != chash()
+    # Missing folders and files are named before anything runs.
+    for key, match in [("text_encoder", "no-such-umt5"), ("image_encoder", "no-such-clip"),
+                       ("captions", "no-such-caps.jsonl"), ("tokenizer", "no-such-tok")]:
+        with pytest.raises(FileNotFoundError, match=match):
+            latents.job_spec(c.resolve(latents.CacheLatentsJob, "default", base + [(key, str(tmp_path / match))]))
+
+
+@pytest.mark.integration
+def test_cache_job_with_text_and_image_encoders(ray_local, tmp_path):
+    from loom.training.models.image_encoder import load_image_encoder
+    from loom.training.models.text_encoder import load_text_encoder, prompt_clean
+
+    src, vae_dir, umt5, clip = _encoder_corpus(tmp_path)
+    source = {smp["__key__"]: smp for smp in iter_ttv(src, keys=("rgb", "meta"))}
+    uids = sorted({smp["meta"]["uid"] for smp in source.values()})
+    captioned = uids[0]
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text(json.dumps({"uid": captioned, "caption": "  a red &amp; blue\n chair "}) + "\n"
+                    + json.dumps({"uid": "not-in-corpus", "caption": "a cat"}) + "\n")
+    cfg = c.resolve(latents.CacheLatentsJob, "default", [
+        ("source", src), ("out", str(tmp_path / "lat")), ("vae", vae_dir), ("passes", ["normal"]),
+        ("store_dtype", "float32"), ("text_encoder", umt5), ("image_encoder", clip), ("captions", str(caps)),
+        ("prompt", "a 3d object {uid} on a turntable")])
+    s = latents.run_cache(latents.job_spec(cfg), progress=False)
+    assert (s.samples_done, s.failed) == (3, 0)
+
+    text_enc, image_enc = load_text_encoder(umt5), load_image_encoder(clip)
+    got = {smp["__key__"]: smp for smp in lat_ds.iter_samples(cfg.out)}
+    assert sorted(got) == sorted(source)
+    for key, smp in got.items():
+        assert set(smp) == {"normal_latent", "mask_latent", "text_embed", "image_embed", "K", "c2w", "meta",
+                            "__key__", "__shard__"}
+        meta, uid = smp["meta"]["latents"], smp["meta"]["uid"]
+        # Image: the penultimate CLIP tokens of source frame 0.
+        assert smp["image_embed"].shape == (17, 32)
+        want = image_enc.encode(source[key]["rgb"][:1])[0].numpy()
+        np.testing.assert_allclose(smp["image_embed"], want, rtol=1e-5, atol=1e-5)
+        assert meta["image_encoder"]["tokens"] == 17 and meta["image_encoder"]["frame"] == 0
+        # Text: a caption wins over the template; a uid without one gets the template and a warning.
+        raw = "  a red &amp; blue\n chair " if uid == captioned else f"a 3d object {uid} on a turntable"
+        text = meta["text"]
+        assert text["prompt"] == prompt_clean(raw) and text["from"] == ("captions" if uid == captioned else "template")
+        assert (meta["warnings"] == []) == (uid == captioned)
+        if uid != captioned:
+            assert uid in meta["warnings"][0]
+        (want,) = text_enc.encode([raw])
+        assert smp["text_embed"].shape == (want.shape[0], 32) == (text["tokens"], 32)
+        np.testing.assert_allclose(smp["text_embed"], want.numpy(), rtol=1e-5, atol=1e-5)
+        assert lat_ds.pad_text_embed(smp["text_embed"]).shape == (512, 32)
+        assert meta["text_encoder"]["max_length"] == 512 and meta["text_encoder"]["captions_sha256"]
+    assert got[next(k for k in got if got[k]["meta"]["uid"] == captioned)]["meta"]["latents"]["text"]["prompt"] == (
+        "a red & blue chair")
+    # Resume: a finished job is skipped, encoders included.
+    again = latents.run_cache(latents.job_spec(cfg), progress=False)
+    assert (again.shards_done, again.shards_skipped) == (0, 2)

@@ -11,12 +11,30 @@ key                    shape           dtype    meaning
 ``position_latent``    (C,T',H',W')    float32  same, of the position video divided by ``position_radius``
 ``mask_latent``        (T',H',W')      float32  object coverage fraction in [0, 1] per latent cell (not encoded:
                                                  average of the mask over the cell's frames and 8x8 pixels)
+``text_embed``         (L,D)           float32  umT5 ``last_hidden_state`` of the sample's text, its L real tokens
+                                                 only (L <= 512, counting ``</s>``; D = 4096 for umT5-xxl)
+``image_embed``        (L_img,D_img)   float32  CLIP vision ``hidden_states[-2]`` of the source rgb frame 0, every
+                                                 token (257 x 1280 for Wan's ViT-H/14 at 224 px)
 ``K``                  (T,3,3)         float32  the source sample's intrinsics, all T source frames, unchanged
 ``c2w``                (T,4,4)         float32  the source sample's OpenCV camera-to-world, unchanged
 ``meta``               dict                     the source meta plus ``meta["latents"]`` (below)
 =====================  ==============  =======  ============================================================
 
-Only the passes the job was configured with are present (``meta["latents"]["passes"]``).
+Only the passes the job was configured with are present (``meta["latents"]["passes"]``); ``text_embed`` and
+``image_embed`` only when the job had a text or image encoder (``meta["latents"]["text_encoder"]``,
+``meta["latents"]["image_encoder"]``: folders, content digests, dims, preprocessing).
+
+Text and image conditioning (Wan2.1 / Wan2.1-Fun, as diffusers 0.42.1's Wan pipelines compute it):
+
+- ``text_embed`` is stored trimmed. Wan's pipeline zero-pads each prompt's features to 512 rows, and the loader
+  or trainer must do the same (`pad_text_embed`): the DiT's cross-attention has no key mask (padding with anything
+  else, or not at all, changes its input), and with image tokens ``WanAttnProcessor`` takes everything before the
+  LAST 512 rows of the context to be image tokens (the 512 is hardcoded in diffusers).
+  The text encoded is ``meta["latents"]["text"]["prompt"]`` (after Wan's cleaning), ``["from"]`` says whether it
+  came from the captions file or the prompt template, ``["truncated"]`` whether it had more than 512 tokens.
+- ``image_embed`` goes before the text along the sequence: the DiT's condition embedder projects it, and
+  ``WanTransformer3DModel`` attends over ``cat([image_tokens, text_tokens], dim=1)``.
+- ``meta["latents"]["warnings"]``: e.g. a uid missing from the captions file (the template was used instead).
 
 Inputs to the VAE are videos in [-1, 1] (B, 3, T, H, W):
 
@@ -35,8 +53,8 @@ Normalisation: ``z = (mu - mean) / std`` per channel with ``meta["latents"]["nor
 ``mu = z * std + mean`` gives what ``AutoencoderKLWan.decode`` takes.
 
 On disk: ``<pass>_latent.npy`` (float16 or float32, ``meta["latents"]["store_dtype"]``; float16 keeps a
-relative error of at most 2**-11), ``mask_latent.npy``, ``camera.npz`` (copied byte for byte from the source) and
-``meta.json``.
+relative error of at most 2**-11), ``mask_latent.npy``, ``text_embed.npy`` and ``image_embed.npy`` (same dtype),
+``camera.npz`` (copied byte for byte from the source) and ``meta.json``.
 """
 
 from __future__ import annotations
@@ -53,6 +71,8 @@ from loom.datasets.codecs import unnpz as _unnpz
 
 KIND = "latents"
 PASSES = ("rgb", "normal", "position")
+EMBEDS = ("text_embed", "image_embed")
+TEXT_LENGTH = 512  # Wan's max_sequence_length: what text_embed is padded to for the DiT
 
 
 def npy(a: np.ndarray) -> bytes:
@@ -74,13 +94,21 @@ def decode_sample(files: dict[str, bytes], keys: tuple[str, ...] | None = None) 
     out: dict[str, Any] = {}
     for ext, data in files.items():
         name = ext.removesuffix(".npy")
-        if ext.endswith("_latent.npy") and (want is None or name in want):
+        if (ext.endswith("_latent.npy") or name in EMBEDS) and (want is None or name in want):
             out[name] = unnpy(data).astype(np.float32)
     if want is None or "K" in want or "c2w" in want:
         cam = _unnpz(files["camera.npz"])
         out["K"], out["c2w"] = cam["K"], cam["c2w"]
     out["meta"] = json.loads(files["meta.json"])
     return out
+
+
+def pad_text_embed(z: np.ndarray, length: int = TEXT_LENGTH) -> np.ndarray:
+    """(L, D) trimmed text features -> (length, D) with zero rows after the real tokens, as Wan's pipeline feeds
+    its DiT. Refuses L > length rather than cutting tokens."""
+    if z.ndim != 2 or z.shape[0] > length:
+        raise ValueError(f"text_embed has shape {z.shape}; expected (L, D) with L <= {length}")
+    return np.concatenate([z, np.zeros((length - z.shape[0], z.shape[1]), z.dtype)])
 
 
 def iter_samples(url: str, keys: tuple[str, ...] | None = None) -> Iterator[dict[str, Any]]:

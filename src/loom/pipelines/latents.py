@@ -1,13 +1,16 @@
-"""``loom cache latents``: run the frozen video VAE over a turntable corpus once and write latent shards with the
-same sample keys, so Video DiT training (TAPESTRY 3.1, 4.1) reads latents instead of decoding and encoding pixels
-every epoch.
+"""``loom cache latents``: run the frozen encoders of the Video DiT (TAPESTRY 3.1, 4.1) over a turntable corpus once
+and write latent shards with the same sample keys, so training reads latents and embeddings instead of decoding and
+encoding pixels and text every epoch: the video VAE always; the umT5 text encoder and the CLIP image encoder of the
+first frame when configured (``text_encoder``, ``image_encoder``).
 
 Data flow (Loom's one job mechanism, `loom.pipelines.job`)::
 
     source manifest (complete) ──> one task per source shard (its url, sha256 and keys) ──> plan.json
-        ──> Ray Data ──map──> worker (owns a Sandbox whose process loads the VAE once and keeps it)
+        ──> Ray Data ──map──> worker (owns a Sandbox whose process loads the encoders once and keeps them)
               per shard: read the source tar, check its sha256, per sample: decode -> frames 1+4k -> [-1, 1]
-              -> VAE posterior mean -> Wan normalisation; mask -> coverage per latent cell
+              -> VAE posterior mean -> Wan normalisation; mask -> coverage per latent cell;
+              rgb frame 0 -> CLIP penultimate tokens; caption or prompt template -> text
+              then the shard's distinct texts -> umT5 (batched), trimmed to their real tokens
               -> write shards/latents-<i>.tar (source shard i, same keys) + sidecar
         ──> manifest.json + failures.jsonl
 
@@ -15,8 +18,10 @@ Sample schema and input mappings: `loom.datasets.latents`. One source shard is o
 resume and timeout); a bad sample is a failure row, a missing or changed source shard makes each of its samples
 a row. Encoders load from local directories only.
 
-Follow-up (not yet implemented, refused by the config): the umT5 text encoder (turntable samples carry no
-captions yet) and the CLIP image encoder of the first frame.
+Text: turntable samples carry no captions. A sample's text is its uid's caption from ``captions`` when that file
+has one, else ``prompt`` formatted with the sample's fields (`PROMPT_FIELDS`); a uid missing from the captions
+file is a warning in the sample's meta, not a failure. The text is cleaned like Wan's pipeline does and stored as
+encoded (``meta["latents"]["text"]["prompt"]``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import string
 import sys
 import time
 from typing import Literal
@@ -32,11 +38,24 @@ from typing import Literal
 import loom
 from loom.pipelines.job import ClusterSettings, JobSpec, Summary, Task, run_job
 from loom.platform import shards, storage
-from loom.platform.config import config, config_hash, field, recipe, require, to_dict
+from loom.platform.config import ConfigError, config, config_hash, field, recipe, require, to_dict
 
 KIND = "latents"
 ENTRY = "loom.pipelines.latents:encode_entry"
 PASSES = ("rgb", "normal", "position")
+DEFAULT_PROMPT = "a 360-degree turntable video of a 3D object"
+# Fields a prompt template may name: the sample key and the turntable sample's meta (`loom.datasets.ttv`).
+PROMPT_FIELDS = ("key", "uid", "variant", "seed", "source", "license", "asset_sha256", "lighting", "orbit", "render")
+TEXT_BATCH = 16  # distinct prompts per umT5 forward pass
+
+
+def template_fields(template: str) -> list[str]:
+    """The root names of the replacement fields of a ``str.format`` template ("{lighting[hdri]}" -> "lighting")."""
+    names = []
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is not None:
+            names.append(name.split(".")[0].split("[")[0])
+    return names
 
 
 @config
@@ -56,8 +75,22 @@ class CacheLatentsJob:
     device: Literal["cpu", "cuda"] = field("cpu", help="where the VAE runs; cuda needs cluster.gpus_per_worker > 0")
     batch: int = field(3, help="videos per VAE forward pass (a sample's passes are stacked into batches)")
     tiling: bool = field(False, help="encode in spatial tiles (less memory for large frames)")
-    text_encoder: str | None = field(None, help="local dir of a umT5 encoder: NOT YET SUPPORTED (follow-up)")
-    image_encoder: str | None = field(None, help="local dir of a CLIP vision encoder: NOT YET SUPPORTED (follow-up)")
+    text_encoder: str | None = field(None, help="local umT5 encoder folder (transformers UMT5EncoderModel: "
+                                     "<Wan2.1 checkpoint>/text_encoder, or the checkpoint root): adds text_embed")
+    tokenizer: str | None = field(None, help="its tokenizer folder; unset: the encoder folder, <root>/tokenizer or "
+                                  "the encoder's sibling tokenizer/")
+    text_max_length: int = field(512, help="tokens kept per prompt (Wan: 512); longer prompts are truncated like "
+                                 "Wan does, and the sample's meta says so")
+    prompt: str = field(DEFAULT_PROMPT, help="text of a sample without a caption: a str.format template of "
+                        f"{', '.join('{' + f + '}' for f in PROMPT_FIELDS)}")
+    captions: str | None = field(None, help="captions file (path or fsspec URL): .jsonl rows {\"uid\", "
+                                 "\"caption\"} or a .json object uid -> caption; a caption wins over prompt")
+    image_encoder: str | None = field(None, help="local CLIP vision folder (transformers CLIPVisionModel: "
+                                      "<Wan2.1 I2V checkpoint>/image_encoder, or the root): adds image_embed of "
+                                      "frame 0")
+    image_processor: str | None = field(None, help="folder of its preprocessor_config.json; unset: the encoder "
+                                        "folder, <root>/image_processor or the sibling image_processor/, else "
+                                        "CLIP's standard preprocessing in torch")
     timeout_s: float = field(3600.0, help="seconds allowed per source shard")
     cluster: ClusterSettings = field(default_factory=ClusterSettings, help="Ray cluster")
 
@@ -69,14 +102,33 @@ class CacheLatentsJob:
         require(self.timeout_s > 0, "timeout_s", self.timeout_s, "must be > 0")
         require(self.device == "cpu" or self.cluster.gpus_per_worker > 0, "device", self.device,
                 "cuda needs cluster.gpus_per_worker > 0 so Ray gives each worker a GPU")
-        require(self.text_encoder is None, "text_encoder", self.text_encoder,
-                "text latents are not implemented yet (turntable samples carry no captions); leave it unset")
-        require(self.image_encoder is None, "image_encoder", self.image_encoder,
-                "image-encoder features are not implemented yet; leave it unset")
+        require(self.text_max_length >= 1, "text_max_length", self.text_max_length, "must be >= 1")
+        try:
+            names = template_fields(self.prompt)
+        except ValueError as e:
+            raise ConfigError(f"prompt={self.prompt!r} is invalid: not a str.format template ({e})") from None
+        bad = [n for n in names if n not in PROMPT_FIELDS]
+        require(not bad, "prompt", self.prompt, f"names {bad}; a template may name {list(PROMPT_FIELDS)} (positional "
+                "fields {} are not allowed; write {{ and }} for literal braces)")
+        require(bool(self.prompt.strip()), "prompt", self.prompt, "must not be empty")
+        # Text and image settings without their encoder would be silently ignored.
+        for name in ("tokenizer", "captions"):
+            require(getattr(self, name) is None or bool(self.text_encoder), name, getattr(self, name),
+                    "is only used with text_encoder: set text_encoder too, or leave it unset")
+        require(self.prompt == DEFAULT_PROMPT or bool(self.text_encoder), "prompt", self.prompt,
+                "is only used with text_encoder: set text_encoder too, or leave it at its default")
+        require(self.image_processor is None or bool(self.image_encoder), "image_processor", self.image_processor,
+                "is only used with image_encoder: set image_encoder too, or leave it unset")
+        require(self.captions is None or self.captions.endswith((".jsonl", ".json")), "captions", self.captions,
+                "must be a .jsonl file of {\"uid\", \"caption\"} rows or a .json object uid -> caption")
 
 
 # Fields that do not change what a sample holds; the encoders enter the hash by content, not by path.
 NON_SAMPLE_FIELDS = ("source", "out", "vae", "timeout_s", "cluster")
+# Hashed only when their encoder is configured (by content: digests, the captions file's sha256), so a VAE-only
+# job's hash does not depend on settings it ignores.
+TEXT_FIELDS = ("text_encoder", "tokenizer", "text_max_length", "prompt", "captions")
+IMAGE_FIELDS = ("image_encoder", "image_processor")
 
 
 @recipe(CacheLatentsJob, "default", help="CPU, float32 compute, float16 storage: rgb, normal and position")
@@ -119,6 +171,83 @@ def check_vae_dir(path: str) -> None:
                                 "AutoencoderKLWan folder? (for a full Wan checkpoint, use its 'vae' subfolder)")
 
 
+def parse_captions(data: bytes, name: str) -> dict[str, str]:
+    """uid -> caption from a captions file's bytes: ``.jsonl`` rows ``{"uid": ..., "caption": ...}`` or a ``.json``
+    object ``{uid: caption}``. Refuses malformed rows, empty captions and a uid given two different captions."""
+    text = data.decode("utf-8")
+    caps: dict[str, str] = {}
+    if name.endswith(".jsonl"):
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"captions file {name} line {n} is not JSON: {e}") from None
+            if not (isinstance(row, dict) and isinstance(row.get("uid"), str) and isinstance(row.get("caption"), str)):
+                raise ValueError(f"captions file {name} line {n} is not a {{\"uid\": str, \"caption\": str}} row: "
+                                 f"{line[:200]}")
+            uid, cap = row["uid"], row["caption"]
+            if uid in caps and caps[uid] != cap:
+                raise ValueError(f"captions file {name} gives uid {uid!r} two different captions (line {n})")
+            caps[uid] = cap
+    else:
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"captions file {name} is not JSON: {e}") from None
+        if not isinstance(obj, dict) or not all(isinstance(v, str) for v in obj.values()):
+            raise ValueError(f"captions file {name} must be a JSON object uid -> caption string")
+        caps = obj
+    empty = [u for u, cap in caps.items() if not cap.strip()]
+    if empty:
+        raise ValueError(f"captions file {name} has empty captions for {len(empty)} uid(s), e.g. {empty[:3]}: "
+                         "remove those rows (such samples then use the prompt template)")
+    return caps
+
+
+def read_captions(url: str) -> tuple[dict[str, str], str]:
+    """(uid -> caption, sha256 of the file) of a captions file; a clear error when it is missing or malformed."""
+    if not storage.exists(url):
+        raise FileNotFoundError(f"captions file captions={url!r} does not exist: pass a .jsonl file of "
+                                '{"uid", "caption"} rows or a .json object uid -> caption, or leave captions unset')
+    data = storage.read_bytes(url)
+    return parse_captions(data, url), hashlib.sha256(data).hexdigest()
+
+
+def text_params(cfg: CacheLatentsJob) -> dict | None:
+    """What the sandbox needs to encode text, with content digests; checks the folders and the captions file."""
+    if not cfg.text_encoder:
+        return None
+    from loom.training.models.text_encoder import resolve_text_dirs
+
+    enc, tok = resolve_text_dirs(cfg.text_encoder, cfg.tokenizer)
+    caps_sha = read_captions(cfg.captions)[1] if cfg.captions else None
+    return {"encoder": os.path.abspath(enc), "tokenizer": os.path.abspath(tok), "encoder_digest": dir_digest(enc),
+            "tokenizer_digest": dir_digest(tok), "max_length": cfg.text_max_length, "prompt": cfg.prompt,
+            "captions": cfg.captions, "captions_sha256": caps_sha}
+
+
+def image_params(cfg: CacheLatentsJob) -> dict | None:
+    if not cfg.image_encoder:
+        return None
+    from loom.training.models.image_encoder import resolve_image_dirs
+
+    enc, proc = resolve_image_dirs(cfg.image_encoder, cfg.image_processor)
+    return {"encoder": os.path.abspath(enc), "processor": os.path.abspath(proc) if proc else None,
+            "encoder_digest": dir_digest(enc), "processor_digest": dir_digest(proc) if proc else None}
+
+
+def sample_config_hash(cfg: CacheLatentsJob, vae_digest: dict, text: dict | None, image: dict | None) -> str:
+    """The hash of everything that decides what a sample holds: settings, and the encoders and captions by content."""
+    doc = {"config": config_hash(cfg, exclude=NON_SAMPLE_FIELDS + TEXT_FIELDS + IMAGE_FIELDS), "vae": vae_digest}
+    if text is not None:
+        doc["text"] = {k: v for k, v in text.items() if k not in ("encoder", "tokenizer", "captions")}
+    if image is not None:
+        doc["image"] = {k: v for k, v in image.items() if k not in ("encoder", "processor")}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
 def source_shards(source: str) -> list[dict]:
     """The source's manifest shards (name, sha256, keys), refusing an unfinished or non-turntable corpus."""
     m = shards.read_manifest(source)
@@ -132,16 +261,18 @@ def source_shards(source: str) -> list[dict]:
 
 
 def job_spec(cfg: CacheLatentsJob) -> JobSpec:
-    """The job: one task per source shard (output shard i <- source shard i, in manifest order). Checks the VAE folder and the source before anything runs."""
+    """The job: one task per source shard (output shard i <- source shard i, in manifest order). Checks the encoder
+    folders, the captions file and the source before anything runs."""
     check_vae_dir(cfg.vae)
     vae_digest = dir_digest(cfg.vae)
-    chash = hashlib.sha256(json.dumps({"config": config_hash(cfg, exclude=NON_SAMPLE_FIELDS), "vae": vae_digest},
-                                      sort_keys=True).encode()).hexdigest()
+    text, image = text_params(cfg), image_params(cfg)
+    chash = sample_config_hash(cfg, vae_digest, text, image)
     params = {
         "vae": os.path.abspath(cfg.vae), "vae_digest": vae_digest, "passes": list(cfg.passes),
         "position_radius": cfg.position_radius, "frames": cfg.frames, "normalize": cfg.normalize,
         "store_dtype": cfg.store_dtype, "dtype": cfg.dtype, "device": cfg.device, "batch": cfg.batch,
         "tiling": cfg.tiling, "threads": cfg.cluster.cpus_per_worker, "config_hash": chash,
+        "text": text, "image": image,
     }
     tasks = []
     for s in source_shards(cfg.source):
@@ -187,23 +318,79 @@ def video_input(name: str, a, position_radius: float = 1.0):
     return torch.from_numpy(np.ascontiguousarray(x)).permute(3, 0, 1, 2)  # (3, T, H, W)
 
 
-_STATE: dict = {}  # per sandbox process: the loaded VAE, kept across tasks
+_STATE: dict = {}  # per sandbox process: slot -> (key, loaded encoder or captions), kept across tasks
+
+
+def _cached(slot: str, key, build):
+    if slot not in _STATE or _STATE[slot][0] != key:
+        _STATE.pop(slot, None)  # free the old model before loading its replacement
+        _STATE[slot] = (key, build())
+    return _STATE[slot][1]
 
 
 def _vae(p: dict):
-    import torch
-
     from loom.training.models.video_vae import load_video_vae
 
-    key = (p["vae"], p["vae_digest"]["weights_sha256"], p["dtype"], p["device"], p["tiling"])
-    if _STATE.get("key") != key:
-        _STATE.clear()
-        torch.set_num_threads(max(1, int(p.get("threads", 1))))
+    def build():
         vae = load_video_vae(p["vae"], p["dtype"], p["device"])
         if p["tiling"]:
             vae.vae.enable_tiling()
-        _STATE.update(key=key, vae=vae)
-    return _STATE["vae"]
+        return vae
+
+    return _cached("vae", (p["vae"], p["vae_digest"]["weights_sha256"], p["dtype"], p["device"], p["tiling"]), build)
+
+
+def _text_encoder(p: dict):
+    from loom.training.models.text_encoder import load_text_encoder
+
+    t = p["text"]
+    key = (t["encoder"], t["encoder_digest"]["weights_sha256"], t["tokenizer_digest"]["weights_sha256"],
+           t["max_length"], p["dtype"], p["device"])
+    return _cached("text", key, lambda: load_text_encoder(t["encoder"], p["dtype"], p["device"], t["tokenizer"],
+                                                          t["max_length"]))
+
+
+def _image_encoder(p: dict):
+    from loom.training.models.image_encoder import load_image_encoder
+
+    i = p["image"]
+    key = (i["encoder"], i["encoder_digest"]["weights_sha256"], i["processor"], p["dtype"], p["device"])
+    return _cached("image", key, lambda: load_image_encoder(i["encoder"], p["dtype"], p["device"], i["processor"]))
+
+
+def _captions(t: dict) -> dict[str, str] | None:
+    """The job's captions (uid -> caption; None without a captions file), read once per process; a file changed
+    since the plan is refused."""
+    from loom.pipelines.errors import TaskError
+
+    if not t["captions"]:
+        return None
+
+    def build():
+        if not storage.exists(t["captions"]):
+            raise TaskError(f"captions file {t['captions']} does not exist (it did when the job was planned)")
+        data = storage.read_bytes(t["captions"])
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != t["captions_sha256"]:
+            raise TaskError(f"captions file {t['captions']} has sha256 {digest}, the job was planned with "
+                            f"{t['captions_sha256']}: it changed; rerun into a new output folder")
+        return parse_captions(data, t["captions"])
+
+    return _cached("captions", (t["captions"], t["captions_sha256"]), build)
+
+
+def sample_text(key: str, meta: dict, template: str, captions: dict[str, str] | None) -> tuple[str, str, list[str]]:
+    """(text, where it came from: "captions" or "template", warnings) of one turntable sample."""
+    uid = meta.get("uid")
+    if captions is not None and uid in captions:
+        return captions[uid], "captions", []
+    warnings = [] if captions is None else [f"uid {uid!r} has no caption in the captions file; used the prompt "
+                                            "template"]
+    try:
+        text = template.format_map({**meta, "key": key})
+    except (KeyError, IndexError) as e:
+        raise ValueError(f"prompt template {template!r} names {e}, which this sample's meta lacks") from None
+    return text, "template", warnings
 
 
 def _local_shard(url: str, sha: str, workdir: str) -> str:
@@ -226,7 +413,7 @@ def _local_shard(url: str, sha: str, workdir: str) -> str:
 
 def encode_entry(params: dict) -> dict:
     """Runs inside the sandbox: encode every sample of one source shard. Returns ``{"samples": [(key, files)],
-    "failures": [{key, reason}], "frames": n, "timings": {...}}``."""
+    "failures": [{key, reason}], "warnings": [{key, warnings}], "frames": n, "timings": {...}}``."""
     import numpy as np
     import torch
 
@@ -234,17 +421,23 @@ def encode_entry(params: dict) -> dict:
     from loom.datasets.ttv import decode_sample
 
     t0 = time.monotonic()
+    torch.set_num_threads(max(1, int(params.get("threads", 1))))
+    text_p, image_p = params.get("text"), params.get("image")
     vae = _vae(params)
+    text_enc = _text_encoder(params) if text_p else None
+    image_enc = _image_encoder(params) if image_p else None
+    captions = _captions(text_p) if text_p else None
     t_load = time.monotonic() - t0
     local = _local_shard(params["shard"], params["shard_sha256"], params["workdir"])
     store = np.dtype(params["store_dtype"])
     passes = params["passes"]
-    samples, failures, frames = [], [], 0
+    decode_keys = (*passes, "mask") + (("rgb",) if image_p and "rgb" not in passes else ())
+    pending, failures, frames = [], [], 0  # pending: (key, files, meta, text or None, warnings)
     seen = []
     for key, files in shards.iter_tar(local):
         seen.append(key)
         try:
-            s = decode_sample(files, keys=(*passes, "mask"))
+            s = decode_sample(files, keys=decode_keys)
             t = s["mask"].shape[0]
             idx = frame_indices(t, params["frames"], vae.temporal_factor)
             videos = [video_input(p, s[p][idx], params["position_radius"]) for p in passes]
@@ -252,11 +445,17 @@ def encode_entry(params: dict) -> dict:
             for i in range(0, len(videos), params["batch"]):
                 latents += list(vae.encode(torch.stack(videos[i: i + params["batch"]]), params["normalize"]))
             mask = vae.pool_mask(torch.from_numpy(s["mask"][idx]))  # (T', H', W')
+            # Frame 0 is the first frame under every frame policy, and the one Wan's I2V pipeline conditions on.
+            image = image_enc.encode(s["rgb"][:1])[0] if image_enc is not None else None  # (L_img, D_img)
+            text, text_from, warnings = (sample_text(key, s["meta"], text_p["prompt"], captions) if text_p
+                                         else (None, None, []))
         except (ValueError, KeyError, RuntimeError) as e:
             failures.append({"key": key, "reason": f"{type(e).__name__}: {e}"})
             continue
         out = {f"{p}_latent.npy": npy(z.cpu().numpy().astype(store)) for p, z in zip(passes, latents, strict=True)}
         out["mask_latent.npy"] = npy(mask.numpy().astype(store))
+        if image is not None:
+            out["image_embed.npy"] = npy(image.numpy().astype(store))
         out["camera.npz"] = files["camera.npz"]
         meta = dict(s["meta"])
         meta["latents"] = {
@@ -274,14 +473,62 @@ def encode_entry(params: dict) -> dict:
             "mask": f"coverage fraction: mean over each latent cell's frames and {vae.spatial_factor}^2 pixels",
             "dtype": params["dtype"], "store_dtype": params["store_dtype"], "device": params["device"],
             "config_hash": params["config_hash"], "loom_version": loom.__version__,
+            "warnings": warnings,
         }
+        if image_enc is not None:
+            meta["latents"]["image_encoder"] = {
+                "path": image_p["encoder"], "processor": image_p["processor"], "class": type(image_enc.model).__name__,
+                **{f"encoder_{k}": v for k, v in image_p["encoder_digest"].items()},
+                "processor_digest": image_p["processor_digest"], "dim": image_enc.dim, "tokens": image_enc.tokens,
+                "image_size": image_enc.image_size, "features": "hidden_states[-2] (penultimate layer, all tokens)",
+                "preprocessing": image_enc.preprocessing, "frame": 0,
+            }
+        pending.append((key, out, meta, text, text_from))
+        frames += len(idx)
+    t_text = time.monotonic()
+    if text_enc is not None and pending:
+        _add_text(pending, text_enc, text_p, store)
+    samples = []
+    for key, out, meta, _, _ in pending:
         out["meta.json"] = json.dumps(meta, sort_keys=True).encode()
         samples.append((key, out))
-        frames += len(idx)
     missing = [k for k in params["keys"] if k not in seen]
     failures += [{"key": k, "reason": "not in the source shard (its manifest lists it)"} for k in missing]
-    return {"samples": samples, "failures": failures, "frames": frames,
-            "timings": {"load": t_load, "task": time.monotonic() - t0}}
+    warnings = [{"key": k, "warnings": m["latents"]["warnings"]} for k, _, m, _, _ in pending
+                if m["latents"]["warnings"]]
+    return {"samples": samples, "failures": failures, "warnings": warnings, "frames": frames,
+            "timings": {"load": t_load, "text": time.monotonic() - t_text, "task": time.monotonic() - t0}}
+
+
+def _add_text(pending: list, text_enc, text_p: dict, store) -> None:
+    """Encode the distinct texts of a shard's samples in batches and add ``text_embed.npy`` and the text meta to
+    each: one umT5 pass per distinct text (a template without per-sample fields is encoded once per shard)."""
+    from loom.datasets.latents import npy
+    from loom.training.models.text_encoder import cleaning, prompt_clean
+
+    texts = list(dict.fromkeys(text for _, _, _, text, _ in pending))
+    embeds, counts = {}, {}
+    for i in range(0, len(texts), TEXT_BATCH):
+        chunk = texts[i: i + TEXT_BATCH]
+        embeds.update(zip(chunk, text_enc.encode(chunk), strict=True))  # each (L, D), real tokens only
+        counts.update(zip(chunk, text_enc.count_tokens(chunk), strict=True))
+    info = {"path": text_p["encoder"], "tokenizer": text_p["tokenizer"], "class": "UMT5EncoderModel",
+            **{f"encoder_{k}": v for k, v in text_p["encoder_digest"].items()},
+            **{f"tokenizer_{k}": v for k, v in text_p["tokenizer_digest"].items()},
+            "dim": text_enc.dim, "max_length": text_enc.max_length, "features": "last_hidden_state",
+            "cleaning": cleaning(), "template": text_p["prompt"], "captions": text_p["captions"],
+            "captions_sha256": text_p["captions_sha256"],
+            "padding": f"none: the real tokens only; pad with zero rows to max_length ({text_enc.max_length}) as "
+                       "Wan does"}
+    for _, out, meta, text, text_from in pending:
+        z = embeds[text]
+        out["text_embed.npy"] = npy(z.numpy().astype(store))
+        truncated = counts[text] > text_enc.max_length
+        if truncated:
+            meta["latents"]["warnings"].append(f"text has {counts[text]} tokens; truncated to {text_enc.max_length}")
+        meta["latents"]["text_encoder"] = info
+        meta["latents"]["text"] = {"prompt": prompt_clean(text), "from": text_from, "tokens": int(z.shape[0]),
+                                   "truncated": truncated}
 
 
 def run_cache(spec: JobSpec, *, progress: bool = True, retry_failed: bool = False) -> Summary:
@@ -299,7 +546,8 @@ def cmd_cache_latents(args) -> int:
 
     if args.help_config:
         return _help_config(CacheLatentsJob)
-    cfg = _resolve(CacheLatentsJob, args, source=args.source, out=args.out, vae=args.vae)
+    cfg = _resolve(CacheLatentsJob, args, source=args.source, out=args.out, vae=args.vae,
+                   text_encoder=args.text_encoder, image_encoder=args.image_encoder, captions=args.captions)
     if args.print_config:
         print(cfgmod.dump_yaml(cfg), end="")
         return 0
@@ -308,7 +556,9 @@ def cmd_cache_latents(args) -> int:
     if args.dry_run:
         print(f"plan: {n} sample(s) in {len(spec.tasks)} source shard(s) of {cfg.source} -> {cfg.out}")
         return 0
-    print(f"encoding {n} sample(s) of {cfg.source} with the VAE in {cfg.vae} into {cfg.out}", file=sys.stderr)
+    extra = "".join(f", the {what} encoder in {d}" for what, d in (("text", cfg.text_encoder),
+                                                                    ("image", cfg.image_encoder)) if d)
+    print(f"encoding {n} sample(s) of {cfg.source} with the VAE in {cfg.vae}{extra} into {cfg.out}", file=sys.stderr)
     summary = run_cache(spec, progress=not args.no_progress, retry_failed=args.retry_failed)
     print(summary.line())
     for f in summary.failures[:20]:
@@ -325,12 +575,19 @@ def register_cache(sub) -> None:
 
     cache = sub.add_parser("cache", help="precompute model inputs (latents) from a corpus").add_subparsers(
         dest="ccmd", metavar="WHAT")
-    p = cache.add_parser("latents", help="encode a turntable corpus with the frozen video VAE into latent shards")
+    p = cache.add_parser("latents", help="encode a turntable corpus with the frozen video VAE (and text and image "
+                         "encoders) into latent shards")
     p.add_argument("--source", help="Loom output folder of a finished turntable job (default from the recipe)")
     p.add_argument("--out", help="output folder or fsspec URL (default from the recipe)")
     p.add_argument("--vae", help="local diffusers AutoencoderKLWan folder (e.g. <Wan2.1 checkpoint>/vae)")
     _add_job_args(p, CacheLatentsJob)
-    p.add_argument("--dry-run", action="store_true", help="check the VAE and the source, print the plan, encode nothing")
+    p.add_argument("--text-encoder", help="local umT5 encoder folder (e.g. <Wan2.1 checkpoint>/text_encoder): adds "
+                   "text embeddings")
+    p.add_argument("--image-encoder", help="local CLIP vision folder (e.g. <Wan2.1 I2V checkpoint>/image_encoder): "
+                   "adds first-frame image embeddings")
+    p.add_argument("--captions", help="captions file: .jsonl rows {uid, caption} or a .json object uid -> caption")
+    p.add_argument("--dry-run", action="store_true", help="check the encoders, captions and source, print the plan, "
+                   "encode nothing")
     p.add_argument("--retry-failed", action="store_true", help="redo shards that recorded failures")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_cache_latents)
