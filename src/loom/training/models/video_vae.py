@@ -89,6 +89,17 @@ class VideoVAE(nn.Module):
             mu = (mu - self.latents_mean.view(shape)) / self.latents_std.view(shape)
         return mu
 
+    @torch.inference_mode()
+    def decode(self, z: torch.Tensor, normalized: bool = True) -> torch.Tensor:
+        """(B, z_dim, T', H', W') latents (Wan-normalised if ``normalized``) -> (B, 3, 1 + r(T'-1), H s, W s) video in
+        [-1, 1] (clamped: the decoder can overshoot)."""
+        z = z.float()
+        if normalized:
+            shape = (1, self.z_dim, 1, 1, 1)
+            z = z * self.latents_std.view(shape) + self.latents_mean.view(shape)
+        x = self.vae.decode(z.to(device=self.device, dtype=self.dtype)).sample
+        return x.float().clamp(-1, 1)
+
     def pool_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """(T, H, W) in [0, 1] -> (T', H', W') coverage fraction, grouped like the encoder's causal chunks:
         latent frame 0 <- frame 0, latent frame i <- frames 1 + r(i-1) .. r*i (r = temporal factor), and each
@@ -102,6 +113,23 @@ class VideoVAE(nn.Module):
         m = torch.cat([first, rest])  # (T', H, W)
         s = self.spatial_factor
         return nn.functional.avg_pool2d(m[:, None], s)[:, 0]  # (T', H', W')
+
+
+def tiny_vae_config(z_dim: int = 16) -> dict:
+    """A tiny ``AutoencoderKLWan`` config (random weights) with Wan2.1's factors (8x spatial, 4x temporal) and
+    z_dim, for tests and the demo: same code path as the real VAE, a few thousand parameters."""
+    return {"base_dim": 8, "z_dim": z_dim, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1,
+            "temperal_downsample": [False, True, True],
+            "latents_mean": [0.0] * z_dim, "latents_std": [1.0] * z_dim}
+
+
+def build_tiny_vae(seed: int = 0, z_dim: int = 16) -> VideoVAE:
+    """A randomly initialised tiny VAE, the same for a given seed."""
+    from diffusers import AutoencoderKLWan
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return VideoVAE(AutoencoderKLWan(**tiny_vae_config(z_dim)))
 
 
 def load_video_vae(path: str, dtype: str = "float32", device: str = "cpu") -> VideoVAE:

@@ -1,0 +1,263 @@
+"""Launching Loom's Lightning training: one place that turns a job's ``TrainerSettings`` into a Lightning ``Trainer``
+(strategy, precision, checkpoints, MLflow logger), and runs ``fit`` either in this process (Lightning starts the
+other local ranks itself) or on a Ray cluster through Ray Train's ``TorchTrainer`` (``launch.ray_address`` set).
+
+Every model (the video DiT, the 4D shape model, the shape VAE) trains through :func:`run` with its own
+LightningModule and data: one mechanism, many models.
+
+Why a DeepSpeed subclass: Lightning's ``DeepSpeedStrategy`` refuses anything but CUDA, and hands DeepSpeed
+``device_rank=None`` on CPU. :class:`LoomDeepSpeedStrategy` lets ZeRO-2/3 run on CPU with gloo (tests, and the same
+code path as the GPUs with NCCL), and gives DeepSpeed the local rank as the CPU device index. On CUDA it is
+Lightning's strategy unchanged.
+
+Checkpoints (``<out>/checkpoints``): Lightning's (model, optimizer, LR scheduler, step) plus, from the module's
+``on_save_checkpoint``, the data position, the RNG states and the MLflow run id; ``resume=True`` continues from
+``last``. With DeepSpeed a checkpoint is a folder; frozen parameters are left out of it (the base model comes back
+from its own weights), so a LoRA checkpoint of the 1.3B DiT holds only the LoRA and fusion weights and their
+optimizer state.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+
+from loom.platform.config import config, field, require
+from loom.platform.tracking import TrackingSettings, ensure_experiment, resolve_uri
+
+CHECKPOINTS = "checkpoints"
+LAST = "last.ckpt"
+
+
+@config
+class TrainerSettings:
+    max_steps: int = field(1000, help="optimizer steps to train (the run stops there; resume continues to it)")
+    seed: int = field(0, help="seed of the data order, initialisation and the per-step noise")
+    accelerator: Literal["auto", "cpu", "gpu"] = field("auto", help="cpu, gpu, or auto (gpu when CUDA is there)")
+    devices: int = field(1, help="processes (GPUs or CPU ranks) per node")
+    num_nodes: int = field(1, help="nodes (outside Ray Train; with launch.ray_address use launch.num_workers)")
+    strategy: Literal["auto", "ddp", "deepspeed"] = field(
+        "deepspeed", help="deepspeed = ZeRO (stage from zero_stage; CPU with gloo, GPUs with NCCL); ddp; auto")
+    zero_stage: int = field(2, help="DeepSpeed ZeRO stage: 2 shards optimizer state and gradients, 3 also params")
+    offload: bool = field(False, help="DeepSpeed: keep optimizer state (and with ZeRO-3 the parameters) in CPU memory")
+    precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = field(
+        "32-true", help="Lightning precision; bf16-mixed on GPUs")
+    gradient_checkpointing: bool = field(False, help="recompute block activations in the backward pass")
+    grad_clip: float = field(1.0, help="gradient norm clip (0 = off)")
+    accumulate: int = field(1, help="batches per optimizer step")
+    log_every: int = field(1, help="log losses and learning rates every N steps")
+    checkpoint_every: int = field(100, help="save a checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = field(2, help="periodic checkpoints kept besides 'last' (-1 = all)")
+    progress: bool = field(True, help="progress bar")
+
+    def __post_init__(self):
+        require(self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1")
+        require(self.devices >= 1, "devices", self.devices, "must be >= 1")
+        require(self.num_nodes >= 1, "num_nodes", self.num_nodes, "must be >= 1")
+        require(self.zero_stage in (2, 3), "zero_stage", self.zero_stage, "must be 2 or 3")
+        require(self.accumulate >= 1, "accumulate", self.accumulate, "must be >= 1")
+        require(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "must be >= 1")
+        require(self.log_every >= 1, "log_every", self.log_every, "must be >= 1")
+
+
+@config
+class LaunchSettings:
+    ray_address: str = field("", help="empty: train in this process (Lightning starts local ranks); 'local': a "
+                             "local Ray; 'auto' or ray://host:10001: a Ray cluster, via Ray Train TorchTrainer")
+    num_workers: int = field(2, help="Ray Train workers (one rank each)")
+    use_gpu: bool = field(False, help="one GPU per Ray Train worker")
+    cpus_per_worker: int = field(1, help="CPUs reserved per Ray Train worker")
+
+    def __post_init__(self):
+        require(self.num_workers >= 1, "num_workers", self.num_workers, "must be >= 1")
+        require(self.cpus_per_worker >= 1, "cpus_per_worker", self.cpus_per_worker, "must be >= 1")
+
+
+def _deepspeed_strategy_class():
+    from lightning.fabric.utilities.seed import reset_seed
+    from lightning.pytorch.accelerators import CUDAAccelerator
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+    class LoomDeepSpeedStrategy(DeepSpeedStrategy):
+        """Lightning's DeepSpeed strategy, allowed on CPU (gloo)."""
+
+        in_ray = False  # set when running inside a Ray Train worker: one device per worker, from Ray
+
+        @property
+        def root_device(self) -> torch.device:
+            if self.in_ray:
+                import ray.train.torch
+
+                d = ray.train.torch.get_device()
+            else:
+                d = super().root_device
+            # DeepSpeed compares device_rank >= 0; a CPU device carries the local rank as its index
+            return torch.device("cpu", self.local_rank) if d.type == "cpu" else d
+
+        def setup_environment(self) -> None:
+            if isinstance(self.accelerator, CUDAAccelerator):
+                return super().setup_environment()
+            DDPStrategy.setup_environment(self)  # skips the CUDA-only check of DeepSpeedStrategy
+
+        def setup_distributed(self) -> None:
+            if isinstance(self.accelerator, CUDAAccelerator):
+                return super().setup_distributed()
+            reset_seed()  # what DeepSpeedStrategy does, without its GPU index validation
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
+
+    return LoomDeepSpeedStrategy
+
+
+def make_strategy(t: TrainerSettings, on_gpu: bool, ray: bool = False):
+    if t.strategy == "deepspeed":
+        cfg: dict[str, Any] = {
+            "zero_optimization": {"stage": t.zero_stage, "contiguous_gradients": True, "overlap_comm": on_gpu},
+            "zero_allow_untested_optimizer": True,
+            # the module's own torch optimizer (LoRA+ groups) also when offloading: DeepSpeedCPUAdam needs a
+            # compiled extension that a CPU-only install does not have
+            "zero_force_ds_cpu_optimizer": False,
+            "train_micro_batch_size_per_gpu": 1,
+        }
+        if t.offload:
+            cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+            if t.zero_stage == 3:
+                cfg["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+        if t.precision.startswith("bf16"):
+            cfg["bf16"] = {"enabled": True}
+        if t.grad_clip > 0:
+            cfg["gradient_clipping"] = t.grad_clip
+        strategy = _deepspeed_strategy_class()(config=cfg, process_group_backend="nccl" if on_gpu else "gloo",
+                                               exclude_frozen_parameters=True)
+        strategy.in_ray = ray
+        return strategy
+    if t.strategy == "ddp" or ray:
+        if ray:
+            from ray.train.lightning import RayDDPStrategy as DDPStrategy
+        else:
+            from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(process_group_backend="nccl" if on_gpu else "gloo", find_unused_parameters=False)
+    return "auto"
+
+
+def checkpoint_dir(out: str) -> str:
+    return os.path.join(out, CHECKPOINTS)
+
+
+def last_checkpoint(out: str) -> str | None:
+    """The checkpoint ``resume`` continues from: ``last.ckpt`` (a file, or a folder with DeepSpeed), if complete."""
+    p = os.path.join(checkpoint_dir(out), LAST)
+    if os.path.isfile(p) or os.path.isfile(os.path.join(p, "latest")):
+        return p
+    return None
+
+
+def build_trainer(t: TrainerSettings, tracking: TrackingSettings, out: str, *, run_id: str | None = None,
+                  ray: bool = False, callbacks: list | None = None):
+    """A Lightning ``Trainer`` from the settings. ``ray``: running inside a Ray Train worker (Ray's cluster
+    environment, one device per worker)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    on_gpu = t.accelerator == "gpu" or (t.accelerator == "auto" and torch.cuda.is_available())
+    if on_gpu and not torch.cuda.is_available():
+        raise RuntimeError("trainer.accelerator=gpu but CUDA is not available here: use trainer.accelerator=cpu")
+    require(not t.precision.startswith("16") or on_gpu, "precision", t.precision, "float16 needs a GPU")
+    ckpt = ModelCheckpoint(dirpath=checkpoint_dir(out), filename="step-{step:07d}",
+                           every_n_train_steps=t.checkpoint_every, save_top_k=t.keep_checkpoints, monitor="step",
+                           mode="max", save_last=True, auto_insert_metric_name=False)
+    logger: Any = False
+    if tracking.enabled:
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        uri = resolve_uri(tracking, out)
+        # Only the launching process creates the database and experiment (SQLite migrations from several
+        # processes at once collide); Lightning's extra local ranks have LOCAL_RANK set, Ray workers `ray`.
+        if not ray and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            ensure_experiment(uri, tracking.experiment)
+        logger = MLFlowLogger(experiment_name=tracking.experiment, tracking_uri=uri, run_id=run_id,
+                              run_name=tracking.run_name or os.path.basename(os.path.abspath(out)), log_model=False)
+    kw: dict[str, Any] = {}
+    if ray:
+        from ray.train.lightning import RayLightningEnvironment
+
+        kw["plugins"] = [RayLightningEnvironment()]
+        devices, num_nodes = "auto", 1
+    else:
+        devices, num_nodes = t.devices, t.num_nodes
+    return L.Trainer(
+        accelerator="gpu" if on_gpu else "cpu", devices=devices, num_nodes=num_nodes,
+        strategy=make_strategy(t, on_gpu, ray), precision=t.precision, max_steps=t.max_steps, max_epochs=-1,
+        logger=logger, callbacks=[ckpt, *(callbacks or [])],
+        log_every_n_steps=t.log_every, enable_progress_bar=t.progress, enable_model_summary=False,
+        gradient_clip_val=(t.grad_clip or None) if t.strategy != "deepspeed" else None,
+        accumulate_grad_batches=t.accumulate, use_distributed_sampler=False, num_sanity_val_steps=0,
+        limit_val_batches=0, default_root_dir=out, deterministic=False, **kw)
+
+
+def fit(make: Callable[[], tuple[Any, Any]], t: TrainerSettings, tracking: TrackingSettings, out: str, *,
+        resume: bool = False, ray: bool = False):
+    """Build (module, train iterable) with ``make`` in this process and fit; from ``last`` when ``resume``."""
+    module, data = make()
+    ckpt = last_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint in {checkpoint_dir(out)}: train without --resume "
+                                "to start a new run, or point --out at the run to continue")
+    if not resume and glob.glob(os.path.join(checkpoint_dir(out), "*")):
+        raise FileExistsError(f"{checkpoint_dir(out)} already holds checkpoints: pass --resume to continue that run, "
+                              "or choose another --out")
+    run_id = read_run_id(ckpt) if ckpt else None
+    # Under Ray Train the cluster environment is Ray's (ranks from the Train context); Ray's prepare_trainer() is
+    # not called because it only admits Ray's own strategy classes, whose DeepSpeed one refuses CPUs.
+    trainer = build_trainer(t, tracking, out, run_id=run_id, ray=ray)
+    trainer.fit(module, train_dataloaders=data, ckpt_path=ckpt)
+    return trainer, module
+
+
+def read_run_id(ckpt: str) -> str | None:
+    """The MLflow run id a checkpoint recorded (``loom`` entry of its client state)."""
+    path = ckpt
+    if os.path.isdir(ckpt):  # DeepSpeed: client state is in the rank-0 model states file
+        found = sorted(glob.glob(os.path.join(ckpt, "checkpoint", "*model_states.pt")))
+        if not found:
+            return None
+        path = found[0]
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return (state.get("loom") or {}).get("mlflow_run_id")
+
+
+def run(make: Callable[[], tuple[Any, Any]], t: TrainerSettings, tracking: TrackingSettings, launch: LaunchSettings,
+        out: str, *, resume: bool = False) -> None:
+    """Train in this process, or on Ray Train workers when ``launch.ray_address`` is set. ``make`` must be
+    picklable (a module-level function or ``functools.partial``) for Ray."""
+    if not launch.ray_address:
+        fit(make, t, tracking, out, resume=resume)
+        return
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from loom.pipelines.job import ClusterSettings, init_ray
+
+    init_ray(ClusterSettings(address="" if launch.ray_address == "local" else launch.ray_address))
+    out = os.path.abspath(out)
+    if tracking.enabled:
+        ensure_experiment(resolve_uri(tracking, out), tracking.experiment)
+
+    def loop(_: dict) -> None:
+        fit(make, t, tracking, out, resume=resume, ray=True)
+
+    trainer = TorchTrainer(
+        loop, scaling_config=ScalingConfig(num_workers=launch.num_workers, use_gpu=launch.use_gpu,
+                                           resources_per_worker={"CPU": launch.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if launch.use_gpu else "gloo"),
+        run_config=RunConfig(storage_path=os.path.join(out, "ray"), name="train"))
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"Ray Train run failed: {result.error}")
+    ray.shutdown()

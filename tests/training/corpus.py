@@ -1,0 +1,34 @@
+"""Tiny turntable corpora for training tests: the fake sphere renderer (exact keys, shapes and dtypes of the real
+one) written as real Loom shards with a manifest."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from loom.datasets import ttv
+from loom.pipelines import fake
+from loom.platform import shards
+
+
+def make_ttv_corpus(out: str, samples: int = 2, frames: int = 5, size: int = 32, per_shard: int = 1) -> list[str]:
+    """``samples`` sphere turntables (different camera heights and backgrounds) in shards of ``per_shard``."""
+    names, keys = [], []
+    for s in range(0, samples, per_shard):
+        items = []
+        for i in range(s, min(samples, s + per_shard)):
+            r = fake.render_sphere({"asset_path": __file__, "frames": frames, "width": size, "height": size,
+                                    "radius": 2.5, "height_z": 0.3 + 0.2 * i, "fov_margin": 1.1,
+                                    "background": (0.2 * (i % 5), 0.5, 1.0)})
+            meta = {"kind": "ttv", "uid": f"sphere{i}", "seed": i}
+            arrays = {k: r[k] for k in ("rgb", "normal", "position", "depth", "mask", "K", "c2w")}
+            items.append((f"sphere{i:03d}", ttv.encode_sample(arrays, meta)))
+        name = shards.shard_name("ttv", len(names))
+        sz, sha, k = shards.write_tar(shards.shard_url(out, name), items)
+        shards.write_sidecar(out, shards.ShardRecord(name=name, samples=len(k), size=sz, sha256=sha, keys=k))
+        names.append(name)
+        keys += k
+    shards.write_manifest(out, names, extra={"kind": "ttv"})
+    return keys
+
+
+del np
