@@ -93,6 +93,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             raise ConfigError(f"{name} should be a mapping of fields of {tp.__name__}, got {value!r}")
         return from_dict(tp, value, prefix=f"{name}.")
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}={value!r} should be a number")
         return float(value)

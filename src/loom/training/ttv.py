@@ -211,8 +211,8 @@ class TrainBatches:
                 yield batch
 
 
-def make_loader(d: DataSettings, seed: int):
-    from loom.datasets.loader import LoomLoader
+def train_transform(d: DataSettings):
+    """Frame subsampling and resizing of pixel samples (K kept exact), or None."""
     from loom.datasets.transforms import Compose, CropResize, SubsampleFrames
 
     ts = []
@@ -220,9 +220,13 @@ def make_loader(d: DataSettings, seed: int):
         ts.append(SubsampleFrames(d.frames))
     if d.size:
         ts.append(CropResize((d.size, d.size)))
-    keys = None
-    return LoomLoader(d.source, d.batch_size, seed=seed, num_workers=d.num_workers, keys=keys,
-                      transform=Compose(*ts) if ts else None)
+    return Compose(*ts) if ts else None
+
+
+def make_loader(d: DataSettings, seed: int):
+    from loom.datasets.loader import LoomLoader
+
+    return LoomLoader(d.source, d.batch_size, seed=seed, num_workers=d.num_workers, transform=train_transform(d))
 
 
 # ------------------------------------------------------------------------------------------------ job

@@ -24,6 +24,8 @@ class TTVModule(L.LightningModule):
     def __init__(self, cfg: TrainTTVJob):
         super().__init__()
         self.cfg = cfg
+        # Checkpoints leave the frozen base out (it comes back from its own weights), so loading is not strict.
+        self.strict_loading = False
         self.dit = build_dit(cfg.model, cfg.trainer.seed)
         if cfg.trainer.gradient_checkpointing:
             self.dit.enable_gradient_checkpointing()

@@ -1,0 +1,181 @@
+"""``loom train ttv`` for real: Lightning + DeepSpeed ZeRO on CPU (gloo), MLflow in SQLite, Ray Train, on a tiny
+random DiT and VAE over fake-rendered turntable shards. The command runs in subprocesses, as a user runs it."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from loom.platform import config as cfgmod
+from loom.training import ttv
+from tests.training.corpus import make_ttv_corpus
+
+pytest.importorskip("lightning")
+pytest.importorskip("deepspeed")
+mlflow = pytest.importorskip("mlflow")
+
+LOOM = os.path.join(os.path.dirname(sys.executable), "loom")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ttv") / "ttv")
+    make_ttv_corpus(out, samples=3, frames=5, size=32)
+    return out
+
+
+def loom_train(out, data, *sets, env=None, resume=False, check=True):
+    cmd = [LOOM, "train", "ttv", "--recipe", "tiny", "--data", data, "--out", out, "--set", "trainer.progress=false"]
+    for s in sets:
+        cmd += ["--set", s]
+    if resume:
+        cmd.append("--resume")
+    e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    e.pop("MLFLOW_TRACKING_URI", None)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stderr[-4000:]}")
+    return p
+
+
+def runs(out):
+    """{run name: (run id, [(step, loss)])} of the MLflow database beside ``out``."""
+    uri = f"sqlite:///{os.path.join(os.path.dirname(out), 'mlflow.db')}"
+    c = mlflow.MlflowClient(tracking_uri=uri)
+    exp = c.get_experiment_by_name("loom")
+    res = {}
+    for r in c.search_runs([exp.experiment_id]):
+        hist = sorted((m.step, m.value) for m in c.get_metric_history(r.info.run_id, "train/loss"))
+        res.setdefault(r.info.run_name, []).append((r.info.run_id, hist, r))
+    return res, c
+
+
+def test_tiny_recipe_loads_and_paths_become_absolute(tmp_path):
+    cfg = cfgmod.resolve(ttv.TrainTTVJob, "tiny", [("out", "rel/run"), ("data.source", "rel/data")])
+    a = ttv.absolute_paths(cfg)
+    assert os.path.isabs(a.out) and os.path.isabs(a.data.source) and a.model.transformer == "tiny"
+    s3 = ttv.absolute_paths(cfgmod.resolve(ttv.TrainTTVJob, "tiny", [("data.source", "s3://b/x")]))
+    assert s3.data.source == "s3://b/x"
+    with pytest.raises(cfgmod.ConfigError, match="frames"):
+        cfgmod.resolve(ttv.TrainTTVJob, "tiny", [("data.frames", "4")])
+    cfgmod.resolve(ttv.TrainTTVJob, "default", [])
+
+
+def test_partial_known_is_one_side_of_a_plane_and_mask_marks_the_rest():
+    g = [torch.Generator().manual_seed(i) for i in range(2)]
+    rgb = torch.rand(2, 3, 8, 8, 3) * 2 - 1
+    pos = torch.rand(2, 3, 8, 8, 3) * 2 - 1
+    mask = torch.ones(2, 3, 8, 8, dtype=torch.bool)
+    known, gen = ttv.partial_known(rgb, pos, mask, 1.0, g)
+    assert known.shape == gen.shape == (2, 3, 3, 8, 8)
+    kept = gen[:, 0] < 0  # (B,T,H,W): given content
+    assert kept.any() and (~kept).any()
+    assert torch.equal(known.permute(0, 2, 3, 4, 1)[kept], rgb[kept])
+    assert torch.all(known.permute(0, 2, 3, 4, 1)[~kept] == 0)
+    none, gen0 = ttv.partial_known(rgb, pos, mask, 0.0, g)
+    assert torch.all(none == 0) and torch.all(gen0 == 1)
+
+
+def test_pad_tokens_pads_cuts_and_refuses_other_widths():
+    out = ttv.pad_tokens([torch.ones(3, 4), torch.ones(9, 4)], 5, 4, 2)
+    assert out.shape == (2, 5, 4) and out[0, :3].eq(1).all() and out[0, 3:].eq(0).all() and out[1].eq(1).all()
+    assert ttv.pad_tokens(None, 5, 4, 2).eq(0).all()
+    with pytest.raises(ValueError, match="width"):
+        ttv.pad_tokens([torch.ones(3, 7)], 5, 4, 1)
+
+
+def fixed_loss(module, batch, seeds=range(6)):
+    """The flow-matching loss on fixed draws (not the training draws), for before/after comparisons."""
+    from loom.training.flow import sample_generator
+
+    losses = []
+    with torch.no_grad():
+        for s in seeds:
+            g = [sample_generator(1000 + s, 0, k) for k in batch["__key__"]]
+            cond = module.condition(dict(batch), g)
+            x0 = cond.pop("x0")
+            x_t, t, target, _ = module.flow.draw(x0, g)
+            losses.append(module.flow.loss(module.dit(x_t, t, **cond), target).item())
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.integration
+def test_tiny_run_loss_falls_and_lora_loads_without_deepspeed(corpus, tmp_path):
+    from loom.datasets.loader import LoomLoader
+    from loom.training.ttv_module import TTVModule
+
+    out = str(tmp_path / "run")
+    two = str(tmp_path / "two")
+    make_ttv_corpus(two, samples=2, frames=5, size=32)
+    loom_train(out, two, "trainer.max_steps=40", "trainer.checkpoint_every=40", "data.batch_size=2",
+               "optim.lr=3e-3", "data.known_prob=0")
+    cfg = cfgmod.resolve(ttv.TrainTTVJob, "tiny", [("data.source", two), ("data.known_prob", "0")])
+    batch = next(iter(LoomLoader(two, 2, shuffle=False, transform=ttv.train_transform(cfg.data))))
+    fresh = TTVModule(cfg)
+    before = fixed_loss(fresh, batch)
+    trained = TTVModule(cfg)
+    trained.dit.load_lora(os.path.join(out, "lora"))  # the diffusers-format files, no DeepSpeed involved
+    after = fixed_loss(trained, batch)
+    assert after < 0.8 * before, (before, after)
+    # the MLflow run: params, losses, learning rates of both LoRA+ groups, a sample video, the LoRA weights
+    res, c = runs(out)
+    _, hist, r = res["run"][0]
+    assert [s for s, _ in hist] == list(range(40))
+    assert r.data.params["model.lora_rank"] == "4" and r.data.params["optim.lr"] == "0.003"
+    assert r.data.metrics["lr/lora_B_fusion"] == pytest.approx(4 * r.data.metrics["lr/lora_A"])
+    arts = {a.path for a in c.list_artifacts(r.info.run_id)}
+    assert {"samples", "lora", "config.yaml"} <= arts
+    assert os.path.getsize(os.path.join(out, "samples", "step-0000040.mp4")) > 0
+
+
+@pytest.mark.integration
+def test_resume_after_a_kill_gives_the_losses_of_an_uninterrupted_run(corpus, tmp_path):
+    sets = ("trainer.max_steps=6", "trainer.checkpoint_every=2", "data.known_prob=0.5")
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    loom_train(full, corpus, *sets)
+    p = loom_train(killed, corpus, *sets, env={"LOOM_FAIL_AT_STEP": "3"}, check=False)
+    assert p.returncode == 17, p.stderr[-2000:]
+    assert os.path.isdir(os.path.join(killed, "checkpoints", "last.ckpt"))
+    again = loom_train(killed, corpus, *sets, check=False)  # without --resume: refused, nothing overwritten
+    assert again.returncode != 0 and "--resume" in again.stderr
+    loom_train(killed, corpus, *sets, resume=True)
+    res, _ = runs(full)
+    (_, want, _), = res["full"]
+    (run_id, got, _), = res["killed"]  # one MLflow run, continued
+    got_last = dict(got)  # the resumed run logs steps 2..5 again: its values win
+    assert sorted(got_last) == list(range(6))
+    for step, loss in want:
+        assert got_last[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), (step, got, want)
+    p = loom_train(str(tmp_path / "none"), corpus, *sets, resume=True, check=False)
+    assert p.returncode != 0 and "no complete checkpoint" in p.stderr
+
+
+@pytest.mark.integration
+def test_zero2_on_two_processes_gives_the_first_step_loss_of_one(corpus, tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    loom_train(one, corpus, "trainer.max_steps=1", "data.batch_size=2")
+    loom_train(two, corpus, "trainer.max_steps=1", "data.batch_size=1", "trainer.devices=2")
+    res, _ = runs(one)
+    (_, h1, _), = res["one"]
+    (_, h2, _), = res["two"]
+    assert h1[0][0] == h2[0][0] == 0
+    assert h2[0][1] == pytest.approx(h1[0][1], rel=1e-5)
+
+
+@pytest.mark.integration
+def test_zero3_with_offload_trains(corpus, tmp_path):
+    out = str(tmp_path / "z3")
+    loom_train(out, corpus, "trainer.max_steps=2", "trainer.zero_stage=3", "trainer.offload=true")
+    assert os.path.isfile(os.path.join(out, "lora", "pytorch_lora_weights.safetensors"))
+
+
+@pytest.mark.integration
+def test_two_worker_ray_train_run(corpus, tmp_path):
+    out = str(tmp_path / "ray")
+    loom_train(out, corpus, "trainer.max_steps=2", "launch.ray_address=local", "launch.num_workers=2")
+    res, _ = runs(out)
+    (_, hist, _), = res["ray"]
+    assert [s for s, _ in hist] == [0, 1]
+    assert os.path.isfile(os.path.join(out, "lora", "pytorch_lora_weights.safetensors"))
