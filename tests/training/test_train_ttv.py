@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -179,3 +180,55 @@ def test_two_worker_ray_train_run(corpus, tmp_path):
     (_, hist, _), = res["ray"]
     assert [s for s, _ in hist] == [0, 1]
     assert os.path.isfile(os.path.join(out, "lora", "pytorch_lora_weights.safetensors"))
+
+
+@pytest.mark.integration
+def test_latent_shards_encoders_on_the_fly_and_generate(corpus, tmp_path):
+    """Train on `loom cache latents` output (cached umT5/CLIP embeddings), and on pixels with the encoders run on
+    the fly; then `loom generate ttv` from the run with a prompt and a reference image."""
+    from PIL import Image
+
+    from loom.training.models.video_vae import tiny_vae_config
+    from tests.training.models.test_image_encoder import save_tiny_clip
+    from tests.training.models.test_text_encoder import save_tiny_umt5
+
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    vae = str(tmp_path / "vae")
+    diffusers.AutoencoderKLWan(**tiny_vae_config(16)).save_pretrained(vae)
+    text, image = save_tiny_umt5(tmp_path / "umt5"), save_tiny_clip(tmp_path / "clip")
+    lat = str(tmp_path / "lat")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([LOOM, "cache", "latents", "--source", corpus, "--out", lat, "--vae", vae, "--text-encoder",
+                        text, "--image-encoder", image, "--no-progress"], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    on_latents = str(tmp_path / "on_latents")
+    loom_train(on_latents, lat, "trainer.max_steps=2", f"model.vae={vae}")
+    on_the_fly = str(tmp_path / "on_the_fly")
+    loom_train(on_the_fly, corpus, "trainer.max_steps=2", f"model.text_encoder={text}",
+               f"model.image_encoder={image}")
+    res, _ = runs(on_latents)
+    for name in ("on_latents", "on_the_fly"):
+        (_, hist, r), = res[name]
+        assert [s for s, _ in hist] == [0, 1] and all(v == v for _, v in hist)
+    assert "umT5 on the fly" in res["on_the_fly"][0][2].data.params["context"]
+
+    ref = str(tmp_path / "ref.png")
+    Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(ref)
+    videos = []
+    for seed in (0, 0, 1):
+        out = str(tmp_path / f"gen{len(videos)}.mp4")
+        p = subprocess.run([LOOM, "generate", "ttv", "--run", on_the_fly, "--data", corpus, "--prompt", "a red ball",
+                            "--reference", ref, "--seed", str(seed), "--out", out], capture_output=True, text=True,
+                           env=env, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        from loom.datasets.codecs import decode_video
+
+        videos.append(decode_video(open(out, "rb").read()))
+    assert videos[0].shape == (5, 32, 32, 3)
+    assert np.array_equal(videos[0], videos[1]) and not np.array_equal(videos[0], videos[2])
+    p = subprocess.run([LOOM, "generate", "ttv", "--run", on_latents, "--data", corpus, "--prompt", "x", "--out",
+                        str(tmp_path / "x.mp4")], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode != 0 and "text encoder" in p.stderr

@@ -29,6 +29,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from loom.training.ttv_module import generate_ttv
+
+    path = generate_ttv(args.run, args.data, args.out, key=args.key, reference=args.reference, prompt=args.prompt,
+                        steps=args.steps, seed=args.seed)
+    print(f"video:    {path}")
+    return 0
+
+
 def register(sub) -> None:
     import importlib
 
@@ -44,3 +53,15 @@ def register(sub) -> None:
                        "(same MLflow run, same data order)")
         _add_job_args(p, getattr(importlib.import_module(module), cls_name))
         p.set_defaults(func=_cmd_train)
+
+    gen = sub.add_parser("generate", help="sample from a trained model").add_subparsers(dest="model", metavar="MODEL")
+    p = gen.add_parser("ttv", help="a turntable video from a mesh's condition renders, a reference image and a prompt")
+    p.add_argument("--run", required=True, help="a finished `loom train ttv` run folder (config.yaml + lora/)")
+    p.add_argument("--data", required=True, help="condition renders: a turntable shard/folder (`loom render ttv`)")
+    p.add_argument("--key", help="sample key in --data (default: the first)")
+    p.add_argument("--reference", help="reference image for the first frame (default: the sample's first frame)")
+    p.add_argument("--prompt", help="text prompt (needs the run's model.text_encoder)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the run's flow.sample_steps)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--out", default="out/generated.mp4", help="output video (H.264 mp4)")
+    p.set_defaults(func=_cmd_generate)

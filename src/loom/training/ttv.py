@@ -20,8 +20,9 @@ generation from an untextured mesh feeds. Latent shards cannot re-draw the plane
 "nothing known" (the constant latents of those two videos).
 
 Text and image context: ``text_embed`` / ``image_embed`` from latent shards written by ``loom cache latents``
-with encoders configured; when a batch has none, zeros of ``data.text_len`` / ``data.image_len`` tokens (an
-unconditional model; say so in the run's params).
+with encoders configured; else encoded on the fly by ``model.text_encoder`` (the ``data.prompt`` template) and
+``model.image_encoder`` (the first rgb frame) when those are set; else zeros of ``data.text_len`` /
+``data.image_len`` tokens (an unconditional model; the run's ``context`` param says which).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class DataSettings:
     known_prob: float = field(0.5, help="probability of a partial-texture known video (pixels only)")
     position_radius: float = field(1.0, help="positions are divided by this before the VAE (unit sphere -> 1)")
     text_len: int = field(512, help="text tokens per sample (embeddings zero-padded to it; Wan: 512)")
+    prompt: str = field("a 360-degree turntable video of a 3D object", help="prompt template for the text encoder "
+                        "when the shards hold no text embeddings (fields of the sample's meta, e.g. {uid})")
     image_len: int = field(257, help="image tokens when no image embeddings are cached (CLIP ViT-H/14: 257)")
 
     def __post_init__(self):
@@ -69,7 +72,11 @@ class ModelSettings:
     fusion: str = field("", help="local folder of a saved geometry fusion module (empty: fresh initialisation)")
     lora_rank: int = field(128, help="LoRA rank on every linear layer of the DiT blocks")
     lora_alpha: float = field(0.0, help="LoRA alpha (0 = the rank, i.e. scale 1)")
-    dtype: Literal["float32", "bfloat16"] = field("float32", help="dtype of the frozen VAE")
+    text_encoder: str = field("", help="local umT5 folder (<Wan checkpoint>/text_encoder, tokenizer beside it): "
+                              "encode prompts on the fly when the shards hold no text_embed")
+    image_encoder: str = field("", help="local CLIP vision folder (<Wan I2V checkpoint>/image_encoder): encode the "
+                               "first frame on the fly when the shards hold no image_embed")
+    dtype: Literal["float32", "bfloat16"] = field("float32", help="dtype of the frozen VAE and encoders")
 
     def __post_init__(self):
         require(self.lora_rank >= 1, "lora_rank", self.lora_rank, "must be >= 1")
@@ -152,6 +159,28 @@ def build_vae(m: ModelSettings, seed: int):
     return load_video_vae(m.vae, m.dtype)
 
 
+def build_encoders(m: ModelSettings) -> dict:
+    """The optional frozen text (umT5) and image (CLIP) encoders, from local folders."""
+    enc: dict = {"text": None, "image": None}
+    if m.text_encoder:
+        from loom.training.models.text_encoder import load_text_encoder
+
+        enc["text"] = load_text_encoder(m.text_encoder, m.dtype)
+    if m.image_encoder:
+        from loom.training.models.image_encoder import load_image_encoder
+
+        enc["image"] = load_image_encoder(m.image_encoder, m.dtype)
+    return enc
+
+
+def prompt_for(template: str, meta: dict) -> str:
+    try:
+        return template.format(**meta)
+    except (KeyError, IndexError) as e:
+        raise ValueError(f"data.prompt={template!r} names {e}, which the sample's meta lacks (it has "
+                         f"{sorted(meta)})") from e
+
+
 def partial_known(rgb: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, prob: float,
                   generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
     """(known video, inpainting-mask video), both (B, 3, T, H, W) in [-1, 1], from rgb (B,T,H,W,3) in [-1, 1],
@@ -223,10 +252,22 @@ def train_transform(d: DataSettings):
     return Compose(*ts) if ts else None
 
 
+def source_kind(url: str) -> str | None:
+    """The corpus kind from its manifest ('ttv', 'latents'), or None for a bare shard or folder of tars."""
+    from loom.platform import shards
+
+    try:
+        return shards.read_manifest(url).get("kind")
+    except FileNotFoundError:
+        return None
+
+
 def make_loader(d: DataSettings, seed: int):
     from loom.datasets.loader import LoomLoader
 
-    return LoomLoader(d.source, d.batch_size, seed=seed, num_workers=d.num_workers, transform=train_transform(d))
+    # Latents were made from whole videos at their rendered size: frames and size apply to pixels only.
+    transform = None if source_kind(d.source) == "latents" else train_transform(d)
+    return LoomLoader(d.source, d.batch_size, seed=seed, num_workers=d.num_workers, transform=transform)
 
 
 # ------------------------------------------------------------------------------------------------ job
@@ -253,7 +294,8 @@ def absolute_paths(cfg: TrainTTVJob) -> TrainTTVJob:
     m = cfg.model
     return dataclasses.replace(
         cfg, out=_abs(cfg.out), data=dataclasses.replace(cfg.data, source=_abs(cfg.data.source)),
-        model=dataclasses.replace(m, transformer=_abs(m.transformer), vae=_abs(m.vae), fusion=_abs(m.fusion)))
+        model=dataclasses.replace(m, transformer=_abs(m.transformer), vae=_abs(m.vae), fusion=_abs(m.fusion),
+                                  text_encoder=_abs(m.text_encoder), image_encoder=_abs(m.image_encoder)))
 
 
 def train(cfg: TrainTTVJob, *, resume: bool = False) -> None:

@@ -13,7 +13,8 @@ import torch
 from loom.platform.config import to_dict
 from loom.platform.tracking import flatten
 from loom.training.flow import FlowMatching, euler_sample, sample_generator
-from loom.training.ttv import TrainBatches, TrainTTVJob, build_dit, build_vae, make_loader, pad_tokens, partial_known
+from loom.training.ttv import (TrainBatches, TrainTTVJob, build_dit, build_encoders, build_vae, make_loader, pad_tokens,
+                               partial_known, prompt_for)
 
 
 
@@ -32,6 +33,7 @@ class TTVModule(L.LightningModule):
         # The frozen VAE is kept outside the module tree: DeepSpeed must not wrap, shard or cast it, and
         # checkpoints must not carry it.
         self._vae = [build_vae(cfg.model, cfg.trainer.seed)]
+        self._encoders = [build_encoders(cfg.model)]
         self.flow = FlowMatching(shift=cfg.flow.shift, density=cfg.flow.density)
         self.batches: TrainBatches | None = None
         self._data_state: dict | None = None
@@ -92,13 +94,29 @@ class TTVModule(L.LightningModule):
             "x0": x0.to(dev),
             "geometry": torch.cat(geo, 1).to(dev),
             "reference": dit.reference_latent(x0[:, :, :1], x0.shape[2]).to(dev),
-            "text": pad_tokens(batch.get("text_embed"), self.cfg.data.text_len, dit.text_dim, b).to(dev),
+            "text": pad_tokens(self._text(batch, b), self.cfg.data.text_len, dit.text_dim, b).to(dev),
         }
         if dit.image_dim is not None:
             img = batch.get("image_embed")
+            if img is None and self._encoders[0]["image"] is not None and "rgb" in batch:
+                img = self._encoders[0]["image"].encode(batch["rgb"][:, 0].numpy())
             cond["image"] = (torch.as_tensor(img).float() if img is not None
                              else torch.zeros(b, self.cfg.data.image_len, dit.image_dim)).to(dev)
         return cond
+
+    def _text(self, batch: dict, b: int):
+        if batch.get("text_embed") is not None:
+            return batch["text_embed"]
+        enc = self._encoders[0]["text"]
+        if enc is None:
+            return None
+        metas = batch.get("meta") or [{}] * b
+        return enc.encode([prompt_for(self.cfg.data.prompt, m) for m in metas])
+
+    def context_source(self) -> str:
+        m = self.cfg.model
+        return ("text: cached embeddings, else " + ("umT5 on the fly" if m.text_encoder else "zeros") +
+                "; image: cached embeddings, else " + ("CLIP on the fly" if m.image_encoder else "zeros"))
 
     # ------------------------------------------------------------------ step
 
@@ -149,7 +167,7 @@ class TTVModule(L.LightningModule):
             if k not in existing:
                 client.log_param(run_id, k, v)
         if "context" not in existing:
-            client.log_param(run_id, "context", "text/image embeddings from the latent cache when present, else zeros")
+            client.log_param(run_id, "context", self.context_source())
         cfg_path = os.path.join(self.cfg.out, "config.yaml")
         if os.path.isfile(cfg_path):
             client.log_artifact(run_id, cfg_path)
@@ -258,3 +276,74 @@ def write_video(path: str, frames: np.ndarray, fps: int = 12) -> str:
     return path
 
 
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+def load_run(run: str) -> TTVModule:
+    """A trained run folder (``loom train ttv --out RUN``) -> its module with the trained LoRA and fusion weights,
+    built from the run's own config.yaml (base model folders as trained)."""
+    import dataclasses
+
+    import yaml
+
+    from loom.platform import config as cfgmod
+
+    cfg_path, lora = os.path.join(run, "config.yaml"), os.path.join(run, "lora")
+    for p in (cfg_path, lora):
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"{p} does not exist: is {run!r} a finished `loom train ttv` run folder?")
+    with open(cfg_path) as f:
+        cfg = cfgmod.from_dict(TrainTTVJob, yaml.safe_load(f))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, known_prob=0.0))  # nothing known: 1st pass
+    module = TTVModule(cfg)
+    module.dit.load_lora(lora)
+    module.dit.eval()
+    return module
+
+
+def read_condition(data: str, key: str | None, transform) -> dict:
+    """One turntable sample (the mesh's condition renders) as a batch of one."""
+    from loom.datasets.ttv import iter_samples
+
+    for s in iter_samples(data, keys=("rgb", "normal", "position", "mask")):
+        if key is None or s["__key__"] == key:
+            if transform is not None:
+                s = transform(s, np.random.default_rng(0))
+            batch = {k: torch.from_numpy(np.ascontiguousarray(s[k]))[None] for k in ("rgb", "normal", "position",
+                                                                                     "mask")}
+            batch.update({"__key__": [s["__key__"]], "meta": [s["meta"]]})
+            return batch
+    raise KeyError(f"no sample {key!r} in {data}" if key else f"no samples in {data}")
+
+
+def generate_ttv(run: str, data: str, out: str, *, key: str | None = None, reference: str | None = None,
+                 prompt: str | None = None, steps: int | None = None, seed: int = 0) -> str:
+    """``loom generate ttv``: condition renders of a mesh (a turntable sample: normal, position and mask videos),
+    a reference image (default: the sample's first rgb frame) and a prompt -> a turntable video (H.264 mp4)."""
+    import dataclasses
+
+    from loom.training.ttv import train_transform
+
+    module = load_run(run)
+    if steps:
+        module.cfg = dataclasses.replace(module.cfg, flow=dataclasses.replace(module.cfg.flow, sample_steps=steps))
+    batch = read_condition(data, key, train_transform(module.cfg.data))
+    if reference:
+        from PIL import Image
+
+        h, w = batch["rgb"].shape[2:4]
+        img = np.asarray(Image.open(reference).convert("RGB").resize((w, h), Image.BICUBIC))
+        batch["rgb"] = batch["rgb"].clone()
+        batch["rgb"][:, 0] = torch.from_numpy(img)  # the reference latent and CLIP tokens come from frame 0
+    if prompt is not None:
+        enc = module._encoders[0]["text"]
+        if enc is None:
+            raise ValueError("--prompt needs a text encoder: the run was trained without model.text_encoder")
+        batch["text_embed"] = enc.encode([prompt])
+    g = [torch.Generator().manual_seed(seed)]
+    cond = module.condition(batch, g)
+    z = module.generate(cond, seed=seed)
+    video = latents_to_uint8(module.vae, z.float().cpu())[0]
+    return write_video(out, video)

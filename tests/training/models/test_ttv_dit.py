@@ -19,7 +19,7 @@ def _inputs(image: bool = True, seed: int = 0, text_tokens: int = TEXT_TOKENS) -
         geometry=torch.randn(B, 64, T, H, W, generator=g),
         reference=TTVDiT.reference_latent(torch.randn(B, 16, 1, H, W, generator=g), T),
         text=torch.randn(B, text_tokens, 32, generator=g),
-        image=torch.randn(B, 7, 24, generator=g) if image else None,
+        image=torch.randn(B, 7, 32, generator=g) if image else None,
     )
 
 
@@ -45,7 +45,7 @@ def _lora_layer_names(transformer: nn.Module) -> set[str]:
 def test_forward_shape_and_dtype(image):
     model = TTVDiT.tiny(image=image)
     assert (model.latent_channels, model.text_dim, model.patch_size) == (16, 32, (1, 2, 2))
-    assert model.image_dim == (24 if image else None)
+    assert model.image_dim == (32 if image else None)
     out = model(**_inputs(image=image))
     assert out.shape == (B, 16, T, H, W) and out.dtype == torch.float32
     assert torch.isfinite(out).all()

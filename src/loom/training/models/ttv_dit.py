@@ -87,7 +87,7 @@ def tiny_transformer_config(**overrides) -> dict:
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         eps=1e-6,
-        image_dim=24,
+        image_dim=32,  # = the tiny CLIP of the tests (hidden 32), like text_dim = the tiny umT5 d_model
         rope_max_seq_len=32,
     )
     config.update(overrides)
