@@ -16,7 +16,8 @@ from loom import __version__
 from loom.platform.config import ConfigError
 
 # Each module exposes ``register(subparsers)`` adding its commands; each command sets ``func(args) -> int``.
-COMMAND_MODULES = ("loom.pipelines.commands", "loom.datasets.commands", "loom.training.commands")
+COMMAND_MODULES = ("loom.pipelines.commands", "loom.datasets.commands", "loom.training.commands",
+                   "loom.platform.tracking")
 
 
 def build_parser() -> argparse.ArgumentParser:

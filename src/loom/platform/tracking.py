@@ -6,7 +6,9 @@ same code runs. ``mlflow`` is imported inside the functions, so ``import loom`` 
 
 The UI for the local default::
 
-    .venv/bin/mlflow ui --backend-store-uri sqlite:///out/mlflow.db --workers 1     # http://127.0.0.1:5000
+    .venv/bin/loom runs                                   # the runs, their last loss and artifacts
+    MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow server --backend-store-uri sqlite:///out/mlflow.db \
+        --workers 1                                       # the UI at http://127.0.0.1:5000
 """
 
 from __future__ import annotations
@@ -82,3 +84,45 @@ def check_run(uri: str, run_id: str) -> None:
         raise RuntimeError(f"MLflow run {run_id} (recorded in the checkpoint) is not in the tracking store {uri}: "
                            f"{e}. Point tracking.uri at the store the run was started in, or set "
                            "tracking.enabled=false") from e
+
+
+def list_runs(uri: str, experiment: str, metric: str = "train/loss") -> list[dict]:
+    """The experiment's runs, newest first: name, id, status, the last value of ``metric`` and its step, and where
+    the artifacts are."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"no MLflow experiment {experiment!r} in {uri}")
+    rows = []
+    for r in client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"]):
+        hist = client.get_metric_history(r.info.run_id, metric) if metric in r.data.metrics else []
+        last = max(hist, key=lambda m: (m.step, m.timestamp)) if hist else None
+        rows.append({"name": r.info.run_name, "run_id": r.info.run_id, "status": r.info.status,
+                     "step": last.step if last else None, metric: last.value if last else None,
+                     "artifacts": r.info.artifact_uri})
+    return rows
+
+
+def _cmd_runs(args) -> int:
+    uri = args.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(args.db)}"
+    rows = list_runs(uri, args.experiment, args.metric)
+    print(f"MLflow {uri}, experiment {args.experiment!r}: {len(rows)} run(s)")
+    for r in rows:
+        val = "-" if r[args.metric] is None else f"{r[args.metric]:.4f} @ step {r['step']}"
+        print(f"  {r['name']:24s} {r['run_id']}  {r['status']:9s} {args.metric} {val}")
+        print(f"  {'':24s} artifacts: {r['artifacts']}")
+    if uri.startswith("sqlite:///"):
+        print(f"UI: MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow server --backend-store-uri {uri} "
+              "--workers 1   (then http://127.0.0.1:5000)")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("runs", help="list the MLflow runs of an experiment (training and evaluation jobs)")
+    p.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<--db>)")
+    p.add_argument("--db", default="out/mlflow.db", help="the local SQLite database (default out/mlflow.db)")
+    p.add_argument("--experiment", default="loom", help="experiment name (default loom)")
+    p.add_argument("--metric", default="train/loss", help="metric to show (default train/loss)")
+    p.set_defaults(func=_cmd_runs)

@@ -30,6 +30,8 @@ class TTVModule(L.LightningModule):
         self.dit = build_dit(cfg.model, cfg.trainer.seed)
         if cfg.trainer.gradient_checkpointing:
             self.dit.enable_gradient_checkpointing()
+        if cfg.model.compile:
+            self.dit.transformer.compile_repeated_blocks(fullgraph=True)
         # The frozen VAE is kept outside the module tree: DeepSpeed must not wrap, shard or cast it, and
         # checkpoints must not carry it.
         self._vae = [build_vae(cfg.model, cfg.trainer.seed)]
