@@ -222,26 +222,6 @@ def pad_tokens(embeds: list[torch.Tensor] | torch.Tensor | None, length: int, di
 # ----------------------------------------------------------------------------------------------- data
 
 
-class TrainBatches:
-    """The rank's batches, epoch after epoch (training is counted in steps), each carrying the loader state
-    *after* it under ``__loader_state__``: Lightning fetches one batch ahead, so the loader's own state at
-    checkpoint time would be one batch too far. No ``state_dict`` here on purpose: the module saves and restores
-    the data position itself."""
-
-    def __init__(self, loader):
-        self.loader = loader
-        self.resume: dict | None = None
-
-    def __iter__(self):
-        if self.resume is not None:
-            self.loader.load_state_dict(self.resume)
-            self.resume = None
-        while True:
-            for batch in self.loader:
-                batch["__loader_state__"] = self.loader.state_dict()
-                yield batch
-
-
 def train_transform(d: DataSettings):
     """Frame subsampling and resizing of pixel samples (K kept exact), or None."""
     from loom.datasets.transforms import Compose, CropResize, SubsampleFrames

@@ -6,27 +6,23 @@ import functools
 import os
 import sys
 
-import lightning as L
 import numpy as np
 import torch
 
-from loom.platform.config import to_dict
-from loom.platform.tracking import flatten
 from loom.training.flow import FlowMatching, euler_sample, sample_generator
-from loom.training.ttv import (TrainBatches, TrainTTVJob, build_dit, build_encoders, build_vae, make_loader, pad_tokens,
+from loom.training.module import LoomModule
+from loom.training.ttv import (TrainTTVJob, build_dit, build_encoders, build_vae, make_loader, pad_tokens,
                                partial_known, prompt_for)
 
 
 
 
-class TTVModule(L.LightningModule):
-    """The video DiT's training step, optimizer (LoRA+ groups), checkpoint extras and sample videos."""
+class TTVModule(LoomModule):
+    """The video DiT's training step, optimizer (LoRA+ groups) and sample videos (checkpoints, data position and
+    MLflow: :class:`loom.training.module.LoomModule`)."""
 
     def __init__(self, cfg: TrainTTVJob):
-        super().__init__()
-        self.cfg = cfg
-        # Checkpoints leave the frozen base out (it comes back from its own weights), so loading is not strict.
-        self.strict_loading = False
+        super().__init__(cfg)
         self.dit = build_dit(cfg.model, cfg.trainer.seed)
         if cfg.trainer.gradient_checkpointing:
             self.dit.enable_gradient_checkpointing()
@@ -37,11 +33,8 @@ class TTVModule(L.LightningModule):
         self._vae = [build_vae(cfg.model, cfg.trainer.seed)]
         self._encoders = [build_encoders(cfg.model)]
         self.flow = FlowMatching(shift=cfg.flow.shift, density=cfg.flow.density)
-        self.batches: TrainBatches | None = None
-        self._data_state: dict | None = None
         self._sample_cond: dict | None = None
         self._const: dict = {}
-        self.losses: list[tuple[int, float]] = []
 
     @property
     def vae(self):
@@ -49,10 +42,8 @@ class TTVModule(L.LightningModule):
 
     # ------------------------------------------------------------------ data
 
-    def train_dataloader(self):
-        if self.batches is None:
-            self.batches = TrainBatches(make_loader(self.cfg.data, self.cfg.trainer.seed))
-        return self.batches
+    def make_loader(self):
+        return make_loader(self.cfg.data, self.cfg.trainer.seed)
 
     def setup(self, stage: str) -> None:
         self.vae.to(self.device if self.device.type != "cpu" else "cpu")
@@ -115,91 +106,42 @@ class TTVModule(L.LightningModule):
         metas = batch.get("meta") or [{}] * b
         return enc.encode([prompt_for(self.cfg.data.prompt, m) for m in metas])
 
-    def context_source(self) -> str:
+    def context_params(self) -> dict[str, str]:
         m = self.cfg.model
-        return ("text: cached embeddings, else " + ("umT5 on the fly" if m.text_encoder else "zeros") +
-                "; image: cached embeddings, else " + ("CLIP on the fly" if m.image_encoder else "zeros"))
+        return {"context": "text: cached embeddings, else " + ("umT5 on the fly" if m.text_encoder else "zeros") +
+                "; image: cached embeddings, else " + ("CLIP on the fly" if m.image_encoder else "zeros")}
 
     # ------------------------------------------------------------------ step
 
     def training_step(self, batch: dict, batch_idx: int):
-        self._data_state = batch.pop("__loader_state__", None)
-        step = self.global_step
-        g = [sample_generator(self.cfg.trainer.seed, step, k) for k in batch["__key__"]]
+        self.take_data_state(batch)
+        g = [sample_generator(self.cfg.trainer.seed, self.global_step, k) for k in batch["__key__"]]
         with torch.no_grad():
             cond = self.condition(batch, g)
         if self._sample_cond is None:
             self._sample_cond = {k: v[:1].detach().cpu() for k, v in cond.items()}
-            self._sample_cond["rgb"] = batch["rgb"][:1].cpu() if "rgb" in batch else None
         x0 = cond.pop("x0")
         x_t, t, target, _ = self.flow.draw(x0, g)
         pred = self.dit(x_t, t, **cond)
-        keep = ~torch.as_tensor(batch.get("__pad__", torch.zeros(x0.shape[0], dtype=torch.bool))).to(pred.device)
         per = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-        loss = (per * keep).sum() / keep.sum().clamp_min(1)  # padding repeats at an epoch's end weigh nothing
-        # the mean over all ranks' real samples: N ranks with batch b log what 1 rank with batch N*b logs
-        stats = torch.stack([(per * keep).sum().detach().float(), keep.sum().float()])
-        if self.trainer.world_size > 1:
-            stats = self.all_gather(stats).reshape(-1, 2).sum(0)
-        self.log("train/loss", stats[0] / stats[1].clamp_min(1), prog_bar=True, on_step=True, on_epoch=False,
-                 rank_zero_only=True)
-        for i, group in enumerate(self.optimizers().param_groups):
-            name = str(group.get("name", i)).replace("+", "_")  # MLflow metric names allow _ / . and space
-            self.log(f"lr/{name}", float(group["lr"]), on_step=True, on_epoch=False, rank_zero_only=True)
-        self.losses.append((step, float(loss.detach())))
-        fail = os.environ.get("LOOM_FAIL_AT_STEP")  # crash injection for the resume tests
-        if fail and step == int(fail):
-            os._exit(17)
-        return loss
+        return self.log_loss(per, batch)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         every = self.cfg.flow.sample_every
         if every and self.global_step % every == 0 and self.global_step > 0:
             self.log_sample(f"step-{self.global_step:07d}")
 
-    def on_fit_start(self) -> None:
-        run_id = self._run_id()
-        if self.global_rank != 0 or run_id is None:
-            return
-        client = self.logger.experiment
-        existing = client.get_run(run_id).data.params
-        params = flatten(to_dict(self.cfg))
-        # a resumed run keeps its first values (MLflow refuses changed params; e.g. a raised max_steps)
-        for k, v in params.items():
-            if k not in existing:
-                client.log_param(run_id, k, v)
-        if "context" not in existing:
-            client.log_param(run_id, "context", self.context_source())
-        cfg_path = os.path.join(self.cfg.out, "config.yaml")
-        if os.path.isfile(cfg_path):
-            client.log_artifact(run_id, cfg_path)
-
     def on_train_end(self) -> None:
         self.log_sample(f"step-{self.global_step:07d}")
         path = os.path.join(self.cfg.out, "lora")
-        with self._gathered():
+        with self.gathered(p for p in self.dit.parameters() if p.requires_grad):
             if self.global_rank == 0:
                 self.dit.save_lora(path)
+        self.log_artifacts(path, "lora")
         if self.global_rank == 0:
-            run_id = self._run_id()
-            if run_id:
-                self.logger.experiment.log_artifacts(run_id, path, "lora")
-                print(f"mlflow:   run {run_id} ({self.logger._tracking_uri})", file=sys.stderr)
+            if self.run_id():
+                print(f"mlflow:   run {self.run_id()} ({self.logger._tracking_uri})", file=sys.stderr)
             print(f"lora:     {path}  (diffusers format)", file=sys.stderr)
-
-    def _run_id(self) -> str | None:
-        return getattr(self.logger, "run_id", None) if self.logger else None
-
-    def _gathered(self):
-        """ZeRO-3 keeps each rank's slice of the parameters: gather the trainable ones (on every rank) to save."""
-        import contextlib
-
-        if self.cfg.trainer.strategy == "deepspeed" and self.cfg.trainer.zero_stage == 3:
-            import deepspeed
-
-            return deepspeed.zero.GatheredParameters([p for p in self.dit.parameters() if p.requires_grad],
-                                                     modifier_rank=None)
-        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ optimizer
 
@@ -210,25 +152,6 @@ class TTVModule(L.LightningModule):
         warm = o.warmup_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(_warmup, warm=warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        logger = self.logger
-        checkpoint["loom"] = {
-            "data": self._data_state,
-            "mlflow_run_id": getattr(logger, "run_id", None) if logger else None,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
-            "config": to_dict(self.cfg),
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        extra = checkpoint.get("loom") or {}
-        if extra.get("rng"):
-            torch.set_rng_state(extra["rng"]["torch"])
-            np.random.set_state(extra["rng"]["numpy"])
-        if extra.get("data") is not None:
-            self.train_dataloader().resume = extra["data"]
 
     # ------------------------------------------------------------------ samples
 
@@ -251,9 +174,7 @@ class TTVModule(L.LightningModule):
         video = latents_to_uint8(self.vae, z.float().cpu())[0]  # (T,H,W,3)
         truth = latents_to_uint8(self.vae, self._sample_cond["x0"])[0]
         path = write_video(os.path.join(self.cfg.out, "samples", f"{name}.mp4"), np.concatenate([video, truth], 2))
-        logger = self.logger
-        if logger is not None and getattr(logger, "run_id", None):
-            logger.experiment.log_artifact(logger.run_id, path, "samples")
+        self.log_artifacts(path, "samples")
 
 
 def _warmup(step: int, warm: int) -> float:

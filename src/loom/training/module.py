@@ -1,0 +1,158 @@
+"""What every Loom LightningModule shares, so each model only writes its data, step and optimizer:
+
+- the data: a :class:`TrainBatches` over a ``LoomLoader`` (exact, rank-split), epoch after epoch;
+- checkpoints: the data position, RNG states, the MLflow run id and the config beside Lightning's state
+  (``checkpoint["loom"]``); loading is not strict because frozen weights are left out of checkpoints;
+- MLflow: the resolved config as params at fit start (a resumed run keeps its first values), the loss as the
+  mean over all ranks' real samples (padding repeats excluded), artifacts from rank 0;
+- ZeRO-3: :meth:`gathered` collects the trainable parameters on every rank before rank 0 saves them;
+- ``LOOM_FAIL_AT_STEP``: a crash injection the resume tests use.
+
+Subclasses implement ``make_loader()``, ``training_step`` (calling :meth:`take_data_state` first and
+:meth:`log_loss`), ``configure_optimizers`` and optionally ``context_params()`` and ``on_train_end``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from loom.platform.config import to_dict
+from loom.platform.tracking import flatten
+
+
+class TrainBatches:
+    """The rank's batches, epoch after epoch (training is counted in steps), each carrying the loader state
+    *after* it under ``__loader_state__``: Lightning fetches one batch ahead, so the loader's own state at
+    checkpoint time would be one batch too far. No ``state_dict`` here on purpose: the module saves and restores
+    the data position itself."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.resume: dict | None = None
+
+    def __iter__(self):
+        if self.resume is not None:
+            self.loader.load_state_dict(self.resume)
+            self.resume = None
+        while True:
+            for batch in self.loader:
+                batch["__loader_state__"] = self.loader.state_dict()
+                yield batch
+
+
+class LoomModule(L.LightningModule):
+    """Base of Loom's LightningModules; ``cfg`` is the job's root config (with ``out``, ``trainer``)."""
+
+    def __init__(self, cfg: Any):
+        super().__init__()
+        self.cfg = cfg
+        # Checkpoints leave the frozen base out (it comes back from its own weights), so loading is not strict.
+        self.strict_loading = False
+        self.batches: TrainBatches | None = None
+        self._data_state: dict | None = None
+        self.losses: list[tuple[int, float]] = []
+
+    # ------------------------------------------------------------------ data
+
+    def make_loader(self):
+        raise NotImplementedError
+
+    def train_dataloader(self):
+        if self.batches is None:
+            self.batches = TrainBatches(self.make_loader())
+        return self.batches
+
+    def take_data_state(self, batch: dict) -> None:
+        """Call first in ``training_step``: remembers the data position after this batch, and crashes on purpose
+        at ``LOOM_FAIL_AT_STEP`` (tests)."""
+        self._data_state = batch.pop("__loader_state__", None)
+        fail = os.environ.get("LOOM_FAIL_AT_STEP")
+        if fail and self.global_step == int(fail):
+            os._exit(17)
+
+    # ------------------------------------------------------------------ logging
+
+    def log_loss(self, per_sample: torch.Tensor, batch: dict, name: str = "train/loss") -> torch.Tensor:
+        """The mean of ``per_sample`` (B,) over real samples (``__pad__`` repeats weigh nothing), logged as the mean
+        over all ranks' real samples: N ranks with batch b log what 1 rank with batch N*b logs."""
+        pad = batch.get("__pad__")
+        keep = (~torch.as_tensor(pad) if pad is not None else torch.ones(per_sample.shape[0], dtype=torch.bool))
+        keep = keep.to(per_sample.device)
+        loss = (per_sample * keep).sum() / keep.sum().clamp_min(1)
+        stats = torch.stack([(per_sample * keep).sum().detach().float(), keep.sum().float()])
+        if self.trainer.world_size > 1:
+            stats = self.all_gather(stats).reshape(-1, 2).sum(0)
+        self.log(name, stats[0] / stats[1].clamp_min(1), prog_bar=True, on_step=True, on_epoch=False,
+                 rank_zero_only=True)
+        for i, group in enumerate(self.optimizers().param_groups):
+            gname = str(group.get("name", i)).replace("+", "_")  # MLflow metric names allow _ / . and space
+            self.log(f"lr/{gname}", float(group["lr"]), on_step=True, on_epoch=False, rank_zero_only=True)
+        self.losses.append((self.global_step, float(loss.detach())))
+        return loss
+
+    def run_id(self) -> str | None:
+        return getattr(self.logger, "run_id", None) if self.logger else None
+
+    def context_params(self) -> dict[str, str]:
+        """Extra MLflow params describing the run (e.g. where conditioning comes from)."""
+        return {}
+
+    def on_fit_start(self) -> None:
+        run_id = self.run_id()
+        if self.global_rank != 0 or run_id is None:
+            return
+        client = self.logger.experiment
+        existing = client.get_run(run_id).data.params
+        params = {**flatten(to_dict(self.cfg)), **self.context_params()}
+        for k, v in params.items():  # a resumed run keeps its first values (MLflow refuses changed params)
+            if k not in existing:
+                client.log_param(run_id, k, v)
+        cfg_path = os.path.join(self.cfg.out, "config.yaml")
+        if os.path.isfile(cfg_path):
+            client.log_artifact(run_id, cfg_path)
+
+    def log_artifacts(self, path: str, artifact_path: str | None = None) -> None:
+        """Rank 0: a file or folder into the run's artifacts."""
+        run_id = self.run_id()
+        if self.global_rank != 0 or run_id is None:
+            return
+        client = self.logger.experiment
+        if os.path.isdir(path):
+            client.log_artifacts(run_id, path, artifact_path)
+        else:
+            client.log_artifact(run_id, path, artifact_path)
+
+    # ------------------------------------------------------------------ ZeRO-3
+
+    def gathered(self, params):
+        """ZeRO-3 keeps each rank's slice of the parameters: gather them (on every rank) to save."""
+        t = self.cfg.trainer
+        if t.strategy == "deepspeed" and t.zero_stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["loom"] = {
+            "data": self._data_state,
+            "mlflow_run_id": self.run_id(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
+            "config": to_dict(self.cfg),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        extra = checkpoint.get("loom") or {}
+        if extra.get("rng"):
+            torch.set_rng_state(extra["rng"]["torch"])
+            np.random.set_state(extra["rng"]["numpy"])
+        if extra.get("data") is not None:
+            self.train_dataloader().resume = extra["data"]
