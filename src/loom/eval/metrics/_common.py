@@ -25,7 +25,7 @@ def as_images(x, name: str = "images", allow_video: bool = True) -> torch.Tensor
 def check_unit_range(t: torch.Tensor, name: str) -> None:
     if t.numel() == 0:
         raise ValueError(f"{name} is empty")
-    lo, hi = float(t.min()), float(t.max())
+    lo, hi = (float(v) for v in torch.aminmax(t))
     if not (0.0 <= lo and hi <= 1.0):
         raise ValueError(f"{name}: values must lie in [0,1], got [{lo:.4g}, {hi:.4g}] (scale [0,255] by 1/255)")
 

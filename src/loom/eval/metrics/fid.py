@@ -114,11 +114,6 @@ def _drop_noise(w: np.ndarray) -> np.ndarray:
     return np.where(w > len(w) * np.finfo(np.float64).eps * max(float(w.max()), 0.0), w, 0.0)
 
 
-def _psd_sqrt(s: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh(s)
-    return (v * np.sqrt(_drop_noise(w))) @ v.T
-
-
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """``||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2})``, via symmetric eigen-decompositions (see the
     module docstring); clamped at 0."""
@@ -126,9 +121,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.shape[0],) * 2:
         raise ValueError(f"shapes do not match: mu {mu1.shape}, {mu2.shape}; sigma {s1.shape}, {s2.shape}")
-    r1 = _psd_sqrt(0.5 * (s1 + s1.T))
-    m = r1 @ (0.5 * (s2 + s2.T)) @ r1
-    tr_sqrt = np.sqrt(_drop_noise(np.linalg.eigvalsh(0.5 * (m + m.T)))).sum()
+    # S1^{1/2} S2 S1^{1/2} = V (Y^T S2 Y) V^T with Y = V diag(sqrt w): same eigenvalues, one matmul fewer, and
+    # the null directions of S1 (dropped columns) never enter
+    w, v = np.linalg.eigh(0.5 * (s1 + s1.T))
+    w = _drop_noise(w)
+    y = v[:, w > 0] * np.sqrt(w[w > 0])
+    m = y.T @ (0.5 * (s2 + s2.T)) @ y
+    tr_sqrt = np.sqrt(_drop_noise(np.linalg.eigvalsh(0.5 * (m + m.T)))).sum() if m.size else 0.0
     diff = mu1 - mu2
     d = diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_sqrt
     return float(max(d, 0.0))

@@ -10,7 +10,8 @@ The subsets are drawn with ``torch.randperm`` from a ``torch.Generator`` seeded 
 generated set, per subset: the same draws torchmetrics' ``KernelInceptionDistance.compute()`` makes after
 ``torch.manual_seed(seed)``, so with the same features the two agree exactly (tested). Unlike torchmetrics, the
 network comes from the local weights directory (no download at run time). KID needs the features themselves, not
-only their moments; they are kept in float64 (2048 x 8 bytes per image).
+only their moments; they are kept as the network returns them (float32: 2048 x 4 bytes per image). The Gram
+matrices and kernel values are computed in that dtype, as torchmetrics does, and summed in float64.
 """
 
 from __future__ import annotations
@@ -22,20 +23,28 @@ from loom.eval.metrics._common import batches
 from loom.eval.metrics.fid import network_device
 
 
+def _kernel_sums(a: torch.Tensor, b: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    k = (a @ b.T).div_(d).add_(1).pow_(3)  # in the features' dtype: the matmul is the cost
+    return k.sum(dtype=torch.float64), k.diagonal().sum(dtype=torch.float64)
+
+
 def _mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # kernel values in the features' dtype (float32 from the networks, as torchmetrics), their sums in float64
     m, d = x.shape
-    kxx = (x @ x.T / d + 1) ** 3
-    kyy = (y @ y.T / d + 1) ** 3
-    kxy = (x @ y.T / d + 1) ** 3
-    sxx = (kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1))
-    syy = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
-    return sxx + syy - 2 * kxy.mean()
+    sxx, dxx = _kernel_sums(x, x, d)
+    syy, dyy = _kernel_sums(y, y, d)
+    sxy, _ = _kernel_sums(x, y, d)
+    return (sxx - dxx + syy - dyy) / (m * (m - 1)) - 2 * sxy / (m * m)
+
+
+def _as_float(x) -> torch.Tensor:
+    t = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def kid_from_features(fake, real, *, subsets: int = 100, subset_size: int = 1000, seed: int = 0):
     """(mean, std) of the subset KID estimates for feature sets ``fake`` (N,D) and ``real`` (M,D)."""
-    f = torch.as_tensor(np.asarray(fake), dtype=torch.float64)
-    r = torch.as_tensor(np.asarray(real), dtype=torch.float64)
+    f, r = _as_float(fake), _as_float(real)
     if f.ndim != 2 or r.ndim != 2 or f.shape[1] != r.shape[1]:
         raise ValueError(f"features must be (N,D) and (M,D) of one D, got {tuple(f.shape)} and {tuple(r.shape)}")
     if min(len(f), len(r)) < subset_size:
@@ -55,7 +64,7 @@ def kid_from_features(fake, real, *, subsets: int = 100, subset_size: int = 1000
 
 def features(data, network: torch.nn.Module, batch_size: int = 50) -> torch.Tensor:
     dev = network_device(network)
-    return torch.cat([network(b.to(dev)).double().cpu() for b in batches(data, batch_size)])
+    return torch.cat([network(b.to(dev)).cpu() for b in batches(data, batch_size)])
 
 
 def kid(preds, target, *, network: torch.nn.Module | None = None, subsets: int = 100, subset_size: int = 1000,
