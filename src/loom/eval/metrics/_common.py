@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 
-def as_images(x, name: str = "images", allow_video: bool = True) -> torch.Tensor:
+def as_images(x, name: str = "images", allow_video: bool = True, check_range: bool = True) -> torch.Tensor:
     """(N,3,H,W) float in [0,1]; with ``allow_video`` a (N,T,3,H,W) video batch is flattened to (N*T,3,H,W)."""
     t = torch.as_tensor(x)
     if allow_video and t.ndim == 5:
@@ -18,7 +18,8 @@ def as_images(x, name: str = "images", allow_video: bool = True) -> torch.Tensor
                          + f", got shape {tuple(t.shape)}")  # fmt: skip
     if not t.is_floating_point():
         raise ValueError(f"{name}: expected float values in [0,1], got dtype {t.dtype}")
-    check_unit_range(t, name)
+    if check_range:
+        check_unit_range(t, name)
     return t
 
 
