@@ -3,7 +3,9 @@ without hangs, exact mid-epoch resume, corrupt shards named or skipped-and-recor
 
 import io
 import json
+import struct
 import uuid
+import zipfile
 
 import numpy as np
 import pytest
@@ -56,7 +58,7 @@ def run_epoch(out, nw=0, **kw):
 
 
 def keys_of(batches, with_pad=True):
-    return [k for b in batches for k, p in zip(b["__key__"], b["__pad__"].tolist()) if with_pad or not p]
+    return [k for b in batches for k, p in zip(b["__key__"], b["__pad__"].tolist(), strict=True) if with_pad or not p]
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 4 workers on a 2-core machine, on purpose
@@ -113,8 +115,143 @@ def test_batches_are_tensors_and_collated(corpus):
     assert b["__index__"].tolist() == [0, 1, 2, 3]
     # .npy members read straight into the batch == the general decode path (forced by a transform)
     _, general = run_epoch(out, 0, batch_size=4, shuffle=False, world_size=1, rank=0, transform=lambda s, r: s)
-    for x, y in zip(batches, general):
+    for x, y in zip(batches, general, strict=True):
         assert x["__key__"] == y["__key__"] and torch.equal(x["x"], y["x"]) and torch.equal(x["y"], y["y"])
+
+
+def _npy_long_header(a):
+    """A valid .npy whose header is padded to 192 bytes (numpy writes 128 for small arrays)."""
+    d = repr({"descr": a.dtype.str, "fortran_order": False, "shape": a.shape}).encode()
+    head = d + b" " * (192 - 10 - len(d) - 1) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(head).to_bytes(2, "little") + head + a.tobytes()
+
+
+def _npy_v2(a):
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, a, version=(2, 0))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("gap", [None, 0])  # 0: every member is its own read (as past an array not asked for)
+def test_direct_batches_match_the_general_path_whatever_the_npy_headers(tmp_path, monkeypatch, gap):
+    if gap is not None:
+        monkeypatch.setattr(L, "_GAP", gap)
+    out = str(tmp_path / "c")
+    general_calls = []
+    decoded_batch = L.LoomDataset._decoded_batch
+    monkeypatch.setattr(L.LoomDataset, "_decoded_batch",
+                        lambda self, ids, *a: general_calls.append(ids.tolist()) or decoded_batch(self, ids, *a))
+
+    def sample(i):
+        x = np.array([i, i * 10], dtype=np.int64)
+        xs = {3: _npy_long_header(x), 4: _npy_v2(x)}.get(i, _npy(x))  # other header lengths and bytes mid-batch
+        w = np.arange(i % 3 + 1, dtype=np.float32)  # shapes differ between samples: kept as a list
+        return {"x.npy": xs, "w.npy": _npy(w) if i >= 8 else _npy(np.zeros(2, np.float32)), "z.npz": _zip(i),
+                "meta.json": json.dumps({"kind": "toy", "i": i}).encode()}
+
+    make_corpus(out, sample=sample)
+    for keys in (None, ("x",)):
+        kw = {"batch_size": 4, "shuffle": False, "world_size": 1, "rank": 0, "keys": keys}
+        general_calls.clear()
+        direct = list(L.LoomLoader(out, **kw))
+        # read directly: the batches with the odd headers (samples 3 and 4); the general path only where the
+        # shapes of w differ (samples 8..15)
+        assert general_calls == ([] if keys else [[8, 9, 10, 11], [12, 13, 14, 15]])
+        general = list(L.LoomLoader(out, **kw, transform=lambda s, r: s))
+        assert len(direct) == len(general) == 4
+        for d, g in zip(direct, general, strict=True):
+            assert d.keys() == g.keys() and d["__key__"] == g["__key__"] and d["meta"] == g["meta"]
+            assert torch.equal(d["x"], g["x"]) and d["x"][:, 0].tolist() == [int(k[1:]) for k in d["__key__"]]
+            if keys is None:
+                assert torch.equal(d["y"], g["y"])
+                w_d, w_g = d["w"], g["w"]
+                assert type(w_d) is type(w_g)
+                assert all(torch.equal(a, b) for a, b in zip(w_d, w_g, strict=True))
+            else:
+                assert "w" not in d and "y" not in d  # not asked for
+        if keys is None:
+            assert isinstance(direct[0]["w"], torch.Tensor) and isinstance(direct[2]["w"], list)
+
+
+def test_batch_memory_is_reused_only_once_every_tensor_of_it_is_gone(corpus):
+    mem = L._BatchMemory()
+    a = mem.take(10000)
+    first = a.ctypes.data
+    assert first % 4096 == 0 and a.nbytes == 10000 and a.flags.writeable
+    t = torch.from_numpy(a[4096:].view(np.float32))[1:]  # a tensor of a view of it
+    del a
+    b = mem.take(10000)
+    assert b.ctypes.data != first, "memory handed out again while a tensor of it exists"
+    second = b.ctypes.data
+    del t, b
+    assert {mem.take(10000).ctypes.data, mem.take(10000).ctypes.data} == {first, second}  # both reused
+
+    out, _ = corpus
+    ld = L.LoomLoader(out, batch_size=2, seed=3, world_size=1, rank=0)
+    held = [(b["x"], b["x"].clone()) for b in ld]  # epoch 0, every batch kept
+    assert all(torch.equal(x, c) for x, c in held), "a batch was overwritten while the consumer held it"
+    view, want = held[0][0][1:], held[0][1][1:]
+    del held
+    for b in ld:  # epoch 1 (another order) may reuse the memory of the dropped batches only
+        assert b["x"].data_ptr() != view.data_ptr() - 16
+    assert torch.equal(view, want)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_forked_workers_after_reading_in_the_main_process(corpus):
+    out, _ = corpus
+    ld = L.LoomLoader(out, batch_size=3, seed=2, world_size=1, rank=0)
+    ref = [keys_of([b]) for b in ld]  # the main process made its reading state (batch memory, scratch)
+    ld.num_workers = 2  # forked workers inherit that state without pickling: they must make their own
+    ld.set_epoch(0)
+    assert [keys_of([b]) for b in ld] == ref
+
+
+def test_npz_members_parse_like_numpy(tmp_path):
+    from loom.datasets.codecs import npz, unnpz
+
+    arrays = {"K": np.random.default_rng(0).random((5, 3, 3), dtype=np.float32), "e": np.zeros((0, 2)),
+              "s": np.float64(2.5), "b": np.ones((2, 2), bool)}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # stored, not deflated
+    for data in (npz(**arrays), buf.getvalue()):
+        got, ref = L._unnpz(data), unnpz(data)
+        assert got.keys() == ref.keys()
+        for k in ref:
+            assert got[k].dtype == ref[k].dtype and got[k].shape == ref[k].shape and np.array_equal(got[k], ref[k])
+            assert got[k].flags.writeable
+        info = zipfile.ZipFile(io.BytesIO(data)).infolist()[0]
+        local = struct.unpack_from("<26xHH", data, info.header_offset)
+        bad = bytearray(data)
+        bad[info.header_offset + 30 + sum(local) + info.compress_size // 2] ^= 0xFF  # inside the first payload
+        with pytest.raises(Exception):  # noqa: B017 - zlib's, the CRC check's or numpy's error: never silent
+            L._unnpz(bytes(bad))
+
+
+def test_latent_samples_load_directly(tmp_path):
+    from loom.datasets import latents
+    from loom.datasets.codecs import npz
+
+    def sample(i):
+        rng = np.random.default_rng(i)
+        f = {f"{p}_latent.npy": latents.npy(rng.standard_normal((4, 2, 3, 5)).astype(np.float16))
+             for p in latents.PASSES}
+        f["mask_latent.npy"] = latents.npy(rng.random((2, 3, 5)).astype(np.float16))
+        f["camera.npz"] = npz(K=rng.random((5, 3, 3), dtype=np.float32), c2w=rng.random((5, 4, 4), dtype=np.float32))
+        f["meta.json"] = json.dumps({"kind": "ttv", "i": i, "latents": {"passes": list(latents.PASSES)}}).encode()
+        return f
+
+    out = str(tmp_path / "lat")
+    make_corpus(out, sizes=(3, 2), kind="latents", sample=sample)
+    batches = list(L.LoomLoader(out, batch_size=2, world_size=1, rank=0, seed=1))
+    ref = {s["__key__"]: s for s in latents.iter_samples(out)}
+    for b in batches:
+        assert b["rgb_latent"].dtype == torch.float16 and b["rgb_latent"].shape == (2, 4, 2, 3, 5)
+        assert b["K"].shape == (2, 5, 3, 3) and b["c2w"].shape == (2, 5, 4, 4)
+        for j, key in enumerate(b["__key__"]):
+            for name in ("rgb_latent", "normal_latent", "position_latent", "mask_latent"):
+                assert np.array_equal(b[name][j].float().numpy(), ref[key][name])
+            assert np.array_equal(b["K"][j].numpy(), ref[key]["K"]) and b["meta"][j] == ref[key]["meta"]
 
 
 @pytest.mark.parametrize("nw", [0, 2])
@@ -142,12 +279,113 @@ def test_resume_mid_epoch_gives_the_same_next_batches(corpus, nw):
         assert seen + rest == full, f"resume after {stop} batches differs"
 
 
-def test_resume_refuses_a_different_setup(corpus):
+def _consume(ld, k):
+    """The first ``k`` batches of the loader's epoch, and its state as a checkpoint file would give it back."""
+    got = []
+    for b in ld:
+        got.append(b)
+        if len(got) == k:
+            break
+    return got, json.loads(json.dumps(ld.state_dict()))
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("k", [1, 2])
+def test_resume_with_another_world_or_batch_size_sees_each_sample_once(corpus, k):
+    out, keys = corpus  # 16 samples
+    seen, states = [], []
+    for r in range(2):  # 2 ranks x batches of 2: each step consumes a block of 4 samples of the global order
+        got, st = _consume(L.LoomLoader(out, batch_size=2, seed=4, rank=r, world_size=2), k)
+        assert not any(b["__pad__"].any() for b in got)
+        seen += keys_of(got)
+        states.append(st)
+    assert states[0]["samples"] == states[1]["samples"] == 4 * k
+    order = L.epoch_order(list(SIZES), 4, 0).tolist()
+    # (world, batch, workers): 1 rank on a block boundary; 4 ranks mid-block for k=1; 3 ranks never on one, with a
+    # remainder to pad (3 x 3) or not (3 x 2); another batch size
+    for ws, bs, nw in ((1, 2, 0), (4, 2, 0), (3, 3, 2), (3, 2, 0)):
+        runs = []
+        for r in range(ws):
+            ld = L.LoomLoader(out, batch_size=bs, seed=4, rank=r, world_size=ws, num_workers=nw)
+            ld.load_state_dict(states[r % 2])  # every rank of the old run holds the same position
+            runs.append(list(ld))
+            assert ld.epoch == 1 and ld.batch == 0, "the resumed epoch did not run to its end"
+        assert len({len(b) for b in runs}) == 1, f"ranks would wait for each other: {[len(b) for b in runs]}"
+        assert all(len(b["__key__"]) == bs for rb in runs for b in rb)
+        rest = [b for rb in runs for b in rb]
+        assert sorted(seen + keys_of(rest, with_pad=False)) == keys, f"world {ws} x batch {bs}: not exactly once"
+        # the new run continues the same global order: its samples are those after the 4k consumed ones
+        got_ids = {i for b in rest for i, p in zip(b["__index__"].tolist(), b["__pad__"].tolist(), strict=True)
+                   if not p}
+        assert got_ids == set(order[4 * k:])
+    # after the resumed epoch, the next one is the new world's own epoch
+    ld = L.LoomLoader(out, batch_size=3, seed=4, rank=1, world_size=3)
+    ld.load_state_dict(states[1])
+    list(ld)
+    ref = L.LoomLoader(out, batch_size=3, seed=4, rank=1, world_size=3)
+    ref.set_epoch(1)
+    assert keys_of(list(ld)) == keys_of(list(ref))
+
+
+def test_resume_after_a_remapped_resume_is_exact(corpus):
+    out, _ = corpus
+    _, state = _consume(L.LoomLoader(out, batch_size=2, seed=4, rank=0, world_size=2), 1)  # 4 samples consumed
+    kw = {"batch_size": 2, "seed": 4, "rank": 3, "world_size": 4}  # blocks of 8: resumed mid-block
+    a = L.LoomLoader(out, **kw)
+    a.load_state_dict(state)
+    first, state2 = _consume(a, 1)
+    assert state2["samples"] == 12
+    rest_a = [keys_of([b]) + b["__pad__"].tolist() for b in a]  # the uninterrupted run, padding included
+    b_ = L.LoomLoader(out, **kw)
+    b_.load_state_dict(state2)
+    rest_b = [keys_of([b]) + b["__pad__"].tolist() for b in b_]
+    assert rest_b == rest_a and len(rest_a) == 1 and any(rest_a[0][2:])  # the last batch holds padding
+
+
+def test_old_states_without_a_sample_position_still_resume(corpus):
+    out, keys = corpus
+    kw = {"batch_size": 2, "seed": 5, "rank": 0, "world_size": 2}
+    ref = [keys_of([b]) for b in L.LoomLoader(out, **kw)]
+    _, state = _consume(L.LoomLoader(out, **kw), 2)
+    del state["samples"]  # a state saved before the field existed
+    b = L.LoomLoader(out, **kw)
+    b.load_state_dict(state)
+    assert [keys_of([x]) for x in b] == ref[2:]
+    one = L.LoomLoader(out, batch_size=2, seed=5, rank=0, world_size=1)  # derived: batch * world * batch size
+    one.load_state_dict(state)
+    seen = [k for r in range(2) for x in _consume(L.LoomLoader(out, **{**kw, "rank": r}), 2)[0] for k in keys_of([x])]
+    assert sorted(seen + keys_of(list(one), with_pad=False)) == keys
+
+
+def test_resume_with_drop_last_and_another_world_never_repeats(corpus):
+    out, _ = corpus
+    seen = []
+    for r in range(2):
+        got, state = _consume(L.LoomLoader(out, batch_size=2, seed=6, rank=r, world_size=2, drop_last=True), 1)
+        seen += keys_of(got)
+    for r in range(4):
+        ld = L.LoomLoader(out, batch_size=2, seed=6, rank=r, world_size=4, drop_last=True)
+        ld.load_state_dict(state)
+        got = list(ld)
+        assert len(got) == 1 and not any(b["__pad__"].any() for b in got)  # 12 left: one block of 8, 4 cut
+        seen += keys_of(got)
+    assert len(seen) == len(set(seen)) == 12
+
+
+def test_resume_refuses_a_different_setup(corpus, tmp_path):
     out, _ = corpus
     a = L.LoomLoader(out, batch_size=2, seed=1, world_size=1, rank=0)
-    b = L.LoomLoader(out, batch_size=2, seed=2, world_size=1, rank=0)
-    with pytest.raises(ValueError, match="seed"):
-        b.load_state_dict(a.state_dict())
+    for kw, field in (({"seed": 2}, "seed"), ({"shuffle_buffer": 4}, "shuffle_buffer"), ({"drop_last": True},
+                                                                                          "drop_last")):
+        b = L.LoomLoader(out, batch_size=2, world_size=1, rank=0, **{"seed": 1, **kw})
+        with pytest.raises(ValueError, match=field):
+            b.load_state_dict(a.state_dict())
+    other = str(tmp_path / "other")
+    make_corpus(other, sizes=(3, 5))
+    with pytest.raises(ValueError, match="num_samples"):
+        L.LoomLoader(other, batch_size=2, seed=1, world_size=1, rank=0).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="samples=99"):
+        L.LoomLoader(out, batch_size=2, seed=1, world_size=1, rank=0).load_state_dict({**a.state_dict(), "samples": 99})
 
 
 def _truncate(out, name, keep):
@@ -166,6 +404,22 @@ def test_truncated_shard_is_named_or_skipped_and_recorded(tmp_path):
     assert [s["shard"].endswith(name) for s in ld.skipped] == [True]
     got = keys_of(list(ld), with_pad=False)
     assert sorted(got) == keys[:3] + keys[8:]  # the other shards, each sample once
+
+
+def test_shard_cut_after_indexing_is_named_or_skipped_by_the_direct_path(tmp_path):
+    out = str(tmp_path / "c")
+    keys = make_corpus(out)
+    ld = L.LoomLoader(out, batch_size=4, world_size=1, rank=0, shuffle=False, on_error="skip")  # indexed whole
+    url = shards.shard_url(out, shards.shard_name("toy", 1))  # samples 3..7
+    x_of_5 = L.scan_shard(url).members[2]["x.npy"][0]
+    storage.write_bytes(url, storage.read_bytes(url)[:x_of_5 + 130])  # inside sample 5's x payload
+    got = list(ld)
+    assert [s["key"] for s in ld.skipped] == ["k0005", "k0006", "k0007"]
+    assert all("short read" in s["reason"] for s in ld.skipped)
+    assert sorted(keys_of(got, with_pad=False)) == [k for k in keys if k not in ("k0005", "k0006", "k0007")]
+    assert got[1]["x"][:, 0].tolist() == [4]  # the rows that were read, and no others
+    with pytest.raises(shards.ShardError, match="toy-000001.tar.*k0005"):
+        list(L.LoomLoader(out, batch_size=4, world_size=1, rank=0, shuffle=False, cache_index=True))
 
 
 def test_truncated_at_a_header_boundary_without_manifest_is_caught(tmp_path):
@@ -245,7 +499,7 @@ def test_ttv_samples_with_transform_reproducible_over_workers(tmp_path):
     assert b["rgb"].shape == (2, 2, 4, 4, 3) and b["rgb"].dtype == torch.uint8
     assert b["K"].shape == (2, 2, 3, 3) and b["mask"].dtype == torch.bool and b["depth"].dtype == torch.float32
     assert b["frame_indices"].shape == (2, 2)
-    for x, y in zip(*runs):
+    for x, y in zip(*runs, strict=True):
         assert x["__key__"] == y["__key__"] and torch.equal(x["rgb"], y["rgb"]) and torch.equal(x["K"], y["K"])
     assert sorted(keys_of(runs[0], with_pad=False)) == keys
 

@@ -3,7 +3,7 @@ split by rank, resumable mid-epoch; and the same shards as a Ray Data dataset.
 
 Usage (trainer)::
 
-    loader = LoomLoader("s3://bucket/ttv-run", batch_size=8, seed=0, num_workers=4)   # rank/world from torch.distributed
+    loader = LoomLoader("s3://bucket/ttv-run", batch_size=8, seed=0, num_workers=4)  # rank, world: torch.distributed
     loader.load_state_dict(ckpt["loader"])          # optional: resume mid-epoch
     for epoch in range(epochs):
         for batch in loader:                        # batch["rgb"]: (B,T,H,W,3) uint8 tensor, batch["meta"]: list
@@ -35,15 +35,28 @@ Design (why it is built this way, against the failures of the peers):
    0, 1, 2 or 4 workers, and resuming at any batch ``start`` keeps it.
 5. **Resume.** :class:`LoomLoader` counts the batches it has handed to the caller in the main process (workers
    cannot see what was consumed; their prefetched batches are simply made again). ``state_dict()`` is
-   ``{seed, epoch, batch, ...}``; after ``load_state_dict()`` the next batch is exactly the next batch of the
-   uninterrupted run. A state from another seed, batch size, world size or corpus is refused.
+   ``{seed, epoch, batch, samples, ...}``, where ``samples`` is the position in the epoch's global order that all
+   ranks together have reached (``batch * world_size * batch_size`` plus where the epoch was resumed; every rank
+   holds the same). With the same world and batch size, the next batch after ``load_state_dict()`` is exactly the
+   next batch of the uninterrupted run. With another world size or batch size (more or fewer GPUs after a crash)
+   the run continues from that sample position of the same global order: if it falls on a boundary of the new
+   global batches, the batches are those the new world would have had from the start; otherwise the rest of the
+   epoch is cut into new global batches from there, padded (or cut, with ``drop_last``) like any epoch, so every
+   rank gets the same number of batches and over the old and the new run each sample of the epoch is seen once
+   (padding apart). The next epoch is the new world's own. States without ``samples`` (older ones) derive it
+   from ``batch``, ``world_size`` and ``batch_size``. A state from another seed, shuffle setting, ``drop_last`` or
+   corpus (sample count) is refused.
 6. **Reading.** One ranged read per sample (``os.pread`` on local files, ``fs.cat_file(path, start, end)`` on any
    other fsspec filesystem, ``read_threads`` concurrent reads per worker), the kind's ``decode_sample`` (from the
    manifest's ``kind`` or the first sample's meta.json; a generic ``.npy/.npz/.json`` decoder for other kinds such
    as cached latents), an optional per-sample transform with its own generator seeded by (seed, epoch, sample),
    then numpy -> torch: arrays of equal shape are stacked, others kept as lists, ``meta`` stays a list of dicts.
-   For generic kinds (latents) with no transform, ``.npy`` payloads are read with ``preadv`` straight into the
-   batch arrays: the read is the only copy, so such shards load near the raw I/O rate.
+   For generic kinds (latents) with no transform, a local sample is ONE ``preadv`` that scatters each ``.npy``
+   payload straight into its row of the batch arrays (the read is the only copy) and the rest into a scratch
+   buffer, whose small members (meta.json, camera.npz) are decoded from there.
+   Batch memory is recycled once the consumer has dropped every tensor of a batch, never earlier; a fresh
+   allocation per batch would fault in every page on each read. Such shards load at the rate of reading their
+   bytes into batch-sized memory (benchmarks/README.md, loader section).
    Workers are started per epoch (``persistent_workers`` would freeze the epoch/start seen by the workers); a
    crash leaves no shared memory or lock files behind.
 7. **Errors.** A sample that cannot be read or decoded raises :class:`ShardError` naming the shard and the key.
@@ -59,9 +72,13 @@ import functools
 import io
 import json
 import logging
+import math
 import os
+import struct
 import tarfile
 import threading
+import weakref
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -85,6 +102,8 @@ _MEMORY_LOCK = threading.Lock()
 INDEX = "index.json"
 INDEX_FORMAT = "loom-index/1"
 ON_ERROR = ("raise", "skip")
+_IOV_MAX = 512  # buffers per preadv (Linux allows 1024)
+_GAP = 64 << 10  # unwanted bytes between two wanted members read and dropped rather than skipped by a new read
 
 # sample kind (manifest "kind" or meta.json "kind") -> module with decode_sample(files, keys)
 DECODERS = {"ttv": "loom.datasets.ttv", "4d": "loom.datasets.shape4d", "scene": "loom.datasets.scene"}
@@ -192,7 +211,7 @@ def build_index(url: str | list[str], on_error: str = "raise", cache: bool = Tru
     with ThreadPoolExecutor(max(1, min(threads, len(urls)))) as pool:
         results = list(pool.map(one, urls))
     out, skipped = [], []
-    for u, r in zip(urls, results):
+    for u, r in zip(urls, results, strict=True):
         if isinstance(r, ShardError):
             if on_error == "raise":
                 raise r
@@ -266,24 +285,38 @@ def epoch_order(counts: list[int], seed: int, epoch: int, shuffle: bool = True,
 
 
 def rank_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int,
-                 drop_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 drop_last: bool = False, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(ids, pad) of shape (num_batches, batch_size) for ``rank``: global batch g goes to rank g % world_size;
     the order is padded by repeating its start (pad=True) or cut (drop_last) to a multiple of
-    world_size * batch_size, so all ranks get the same number of full batches."""
+    world_size * batch_size, so all ranks get the same number of full batches.
+
+    ``start``: the first ``start`` samples of the order were consumed already (a run with another world or batch
+    size, resumed): the rest of the order is cut into global batches from there and padded or cut the same way."""
     n, block = len(order), batch_size * world_size
+    if n == 0:
+        raise ValueError("no samples to load")
+    start = min(max(int(start), 0), n)
+    rest = n - start
     if drop_last:
-        used = n // block * block
-        ids, pad = order[:used], np.zeros(used, bool)
+        used = rest // block * block
+        ids, pad = order[start:start + used], np.zeros(used, bool)
     else:
-        used = -(-n // block) * block
-        if n == 0:
-            raise ValueError("no samples to load")
-        reps = np.resize(order, used - n)  # repeats from the start (wrapping if the order is tiny)
-        ids = np.concatenate([order, reps])
-        pad = np.concatenate([np.zeros(n, bool), np.ones(used - n, bool)])
+        used = -(-rest // block) * block
+        # repeats of the epoch's first samples (wrapping if the order is tiny), whatever ``start``: a resume at any
+        # point of the same run pads with the same samples
+        reps = np.resize(order, used - rest)
+        ids = np.concatenate([order[start:], reps])
+        pad = np.concatenate([np.zeros(rest, bool), np.ones(used - rest, bool)])
     ids = ids.reshape(-1, world_size, batch_size)[:, rank]
     pad = pad.reshape(-1, world_size, batch_size)[:, rank]
     return ids, pad
+
+
+def epoch_batches(num_samples: int, batch_size: int, world_size: int, drop_last: bool = False,
+                  start: int = 0) -> int:
+    """Batches per rank in an epoch whose first ``start`` samples were consumed already (see :func:`rank_batches`)."""
+    rest, block = num_samples - min(max(int(start), 0), num_samples), batch_size * world_size
+    return rest // block if drop_last else -(-rest // block)
 
 
 # ----------------------------------------------------------------------------------------------- decoding
@@ -301,11 +334,57 @@ def generic_decode(files: dict[str, bytes], keys: tuple[str, ...] | None = None)
         if suffix == "npy":
             out[name] = _npy_view(data)
         elif suffix == "npz":
-            out.update({k: v for k, v in unnpz(bytes(data)).items() if want is None or k in want})
+            out.update({k: v for k, v in _unnpz(data).items() if want is None or k in want})
         elif suffix == "json":
             out[name] = json.loads(bytes(data))
         else:
             out[ext] = bytes(data)
+    return out
+
+
+class _Unusual(Exception):
+    """An .npz that the short parser leaves to numpy."""
+
+
+_EOCD = struct.Struct("<4s4H2LH")  # zip end of central directory
+_CDIR = struct.Struct("<4s6H3L5H2L")  # central directory entry
+_LOCAL = struct.Struct("<4s5H3L2H")  # local file header
+
+
+def _unnpz(data: bytes | memoryview) -> dict[str, np.ndarray]:
+    """``np.load`` of an ``.npz`` member (writeable arrays, as numpy gives). The small zips numpy writes (a
+    central directory of ``.npy`` entries, stored or deflated) are parsed here: ``zipfile`` + ``np.load`` cost
+    ~350 us per small camera.npz, as much as reading 3 MB of latents. Sizes, names and CRC32 are checked as
+    zipfile checks them; anything else (zip64 directory, comment, encryption, non-.npy entries) goes to numpy."""
+    try:
+        return _unnpz_short(memoryview(data))
+    except _Unusual:
+        return unnpz(bytes(data))
+
+
+def _unnpz_short(mv: memoryview) -> dict[str, np.ndarray]:
+    if len(mv) < _EOCD.size:
+        raise _Unusual
+    sig, disk, cd_disk, n, total, _, cd_off, comment = _EOCD.unpack_from(mv, len(mv) - _EOCD.size)
+    if sig != b"PK\x05\x06" or disk or cd_disk or n != total or comment or cd_off == 0xFFFFFFFF:
+        raise _Unusual
+    out, p = {}, cd_off
+    for _ in range(n):
+        (sig, _, _, flags, method, _, _, crc, csize, usize, nlen, xlen, clen, _, _, _, loff) = _CDIR.unpack_from(mv, p)
+        if sig != b"PK\x01\x02" or flags & 1 or method not in (0, 8) or 0xFFFFFFFF in (csize, usize, loff):
+            raise _Unusual
+        name = bytes(mv[p + _CDIR.size:p + _CDIR.size + nlen])
+        p += _CDIR.size + nlen + xlen + clen
+        lsig, _, _, _, _, _, _, _, _, lnlen, lxlen = _LOCAL.unpack_from(mv, loff)
+        start = loff + _LOCAL.size + lnlen + lxlen
+        if lsig != b"PK\x03\x04" or bytes(mv[loff + _LOCAL.size:loff + _LOCAL.size + lnlen]) != name:
+            raise _Unusual  # numpy raises its own error for a corrupt zip
+        if not name.endswith(b".npy") or start + csize > len(mv):
+            raise _Unusual
+        payload = zlib.decompress(mv[start:start + csize], -15) if method == 8 else bytes(mv[start:start + csize])
+        if len(payload) != usize or zlib.crc32(payload) != crc:
+            raise ValueError(f"npz entry {name.decode(errors='replace')} fails its CRC32 or size check (corrupt)")
+        out[name[:-4].decode()] = _npy_view(payload).copy()
     return out
 
 
@@ -337,7 +416,7 @@ def _npy_view(data: bytes | memoryview) -> np.ndarray:
     shape, fortran, dtype, hlen = _npy_header(data)
     if dtype.hasobject:
         raise ValueError("object arrays are not loaded (they would need pickle)")
-    arr = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=hlen)
+    arr = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=hlen)
     return arr.reshape(shape, order="F" if fortran else "C")
 
 
@@ -364,10 +443,63 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
             if all(v.shape == vals[0].shape and v.dtype == vals[0].dtype for v in vals):
                 batch[k] = torch.from_numpy(np.stack(vals))
             else:
-                batch[k] = [torch.from_numpy(v.copy() if not v.flags.writeable else np.ascontiguousarray(v)) for v in vals]
+                batch[k] = [torch.from_numpy(v.copy() if not v.flags.writeable else np.ascontiguousarray(v))
+                            for v in vals]
         else:
             batch[k] = vals
     return batch
+
+
+class _Lease:
+    """What the arrays of one batch hang on (their numpy ``base``): it outlives every array, view and tensor made
+    from the batch, so its death says that the memory is free again."""
+
+    __slots__ = ("__array_interface__", "mem", "__weakref__")
+
+    def __init__(self, mem: np.ndarray, start: int, nbytes: int):
+        self.mem = mem
+        self.__array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "version": 3,
+                                    "data": (mem.ctypes.data + start, False)}
+
+
+class _BatchMemory:
+    """Memory for direct batches, reused once the consumer has dropped every tensor of an earlier batch.
+
+    Why: a fresh batch of latents (tens of MB) is mapped anew by malloc and every page faults on the read that
+    fills it; that halved the load rate (benchmarks/README.md). Reuse is safe by construction: a buffer returns
+    to the free list only when its :class:`_Lease` dies, i.e. when no array, view or tensor of the batch exists
+    any more (a tensor pickled to the main process by a worker, or copied into pinned memory, no longer refers
+    to it). Memory kept: the batches alive plus ``keep`` free ones.
+
+    Arrays start on a page boundary: the kernel's copy into a destination a few bytes past the source's page
+    offset is ~6x slower on some CPUs (4K aliasing; measured on AMD EPYC), and ``.npy`` payloads in a Loom
+    tar start on 64-byte boundaries."""
+
+    ALIGN = 4096
+
+    def __init__(self, keep: int = 2):
+        self.keep = keep
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()  # finalizers run in whichever thread drops the last tensor
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A writeable uint8 array of ``nbytes`` on a page boundary."""
+        mem = None
+        with self._lock:
+            for i, m in enumerate(self._free):
+                if nbytes <= m.nbytes - self.ALIGN <= 2 * nbytes:
+                    mem = self._free.pop(i)
+                    break
+        if mem is None:
+            mem = np.empty(nbytes + self.ALIGN, np.uint8)
+        lease = _Lease(mem, -mem.ctypes.data % self.ALIGN, nbytes)
+        weakref.finalize(lease, self._give_back, mem).atexit = False
+        return np.asarray(lease)
+
+    def _give_back(self, mem: np.ndarray) -> None:
+        with self._lock:
+            if len(self._free) < self.keep:
+                self._free.append(mem)
 
 
 class _Reader:
@@ -408,12 +540,42 @@ class _Reader:
 
     def readinto(self, url: str, start: int, buf: memoryview) -> int:
         """Read ``len(buf)`` bytes at ``start`` straight into ``buf``; returns the count read."""
+        return self.readv(url, start, [buf])
+
+    def readv(self, url: str, start: int, bufs: list[memoryview], total: int | None = None) -> int:
+        """Fill ``bufs`` in turn from the bytes at ``start`` (one ``preadv`` on a local file); returns the count
+        read, short only at the end of the file. ``total``: their summed length, if the caller knows it."""
+        if total is None:
+            total = sum(len(b) for b in bufs)
         fd, fs, path = self._fd(url)
-        if fd is not None:
-            return os.preadv(fd, [buf], start)
-        data = self.read(url, start, start + len(buf))
-        buf[:len(data)] = data
-        return len(data)
+        if fd is None:
+            data = self.read(url, start, start + total)
+            p = 0
+            for b in bufs:
+                k = max(0, min(len(b), len(data) - p))
+                b[:k] = data[p:p + k]
+                p += k
+            return len(data)
+        if len(bufs) <= _IOV_MAX:
+            got = os.preadv(fd, bufs, start)
+            if got == total or got <= 0:
+                return max(got, 0)
+        else:
+            got = 0
+        done = got  # a read may stop early (at 2 GiB, or IOV_MAX buffers): go on from where it stopped
+        while bufs:
+            while bufs and got >= len(bufs[0]):
+                got -= len(bufs[0])
+                bufs = bufs[1:]
+            if got:
+                bufs = [bufs[0][got:], *bufs[1:]]
+            if not bufs:
+                break
+            got = os.preadv(fd, bufs[:_IOV_MAX], start + done)
+            if got <= 0:
+                break
+            done += got
+        return done
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -469,8 +631,11 @@ class LoomDataset(IterableDataset):
         self.decode = decode or resolve_decoder(self.kind)
         remote = not isinstance(storage.filesystem(self.index[0].url)[0], LocalFileSystem)
         self.read_threads = read_threads or (16 if remote else 1)
-        self.epoch, self.start_batch = 0, 0
+        self.epoch, self.start_batch, self.start_sample = 0, 0, 0
         self._reader: _Reader | None = None
+        self._memory: _BatchMemory | None = None  # made by the process that reads (see _direct_batch)
+        self._pid = 0
+        self._npy_names: dict[str, str | None] = {}
 
     def _first_kind(self) -> str | None:
         ix = self.index[0]
@@ -482,19 +647,21 @@ class LoomDataset(IterableDataset):
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_reader"] = None  # file descriptors stay in the process that opened them
+        d["_memory"] = None  # a lock and batch memory: per process
         return d
 
     def __len__(self) -> int:
         """Batches per epoch for this rank."""
-        block = self.batch_size * self.world_size
-        return self.num_samples // block if self.drop_last else -(-self.num_samples // block)
+        return epoch_batches(self.num_samples, self.batch_size, self.world_size, self.drop_last)
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
+    def set_epoch(self, epoch: int, start_batch: int = 0, start_sample: int = 0) -> None:
+        """Iterate ``epoch`` from batch ``start_batch`` of the batches cut after the first ``start_sample``
+        samples of the epoch's global order (0 but after a resume from another world or batch size)."""
+        self.epoch, self.start_batch, self.start_sample = epoch, start_batch, start_sample
 
-    def batches(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    def batches(self, epoch: int, start_sample: int = 0) -> tuple[np.ndarray, np.ndarray]:
         order = epoch_order(self.counts, self.seed, epoch, self.shuffle, self.shuffle_buffer)
-        return rank_batches(order, self.batch_size, self.rank, self.world_size, self.drop_last)
+        return rank_batches(order, self.batch_size, self.rank, self.world_size, self.drop_last, start_sample)
 
     def locate(self, gid: int) -> tuple[ShardIndex, int]:
         s = int(np.searchsorted(self.offsets, gid, side="right")) - 1
@@ -533,57 +700,44 @@ class LoomDataset(IterableDataset):
     def _direct_batch(self, ids: np.ndarray, pad: np.ndarray) -> dict[str, Any]:
         """Batch of generic samples (e.g. cached latents) whose ``.npy`` payloads are read straight into the batch
         arrays: the only copy is the read itself. Raises _NotDirect where the general path is needed (arrays of
-        different shapes, Fortran order)."""
+        different shapes, Fortran order).
+
+        Per sample, ONE ``preadv`` covers the sample's bytes: tar headers, ``.npy`` headers and the small members
+        (meta.json, camera.npz) land in a scratch buffer, each payload in its row of the batch. Where the payloads
+        start is known before the read from the ``.npy`` headers of the batch's first sample (read separately);
+        each sample's own headers, read along, must equal them byte for byte, else that member is read again the
+        careful way. The batch memory is recycled (:class:`_BatchMemory`)."""
         if self._reader is None:
             self._reader = _Reader()
-        rd, B = self._reader, len(ids)
+        if self._memory is None or self._pid != os.getpid():
+            # a forked DataLoader worker inherits the parent's pool without pickling, maybe with its lock held
+            self._memory, self._pid = _BatchMemory(), os.getpid()
+        B = len(ids)
+        shard_of = (np.searchsorted(self.offsets, ids, side="right") - 1).tolist()
+        local_of = (ids - self.offsets[shard_of]).tolist()
         arrays: dict[str, np.ndarray] = {}
+        rows_mv: dict[str, memoryview] = {}  # the bytes of each batch array, sliced per row below
+        heads: dict[str, tuple[bytes, tuple[int, ...], np.dtype, int]] = {}  # name -> (header, shape, dtype, size)
         rows: list[dict[str, Any]] = []
         skipped: list[dict] = []
         keep: list[int] = []
+        learned = False
         for j in range(B):
-            ix, i = self.locate(int(ids[j]))
-            key = ix.keys[i]
-            row: dict[str, Any] = {}
-            filled: set[str] = set()
+            ix, i = self.index[shard_of[j]], local_of[j]
+            key, members = ix.keys[i], ix.members[i]
             try:
-                for ext, (o, n) in ix.members[i].items():
-                    name, _, suffix = ext.rpartition(".")
-                    if suffix != "npy":
-                        data = rd.read(ix.url, o, o + n)
-                        if len(data) != n:
-                            raise ShardError(f"short read of {ext}: {len(data)} of {n} bytes (truncated shard?)")
-                        row.update(generic_decode({ext: data}, self.keys))
-                        continue
-                    if self.keys and name not in self.keys:
-                        continue
-                    shape, fortran, dtype, hlen = _npy_header(rd.read(ix.url, o, o + min(n, 4096)))
-                    if fortran or dtype.hasobject:
-                        raise _NotDirect
-                    if name not in arrays:
-                        if j:
-                            raise _NotDirect  # an array earlier samples lack
-                        arrays[name] = np.empty((B, *shape), dtype)
-                    dst = arrays[name][len(keep)]
-                    if dst.shape != tuple(shape) or dst.dtype != dtype:
-                        raise _NotDirect
-                    if n - hlen != dst.nbytes:
-                        raise ShardError(f"{ext} holds {n - hlen} bytes of data, its header says {dst.nbytes}")
-                    got = rd.readinto(ix.url, o + hlen, memoryview(dst.reshape(-1).view(np.uint8)))
-                    if got != dst.nbytes:
-                        raise ShardError(f"short read of {ext}: {got} of {dst.nbytes} bytes (truncated shard?)")
-                    filled.add(name)
+                if not learned:  # from the first sample that can be read
+                    self._learn_heads(ix.url, members, heads)
+                    self._allocate(B, heads, arrays, rows_mv)
+                    learned = True
+                row = generic_decode(self._read_direct(ix.url, members, heads, rows_mv, len(keep)), self.keys)
             except _NotDirect:
                 raise
             except Exception as e:
-                err = ShardError(f"shard {ix.url}: sample {key!r} cannot be read ({type(e).__name__}: {e}); run "
-                                 "`loom shards verify` on its folder, or pass on_error='skip' to skip and record it")
-                if self.on_error == "raise":
-                    raise err from e
-                skipped.append({"shard": ix.url, "key": key, "reason": str(err)})
+                self._failed(ix.url, key, e, skipped)
                 continue
-            if filled != set(arrays) or any(k in row for k in arrays):
-                raise _NotDirect  # samples with different arrays, or a name clash: the general path handles them
+            if any(k in row for k in arrays):
+                raise _NotDirect  # a name clash (x.npy and an x in an npz): the general path handles it
             row["__key__"], row["__shard__"] = key, ix.url
             rows.append(row)
             keep.append(j)
@@ -595,6 +749,124 @@ class LoomDataset(IterableDataset):
         batch["__index__"] = torch.from_numpy(ids[keep].copy())
         batch["__skipped__"] = skipped
         return batch
+
+    def _failed(self, url: str, key: str, e: Exception, skipped: list[dict]) -> None:
+        """Raise a ShardError for a sample that cannot be read, or record it as skipped (``on_error="skip"``)."""
+        err = ShardError(f"shard {url}: sample {key!r} cannot be read ({type(e).__name__}: {e}); run "
+                         "`loom shards verify` on its folder, or pass on_error='skip' to skip and record it")
+        if self.on_error == "raise":
+            raise err from e
+        skipped.append({"shard": url, "key": key, "reason": str(err)})
+
+    def _wanted_npy(self, ext: str) -> str | None:
+        """The array name of a ``.npy`` member to read into the batch, "" for one not asked for, None for any other
+        member (memoised: a corpus has a few extensions)."""
+        got = self._npy_names.get(ext, False)
+        if got is False:
+            name, _, suffix = ext.rpartition(".")
+            wanted = not self.keys or name in self.keys
+            got = self._npy_names[ext] = (name if wanted else "") if suffix == "npy" else None
+        return got
+
+    def _head(self, url: str, o: int, n: int) -> tuple[bytes, tuple[int, ...], np.dtype, int]:
+        """(header bytes, shape, dtype, payload size) of the ``.npy`` member at ``o``; _NotDirect if the batch
+        cannot hold it as a plain row (Fortran order, object dtype)."""
+        data = self._reader.read(url, o, o + min(n, 4096))
+        shape, fortran, dtype, hlen = _npy_header(data)
+        if fortran or dtype.hasobject:
+            raise _NotDirect
+        return bytes(data[:hlen]), shape, dtype, math.prod(shape) * dtype.itemsize
+
+    def _learn_heads(self, url: str, members: dict[str, tuple[int, int]], heads: dict) -> None:
+        heads.clear()
+        for ext, (o, n) in members.items():
+            name = self._wanted_npy(ext)
+            if name:
+                heads[name] = self._head(url, o, n)
+
+    def _allocate(self, B: int, heads: dict, arrays: dict, rows_mv: dict) -> None:
+        align = _BatchMemory.ALIGN
+        sizes = {name: -(-B * h[3] // align) * align for name, h in heads.items()}
+        mem = self._memory.take(sum(sizes.values()))
+        o = 0
+        for name, (_, shape, dtype, size) in heads.items():
+            arrays[name] = mem[o:o + B * size].view(dtype).reshape(B, *shape)
+            rows_mv[name] = memoryview(mem[o:o + B * size])
+            o += sizes[name]
+
+    def _read_direct(self, url: str, members: dict[str, tuple[int, int]], heads: dict, rows_mv: dict,
+                     r: int) -> dict[str, memoryview]:
+        """Read one sample: payloads into row ``r`` of the batch arrays; returns the other members (views of a
+        buffer of their own, with the tar and ``.npy`` headers read along)."""
+        # sizes first, then the buffer and the views of it that the read fills
+        plan: list[tuple[int, int, str, str | None]] = []  # (offset, size, ext, array name or None)
+        need, end, filled = 0, -1, 0
+        for ext, (o, n) in members.items():
+            name = self._wanted_npy(ext)
+            if name == "":
+                continue  # an array the caller did not ask for
+            if o < end:
+                raise _NotDirect  # members out of order: not a Loom tar
+            if name is None:
+                need += n
+            else:
+                head = heads.get(name)
+                if head is None:
+                    raise _NotDirect  # an array the batch's first sample lacks
+                if n != len(head[0]) + head[3]:
+                    heads = {**heads, name: self._checked_head(url, ext, o, n, head)}
+                need += len(heads[name][0])
+                filled += 1
+            if end >= 0 and o - end <= _GAP:
+                need += o - end
+            plan.append((o, n, ext, name))
+            end = o + n
+        if filled != len(rows_mv):
+            raise _NotDirect  # the batch's first sample has an array this one lacks
+        scratch = bytearray(need)
+        mv = memoryview(scratch)
+        runs: list[list] = []  # [file offset, buffers, their total]
+        checks, small, sp, end = [], {}, 0, -1
+        for o, n, ext, name in plan:
+            if end < 0 or o - end > _GAP:  # a new read: skips what lies between (an array not asked for)
+                run = [o, [], 0]
+                runs.append(run)
+            elif o > end:
+                run[1].append(mv[sp:sp + o - end])  # tar headers between members: read and dropped
+                run[2] += o - end
+                sp += o - end
+            if name is None:
+                small[ext] = view = mv[sp:sp + n]
+                run[1].append(view)
+                sp += n
+            else:
+                hdr, _, _, size = heads[name]
+                checks.append((sp, ext, o, n, name))
+                run[1] += (mv[sp:sp + len(hdr)], rows_mv[name][r * size:(r + 1) * size])
+                sp += len(hdr)
+            run[2] += n
+            end = o + n
+        for o, bufs, want in runs:
+            got = self._reader.readv(url, o, bufs, want)
+            if got != want:
+                raise ShardError(f"short read: {got} of {want} bytes at {o} (truncated shard?)")
+        for sp, ext, o, n, name in checks:
+            if not scratch.startswith(heads[name][0], sp):
+                # this sample's header differs from the first sample's: where its payload starts is unknown
+                hdr, _, _, size = self._checked_head(url, ext, o, n, heads[name])
+                got = self._reader.readinto(url, o + len(hdr), rows_mv[name][r * size:(r + 1) * size])
+                if got != size:
+                    raise ShardError(f"short read of {ext}: {got} of {size} bytes (truncated shard?)")
+        return small
+
+    def _checked_head(self, url: str, ext: str, o: int, n: int, first: tuple) -> tuple:
+        """This sample's own header of ``ext``: it must describe the same array as the batch's first sample's."""
+        head = self._head(url, o, n)
+        if head[1:3] != first[1:3]:
+            raise _NotDirect  # arrays of different shapes or dtypes: the general path keeps them as lists
+        if n - len(head[0]) != head[3]:
+            raise ShardError(f"{ext} holds {n - len(head[0])} bytes of data, its header says {head[3]}")
+        return head
 
     def _decoded_batch(self, ids: np.ndarray, pad: np.ndarray, epoch: int) -> dict[str, Any]:
         def one(j: int):
@@ -621,7 +893,7 @@ class LoomDataset(IterableDataset):
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        ids, pad = self.batches(self.epoch)
+        ids, pad = self.batches(self.epoch, self.start_sample)
         info = get_worker_info()
         k, n = (info.id, info.num_workers) if info is not None else (0, 1)
         for b in range(self.start_batch + k, len(ids), n):
@@ -645,38 +917,62 @@ class LoomLoader:
                  prefetch_factor: int | None = None, **dataset_kwargs: Any):
         self.dataset = LoomDataset(url, batch_size, **dataset_kwargs)
         self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
-        self.epoch, self.batch = 0, 0
+        # batch ``self.batch`` of the epoch starts at sample ``self.offset + self.batch * world_size * batch_size``
+        # of the epoch's global order; the offset is 0 but after a resume from another world or batch size
+        self.epoch, self.batch, self.offset = 0, 0, 0
         self.skipped: list[dict] = list(self.dataset.skipped_shards)
 
     def __len__(self) -> int:
+        """Batches per (full) epoch for this rank."""
         return len(self.dataset)
+
+    def _epoch_len(self) -> int:
+        d = self.dataset
+        return epoch_batches(d.num_samples, d.batch_size, d.world_size, d.drop_last, self.offset)
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its first batch at the next iteration."""
-        self.epoch, self.batch = epoch, 0
+        self.epoch, self.batch, self.offset = epoch, 0, 0
 
     def state_dict(self) -> dict[str, Any]:
+        """The resume point. ``samples``: how many samples of the epoch's global order all ranks together have
+        consumed (``batch * world_size * batch_size`` plus where the epoch was resumed); it lets a loader with
+        another world or batch size resume. ``batch``: batches this loader consumed in the epoch."""
         d = self.dataset
         return {"seed": d.seed, "epoch": self.epoch, "batch": self.batch, "batch_size": d.batch_size,
                 "world_size": d.world_size, "rank": d.rank, "num_samples": d.num_samples,
-                "shuffle": d.shuffle, "shuffle_buffer": d.shuffle_buffer, "drop_last": d.drop_last}
+                "shuffle": d.shuffle, "shuffle_buffer": d.shuffle_buffer, "drop_last": d.drop_last,
+                "samples": self.offset + self.batch * d.world_size * d.batch_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume where ``state`` stopped: the next samples are those of the same epoch's global order after the
+        ``state["samples"]`` consumed ones (from ``batch``, ``world_size`` and ``batch_size`` for states that
+        predate it). With the same world and batch size the next batch is exactly the uninterrupted run's; with
+        others the rest of the epoch is cut into this loader's global batches, so over the old and the new run
+        each sample of the epoch is seen once (padding apart). Refused if the order would differ."""
         d = self.dataset
         mine = self.state_dict()
-        for k in ("seed", "batch_size", "world_size", "num_samples", "shuffle", "shuffle_buffer", "drop_last"):
+        for k in ("seed", "num_samples", "shuffle", "shuffle_buffer", "drop_last"):
             if k in state and state[k] != mine[k]:
                 raise ValueError(f"loader state has {k}={state[k]!r} but this loader has {mine[k]!r}: the order "
                                  "would differ, so resuming would not be exact (build the loader with the same "
                                  "arguments and shards)")
-        if not 0 <= state["batch"] <= len(d):
-            raise ValueError(f"loader state batch={state['batch']} is outside this epoch's 0..{len(d)} batches")
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        old_block = state.get("world_size", d.world_size) * state.get("batch_size", d.batch_size)
+        pos = state.get("samples", state["batch"] * old_block)
+        limit = d.num_samples if d.drop_last else d.num_samples + old_block - 1  # past n: padding consumed
+        if not (isinstance(pos, (int, np.integer)) and 0 <= pos <= limit and 0 <= state["batch"]):
+            raise ValueError(f"loader state samples={pos} (batch={state['batch']}) is outside this epoch's "
+                             f"0..{limit} samples: not a state of this corpus")
+        pos, block = min(int(pos), d.num_samples), d.world_size * d.batch_size  # past n: only padding was left
+        # on a global-batch boundary the batches are the epoch's own (as if this world had run from the start);
+        # elsewhere the rest of the epoch is cut into global batches from ``pos``
+        self.epoch = int(state["epoch"])
+        self.batch, self.offset = (pos // block, 0) if pos % block == 0 else (0, pos)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self.batch >= len(self.dataset):
-            self.epoch, self.batch = self.epoch + 1, 0
-        self.dataset.set_epoch(self.epoch, self.batch)
+        if self.batch >= self._epoch_len():
+            self.epoch, self.batch, self.offset = self.epoch + 1, 0, 0
+        self.dataset.set_epoch(self.epoch, self.batch, self.offset)
         kw = {"prefetch_factor": self.prefetch_factor} if self.num_workers and self.prefetch_factor else {}
         dl = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                         persistent_workers=False, collate_fn=_as_is, **kw)
@@ -686,8 +982,8 @@ class LoomLoader:
             self.skipped += batch["__skipped__"]
             self.batch += 1
             yield batch
-        if self.batch >= len(self.dataset):
-            self.epoch, self.batch = self.epoch + 1, 0
+        if self.batch >= self._epoch_len():
+            self.epoch, self.batch, self.offset = self.epoch + 1, 0, 0
 
 
 # ----------------------------------------------------------------------------------------------- Ray Data
@@ -736,5 +1032,5 @@ def ray_dataset(url: str | list[str], kind: str | None = None, keys: tuple[str, 
     return ray.data.from_items(items, override_num_blocks=override_num_blocks).flat_map(read)
 
 
-__all__ = ["LoomDataset", "LoomLoader", "ShardError", "ShardIndex", "build_index", "collate", "epoch_order",
-           "generic_decode", "rank_batches", "ray_dataset", "scan_shard"]
+__all__ = ["LoomDataset", "LoomLoader", "ShardError", "ShardIndex", "build_index", "collate", "epoch_batches",
+           "epoch_order", "generic_decode", "rank_batches", "ray_dataset", "scan_shard"]
