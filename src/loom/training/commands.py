@@ -8,6 +8,9 @@ import argparse
 # model -> (module, root config class, help)
 TRAIN = {
     "ttv": ("loom.training.ttv", "TrainTTVJob", "the geometry-conditioned video DiT (TAPESTRY) on turntable shards"),
+    "vae": ("loom.training.shape4d", "TrainVAEJob", "the VecSet shape VAE (ShapeGen4D 3.1) on 4D or static shards"),
+    "shape4d": ("loom.training.shape4d", "TrainShape4DJob",
+                "the spatiotemporal layers of the 4D shape DiT (ShapeGen4D 3.2) on 4D shards, base frozen"),
 }
 
 
@@ -38,6 +41,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate_4d(args: argparse.Namespace) -> int:
+    from loom.training.shape4d_module import generate_4d
+
+    paths = generate_4d(args.run, args.data, args.out, key=args.key, frames=args.frames, steps=args.steps,
+                        shift=args.shift, seed=args.seed, resolution=args.resolution, latents=args.latents,
+                        guidance_scale=args.guidance)
+    print(f"meshes:   {len(paths)} frames in {args.out}")
+    return 0
+
+
 def register(sub) -> None:
     import importlib
 
@@ -65,3 +78,21 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--out", default="out/generated.mp4", help="output video (H.264 mp4)")
     p.set_defaults(func=_cmd_generate)
+
+    p = gen.add_parser("4d", help="a mesh sequence from a conditioning video (ShapeGen4D): one mesh per frame")
+    p.add_argument("--run", required=True, help="a finished `loom train shape4d` run folder (config.yaml + "
+                   "spatiotemporal/)")
+    p.add_argument("--data", required=True, help="conditioning video: 4D shards (a sample's video), a video file, "
+                   "or a folder of frame images")
+    p.add_argument("--key", help="sample key in 4D shards (default: the first)")
+    p.add_argument("--frames", type=int, help="evenly spread frames of the video (default: the run's data.frames; "
+                   "0 = all)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the run's flow.sample_steps)")
+    p.add_argument("--shift", type=float, help="sampling time shift (default: the run's flow.shift; 0 = "
+                   "sqrt(frames), 1 = none)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the run's)")
+    p.add_argument("--latents", type=int, help="latents per frame (default: as in training)")
+    p.add_argument("--resolution", type=int, help="marching-cubes grid (default: the run's flow.mesh_resolution)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--out", default="out/generated-4d", help="output folder: frame_000.obj, frame_001.obj, ...")
+    p.set_defaults(func=_cmd_generate_4d)
