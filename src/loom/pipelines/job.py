@@ -302,7 +302,12 @@ def run_job(spec: JobSpec, *, progress: bool = True, retry_failed: bool = False,
         cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
         workers = spec.cluster.workers or max(1, cpus // spec.cluster.cpus_per_worker)
         workers = min(workers, len(todo))
-        counter = ray.remote(num_cpus=0)(_ProgressCounter).remote()
+        # The counter lives on the driver's node: a worker node lost mid-job must not take the progress bar (and
+        # with it the driver) down.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+        counter = ray.remote(num_cpus=0)(_ProgressCounter).options(scheduling_strategy=here).remote()
         ds = ray.data.from_items([{"shard": json.dumps(s)} for s in todo], override_num_blocks=len(todo))
         ds = ds.map(
             ShardWorker,
@@ -332,7 +337,10 @@ def run_job(spec: JobSpec, *, progress: bool = True, retry_failed: bool = False,
         th.start()
         while th.is_alive():
             th.join(1.0)
-            ok, failed, frames = ray.get(counter.get.remote())
+            try:
+                ok, failed, frames = ray.get(counter.get.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - progress is cosmetic; the shards and their sidecars are the truth
+                continue
             bar.n = ok + failed
             bar.set_postfix(failed=failed, fps=f"{frames / max(time.monotonic() - t0, 1e-9):.2f}", refresh=False)
             bar.refresh()

@@ -30,6 +30,7 @@ from loom.platform.config import config, field, require
 from loom.platform.tracking import TrackingSettings, ensure_experiment, resolve_uri
 
 CHECKPOINTS = "checkpoints"
+FORWARD_ENV = ("LOOM_", "MLFLOW_", "AWS_", "GOOGLE_", "AZURE_", "OMP_NUM_THREADS", "HF_", "NCCL_")
 LAST = "last.ckpt"
 
 
@@ -71,6 +72,8 @@ class LaunchSettings:
     num_workers: int = field(2, help="Ray Train workers (one rank each)")
     use_gpu: bool = field(False, help="one GPU per Ray Train worker")
     cpus_per_worker: int = field(1, help="CPUs reserved per Ray Train worker")
+    max_failures: int = field(3, help="Ray Train: restarts of the worker group after a worker or node is lost "
+                              "(each continues from the last checkpoint)")
 
     def __post_init__(self):
         require(self.num_workers >= 1, "num_workers", self.num_workers, "must be >= 1")
@@ -200,10 +203,9 @@ def build_trainer(t: TrainerSettings, tracking: TrackingSettings, out: str, *, r
         limit_val_batches=0, default_root_dir=out, deterministic=False, **kw)
 
 
-def fit(make: Callable[[], tuple[Any, Any]], t: TrainerSettings, tracking: TrackingSettings, out: str, *,
-        resume: bool = False, ray: bool = False):
-    """Build (module, train iterable) with ``make`` in this process and fit; from ``last`` when ``resume``."""
-    module, data = make()
+def check_resume(out: str, resume: bool) -> str | None:
+    """The checkpoint to start from (None: a new run); refuses --resume without a checkpoint, and a new run over
+    an old one's checkpoints."""
     ckpt = last_checkpoint(out) if resume else None
     if resume and ckpt is None:
         raise FileNotFoundError(f"--resume: no complete checkpoint in {checkpoint_dir(out)}: train without --resume "
@@ -211,6 +213,16 @@ def fit(make: Callable[[], tuple[Any, Any]], t: TrainerSettings, tracking: Track
     if not resume and glob.glob(os.path.join(checkpoint_dir(out), "*")):
         raise FileExistsError(f"{checkpoint_dir(out)} already holds checkpoints: pass --resume to continue that run, "
                               "or choose another --out")
+    return ckpt
+
+
+def fit(make: Callable[[], tuple[Any, Any]], t: TrainerSettings, tracking: TrackingSettings, out: str, *,
+        resume: bool = False, ray: bool = False, restart: bool = False):
+    """Build (module, train iterable) with ``make`` in this process and fit; from ``last`` when ``resume``.
+    ``restart``: a Ray Train worker group restarted after a failure continues from the last checkpoint, if any
+    (the driver checked ``resume`` once, before the first start)."""
+    module, data = make()
+    ckpt = last_checkpoint(out) if restart else check_resume(out, resume)
     run_id = read_run_id(ckpt) if ckpt else None
     # Under Ray Train the cluster environment is Ray's (ranks from the Train context); Ray's prepare_trainer() is
     # not called because it only admits Ray's own strategy classes, whose DeepSpeed one refuses CPUs.
@@ -239,24 +251,32 @@ def run(make: Callable[[], tuple[Any, Any]], t: TrainerSettings, tracking: Track
         fit(make, t, tracking, out, resume=resume)
         return
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from loom.pipelines.job import ClusterSettings, init_ray
 
     init_ray(ClusterSettings(address="" if launch.ray_address == "local" else launch.ray_address))
     out = os.path.abspath(out)
+    check_resume(out, resume)
     if tracking.enabled:
         ensure_experiment(resolve_uri(tracking, out), tracking.experiment)
 
-    def loop(_: dict) -> None:
-        fit(make, t, tracking, out, resume=resume, ray=True)
+    # Workers of an existing cluster do not inherit the driver's environment: pass on what Loom and its storage
+    # read (credentials, tracking server, thread counts, test hooks).
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV)}
+
+    def loop(config: dict) -> None:
+        os.environ.update(config["env"])
+        fit(make, t, tracking, out, ray=True, restart=True)
 
     trainer = TorchTrainer(
-        loop, scaling_config=ScalingConfig(num_workers=launch.num_workers, use_gpu=launch.use_gpu,
-                                           resources_per_worker={"CPU": launch.cpus_per_worker}),
+        loop, train_loop_config={"env": env},
+        scaling_config=ScalingConfig(num_workers=launch.num_workers, use_gpu=launch.use_gpu,
+                                     resources_per_worker={"CPU": launch.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if launch.use_gpu else "gloo"),
-        run_config=RunConfig(storage_path=os.path.join(out, "ray"), name="train"))
+        run_config=RunConfig(storage_path=os.path.join(out, "ray"), name="train",
+                             failure_config=FailureConfig(max_failures=launch.max_failures)))
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"Ray Train run failed: {result.error}")

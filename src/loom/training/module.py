@@ -6,7 +6,7 @@
 - MLflow: the resolved config as params at fit start (a resumed run keeps its first values), the loss as the
   mean over all ranks' real samples (padding repeats excluded), artifacts from rank 0;
 - ZeRO-3: :meth:`gathered` collects the trainable parameters on every rank before rank 0 saves them;
-- ``LOOM_FAIL_AT_STEP``: a crash injection the resume tests use.
+- ``LOOM_FAIL_AT_STEP`` (with ``LOOM_FAIL_RANK``, ``LOOM_FAIL_ONCE``): a crash injection the resume tests use.
 
 Subclasses implement ``make_loader()``, ``training_step`` (calling :meth:`take_data_state` first and
 :meth:`log_loss`), ``configure_optimizers`` and optionally ``context_params()`` and ``on_train_end``.
@@ -73,7 +73,13 @@ class LoomModule(L.LightningModule):
         at ``LOOM_FAIL_AT_STEP`` (tests)."""
         self._data_state = batch.pop("__loader_state__", None)
         fail = os.environ.get("LOOM_FAIL_AT_STEP")
-        if fail and self.global_step == int(fail):
+        if fail and self.global_step == int(fail) and str(self.global_rank) == os.environ.get("LOOM_FAIL_RANK",
+                                                                                             str(self.global_rank)):
+            once = os.environ.get("LOOM_FAIL_ONCE")  # a marker file: crash the first time only (Ray restarts)
+            if once:
+                if os.path.exists(once):
+                    return
+                open(once, "w").close()
             os._exit(17)
 
     # ------------------------------------------------------------------ logging
