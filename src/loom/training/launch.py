@@ -164,8 +164,13 @@ def build_trainer(t: TrainerSettings, tracking: TrackingSettings, out: str, *, r
                   ray: bool = False, callbacks: list | None = None):
     """A Lightning ``Trainer`` from the settings. ``ray``: running inside a Ray Train worker (Ray's cluster
     environment, one device per worker)."""
+    import logging
+
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for name in ("lightning.pytorch", "lightning.fabric"):  # they print through their own handler; not twice
+        logging.getLogger(name).propagate = False
 
     on_gpu = t.accelerator == "gpu" or (t.accelerator == "auto" and torch.cuda.is_available())
     if on_gpu and not torch.cuda.is_available():
