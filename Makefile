@@ -40,3 +40,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf out .pytest_cache
+
+# Headless Chromium for the reviewer's-view test (tests/eval/test_mlflow_ui.py skips without it): Debian's package.
+.PHONY: browser
+browser:
+	@if command -v chromium >/dev/null; then echo "chromium is installed: $$(command -v chromium)"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	else echo "chromium is not installed; as root run: apt-get install -y chromium"; exit 1; fi

@@ -17,7 +17,7 @@ from loom.platform.config import ConfigError
 
 # Each module exposes ``register(subparsers)`` adding its commands; each command sets ``func(args) -> int``.
 COMMAND_MODULES = ("loom.pipelines.commands", "loom.datasets.commands", "loom.training.commands",
-                   "loom.platform.tracking")
+                   "loom.platform.tracking", "loom.eval.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:

