@@ -55,8 +55,8 @@ Design (why it is built this way, against the failures of the peers):
    payload straight into its row of the batch arrays (the read is the only copy) and the rest into a scratch
    buffer, whose small members (meta.json, camera.npz) are decoded from there.
    Batch memory is recycled once the consumer has dropped every tensor of a batch, never earlier; a fresh
-   allocation per batch would fault in every page on each read. Such shards load at the rate of reading their
-   bytes into batch-sized memory (benchmarks/README.md, loader section).
+   allocation per batch would fault in every page on each read. Such shards load at 0.7-0.9x the rate of reading
+   their bytes into batch-sized memory, which is the limit of any loader (benchmarks/README.md, loader section).
    Workers are started per epoch (``persistent_workers`` would freeze the epoch/start seen by the workers); a
    crash leaves no shared memory or lock files behind.
 7. **Errors.** A sample that cannot be read or decoded raises :class:`ShardError` naming the shard and the key.
@@ -466,10 +466,10 @@ class _BatchMemory:
     """Memory for direct batches, reused once the consumer has dropped every tensor of an earlier batch.
 
     Why: a fresh batch of latents (tens of MB) is mapped anew by malloc and every page faults on the read that
-    fills it; that halved the load rate (benchmarks/README.md). Reuse is safe by construction: a buffer returns
-    to the free list only when its :class:`_Lease` dies, i.e. when no array, view or tensor of the batch exists
-    any more (a tensor pickled to the main process by a worker, or copied into pinned memory, no longer refers
-    to it). Memory kept: the batches alive plus ``keep`` free ones.
+    fills it; that cost ~40% of the read rate (benchmarks/README.md, loader section). Reuse is safe by
+    construction: a buffer returns to the free list only when its :class:`_Lease` dies, i.e. when no array, view
+    or tensor of the batch exists any more (a tensor pickled to the main process by a worker, or copied into
+    pinned memory, no longer refers to it). Memory kept: the batches alive plus ``keep`` free ones.
 
     Arrays start on a page boundary: the kernel's copy into a destination a few bytes past the source's page
     offset is ~6x slower on some CPUs (4K aliasing; measured on AMD EPYC), and ``.npy`` payloads in a Loom
