@@ -47,3 +47,10 @@ browser:
 	@if command -v chromium >/dev/null; then echo "chromium is installed: $$(command -v chromium)"; \
 	elif [ "$$(id -u)" = 0 ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
 	else echo "chromium is not installed; as root run: apt-get install -y chromium"; exit 1; fi
+
+# The checks of infra/ (images, KubeRay, ray up) with their validators from the `infra` extra; `make test` runs the
+# same tests but skips those whose validator is missing.
+.PHONY: infra-check
+infra-check: $(STAMP)
+	$(PY) -m pip install -q --cache-dir $(PIP_CACHE) -e '.[infra]'
+	$(PY) -m pytest -q tests/infra
