@@ -18,15 +18,20 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # Loom's main job on its embedded defaults: the bundled assets, local Ray, local files, MLflow in out/mlflow.db:
-# render a corpus, train a tiny video DiT on it for a few steps, sample from it, show the MLflow run.
+# render a corpus, train a tiny video DiT on it for a few steps, sample from it, show the MLflow run, evaluate the
+# trained model against the renders (random stand-in feature networks: no weights download) and print the leaderboard.
 demo: $(STAMP)
 	$(VENV)/bin/loom render ttv --recipe preview --out out/ttv
 	$(VENV)/bin/loom shards verify out/ttv
 	$(VENV)/bin/loom shards inspect out/ttv
 	rm -rf out/ttv-train
-	$(VENV)/bin/loom train ttv --recipe tiny --data out/ttv --out out/ttv-train --set trainer.progress=false
+	$(VENV)/bin/loom train ttv --recipe tiny --data out/ttv --out out/ttv-train --set trainer.progress=false \
+		--set data.frames=9
 	$(VENV)/bin/loom generate ttv --run out/ttv-train --data out/ttv --out out/ttv-train/generated.mp4
 	$(VENV)/bin/loom runs --db out/mlflow.db
+	rm -rf out/eval-ttv
+	$(VENV)/bin/loom eval ttv --recipe tiny --gt out/ttv --run out/ttv-train --out out/eval-ttv
+	$(VENV)/bin/loom leaderboard ttv --db out/mlflow.db
 
 # The default tier (unit + integration on tiny inputs). pytest's exit 5 (no tests collected) is a failure.
 test: $(STAMP)
