@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Loom needs Python 3.11 (Blender's bpy wheel is built for it only): install python3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --cache-dir $(PIP_CACHE) --upgrade pip
-	DS_BUILD_OPS=0 $(PY) -m pip install -q --cache-dir $(PIP_CACHE) -e '.[render,train,eval,dev]'
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --cache-dir $(PIP_CACHE) -e '.[render,train,eval,infra,dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -260,7 +260,9 @@ def init_ray(cluster: ClusterSettings, announce: bool = True) -> Any:
             ctx = ray.init(address=cluster.address, **kw)
             what = f"connected to the Ray cluster at {cluster.address}"
         else:
-            ctx = ray.init(num_cpus=os.cpu_count(), **kw)
+            # address="local": a new Ray of our own even where a cluster already runs on this machine (plain
+            # ray.init() would join it and then refuse num_cpus)
+            ctx = ray.init(address="local", num_cpus=os.cpu_count(), **kw)
             what = "started a local Ray"
         if announce:
             cpus = int(ray.cluster_resources().get("CPU", 0))
