@@ -83,8 +83,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+from loom.training.models.folder import CONFIG_NAME, WEIGHTS_NAME, read_folder, save_folder  # noqa: F401
 ST_PREFIX = "spatiotemporal_layers."
 ATTENTION_BACKENDS = {
     # cuDNN is left out of "auto" on purpose: see the module docstring (issue 8).
@@ -366,14 +365,7 @@ class Shape4DDiT(nn.Module):
 
     def save_pretrained(self, path: str) -> None:
         """``path/config.json`` and ``path/model.safetensors`` (all weights); load with `from_pretrained`."""
-        from safetensors.torch import save_file
-
-        path = os.fspath(path)
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, CONFIG_NAME), "w") as f:
-            json.dump({"_class_name": type(self).__name__, **self.config.to_dict()}, f, indent=2, sort_keys=True)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
-                  os.path.join(path, WEIGHTS_NAME))
+        save_folder(self, self.config.to_dict(), path)
 
     @classmethod
     def from_pretrained(cls, path: str, torch_dtype: torch.dtype = torch.float32,
@@ -382,27 +374,11 @@ class Shape4DDiT(nn.Module):
         (saved with ``spatiotemporal=False``) with ``spatiotemporal=True`` adds fresh zero-initialised
         spatiotemporal layers (the start of 4D training); ``spatiotemporal=False`` on a 4D checkpoint drops them.
         Any other mismatch between weights and config is an error."""
-        from safetensors.torch import load_file
-
-        path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"shape DiT directory {path!r} does not exist: pass a local folder written by "
-                                    "Shape4DDiT.save_pretrained (config.json + model.safetensors); nothing is "
-                                    "downloaded")
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not os.path.isfile(os.path.join(path, name)):
-                raise FileNotFoundError(f"shape DiT directory {path!r} has no {name}: is it a folder written by "
-                                        "Shape4DDiT.save_pretrained?")
-        with open(os.path.join(path, CONFIG_NAME)) as f:
-            raw = json.load(f)
-        name = raw.pop("_class_name", cls.__name__)
-        if name != cls.__name__:
-            raise ValueError(f"{path!r} holds a {name}, not a {cls.__name__}")
+        raw, state = read_folder(path, cls.__name__, "shape DiT")
         saved = Shape4DDiTConfig.from_dict(raw, source=os.path.join(path, CONFIG_NAME))
         config = Shape4DDiTConfig.from_dict({**saved.to_dict(), **overrides}, source="overrides")
         with torch.random.fork_rng(devices=[]):  # fresh layers: only their zero output matters, keep RNG intact
             model = cls(config)
-        state = load_file(os.path.join(path, WEIGHTS_NAME))
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as e:  # shape mismatches raise even when strict=False

@@ -59,7 +59,6 @@ No Ray, Lightning, DeepSpeed or torch.distributed here: this is a single-device 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,8 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+from loom.training.models.folder import CONFIG_NAME, WEIGHTS_NAME, read_folder, save_folder  # noqa: F401
 # The 4D shards fit every frame in [-0.5, 0.5]^3 and supervise the field 5% beyond it
 # (loom.geometry.mesh: volume samples in 1.05 * half_extent), so that is where the decoder is meaningful.
 DEFAULT_BOUNDS = (-0.525, 0.525)
@@ -352,37 +350,14 @@ class ShapeVAE(nn.Module):
 
     def save_pretrained(self, path: str) -> None:
         """``path/config.json`` and ``path/model.safetensors``; load with `from_pretrained`."""
-        from safetensors.torch import save_file
-
-        path = os.fspath(path)
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, CONFIG_NAME), "w") as f:
-            json.dump({"_class_name": type(self).__name__, **self.config.to_dict()}, f, indent=2, sort_keys=True)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
-                  os.path.join(path, WEIGHTS_NAME))
+        save_folder(self, self.config.to_dict(), path)
 
     @classmethod
     def from_pretrained(cls, path: str, torch_dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu") -> ShapeVAE:
         """Load what `save_pretrained` wrote, from a local directory."""
-        from safetensors.torch import load_file
-
-        path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"shape VAE directory {path!r} does not exist: pass a local folder written by "
-                                    "ShapeVAE.save_pretrained (config.json + model.safetensors); nothing is "
-                                    "downloaded")
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not os.path.isfile(os.path.join(path, name)):
-                raise FileNotFoundError(f"shape VAE directory {path!r} has no {name}: is it a folder written by "
-                                        "ShapeVAE.save_pretrained?")
-        with open(os.path.join(path, CONFIG_NAME)) as f:
-            raw = json.load(f)
-        name = raw.pop("_class_name", cls.__name__)
-        if name != cls.__name__:
-            raise ValueError(f"{path!r} holds a {name}, not a {cls.__name__}")
+        raw, state = read_folder(path, cls.__name__, "shape VAE")
         model = cls(ShapeVAEConfig.from_dict(raw, source=os.path.join(path, CONFIG_NAME)))
-        state = load_file(os.path.join(path, WEIGHTS_NAME))
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as e:  # shape mismatches raise even when strict=False
