@@ -63,6 +63,10 @@ def test_render_job_survives_a_lost_worker_node(two_nodes, tmp_path):
     assert not glob.glob(os.path.join(out, "shards", "*.tmp*"))
 
 
+# Slow tier (`make test-all`): ~2.5 min, and once in a full default run on 2 busy cores Ray Train's controller actor
+# died ("ActorUnavailableError ... Socket closed") before training; alone it passes. The 2-worker Ray Train path on
+# one node stays in the default tier (tests/training/test_train_ttv.py).
+@pytest.mark.slow
 def test_ray_train_on_two_nodes_continues_after_a_worker_is_killed(two_nodes, tmp_path):
     import mlflow
 
