@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -286,3 +287,8 @@ def run(make: Callable[[], tuple[Any, Any]], t: TrainerSettings, tracking: Track
     if result.error:
         raise RuntimeError(f"Ray Train run failed: {result.error}")
     ray.shutdown()
+    # The workers' own lines stay in the Ray logs: say here where the run went.
+    ckpt = last_checkpoint(out)
+    run_id = read_run_id(ckpt) if ckpt else None
+    print(f"trained on {launch.num_workers} Ray Train worker(s): checkpoints {checkpoint_dir(out)}"
+          + (f", MLflow run {run_id} ({resolve_uri(tracking, out)})" if run_id else ""), file=sys.stderr)
