@@ -3,8 +3,6 @@ one) written as real Loom shards with a manifest."""
 
 from __future__ import annotations
 
-import numpy as np
-
 from loom.datasets import ttv
 from loom.pipelines import fake
 from loom.platform import shards
@@ -30,5 +28,3 @@ def make_ttv_corpus(out: str, samples: int = 2, frames: int = 5, size: int = 32,
     shards.write_manifest(out, names, extra={"kind": "ttv"})
     return keys
 
-
-del np
