@@ -43,3 +43,25 @@ def read_folder(path: str, cls_name: str, what: str) -> tuple[dict, dict[str, to
     if name != cls_name:
         raise ValueError(f"{path!r} holds a {name}, not a {cls_name}")
     return raw, load_file(os.path.join(path, WEIGHTS_NAME))
+
+
+def checkpoint_component(path: str, sub: str, field: str, example: str, model: str) -> tuple[str | None, str]:
+    """(checkpoint root or None, component folder) for a user's ``path``: the component folder itself (it has a
+    ``config.json``) or a checkpoint root holding ``<sub>/config.json`` (e.g. a Wan checkpoint's ``text_encoder/``).
+    ``field``, ``example`` and ``model`` word the error that names a missing or foreign folder."""
+    if not path or not os.path.isdir(path):
+        raise FileNotFoundError(f"{field.replace('_', ' ')} directory {field}={path!r} does not exist: point it at "
+                                f"a local {example}")
+    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        return None, path
+    if os.path.isfile(os.path.join(path, sub, CONFIG_NAME)):
+        return path, os.path.join(path, sub)
+    raise FileNotFoundError(f"{field.replace('_', ' ')} directory {field}={path!r} has no config.json (nor "
+                            f"{sub}/config.json): is it a transformers {model} folder?")
+
+
+def companion_candidates(component: str, root: str | None, name: str) -> list[str]:
+    """Where a component's companion folder (a tokenizer, an image processor) may be: the component folder
+    itself, ``<root>/<name>``, then the component folder's sibling ``../<name>``."""
+    return [component] + ([os.path.join(root, name)] if root else []) + [
+        os.path.join(os.path.dirname(os.path.abspath(component)), name)]

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from loom.training.models.folder import checkpoint_component, companion_candidates
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP, as transformers' OPENAI_CLIP_MEAN
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -53,25 +55,15 @@ def resolve_image_dirs(image_encoder: str, image_processor: str | None = None) -
       the torch preprocessing with CLIP's standard values is used).
 
     Raises FileNotFoundError naming the path when something is missing."""
-    if not image_encoder or not os.path.isdir(image_encoder):
-        raise FileNotFoundError(f"image encoder directory image_encoder={image_encoder!r} does not exist: point it "
-                                "at a local CLIP vision folder (config.json + weights), e.g. "
-                                "<Wan2.1 I2V checkpoint>/image_encoder")
-    root = None
-    if os.path.isfile(os.path.join(image_encoder, "config.json")):
-        enc = image_encoder
-    elif os.path.isfile(os.path.join(image_encoder, "image_encoder", "config.json")):
-        root, enc = image_encoder, os.path.join(image_encoder, "image_encoder")
-    else:
-        raise FileNotFoundError(f"image encoder directory image_encoder={image_encoder!r} has no config.json (nor "
-                                "image_encoder/config.json): is it a transformers CLIPVisionModel folder?")
+    root, enc = checkpoint_component(
+        image_encoder, "image_encoder", "image_encoder",
+        "CLIP vision folder (config.json + weights), e.g. <Wan2.1 I2V checkpoint>/image_encoder", "CLIPVisionModel")
     if image_processor:
         if not os.path.isfile(os.path.join(image_processor, PROCESSOR_FILE)):
             raise FileNotFoundError(f"image processor directory image_processor={image_processor!r} does not exist "
                                     f"or has no {PROCESSOR_FILE}")
         return enc, image_processor
-    cands = [enc] + ([os.path.join(root, "image_processor")] if root else []) + [
-        os.path.join(os.path.dirname(os.path.abspath(enc)), "image_processor")]
+    cands = companion_candidates(enc, root, "image_processor")
     return enc, next((c for c in cands if os.path.isfile(os.path.join(c, PROCESSOR_FILE))), None)
 
 

@@ -35,6 +35,8 @@ import re
 import torch
 from torch import nn
 
+from loom.training.models.folder import checkpoint_component, companion_candidates
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_LENGTH = 512  # Wan's max_sequence_length
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
@@ -76,25 +78,15 @@ def resolve_text_dirs(text_encoder: str, tokenizer: str | None = None) -> tuple[
       tokenizer files), ``<root>/tokenizer``, the encoder folder's sibling ``../tokenizer``.
 
     Raises FileNotFoundError naming the path when something is missing."""
-    if not text_encoder or not os.path.isdir(text_encoder):
-        raise FileNotFoundError(f"text encoder directory text_encoder={text_encoder!r} does not exist: point it at "
-                                "a local umT5 encoder folder (config.json + weights), e.g. "
-                                "<Wan2.1 checkpoint>/text_encoder")
-    root = None
-    if os.path.isfile(os.path.join(text_encoder, "config.json")):
-        enc = text_encoder
-    elif os.path.isfile(os.path.join(text_encoder, "text_encoder", "config.json")):
-        root, enc = text_encoder, os.path.join(text_encoder, "text_encoder")
-    else:
-        raise FileNotFoundError(f"text encoder directory text_encoder={text_encoder!r} has no config.json (nor "
-                                "text_encoder/config.json): is it a transformers UMT5EncoderModel folder?")
+    root, enc = checkpoint_component(
+        text_encoder, "text_encoder", "text_encoder",
+        "umT5 encoder folder (config.json + weights), e.g. <Wan2.1 checkpoint>/text_encoder", "UMT5EncoderModel")
     if tokenizer:
         if not _has_tokenizer(tokenizer):
             raise FileNotFoundError(f"tokenizer directory tokenizer={tokenizer!r} does not exist or holds none of "
                                     f"{list(TOKENIZER_FILES)}: point it at the checkpoint's tokenizer folder")
         return enc, tokenizer
-    tried = [enc] + ([os.path.join(root, "tokenizer")] if root else []) + [
-        os.path.join(os.path.dirname(os.path.abspath(enc)), "tokenizer")]
+    tried = companion_candidates(enc, root, "tokenizer")
     for cand in tried:
         if _has_tokenizer(cand):
             return enc, cand
