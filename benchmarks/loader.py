@@ -41,6 +41,7 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -132,6 +133,41 @@ def bench_raw(urls: list[str], bufs: list[memoryview], chunk: int = 8 << 20) -> 
     return total
 
 
+def bench_raw_threaded(urls: list[str], bufs: list[memoryview], pool, chunk: int = 8 << 20,
+                       per_thread: bool = False) -> int:
+    """``bench_raw`` with the threads of ``pool`` reading concurrently (``preadv`` releases the GIL). ``per_thread``: each
+    thread reads its ``chunk``s into a buffer of its own (``bufs[k]``: raw with threads); else the chunks of
+    one buffer are read concurrently, and the next buffer starts when all of them are in (a loader that fills
+    a batch with several threads). Returns the bytes read."""
+    fds = [os.open(u, os.O_RDONLY) for u in urls]
+    try:
+        rounds: list[list] = [[]]  # reads that run concurrently: (fd, file offset, destination)
+        k, pos = 0, 0
+        for fd in fds:
+            size, off = os.fstat(fd).st_size, 0
+            while off < size:
+                if per_thread:  # one chunk per thread, each into the thread's own buffer
+                    n = min(chunk, size - off)
+                    if len(rounds[-1]) == len(bufs):
+                        rounds.append([])
+                    rounds[-1].append((fd, off, bufs[len(rounds[-1])][:n]))
+                else:  # the chunks of one batch buffer
+                    n = min(chunk, size - off, len(bufs[k]) - pos)
+                    rounds[-1].append((fd, off, bufs[k][pos:pos + n]))
+                    pos += n
+                    if pos == len(bufs[k]):
+                        k, pos = (k + 1) % len(bufs), 0
+                        rounds.append([])
+                off += n
+        total = 0
+        for r in rounds:
+            total += sum(pool.map(lambda t: os.preadv(t[0], [t[2]], t[1]), r))
+        return total
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def drop_cache(urls: list[str]) -> None:
     """Evict the shards from the page cache (clean pages of files we can open: no privileges needed)."""
     for u in urls:
@@ -197,36 +233,63 @@ def run(args) -> dict:
             best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
             assert got >= expect, (name, got, expect)
 
-        loaders = {w: L.LoomLoader(out, batch_size=args.batch_size, num_workers=w, world_size=1, rank=0, seed=0)
-                   for w in args.workers}
+        rt = args.raw_threads
+        pool = ThreadPoolExecutor(rt) if rt > 1 else None
+        thread_bufs = [_aligned(8 << 20) for _ in range(rt)]
+        loaders = {(w, t): L.LoomLoader(out, batch_size=args.batch_size, num_workers=w, world_size=1, rank=0, seed=0,
+                                        read_threads=t or None)
+                   for w in args.workers for t in args.read_threads}
 
-        def loom_epoch(w, loaders=loaders):
-            loaders[w].set_epoch(0)
-            return count(loaders[w])
+        def loom_epoch(w, t, loaders=loaders):
+            loaders[w, t].set_epoch(0)
+            return count(loaders[w, t])
 
         for _ in range(args.repeats):
             clock("raw", lambda u=urls, b=chunk_buf: bench_raw(u, b), size)
             clock("raw->batches", lambda u=urls, b=batch_bufs: bench_raw(u, b), size)
+            if pool is not None:
+                clock("rawT", lambda u=urls, b=thread_bufs, p=pool: bench_raw_threaded(u, b, p, per_thread=True),
+                      size)
+                clock("rawT->batches", lambda u=urls, b=batch_bufs, p=pool: bench_raw_threaded(u, b, p), size)
             for w in args.workers:
                 clock(f"wds{w}", lambda u=urls, d=decode, w=w: count(wds_pipeline(u, d, args.batch_size, w)), n)
-                clock(f"loom{w}", lambda w=w: loom_epoch(w), n)
+                for t in args.read_threads:
+                    clock(f"loom{w}/{t}", lambda w=w, t=t: loom_epoch(w, t), n)
+        if pool is not None:
+            pool.shutdown()
         raw, raw_b = n / best["raw"], n / best["raw->batches"]
         print(f"  raw tar bytes         {raw:10.1f} samples/s {mb / best['raw']:8.1f} MB/s   1.00x raw")
         print(f"  raw -> batches        {raw_b:10.1f} samples/s {mb / best['raw->batches']:8.1f} MB/s "
               f"  {raw_b / raw:4.2f}x raw")
+        raw_t = raw_tb = None
+        if pool is not None:
+            raw_t, raw_tb = n / best["rawT"], n / best["rawT->batches"]
+            print(f"  raw, {rt} threads        {raw_t:10.1f} samples/s {mb / best['rawT']:8.1f} MB/s "
+                  f"  {raw_t / raw:4.2f}x raw")
+            print(f"  raw -> batches, {rt} thr {raw_tb:10.1f} samples/s {mb / best['rawT->batches']:8.1f} MB/s "
+                  f"  {raw_tb / raw:4.2f}x raw  {raw_tb / raw_t:4.2f}x raw {rt} threads")
         for w in args.workers:
-            wds_rate, loom_rate = n / best[f"wds{w}"], n / best[f"loom{w}"]
+            wds_rate = n / best[f"wds{w}"]
             print(f"  webdataset w={w}       {wds_rate:10.1f} samples/s                {wds_rate / raw:5.2f}x raw")
-            print(f"  loom       w={w}       {loom_rate:10.1f} samples/s                {loom_rate / raw:5.2f}x raw  "
-                  f"{loom_rate / raw_b:5.2f}x raw->batches  {loom_rate / wds_rate:5.2f}x webdataset")
-            results[f"{kind}/w{w}"] = {"raw": raw, "raw_batches": raw_b, "webdataset": wds_rate, "loom": loom_rate,
-                                       "loom_vs_wds": loom_rate / wds_rate, "loom_vs_raw": loom_rate / raw,
-                                       "loom_vs_raw_batches": loom_rate / raw_b}
+            for t in args.read_threads:
+                loom_rate = n / best[f"loom{w}/{t}"]
+                name = f"w={w}" + (f" t={t}" if t else "")
+                vs_t = f"  {loom_rate / raw_t:5.2f}x raw {rt} threads" if raw_t else ""
+                print(f"  loom       {name:10s} {loom_rate:10.1f} samples/s                {loom_rate / raw:5.2f}x raw  "
+                      f"{loom_rate / raw_b:5.2f}x raw->batches  {loom_rate / wds_rate:5.2f}x webdataset{vs_t}")
+                r = {"raw": raw, "raw_batches": raw_b, "webdataset": wds_rate, "loom": loom_rate,
+                     "loom_vs_wds": loom_rate / wds_rate, "loom_vs_raw": loom_rate / raw,
+                     "loom_vs_raw_batches": loom_rate / raw_b}
+                if raw_t:
+                    r.update(raw_threads=raw_t, raw_threads_batches=raw_tb, loom_vs_raw_threads=loom_rate / raw_t)
+                results[f"{kind}/w{w}" + (f"/t{t}" if t else "")] = r
     print("\nTargets: loom >= 1.0x webdataset (every corpus); latents loom >= 0.8x raw")
     for k, r in results.items():
         ok = r["loom_vs_wds"] >= 1.0 and (not k.startswith("latents") or r["loom_vs_raw"] >= 0.8)
-        print(f"  {k:11s} {r['loom_vs_wds']:5.2f}x webdataset  {r['loom_vs_raw']:5.2f}x raw  "
-              f"{r['loom_vs_raw_batches']:5.2f}x raw->batches  {'PASS' if ok else 'FAIL'}")
+        print(f"  {k:14s} {r['loom_vs_wds']:5.2f}x webdataset  {r['loom_vs_raw']:5.2f}x raw  "
+              f"{r['loom_vs_raw_batches']:5.2f}x raw->batches  "
+              + (f"{r['loom_vs_raw_threads']:5.2f}x raw {args.raw_threads} threads  " if "loom_vs_raw_threads" in r
+                 else "") + ("PASS" if ok else "FAIL"))
     if not args.keep:
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
@@ -249,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--read-threads", type=int, nargs="+", default=[0], metavar="T",
+                   help="loom rows with read_threads=T (0: the loader's default)")
+    p.add_argument("--raw-threads", type=int, default=2,
+                   help="threads of the threaded raw rows (1: no such rows)")
     p.add_argument("--cold", action="store_true", help="drop the shards from the page cache before every run")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--keep", action="store_true", help="keep the temporary shards")

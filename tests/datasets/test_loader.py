@@ -254,6 +254,131 @@ def test_latent_samples_load_directly(tmp_path):
             assert np.array_equal(b["K"][j].numpy(), ref[key]["K"]) and b["meta"][j] == ref[key]["meta"]
 
 
+def _slow_reads(monkeypatch):
+    """Make every direct read sleep a little, longer for some samples than others, so that the read threads
+    finish out of order; record the threads that read."""
+    import threading
+    import time
+
+    readers = set()
+    readv = L._Reader.readv
+
+    def slow(self, url, start, bufs, total=None):
+        readers.add(threading.get_ident())
+        time.sleep(0.001 * (start // 512 % 4))  # GIL released: the other threads read meanwhile
+        return readv(self, url, start, bufs, total)
+
+    monkeypatch.setattr(L._Reader, "readv", slow)
+    return readers
+
+
+def _corrupt(out, key, ext, at=0):
+    """Overwrite 8 bytes of member ``ext`` of sample ``key`` at ``at`` (default: its first bytes, e.g. the .npy
+    magic) or, with ``at=None``, in its middle; same size and keys, so the index still accepts the shard."""
+    for url in shards.shard_urls(out):
+        ix = L.scan_shard(url)
+        if key in ix.keys:
+            o, n = ix.members[ix.keys.index(key)][ext]
+            p = o + (n // 2 if at is None else at)
+            data = bytearray(storage.read_bytes(url))
+            data[p:p + 8] = b"\xff" * 8
+            storage.write_bytes(url, bytes(data))
+            return
+    raise KeyError(key)
+
+
+def _same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys() and x["__key__"] == y["__key__"] and x["meta"] == y["meta"]
+        assert torch.equal(x["__index__"], y["__index__"]) and torch.equal(x["__pad__"], y["__pad__"])
+        assert torch.equal(x["x"], y["x"]) and torch.equal(x["y"], y["y"])
+        assert x["x"][:, 0].tolist() == [int(k[1:]) for k in x["__key__"]]  # each row is its sample's
+        assert [s["key"] for s in x["__skipped__"]] == [s["key"] for s in y["__skipped__"]]
+
+
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_threaded_direct_batches_equal_one_thread(corpus, monkeypatch, threads):
+    out, _ = corpus
+    kw = {"batch_size": 4, "seed": 5, "world_size": 1, "rank": 0}
+    one = [list(ld) for ld in [L.LoomLoader(out, read_threads=1, **kw)] for _ in range(2)]
+    readers = _slow_reads(monkeypatch)
+    ld = L.LoomLoader(out, read_threads=threads, **kw)
+    many = [list(ld) for _ in range(2)]  # two epochs: the pool and the batch memory are reused
+    assert len(readers) > 1, "the batches were not read by several threads"
+    for a, b in zip(one, many, strict=True):
+        _same_batches(a, b)
+    assert L.LoomDataset(out, 4)._threads(True) == L.DIRECT_READ_THREADS > 1  # the default on local files
+    assert L.LoomDataset(out, 4)._threads(False) == 1
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_threaded_direct_path_skips_failed_samples_in_order(tmp_path, monkeypatch, threads):
+    out = str(tmp_path / "c")
+    keys = make_corpus(out)
+    bad = {"k0004": ("x.npy", 0),  # the first sample of batch 1: its headers cannot be learned
+           "k0009": ("z.npz", None), "k0010": ("x.npy", 0),  # two neighbours in the middle of batch 2
+           "k0014": ("x.npy", 0)}  # the third of batch 3
+    for key, (ext, at) in bad.items():
+        _corrupt(out, key, ext, at)
+    kw = {"batch_size": 4, "shuffle": False, "world_size": 1, "rank": 0}
+    general = list(L.LoomLoader(out, on_error="skip", transform=lambda s, r: s, **kw))  # the decode path
+    readers = _slow_reads(monkeypatch)
+    ld = L.LoomLoader(out, on_error="skip", read_threads=threads, **kw)
+    got = list(ld)
+    assert threads == 1 or len(readers) > 1
+    _same_batches(got, general)
+    assert [s["key"] for s in ld.skipped] == list(bad)
+    assert [b["x"][:, 0].tolist() for b in got] == [[0, 1, 2, 3], [5, 6, 7], [8, 11], [12, 13, 15]]
+    assert keys_of(got, with_pad=False) == [k for k in keys if k not in bad]
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+def test_threaded_direct_path_raises_for_the_first_failure_in_batch_order(tmp_path, monkeypatch, threads):
+    import time
+
+    out = str(tmp_path / "c")
+    make_corpus(out)
+    _corrupt(out, "k0009", "z.npz", None)
+    _corrupt(out, "k0010", "x.npy")
+    url = shards.shard_url(out, shards.shard_name("toy", 3))
+    late = L.scan_shard(url).members[0]["x.npy"][0]  # k0009's first member is x.npy: its read starts there
+    readv = L._Reader.readv
+
+    def k0009_last(self, u, start, bufs, total=None):
+        if u == url and start <= late < start + (total or 0):
+            time.sleep(0.05)  # k0010 fails first in time
+        return readv(self, u, start, bufs, total)
+
+    monkeypatch.setattr(L._Reader, "readv", k0009_last)
+    ld = L.LoomLoader(out, batch_size=4, shuffle=False, world_size=1, rank=0, read_threads=threads)
+    it = iter(ld)
+    assert next(it)["__key__"] == ["k0000", "k0001", "k0002", "k0003"]
+    assert next(it)["__key__"] == ["k0004", "k0005", "k0006", "k0007"]
+    with pytest.raises(shards.ShardError, match="toy-000003.tar.*k0009"):
+        next(it)
+
+
+def test_threaded_direct_path_resumes_exactly(corpus, monkeypatch):
+    out, _ = corpus
+    kw = {"batch_size": 2, "seed": 3, "world_size": 1, "rank": 0}
+    ref = L.LoomLoader(out, read_threads=1, **kw)
+    full = [keys_of([b]) for _ in range(2) for b in ref]
+    _slow_reads(monkeypatch)
+    a = L.LoomLoader(out, read_threads=2, **kw)
+    seen = []
+    for b in a:
+        seen.append(keys_of([b]))
+        if len(seen) == 3:
+            break
+    b_ = L.LoomLoader(out, read_threads=2, **kw)
+    b_.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    rest = []
+    while len(seen) + len(rest) < len(full):
+        rest += [keys_of([b]) for b in b_]
+    assert seen + rest == full
+
+
 @pytest.mark.parametrize("nw", [0, 2])
 def test_resume_mid_epoch_gives_the_same_next_batches(corpus, nw):
     out, _ = corpus
