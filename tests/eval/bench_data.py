@@ -60,9 +60,11 @@ def rot_z(angle: float) -> np.ndarray:
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
-def write_4d_gt(out: str, sequences: dict[str, list], surface: int = 8192, video_size: int = 32) -> None:
+def write_4d_gt(out: str, sequences: dict[str, list], surface: int = 8192, video_size: int = 32,
+                views: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None) -> None:
     """4D shards whose ``surface`` is sampled (with normals) on the given meshes; the other arrays are placeholders
-    of the schema's shapes; the conditioning video is transparent (white over the default background)."""
+    of the schema's shapes; the conditioning video is transparent (white over the default background), or, for the
+    keys of ``views``, the given ``(video (T,H,W,4) uint8, K (T,3,3), c2w (T,4,4))``."""
     from loom.geometry.mesh import sample_surface
 
     items = []
@@ -75,6 +77,9 @@ def write_4d_gt(out: str, sequences: dict[str, list], surface: int = 8192, video
              "video": np.zeros((t, video_size, video_size, 4), np.uint8),
              "K": np.tile(np.eye(3, dtype=np.float32), (t, 1, 1)), "c2w": np.tile(np.eye(4, dtype=np.float32),
                                                                                    (t, 1, 1))}  # fmt: skip
+        if views and key in views:
+            a["video"], a["K"], a["c2w"] = (np.asarray(x) for x in views[key])
+            a["K"], a["c2w"] = a["K"].astype(np.float32), a["c2w"].astype(np.float32)
         items.append((key, schema4d.encode_sample(a, {"kind": "4d", "uid": key, "half_extent": 0.5})))
     name = shards.shard_name("4d", 0)
     size, sha, keys = shards.write_tar(shards.shard_url(out, name), items)

@@ -133,14 +133,14 @@ def test_modules_import_without_bpy():
 
 
 def test_straight_alpha_conversion():
-    from loom.pipelines.render.anim import _to_straight_rgba8
+    from loom.pipelines.render.common import to_straight_rgba8
 
     rgba = np.zeros((1, 4, 4), np.float32)
     rgba[0, 0] = [1.0, 1.0, 1.0, 1.0]  # opaque white
     rgba[0, 1] = [0.107, 0.107, 0.107, 0.5]  # half-covered linear 0.214 (sRGB ~0.5): colour is un-premultiplied
     rgba[0, 2] = [0.0, 0.0, 0.0, 0.0]  # empty
     rgba[0, 3] = [1e-4, 1e-4, 1e-4, 1e-4]  # alpha rounds to 0: colour 0 too
-    out = _to_straight_rgba8(rgba)
+    out = to_straight_rgba8(rgba)
     assert out.dtype == np.uint8
     assert out[0, 0].tolist() == [255, 255, 255, 255]
     assert abs(int(out[0, 1, 0]) - 128) <= 1 and out[0, 1, 3] == 128

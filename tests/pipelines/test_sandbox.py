@@ -23,6 +23,10 @@ def behave(params):
         raise TaskError("mesh has no faces")
     if what == "bug":
         raise KeyError("oops")
+    if what == "bpy":
+        import bpy
+
+        return bpy.app.version_string
     return None
 
 
@@ -61,3 +65,14 @@ def test_task_errors_and_bugs_keep_their_message(box):
     with pytest.raises(TaskError, match="KeyError"):
         box.run({"what": "bug"}, timeout=30)
     assert box.starts == 1
+
+
+def test_a_parent_that_imported_bpy_still_starts_bpy_workers(tmp_path):
+    """Importing bpy adds Blender's scripts/modules (with a ``bpy`` package of its own) to sys.path; a spawned child
+    inherits that path and must still import the bpy wheel."""
+    bpy = pytest.importorskip("bpy")
+    import sys
+
+    assert any("/scripts" in p for p in sys.path)  # the precondition: the parent's path holds Blender's folders
+    with Sandbox(ENTRY, log_dir=str(tmp_path), env={"OMP_NUM_THREADS": "1"}, preload=("bpy",)) as b:
+        assert b.run({"what": "bpy"}, timeout=60) == bpy.app.version_string

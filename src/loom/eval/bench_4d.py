@@ -36,11 +36,29 @@ The sequence's values are means over its frames; the benchmark's are means over 
 cannot be evaluated (an unreadable or empty mesh) is a row with its ``error``, counted by the metric ``failed``
 and left out of the means; a missing prediction folder stops the job.
 
-**Renders** (Tab. 2, when ``renders`` is given): ``renders/<key>.mp4`` (or ``.mkv``), the predictions rendered
-from the ground truth's camera, against ``gt_renders/<key>.mp4`` or by default the shard's conditioning video
-composited over ``background``. LPIPS (mean over frames, then sequences), CLIP (cosine of CLIP image embeddings
-of each frame and its ground truth, the papers' [0, 1] scale) and FVD (I3D statistics over all sequences; at
-least 2 sequences of 9 frames), logged as ``render/lpips``, ``render/clip``, ``render/fvd``.
+**Renders** (Tab. 2, "aligned" rendering metrics), from one of two sources:
+
+- ``render.enabled=true``: Loom renders each registered predicted sequence itself, with Blender
+  (:mod:`loom.pipelines.render.meshes`, in a sandboxed child process), from the shard's own cameras (``K``,
+  ``c2w`` of the compared frames) at the video's resolution. The registration of step 3 puts the prediction in the
+  ground truth's frame, so the render is aligned with the conditioning video as ShapeGen4D's "Aligned" columns
+  are. Loom's predictions carry no texture (ShapeGen4D textures its meshes with a separate model), so
+  ``render.shading`` says how they look: ``projected`` (default) paints every vertex with the conditioning
+  frame's colour at the pixel it projects to (``render.outside``, grey by default, where it projects outside the
+  object or the image): seen from that same camera this is exactly the input painted onto the predicted surface
+  (an occluded vertex takes its occluder's colour but is itself hidden in this view), so the metrics measure how
+  well the predicted shape covers the object's pixels, not a texture model; ``clay`` renders a grey diffuse
+  surface under Blender's bundled ``render.hdri``. A point-cloud prediction is not rendered (its row says so) and
+  the rendering metrics are means over the rendered sequences (``render_items``). Per item ``render_mask_iou``:
+  the IoU of the rendered and the ground-truth alpha masks (alpha >= 0.5).
+- ``renders=DIR``: ``DIR/<key>.mp4`` (or ``.mkv``), the predictions rendered by the user from the ground truth's
+  camera.
+
+Against ``gt_renders/<key>.mp4`` or by default the shard's conditioning video, both composited over
+``background``: LPIPS (mean over frames, then sequences), CLIP (cosine of CLIP image embeddings of each frame and
+its ground truth, the papers' [0, 1] scale) and FVD (I3D statistics over all sequences; at least 2 sequences of 9
+frames), logged as ``render/lpips``, ``render/clip``, ``render/fvd``. DreamSim (the paper's fourth column) needs
+weights no registry ships; it is not computed.
 """
 
 from __future__ import annotations
@@ -79,6 +97,26 @@ class RegistrationSettings:
 
 
 @config
+class RenderSettings:
+    enabled: bool = field(False, help="render the registered predictions with Blender from the shards' cameras "
+                          "for the rendering metrics (ShapeGen4D Tab. 2); needs the render extra (bpy)")
+    shading: Literal["projected", "clay"] = field("projected", help="'projected': vertices painted with the "
+                                                  "conditioning frame's colours; 'clay': grey under an HDRI")
+    outside: tuple[float, float, float] = field((0.5, 0.5, 0.5), help="sRGB of vertices that project outside "
+                                                "the object or the image (projected shading)")
+    samples: int = field(8, help="Cycles samples per pixel")
+    hdri: str = field("studio", help="environment map of clay shading: a bundled name or an .exr path")
+    device: Literal["CPU", "GPU"] = field("CPU", help="Cycles device")
+    threads: int = field(0, help="Blender render threads (0 = all cores)")
+    timeout_s: float = field(600.0, help="seconds one sequence may take to render before it fails")
+
+    def __post_init__(self):
+        require(self.samples >= 1, "render.samples", self.samples, "must be at least 1")
+        require(all(0 <= c <= 1 for c in self.outside), "render.outside", self.outside, "RGB values in [0,1]")
+        require(self.timeout_s > 0, "render.timeout_s", self.timeout_s, "must be positive")
+
+
+@config
 class Tracking4D(EvalTracking):
     experiment: str = field("bench/4d", help="MLflow experiment (`loom leaderboard 4d` reads it)")
 
@@ -89,7 +127,9 @@ class Eval4DJob:
     pred: str = field("", help="predictions: a folder with one folder per ground-truth key of frame_000.obj, ...")
     run: str = field("", help="or a `loom train shape4d` run folder: generate the meshes into <out>/pred")
     renders: str = field("", help="folder of <key>.mp4 renders of the predictions from the ground truth's camera "
-                         "(enables the rendering metrics, ShapeGen4D Tab. 2)")
+                         "(enables the rendering metrics, ShapeGen4D Tab. 2; or let Loom render: render.enabled)")
+    render: RenderSettings = field(default_factory=RenderSettings, help="Loom's own renders of the predictions "
+                                   "(rendering metrics without a renders folder)")
     gt_renders: str = field("", help="folder of <key>.mp4 ground-truth renders ('' = the shards' conditioning "
                             "video over background)")
     background: tuple[float, float, float] = field((1.0, 1.0, 1.0), help="RGB in [0,1] under the shards' video")
@@ -119,6 +159,8 @@ class Eval4DJob:
             require(not bad, name, list(getattr(self, name)), f"choose from {list(allowed)}")
         require(len(self.metrics) + len(self.render_metrics) > 0, "metrics", list(self.metrics), "nothing to compute")
         require(not (self.pred and self.run), "pred", self.pred, "give predictions (pred) or a run, not both")
+        require(not (self.renders and self.render.enabled), "renders", self.renders,
+                "give a renders folder or render.enabled=true, not both")
         require(self.scale_to >= 0, "scale_to", self.scale_to, "must be >= 0")
         require(self.pred_points >= 16, "pred_points", self.pred_points, "must be at least 16")
         require(self.f_threshold > 0, "f_threshold", self.f_threshold, "must be positive")
@@ -307,7 +349,86 @@ def evaluate_sequence(pred: list[tuple[np.ndarray, np.ndarray | None]], gt_point
             union = np.count_nonzero(a | b)
             row["iou"] = np.count_nonzero(a & b) / union if union else 0.0
         rows.append(row)
-    return {"frames": rows, "registration": reg, "pred_points": samples, "note": note}
+    return {"frames": rows, "registration": reg, "pred_points": samples, "note": note, "verts": verts}
+
+
+# ------------------------------------------------------------------------------------------------ renders
+
+
+def projected_colours(verts: np.ndarray, K: np.ndarray, c2w: np.ndarray, frame: np.ndarray,
+                      outside=(0.5, 0.5, 0.5)) -> np.ndarray:  # fmt: skip
+    """(V,3) sRGB colours in [0,1]: each vertex takes the colour of the pixel of ``frame`` ((H,W,4) straight-alpha
+    uint8) it projects to through the OpenCV camera ``K``, ``c2w`` (pixel centres at u+0.5, so the pixel is the
+    floor of the projection); ``outside`` where it falls behind the camera, off the image or on a pixel of alpha
+    < 0.5 (not the object). No visibility test: seen from this camera a hidden vertex is covered anyway."""
+    from loom.geometry.camera import project
+
+    uv, depth = project(np.asarray(verts, np.float64), np.asarray(K, np.float64), np.asarray(c2w, np.float64))
+    h, w = frame.shape[:2]
+    with np.errstate(invalid="ignore"):
+        u, v = np.floor(uv[:, 0]), np.floor(uv[:, 1])
+        ok = (depth > 0) & (u >= 0) & (u < w) & (v >= 0) & (v < h)
+    col = np.tile(np.asarray(outside, np.float64), (len(verts), 1))
+    idx = np.flatnonzero(ok)
+    px = frame[v[idx].astype(np.int64), u[idx].astype(np.int64)]
+    solid = px[:, 3] >= 128
+    col[idx[solid]] = px[solid, :3] / 255.0
+    return col
+
+
+class MeshRenderer:
+    """Loom's renders of predicted sequences (:mod:`loom.pipelines.render.meshes`) in one sandboxed Blender process,
+    started at the first sequence and reused (bpy's import is paid once)."""
+
+    def __init__(self, cfg: RenderSettings, scratch: str):
+        import importlib.util
+
+        from loom.pipelines.render import bpy_missing_message
+
+        if importlib.util.find_spec("bpy") is None:
+            raise ModuleNotFoundError(f"render.enabled=true renders the predictions with Blender: "
+                                      f"{bpy_missing_message()} Or pass --renders DIR, or --set render.enabled=false")
+        self.cfg, self.scratch = cfg, scratch
+        self._box = None
+
+    def render(self, meshes: list[tuple[np.ndarray, np.ndarray]], colours: list[np.ndarray] | None,
+               K: np.ndarray, c2w: np.ndarray, width: int, height: int) -> np.ndarray:  # fmt: skip
+        """(T,H,W,4) straight-alpha uint8 of mesh t seen by camera t."""
+        from loom.pipelines.sandbox import Sandbox
+
+        if self._box is None:
+            self._box = Sandbox("loom.pipelines.render.meshes:render_meshes", log_dir=os.path.join(self.scratch, "logs"),
+                                env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}, preload=("bpy",))
+        c = self.cfg
+        frames = [{"vertices": v, "faces": f, **({"colors": colours[t]} if colours is not None else {})}
+                  for t, (v, f) in enumerate(meshes)]
+        params = {"frames": frames, "K": np.asarray(K), "c2w": np.asarray(c2w), "width": width, "height": height,
+                  "workdir": os.path.join(self.scratch, "frames"), "samples": c.samples, "threads": c.threads,
+                  "device": c.device, "hdri": c.hdri, "seed": 0,
+                  "shading": "vertex" if c.shading == "projected" else "clay"}
+        return self._box.run(params, c.timeout_s)["video"]
+
+    def close(self) -> None:
+        if self._box is not None:
+            self._box.close()
+            self._box = None
+
+
+def _render_prediction(cfg: Eval4DJob, renderer: MeshRenderer, pred: list, verts: list[np.ndarray],
+                       factor: float, sample: dict[str, Any], idx: np.ndarray) -> np.ndarray:  # fmt: skip
+    """Loom's render of the registered prediction from the shard's cameras of frames ``idx``: (T,H,W,4) uint8."""
+    video, K, c2w = sample["video"][idx], sample["K"][idx], sample["c2w"][idx]
+    meshes = [(v / factor, f) for v, (_, f) in zip(verts, pred, strict=True)]  # back to the shard's units
+    colours = None
+    if cfg.render.shading == "projected":
+        colours = [projected_colours(v, K[t], c2w[t], video[t], cfg.render.outside) for t, (v, _) in enumerate(meshes)]
+    return renderer.render(meshes, colours, K, c2w, video.shape[2], video.shape[1])
+
+
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a >= 128, b >= 128
+    union = np.count_nonzero(a | b)
+    return float(np.count_nonzero(a & b) / union) if union else 1.0
 
 
 # ------------------------------------------------------------------------------------------------ job
@@ -352,19 +473,13 @@ def _render_metrics(cfg: Eval4DJob, features: Features, key: str, pred_v: np.nda
 
 def evaluate(cfg: Eval4DJob) -> dict[str, Any]:
     """Run the benchmark, write ``cfg.out``, log the MLflow run; returns :func:`loom.eval.record.finish`'s dict."""
-    from loom.datasets.shape4d import iter_samples
-    from loom.datasets.transforms import frame_indices
-    from loom.eval.metrics.fvd import fvd_from_stats
-    from loom.eval.record import Evaluation, finish
-    from loom.platform import storage
-
     if not cfg.gt:
         raise ValueError("no ground truth: pass --gt SHARDS (4D shards from `loom render 4d`)")
     if not (cfg.pred or cfg.run):
         raise ValueError("no predictions: pass --pred FOLDER (<key>/frame_000.obj ...) or --run TRAIN_RUN")
     out = os.path.abspath(cfg.out)
     features = Features(cfg.features)
-    renders = bool(cfg.renders) and len(cfg.render_metrics) > 0
+    renders = (bool(cfg.renders) or cfg.render.enabled) and len(cfg.render_metrics) > 0
     if renders:
         features.check([{"lpips": "lpips", "clip": "clip", "fvd": "i3d"}[m] for m in cfg.render_metrics])
         warn_if_tiny(features)
@@ -375,7 +490,28 @@ def evaluate(cfg: Eval4DJob) -> dict[str, Any]:
         for name in os.listdir(media_dir):
             os.remove(os.path.join(media_dir, name))
 
-    keys = ("surface", "video") if renders and not cfg.gt_renders else ("surface",)
+    keys = ("surface",)
+    if renders and cfg.render.enabled:
+        keys += ("video", "K", "c2w")
+    elif renders and not cfg.gt_renders:
+        keys += ("video",)
+    renderer = MeshRenderer(cfg.render, os.path.join(out, "render-scratch")) if renders and cfg.render.enabled \
+        else None
+    try:
+        return _evaluate(cfg, out, features, renders, renderer, pred_dir, select, media_dir, keys)
+    finally:
+        if renderer is not None:
+            renderer.close()
+
+
+def _evaluate(cfg: Eval4DJob, out: str, features: Features, renders: bool, renderer: MeshRenderer | None,
+              pred_dir: str, select: str, media_dir: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    from loom.datasets.shape4d import iter_samples
+    from loom.datasets.transforms import frame_indices
+    from loom.eval.metrics.fvd import fvd_from_stats
+    from loom.eval.record import Evaluation, finish
+    from loom.platform import storage
+
     items, frames_rows, media, missing, ok_keys = [], [], [], [], []
     stats: dict[str, Any] = {}
     for i, s in enumerate(iter_samples(cfg.gt, keys=keys)):
@@ -429,14 +565,26 @@ def evaluate(cfg: Eval4DJob) -> dict[str, Any]:
             row.update(reg_scale=float(sim.scale), reg_azimuth_deg=_azimuth_deg(sim.rotation))
         if res["note"]:
             row["note"] = res["note"]
-        if renders:
+        pred_v = None
+        if renders and renderer is not None:
+            if any(f is None for _, f in pred):
+                row["note"] = "; ".join(filter(None, [row.get("note"), "not rendered: a point cloud"]))
+            else:
+                rgba = _render_prediction(cfg, renderer, pred, res["verts"], factor, s, idx)
+                row["render_mask_iou"] = float(np.mean([_mask_iou(rgba[t, ..., 3], s["video"][j, ..., 3])
+                                                        for t, j in enumerate(idx)]))
+                pred_v, path = composite(rgba, cfg.background), f"Loom's render of {key}"
+        elif renders:
             path = find_video(cfg.renders, key)
             if path is None:
                 raise FileNotFoundError(f"{cfg.renders} has no render of {key} (<key>.mp4 or .mkv)")
-            pred_v, gt_v = read_video(path), _gt_render(cfg, key, s)
+            pred_v = read_video(path)
+        if pred_v is not None:
+            gt_v = _gt_render(cfg, key, s)
             if len(gt_v) != len(pred_v) and len(pred_v) == len(idx) and len(gt_v) == t_gt:
                 gt_v = gt_v[idx]
             _render_metrics(cfg, features, key, pred_v, gt_v, path, row, stats)
+            row["rendered"] = True
             if len(ok_keys) < cfg.media:
                 media += write_media(media_dir, f"{key}-render", pred_v, gt_v)
         if len(ok_keys) < cfg.media:
@@ -468,12 +616,24 @@ def evaluate(cfg: Eval4DJob) -> dict[str, Any]:
         if metrics["iou_items"] < len(ok):
             notes.append(f"IoU over {int(metrics['iou_items'])} of {len(ok)} sequences (the others are point clouds "
                          "or not watertight)")
+    rendered = [r for r in ok if r.pop("rendered", False)]
+    if renders:
+        metrics["render_items"] = float(len(rendered))
+        if len(rendered) < len(ok):
+            notes.append(f"rendering metrics over {len(rendered)} of {len(ok)} sequences (point clouds are not "
+                         "rendered)")
+        if cfg.render.enabled:
+            notes.append(f"renders: Loom's Blender renders of the registered predictions from the shards' cameras, "
+                         f"{cfg.render.shading} shading (the predictions have no texture of their own)")
+            if rendered:
+                metrics["render/mask_iou"] = float(np.mean([r["render_mask_iou"] for r in rendered]))
     for m in RENDER_METRICS[:2]:
-        if renders and m in cfg.render_metrics:
-            metrics[f"render/{m}"] = float(np.mean([r[f"render/{m}"] for r in ok]))
+        if rendered and m in cfg.render_metrics:
+            metrics[f"render/{m}"] = float(np.mean([r[f"render/{m}"] for r in rendered]))
     if renders and "fvd" in cfg.render_metrics:
-        if len(ok) < 2:
-            raise ValueError("render FVD needs at least 2 sequences; drop it with --set render_metrics=[lpips,clip]")
+        if len(rendered) < 2:
+            raise ValueError("render FVD needs at least 2 rendered sequences; drop it with "
+                             "--set render_metrics=[lpips,clip]")
         metrics["render/fvd"] = fvd_from_stats(stats["pred"], stats["gt"])
     metrics["items"], metrics["failed"] = float(len(ok)), float(len(items) - len(ok))
     if len(ok) < len(items):

@@ -15,6 +15,7 @@ import importlib
 import multiprocessing as mp
 import os
 import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -28,8 +29,17 @@ def _resolve(entry: str):
     return getattr(importlib.import_module(mod), fn)
 
 
+def _blender_path(p: str) -> bool:
+    """A ``sys.path`` entry that importing bpy adds (its bundled ``scripts/...`` folders, the user's Blender config)."""
+    p = p.replace("\\", "/")
+    return "/scripts" in p and ("/bpy/" in p or "/blender/" in p)
+
+
 def _serve(conn, entry: str, log_path: str, env: dict[str, str], preload: tuple[str, ...] = ()) -> None:
     """Child main loop: receive params, call entry(params), send ("ok", result) or ("err", kind, message)."""
+    # A spawned child starts with its parent's sys.path. If the parent imported bpy, that holds Blender's
+    # scripts/modules, whose own ``bpy`` package (needing the ``_bpy`` built-in) would shadow the bpy wheel here.
+    sys.path[:] = [p for p in sys.path if not _blender_path(p)]
     os.environ.update(env)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)

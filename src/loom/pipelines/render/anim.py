@@ -47,7 +47,6 @@ import numpy as np
 from loom.geometry.camera import fit_fov, intrinsics, look_at, opencv_to_blender
 from loom.geometry.sequence import apply, remove_root_motion, sequence_normalization
 from loom.pipelines.errors import TaskError
-from loom.pipelines.render.common import parent_roots_under_empty
 from loom.pipelines.render.common import (
     MAX_ABS_COORD,
     color_pass_settings,
@@ -56,11 +55,12 @@ from loom.pipelines.render.common import (
     import_asset,
     make_world,
     missing_texture_warnings,
+    parent_roots_under_empty,
     read_exr,
     render_still,
     reset_blender,
-    srgb_encode,
     to_matrix,
+    to_straight_rgba8,
 )
 
 DEFAULTS = {
@@ -193,7 +193,7 @@ def extract_sequence(params: dict) -> dict:
     t0 = time.perf_counter()
     video = np.empty((frames, height, width, 4), np.uint8)
     for t, path in enumerate(paths):
-        video[t] = _to_straight_rgba8(read_exr(path)["rgba"])
+        video[t] = to_straight_rgba8(read_exr(path)["rgba"])
         path.unlink(missing_ok=True)
     timings["readback"] = time.perf_counter() - t0
 
@@ -374,13 +374,3 @@ def _make_fixed_camera(bpy, scene, fov_x: float, distance: float, object_radius:
     scene.collection.objects.link(obj)
     scene.camera = obj
     return obj
-
-
-def _to_straight_rgba8(rgba: np.ndarray) -> np.ndarray:
-    """Linear premultiplied RGBA (H,W,4) -> straight-alpha sRGB RGBA uint8; colour 0 where alpha rounds to 0."""
-    alpha = np.clip(rgba[..., 3:4].astype(np.float64), 0.0, 1.0)
-    a8 = np.round(alpha * 255.0)
-    straight = np.where(alpha > 0, rgba[..., :3] / np.maximum(alpha, 1e-12), 0.0)
-    rgb8 = np.round(srgb_encode(straight) * 255.0)
-    rgb8 = np.where(a8 > 0, rgb8, 0.0)
-    return np.concatenate([rgb8, a8], axis=-1).astype(np.uint8)

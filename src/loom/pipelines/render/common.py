@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loom.geometry.camera import opencv_to_blender
 from loom.pipelines.errors import TaskError
 
 SUPPORTED_FORMATS = (".glb", ".gltf", ".obj", ".fbx", ".ply", ".stl", ".blend")
@@ -442,3 +443,57 @@ def exact_geometry_pass_settings(scene, material, object_index: bool = False) ->
     im.file_format = "OPEN_EXR_MULTILAYER"
     im.color_depth = "32"
     im.exr_codec = "NONE"  # small files in a scratch dir: compression costs more than it saves
+
+
+def check_cameras(K, c2w, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    K = np.asarray(K, dtype=np.float64)
+    c2w = np.asarray(c2w, dtype=np.float64)
+    if K.ndim != 3 or K.shape[1:] != (3, 3) or c2w.ndim != 3 or c2w.shape[1:] != (4, 4) or len(K) != len(c2w):
+        raise ValueError(f"params['K'] must be (T,3,3) and params['c2w'] (T,4,4) with the same T >= 1, got "
+                         f"{K.shape} and {c2w.shape}")
+    if len(K) == 0:
+        raise ValueError("no frames: params['K'] and params['c2w'] are empty")
+    if not (np.isfinite(K).all() and np.isfinite(c2w).all()):
+        raise ValueError("params['K'] / params['c2w'] hold NaN or infinite values")
+    for t in range(len(K)):
+        fx, fy = K[t, 0, 0], K[t, 1, 1]
+        if not fx > 0 or abs(fx - fy) > 1e-6 * fx or K[t, 0, 1] != 0 or not np.allclose(K[t, 2], [0, 0, 1]):
+            raise ValueError(f"params['K'][{t}] must be a pinhole matrix with square pixels (fx == fy > 0, no "
+                             f"skew), got {K[t].tolist()}")
+        r = c2w[t, :3, :3]
+        if not np.allclose(r @ r.T, np.eye(3), atol=1e-4) or np.linalg.det(r) < 0 \
+                or not np.allclose(c2w[t, 3], [0, 0, 0, 1]):
+            raise ValueError(f"params['c2w'][{t}] is not a rigid camera-to-world matrix")
+    return K, c2w
+
+
+def make_camera_covering(bpy, scene, verts: np.ndarray, c2w: np.ndarray):
+    cam = bpy.data.cameras.new("loom_camera")
+    cam.sensor_fit = "HORIZONTAL"
+    lo, hi = verts.min(axis=0), verts.max(axis=0)
+    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    far = float(np.linalg.norm(corners[None] - c2w[:, None, :3, 3], axis=-1).max())
+    cam.clip_end = 1.01 * far + 1e-3
+    cam.clip_start = min(1e-3, 1e-5 * cam.clip_end) if far > 0 else 1e-5
+    obj = bpy.data.objects.new("loom_camera", cam)
+    scene.collection.objects.link(obj)
+    scene.camera = obj
+    return obj
+
+
+def set_opencv_camera(cam_obj, K: np.ndarray, c2w: np.ndarray, width: int, height: int) -> None:
+    cam = cam_obj.data
+    cam.angle_x = 2.0 * math.atan(0.5 * width / K[0, 0])
+    cam.shift_x = (0.5 * width - K[0, 2]) / width
+    cam.shift_y = (K[1, 2] - 0.5 * height) / width
+    cam_obj.matrix_world = to_matrix(opencv_to_blender(c2w))
+
+
+def to_straight_rgba8(rgba: np.ndarray) -> np.ndarray:
+    """Linear premultiplied RGBA (H,W,4) -> straight-alpha sRGB RGBA uint8; colour 0 where alpha rounds to 0."""
+    alpha = np.clip(rgba[..., 3:4].astype(np.float64), 0.0, 1.0)
+    a8 = np.round(alpha * 255.0)
+    straight = np.where(alpha > 0, rgba[..., :3] / np.maximum(alpha, 1e-12), 0.0)
+    rgb8 = np.round(srgb_encode(straight) * 255.0)
+    rgb8 = np.where(a8 > 0, rgb8, 0.0)
+    return np.concatenate([rgb8, a8], axis=-1).astype(np.uint8)

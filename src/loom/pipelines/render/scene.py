@@ -71,19 +71,21 @@ from pathlib import Path
 
 import numpy as np
 
-from loom.geometry.camera import opencv_to_blender, world_to_camera
+from loom.geometry.camera import world_to_camera
 from loom.pipelines.errors import TaskError
 from loom.pipelines.render.common import (
+    check_cameras,
     color_pass_settings,
-    exact_geometry_pass_settings,
     common_render_settings,
+    exact_geometry_pass_settings,
     import_asset,
+    make_camera_covering,
     make_world,
     missing_texture_warnings,
     render_sequence,
     render_still,
     reset_blender,
-    to_matrix,
+    set_opencv_camera,
     to_srgb8,
 )
 
@@ -108,7 +110,7 @@ def render_scene(params: dict) -> dict:
     width, height = int(params["width"]), int(params["height"])
     workdir = Path(params["workdir"])
     workdir.mkdir(parents=True, exist_ok=True)
-    K, c2w = _check_cameras(params["K"], params["c2w"], width, height)
+    K, c2w = check_cameras(params["K"], params["c2w"], width, height)
     frames = len(K)
     method = str(params.get("edges_method", "gbuffer"))
     if method not in EDGE_METHODS:
@@ -140,7 +142,7 @@ def render_scene(params: dict) -> dict:
     # ---- scene: camera, light, settings ----------------------------------------------------------------------------
     t0 = time.perf_counter()
     scene = bpy.context.scene
-    cam_obj = _make_camera(bpy, scene, verts, c2w)
+    cam_obj = make_camera_covering(bpy, scene, verts, c2w)
     hdri = params.get("hdri_path")
     if hdri:
         make_world(bpy, scene, str(hdri), float(params.get("hdri_strength", 1.0)),
@@ -157,7 +159,7 @@ def render_scene(params: dict) -> dict:
     world = scene.world
     scene.world = None
     def set_camera(t: int) -> None:
-        _set_camera(cam_obj, K[t], c2w[t], width, height)
+        set_opencv_camera(cam_obj, K[t], c2w[t], width, height)
 
     geo_paths = render_sequence(bpy, scene, frames, set_camera, workdir, "scene_geo", asset)
     timings["render_geometry"] = time.perf_counter() - t0
@@ -168,7 +170,7 @@ def render_scene(params: dict) -> dict:
     if method == "freestyle":
         linesets = _freestyle_settings(bpy, scene, crease_deg, line_width)
         for t in range(frames):
-            _set_camera(cam_obj, K[t], c2w[t], width, height)
+            set_opencv_camera(cam_obj, K[t], c2w[t], width, height)
             paths = {}
             for kind, ls in linesets.items():
                 for other in linesets.values():
@@ -303,50 +305,6 @@ def _dilate(edges: np.ndarray, radius: float) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------------
 # Blender set-up
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def _check_cameras(K, c2w, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
-    K = np.asarray(K, dtype=np.float64)
-    c2w = np.asarray(c2w, dtype=np.float64)
-    if K.ndim != 3 or K.shape[1:] != (3, 3) or c2w.ndim != 3 or c2w.shape[1:] != (4, 4) or len(K) != len(c2w):
-        raise ValueError(f"params['K'] must be (T,3,3) and params['c2w'] (T,4,4) with the same T >= 1, got "
-                         f"{K.shape} and {c2w.shape}")
-    if len(K) == 0:
-        raise ValueError("no frames: params['K'] and params['c2w'] are empty")
-    if not (np.isfinite(K).all() and np.isfinite(c2w).all()):
-        raise ValueError("params['K'] / params['c2w'] hold NaN or infinite values")
-    for t in range(len(K)):
-        fx, fy = K[t, 0, 0], K[t, 1, 1]
-        if not fx > 0 or abs(fx - fy) > 1e-6 * fx or K[t, 0, 1] != 0 or not np.allclose(K[t, 2], [0, 0, 1]):
-            raise ValueError(f"params['K'][{t}] must be a pinhole matrix with square pixels (fx == fy > 0, no "
-                             f"skew), got {K[t].tolist()}")
-        r = c2w[t, :3, :3]
-        if not np.allclose(r @ r.T, np.eye(3), atol=1e-4) or np.linalg.det(r) < 0 \
-                or not np.allclose(c2w[t, 3], [0, 0, 0, 1]):
-            raise ValueError(f"params['c2w'][{t}] is not a rigid camera-to-world matrix")
-    return K, c2w
-
-
-def _make_camera(bpy, scene, verts: np.ndarray, c2w: np.ndarray):
-    cam = bpy.data.cameras.new("loom_camera")
-    cam.sensor_fit = "HORIZONTAL"
-    lo, hi = verts.min(axis=0), verts.max(axis=0)
-    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
-    far = float(np.linalg.norm(corners[None] - c2w[:, None, :3, 3], axis=-1).max())
-    cam.clip_end = 1.01 * far + 1e-3
-    cam.clip_start = min(1e-3, 1e-5 * cam.clip_end) if far > 0 else 1e-5
-    obj = bpy.data.objects.new("loom_camera", cam)
-    scene.collection.objects.link(obj)
-    scene.camera = obj
-    return obj
-
-
-def _set_camera(cam_obj, K: np.ndarray, c2w: np.ndarray, width: int, height: int) -> None:
-    cam = cam_obj.data
-    cam.angle_x = 2.0 * math.atan(0.5 * width / K[0, 0])
-    cam.shift_x = (0.5 * width - K[0, 2]) / width
-    cam.shift_y = (K[1, 2] - 0.5 * height) / width
-    cam_obj.matrix_world = to_matrix(opencv_to_blender(c2w))
 
 
 def _grey_world(bpy, scene, strength: float) -> None:
