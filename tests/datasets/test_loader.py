@@ -359,6 +359,23 @@ def test_threaded_direct_path_raises_for_the_first_failure_in_batch_order(tmp_pa
         next(it)
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_worker_batches_come_in_shared_memory_and_equal_the_main_process_ones(tmp_path):
+    out = str(tmp_path / "c")
+    make_corpus(out)
+    _corrupt(out, "k0005", "z.npz", None)  # a row to close up, in a worker
+    kw = {"batch_size": 4, "seed": 2, "world_size": 1, "rank": 0, "on_error": "skip"}
+    main = list(L.LoomLoader(out, **kw))
+    workers = list(L.LoomLoader(out, num_workers=2, **kw))
+    _same_batches(workers, main)
+    for b in workers:
+        # made in shared memory by the worker: the main process maps it (no copy into fresh shared memory), and
+        # the small tensors share one block (one file descriptor to pass, not one per tensor)
+        assert b["x"].is_shared() and b["y"].is_shared()
+        ptr = b["y"].untyped_storage().data_ptr()
+        assert b["__pad__"].untyped_storage().data_ptr() == ptr == b["__index__"].untyped_storage().data_ptr()
+
+
 def test_threaded_direct_path_resumes_exactly(corpus, monkeypatch):
     out, _ = corpus
     kw = {"batch_size": 2, "seed": 3, "world_size": 1, "rank": 0}

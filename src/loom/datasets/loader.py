@@ -504,6 +504,24 @@ class _BatchMemory:
                 self._free.append(mem)
 
 
+def _share_small(batch: dict[str, Any], big: dict[str, torch.Tensor]) -> None:
+    """Move the batch's other tensors (small: cameras, ``__pad__``, ``__index__``) into ONE block of shared memory,
+    as views of it. A DataLoader worker sends every tensor storage to the main process as a file descriptor, and
+    each costs a connection and a handshake (~4 ms on a busy machine): one storage for all of them, not one each."""
+    small = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in big}
+    if not small:
+        return
+    offsets, total = {}, 0
+    for k, v in small.items():
+        offsets[k] = total
+        total += -(-v.nbytes // 64) * 64
+    block = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total))
+    for k, v in small.items():
+        t = block[offsets[k]:offsets[k] + v.nbytes].view(v.dtype).view(v.shape)
+        t.copy_(v)
+        batch[k] = t
+
+
 class _Reader:
     """Ranged reads of samples, one handle per shard kept open in the process that reads (never pickled). Safe to
     share between the read threads of one process: the handle table is locked, and a handle is closed (least
@@ -645,6 +663,7 @@ class LoomDataset(IterableDataset):
         self._memory: _BatchMemory | None = None  # made by the process that reads (see _direct_batch)
         self._pool: ThreadPoolExecutor | None = None  # likewise: the direct path's readers
         self._pid = 0
+        self._share = True  # direct batches made in a DataLoader worker go in shared memory (switch: benchmarks)
         self._npy_names: dict[str, str | None] = {}
 
     def _first_kind(self) -> str | None:
@@ -702,13 +721,14 @@ class LoomDataset(IterableDataset):
 
     def _threads(self, direct: bool) -> int:
         """Concurrent sample reads per process: ``read_threads`` if given, else 16 on a remote filesystem (latency
-        bound), else :data:`DIRECT_READ_THREADS` for direct batches and 1 for decoded ones (decoding holds the GIL,
-        so threads would only take turns)."""
+        bound), else on local files :data:`DIRECT_READ_THREADS` for direct batches in the main process and 1 in a
+        DataLoader worker (the workers already read in parallel; 2 threads each measured no faster) and for
+        decoded batches (decoding holds the GIL, so threads would only take turns)."""
         if self.read_threads is not None:
             return self.read_threads
         if self.remote:
             return 16
-        return DIRECT_READ_THREADS if direct else 1
+        return DIRECT_READ_THREADS if direct and get_worker_info() is None else 1
 
     def _own(self) -> None:
         """The reading state of this process: a forked DataLoader worker inherits the parent's without pickling,
@@ -752,6 +772,7 @@ class LoomDataset(IterableDataset):
         local_of = (ids - self.offsets[shard_of]).tolist()
         arrays: dict[str, np.ndarray] = {}
         rows_mv: dict[str, memoryview] = {}  # the bytes of each batch array, sliced per row below
+        tensors: dict[str, torch.Tensor] = {}  # the batch arrays as tensors on shared memory (in a worker)
         heads: dict[str, tuple[bytes, tuple[int, ...], np.dtype, int]] = {}  # name -> (header, shape, dtype, size)
         got: list[dict[str, Any] | Exception] = []  # per sample of the batch: its small members decoded, or why not
 
@@ -764,7 +785,7 @@ class LoomDataset(IterableDataset):
             except Exception as e:  # noqa: BLE001 - this sample's error, reported in its turn below
                 got.append(e)
                 continue
-            self._allocate(B, heads, arrays, rows_mv)
+            self._allocate(B, heads, arrays, rows_mv, tensors)
             break
 
         def one(j: int) -> dict[str, Any] | Exception:
@@ -814,11 +835,13 @@ class LoomDataset(IterableDataset):
             for r, j in enumerate(keep):  # close up the rows of skipped samples (keep rises: j >= r)
                 if j != r:
                     a[r] = a[j]
-            batch[name] = torch.from_numpy(a[:len(keep)])
+            batch[name] = tensors[name][:len(keep)] if tensors else torch.from_numpy(a[:len(keep)])
         batch.setdefault("__key__", [])
         batch["__pad__"] = torch.from_numpy(pad[keep].copy())
         batch["__index__"] = torch.from_numpy(ids[keep].copy())
         batch["__skipped__"] = skipped
+        if tensors:
+            _share_small(batch, tensors)
         return batch
 
     def _failed(self, url: str, key: str, e: Exception, skipped: list[dict]) -> None:
@@ -855,14 +878,21 @@ class LoomDataset(IterableDataset):
             if name:
                 heads[name] = self._head(url, o, n)
 
-    def _allocate(self, B: int, heads: dict, arrays: dict, rows_mv: dict) -> None:
+    def _allocate(self, B: int, heads: dict, arrays: dict, rows_mv: dict, tensors: dict) -> None:
         align = _BatchMemory.ALIGN
         sizes = {name: -(-B * h[3] // align) * align for name, h in heads.items()}
-        mem = self._memory.take(sum(sizes.values()))
+        shared = None
+        if self._share and get_worker_info() is not None:
+            shared = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(sum(sizes.values())))
+            mem = shared.numpy()
+        else:
+            mem = self._memory.take(sum(sizes.values()))
         o = 0
         for name, (_, shape, dtype, size) in heads.items():
             arrays[name] = mem[o:o + B * size].view(dtype).reshape(B, *shape)
             rows_mv[name] = memoryview(mem[o:o + B * size])
+            if shared is not None:
+                tensors[name] = shared[o:o + B * size].view(torch.from_numpy(arrays[name][:0]).dtype).view(B, *shape)
             o += sizes[name]
 
     def _read_direct(self, url: str, members: dict[str, tuple[int, int]], heads: dict, rows_mv: dict,
