@@ -314,3 +314,27 @@ def test_generate_4d_writes_one_mesh_per_frame_and_refuses_a_changed_base(corpus
         yaml.safe_dump(cfg, f)
     with pytest.raises(ValueError, match="not the one"):
         load_run(other_run)
+
+
+@pytest.mark.integration
+def test_eval_4d_from_the_trained_run_generates_registers_and_renders(corpus, shape4d_run, tmp_path):
+    """ShapeGen4D Tab. 1 and Tab. 2 from a checkpoint: `loom eval 4d --run` generates each sequence's meshes as
+    `loom generate 4d` does, registers them, renders them with Blender from the shards' cameras and logs one run."""
+    pytest.importorskip("bpy")
+    import mlflow
+
+    out = tmp_path / "eval"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = loom("eval", "4d", "--recipe", "tiny", "--run", shape4d_run, "--gt", corpus, "--out", str(out),
+             "--set", "steps=2", "--set", "render.enabled=true", "--set", "render_metrics=[lpips,clip]",
+             env={"MLFLOW_TRACKING_URI": uri}, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for key in ("arm000", "arm001"):
+        assert sorted(os.listdir(out / "pred" / key)) == [f"frame_{i:03d}.obj" for i in range(FRAMES)]
+    [run] = mlflow.MlflowClient(uri).search_runs(
+        [mlflow.MlflowClient(uri).get_experiment_by_name("bench/4d").experiment_id])
+    m = run.data.metrics
+    assert m["items"] + m["failed"] == 2 and run.data.params["checkpoint"].endswith(os.path.basename(shape4d_run))
+    if m["items"]:
+        assert {"chamfer", "render/lpips", "render/clip", "render/mask_iou"} <= set(m)
+        assert 0 <= m["render/mask_iou"] <= 1 and m["render_items"] >= 1
