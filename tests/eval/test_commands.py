@@ -154,6 +154,40 @@ def test_eval_ttv_from_a_trained_run_generates_as_loom_generate(ttv_case, tmp_pa
     assert r.metrics["items"] == 2 and 0 < r.metrics["psnr"] < 40  # untrained: far from the ground truth
 
 
+def test_eval_texture_from_a_trained_run_scores_the_generated_views(ttv_case, tmp_path, capsys):
+    from loom.training import ttv
+    from loom.training.ttv_module import TTVModule
+
+    run = str(tmp_path / "run")  # untrained tiny weights: far from the ground truth
+    cfg = cfgmod.resolve(ttv.TrainTTVJob, "tiny", [("data.frames", 5), ("out", run), ("data.source", ttv_case["gt"])])
+    os.makedirs(run)
+    with open(os.path.join(run, "config.yaml"), "w") as f:
+        f.write(cfgmod.dump_yaml(cfg))
+    TTVModule(cfg).dit.save_lora(os.path.join(run, "lora"))
+    out = tmp_path / "out" / "tex"
+    for _ in range(2):  # the second evaluation replaces the first one's views
+        rc, outp, err = loom(capsys, "eval", "texture", "--recipe", "tiny", "--gt", ttv_case["gt"], "--run", run,
+                             "--out", out, "--set", "limit=8")
+        assert rc == 0, err
+    assert sorted(os.listdir(out / "pred")) == [".loom-views", "sphere000", "sphere001"]  # 5 views each, limit 8
+    assert sorted(os.listdir(out / "gt" / "sphere001")) == [f"{t:03d}.png" for t in range(5)]
+    _, _, runs = client_runs(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}", "bench/texture")
+    r = runs["run"].data
+    assert r.params["checkpoint"] == run and r.metrics["items"] == 8 and r.metrics["fid"] > 0
+    # the same views as folders give the same numbers: --run only materialises them
+    rc, _, err = loom(capsys, "eval", "texture", "--recipe", "tiny", "--gt", out / "gt", "--pred", out / "pred",
+                      "--out", tmp_path / "out" / "folders", "--model", "folders", "--set", "limit=8")
+    assert rc == 0, err
+    _, _, runs = client_runs(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}", "bench/texture")
+    for m in ("fid", "kid", "clip_s"):
+        assert runs["folders"].data.metrics[m] == pytest.approx(r.metrics[m], rel=1e-6)
+    os.makedirs(tmp_path / "mine" / "pred")
+    open(tmp_path / "mine" / "pred" / "x.png", "w").close()
+    rc, _, err = loom(capsys, "eval", "texture", "--recipe", "tiny", "--gt", ttv_case["gt"], "--run", run,
+                      "--out", tmp_path / "mine")
+    assert rc != 0 and "was not written by" in err
+
+
 def test_eval_ttv_refuses_missing_predictions_shapes_and_weights(ttv_case, tmp_path, capsys):
     pred = tmp_path / "pred"
     pred.mkdir()

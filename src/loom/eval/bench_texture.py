@@ -14,12 +14,20 @@ dropped: render both sides over one background).
 - **CLIP-S**: per pair, the cosine similarity of the CLIP image embeddings of the prediction and its ground truth,
   clamped at 0 (:func:`loom.eval.metrics.clip_score` with ``reference=``, divided by its scale of 100), averaged.
   This is the image-to-image form, on the papers' [0, 1] scale (TAPESTRY reports 0.89-0.95).
+
+From a checkpoint (``run``, a ``loom train ttv`` run folder; ``gt`` is then turntable shards): each ground-truth
+turntable is generated as ``loom eval ttv --run`` generates it (the same condition, seed and sampler; the ground
+truth gets the run's frame subsampling and size), and the frames of the generated and of the ground-truth video
+are the multi-view renders, written as ``<out>/pred/<key>/<frame>.png`` and ``<out>/gt/<key>/<frame>.png`` and
+then evaluated as above. Loom does not bake the generated views into a texture map and render that (TAPESTRY's
+texturing stage): the views are scored as the video model made them.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import shutil
 from typing import Any
 
 import numpy as np
@@ -39,7 +47,11 @@ class TextureTracking(EvalTracking):
 @config
 class EvalTextureJob:
     pred: str = field("", help="folder of predicted renders (images at any depth, e.g. <asset>/<view>.png)")
-    gt: str = field("", help="folder of ground-truth renders with the same relative paths")
+    gt: str = field("", help="folder of ground-truth renders with the same relative paths (with run: turntable "
+                    "shards)")
+    run: str = field("", help="or a `loom train ttv` run folder: its generated turntable frames are the predicted "
+                     "views, the shards' frames the ground-truth ones (into <out>/pred and <out>/gt)")
+    steps: int = field(0, help="with run: sampler steps (0 = the run's flow.sample_steps)")
     out: str = field("out/eval-texture", help="output folder: config.yaml, metrics.json, items.csv, media/")
     model: str = field("", help="model name in the leaderboard (default: the pred folder's name)")
     metrics: tuple[str, ...] = field(METRICS, help="metrics to compute, of fid, kid, clip_s")
@@ -47,7 +59,7 @@ class EvalTextureJob:
     kid_subset_size: int = field(0, help="KID: images per subset (0 = min(1000, number of images))")
     limit: int = field(0, help="evaluate the first N image pairs in path order (0 = all)")
     media: int = field(4, help="side-by-side pred | gt images logged (the first N pairs)")
-    seed: int = field(0, help="seed of the KID subsets")
+    seed: int = field(0, help="seed of the KID subsets (and, with run, the generation's noise seed)")
     features: FeatureSettings = field(default_factory=FeatureSettings, help="feature networks (Inception, CLIP)")
     tracking: TextureTracking = field(default_factory=TextureTracking, help="MLflow")
 
@@ -57,7 +69,8 @@ class EvalTextureJob:
         require(self.kid_subsets >= 1, "kid_subsets", self.kid_subsets, "must be at least 1")
         require(self.kid_subset_size == 0 or self.kid_subset_size >= 2, "kid_subset_size", self.kid_subset_size,
                 "must be 0 (automatic) or at least 2")
-        for name in ("limit", "media"):
+        require(not (self.pred and self.run), "pred", self.pred, "give predictions (pred) or a run, not both")
+        for name in ("limit", "media", "steps"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
 
 
@@ -105,6 +118,49 @@ def read_image(url: str) -> np.ndarray:
         raise ValueError(f"{url}: not a readable image ({e})") from e
 
 
+_MARK = ".loom-views"  # marks a views folder that `--run` wrote (and may replace)
+
+
+def views_from_run(cfg: EvalTextureJob, out: str) -> tuple[str, str]:
+    """Generate the turntables of ``cfg.gt`` with ``cfg.run`` and write both sides' frames as views:
+    ``(pred folder, gt folder)``. Stops after ``cfg.limit`` views when set."""
+    from PIL import Image
+
+    from loom.datasets.ttv import iter_samples
+    from loom.eval.bench_ttv import _gt_transform, _Generator
+    from loom.eval.benchmarks import read_video
+
+    gen = _Generator(cfg.run, cfg.steps, cfg.seed)
+    transform = _gt_transform(gen.module.cfg.data.frames, gen.module.cfg.data.size)
+    dirs = {side: os.path.join(out, side) for side in ("pred", "gt")}
+    for folder in dirs.values():  # views of an earlier evaluation into this folder must not join this one
+        if os.path.isdir(folder) and os.listdir(folder):
+            if not os.path.exists(os.path.join(folder, _MARK)):
+                raise ValueError(f"{folder} exists and was not written by `loom eval texture --run`: choose "
+                                      "another --out (it would be replaced)")
+            shutil.rmtree(folder)
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, _MARK), "w").close()
+    views = 0
+    for s in iter_samples(cfg.gt, keys=("rgb", "normal", "position", "mask")):
+        if cfg.limit and views >= cfg.limit:
+            break
+        key = s["__key__"]
+        pred_v = read_video(gen(s, os.path.join(dirs["pred"], f"{key}.mp4")))
+        gt_v = (transform({"rgb": s["rgb"]}, np.random.default_rng(0)) if transform is not None else s)["rgb"]
+        for side, video in (("pred", pred_v), ("gt", gt_v)):
+            folder = os.path.join(dirs[side], key)
+            os.makedirs(folder, exist_ok=True)
+            for t, frame in enumerate(video):
+                Image.fromarray(np.ascontiguousarray(frame)).save(os.path.join(folder, f"{t:03d}.png"))
+        os.remove(os.path.join(dirs["pred"], f"{key}.mp4"))
+        views += len(pred_v)
+        print(f"generated {key}: {len(pred_v)} views", flush=True)
+    if not views:
+        raise ValueError(f"no samples in {cfg.gt}")
+    return dirs["pred"], dirs["gt"]
+
+
 def evaluate(cfg: EvalTextureJob) -> dict[str, Any]:
     """Run the benchmark, write ``cfg.out``, log the MLflow run; returns :func:`loom.eval.record.finish`'s dict."""
     import torch
@@ -113,19 +169,21 @@ def evaluate(cfg: EvalTextureJob) -> dict[str, Any]:
     from loom.eval.metrics.kid import kid_from_features
     from loom.eval.record import Evaluation, finish
 
-    if not (cfg.pred and cfg.gt):
-        raise ValueError("pass --pred FOLDER and --gt FOLDER (renders of predicted and ground-truth textures)")
+    if not ((cfg.pred or cfg.run) and cfg.gt):
+        raise ValueError("pass --pred FOLDER and --gt FOLDER (renders of predicted and ground-truth textures), or "
+                         "--run TRAIN_RUN and --gt SHARDS (turntable shards)")
     out = os.path.abspath(cfg.out)
     features = Features(cfg.features)
     nets = (["inception"] if {"fid", "kid"} & set(cfg.metrics) else []) + (["clip"] if "clip_s" in cfg.metrics
                                                                            else [])  # fmt: skip
-    features.check(nets)
+    features.check(nets)  # missing weights stop the job before any generation
     warn_if_tiny(features)
-    pred, gt = list_images(cfg.pred), list_images(cfg.gt)
+    pred_dir, gt_dir = views_from_run(cfg, out) if cfg.run else (cfg.pred, cfg.gt)
+    pred, gt = list_images(pred_dir), list_images(gt_dir)
     only_pred, only_gt = sorted(set(pred) - set(gt)), sorted(set(gt) - set(pred))
     if only_pred or only_gt:
-        raise ValueError(f"unpaired renders: {len(only_pred)} only in {cfg.pred} {only_pred[:5]}, {len(only_gt)} "
-                         f"only in {cfg.gt} {only_gt[:5]}; both folders need the same relative paths")
+        raise ValueError(f"unpaired renders: {len(only_pred)} only in {pred_dir} {only_pred[:5]}, {len(only_gt)} "
+                         f"only in {gt_dir} {only_gt[:5]}; both folders need the same relative paths")
     names = sorted(pred)[: cfg.limit or None]
     media_dir = os.path.join(out, "media")
     if os.path.isdir(media_dir):
@@ -171,7 +229,11 @@ def evaluate(cfg: EvalTextureJob) -> dict[str, Any]:
     if "clip_s" in cfg.metrics:
         metrics["clip_s"] = float(np.mean([r["clip_s"] for r in items]))
     metrics["items"] = float(len(items))
-    model = cfg.model or os.path.basename(os.path.abspath(cfg.pred).rstrip("/"))
+    if cfg.run:
+        notes.append("views: the frames of the run's generated turntables against the shards' frames (no texture "
+                     "baking)")
+    model = cfg.model or os.path.basename(os.path.abspath(cfg.run or cfg.pred).rstrip("/"))
     ev = Evaluation(benchmark="texture", model=model, config=cfg, out=out, metrics=metrics, items=items, media=media,
-                    params={"checkpoint": "-", "predictions": where(cfg.pred), "data": where(cfg.gt)}, notes=notes)
+                    params={"checkpoint": where(cfg.run), "predictions": where(pred_dir), "data": where(cfg.gt)},
+                    notes=notes)  # fmt: skip
     return finish(ev, cfg.tracking, features)

@@ -10,9 +10,11 @@ EVAL = {
     "ttv": ("loom.eval.bench_ttv", "EvalTTVJob",
             "TAPESTRY Tab. 1: PSNR, SSIM, LPIPS, FVD of generated turntable videos against ground-truth renders"),
     "texture": ("loom.eval.bench_texture", "EvalTextureJob",
-                "TAPESTRY Tab. 2: FID, KID, CLIP-S on multi-view renders (two folders of images)"),
+                "TAPESTRY Tab. 2: FID, KID, CLIP-S on multi-view renders (two folders of images, or a ttv run's "
+                "generated turntable frames)"),
     "4d": ("loom.eval.bench_4d", "Eval4DJob",
-           "ShapeGen4D Tab. 1: Chamfer, IoU, F-score after registration (Tab. 2: LPIPS, CLIP, FVD with --renders)"),
+           "ShapeGen4D Tab. 1: Chamfer, IoU, F-score after registration (Tab. 2: LPIPS, CLIP, FVD on renders: "
+           "--set render.enabled=true, or --renders)"),
 }  # fmt: skip
 
 # command-line flag -> config field, per benchmark
@@ -20,8 +22,11 @@ _FLAGS = {
     "ttv": {"--gt": ("gt", "ground-truth turntable shards (`loom render ttv` output)"),
             "--pred": ("pred", "folder of predicted videos <key>.mp4 (or .mkv), one per ground-truth key"),
             "--run": ("run", "a `loom train ttv` run folder: generate the predictions with it into <out>/pred")},
-    "texture": {"--gt": ("gt", "folder of ground-truth renders (images, same relative paths as --pred)"),
-                "--pred": ("pred", "folder of predicted renders (images at any depth, e.g. <asset>/<view>.png)")},
+    "texture": {"--gt": ("gt", "folder of ground-truth renders (images, same relative paths as --pred); with "
+                         "--run: turntable shards"),
+                "--pred": ("pred", "folder of predicted renders (images at any depth, e.g. <asset>/<view>.png)"),
+                "--run": ("run", "a `loom train ttv` run folder: its generated turntable frames are the views "
+                          "(into <out>/pred, the shards' frames into <out>/gt)")},
     "4d": {"--gt": ("gt", "ground-truth 4D shards (`loom render 4d` output)"),
            "--pred": ("pred", "folder with one folder per key of frame_000.obj, frame_001.obj, ..."),
            "--run": ("run", "a `loom train shape4d` run folder: generate the meshes with it into <out>/pred"),
