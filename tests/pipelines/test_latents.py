@@ -237,7 +237,7 @@ def test_changed_source_shard_is_a_failure_row_per_sample(ray_local, tmp_path):
     assert (s.samples_done, s.failed) == (1, 2)
     assert all("sha256" in f["reason"] for f in s.failures)
     (smp,) = list(lat_ds.iter_samples(cfg.out))
-    assert set(smp) == {"normal_latent", "mask_latent", "K", "c2w", "meta", "__key__", "__shard__"}
+    assert set(smp) == {"normal_latent", "mask_latent", "K", "c2w", "meta", "__key__", "__shard__", "__index__"}
     assert smp["normal_latent"].dtype == np.float32 and smp["normal_latent"].shape == (4, 2, 3, 4)
 
 
@@ -324,7 +324,7 @@ def test_cache_job_with_text_and_image_encoders(ray_local, tmp_path):
     assert sorted(got) == sorted(source)
     for key, smp in got.items():
         assert set(smp) == {"normal_latent", "mask_latent", "text_embed", "image_embed", "K", "c2w", "meta",
-                            "__key__", "__shard__"}
+                            "__key__", "__shard__", "__index__"}
         meta, uid = smp["meta"]["latents"], smp["meta"]["uid"]
         # Image: the penultimate CLIP tokens of source frame 0.
         assert smp["image_embed"].shape == (17, 32)

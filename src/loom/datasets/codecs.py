@@ -64,13 +64,21 @@ def decode_video(data: bytes, channels: int = 3) -> np.ndarray:
         return np.stack([f.to_ndarray(format=fmt) for f in c.decode(video=0)])
 
 
-def iter_decoded(url: str, decode, keys: tuple[str, ...] | None = None):
+def iter_decoded(url: str, decode, keys: tuple[str, ...] | None = None, part: tuple[int, int] = (0, 1)):
     """Yield ``decode(files, keys)`` for every sample of the shards at ``url`` (a shard, a folder of shards or a
-    Loom output folder, in manifest order), with ``__key__`` and ``__shard__`` added."""
+    Loom output folder, in manifest order), with ``__key__``, ``__shard__`` and ``__index__`` (its position in that
+    order) added. ``part=(rank, parts)``: only the samples whose index is ``rank`` modulo ``parts`` (the others are
+    read past, not decoded)."""
     from loom.platform.shards import iter_tar, shard_urls
 
+    rank, parts = part
+    if not 0 <= rank < parts:
+        raise ValueError(f"part={part}: rank must be in [0, {parts})")
+    i = 0
     for shard in shard_urls(url):
         for key, files in iter_tar(shard):
-            sample = decode(files, keys)
-            sample["__key__"], sample["__shard__"] = key, shard
-            yield sample
+            if i % parts == rank:
+                sample = decode(files, keys)
+                sample["__key__"], sample["__shard__"], sample["__index__"] = key, shard, i
+                yield sample
+            i += 1

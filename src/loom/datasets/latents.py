@@ -113,5 +113,5 @@ def pad_text_embed(z: np.ndarray, length: int = TEXT_LENGTH) -> np.ndarray:
 
 def iter_samples(url: str, keys: tuple[str, ...] | None = None) -> Iterator[dict[str, Any]]:
     """Yield decoded latent samples from a shard, a folder of shards or a Loom output folder (manifest order), each
-    with ``__key__`` and ``__shard__``. ``keys`` limits decoding (e.g. ("rgb_latent", "mask_latent"))."""
+    with ``__key__``, ``__shard__`` and ``__index__``. ``keys`` limits decoding (e.g. ("rgb_latent", "mask_latent"))."""
     return iter_decoded(url, decode_sample, keys)

@@ -105,6 +105,7 @@ def decode_sample(files: dict[str, bytes], keys: tuple[str, ...] | None = None) 
     return out
 
 
-def iter_samples(url: str, keys: tuple[str, ...] | None = None) -> Iterator[dict[str, Any]]:
+def iter_samples(url: str, keys: tuple[str, ...] | None = None,
+                 part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, Any]]:
     """Yield decoded 4D samples from a shard, a folder of shards or a Loom output folder (manifest order)."""
-    return iter_decoded(url, decode_sample, keys)
+    return iter_decoded(url, decode_sample, keys, part)

@@ -110,7 +110,9 @@ def decode_sample(files: dict[str, bytes], keys: tuple[str, ...] | None = None) 
     return out
 
 
-def iter_samples(url: str, keys: tuple[str, ...] | None = None) -> Iterator[dict[str, Any]]:
+def iter_samples(url: str, keys: tuple[str, ...] | None = None,
+                 part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, Any]]:
     """Yield decoded samples from a shard, a folder of shards or a Loom output folder (manifest order).
-    Each dict also carries ``__key__`` and ``__shard__``. ``keys`` limits decoding to some passes."""
-    return iter_decoded(url, decode_sample, keys)
+    Each dict also carries ``__key__``, ``__shard__`` and ``__index__``. ``keys`` limits decoding to some passes;
+    ``part=(rank, parts)`` yields every ``parts``-th sample from the ``rank``-th (the others are not decoded)."""
+    return iter_decoded(url, decode_sample, keys, part)

@@ -69,8 +69,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from loom.eval.benchmarks import (EvalTracking, FeatureSettings, Features, composite, find_video, read_video, to_unit,
-                                  warn_if_tiny, where, write_media)
+from loom.eval.benchmarks import (EvalTracking, FeatureSettings, Features, ParallelSettings, composite, find_video,
+                                  merge_stats, read_video, run_parts, to_unit, warn_if_tiny, where, write_media)
 from loom.platform.config import config, field, recipe, require
 
 METRICS = ("chamfer", "iou", "f_score")
@@ -151,6 +151,7 @@ class Eval4DJob:
     steps: int = field(0, help="with run: sampler steps (0 = the run's)")
     seed: int = field(0, help="seed of the surface sampling, the registration and (with run) the generation")
     features: FeatureSettings = field(default_factory=FeatureSettings, help="feature networks (LPIPS, CLIP, I3D)")
+    parallel: ParallelSettings = field(default_factory=ParallelSettings, help="workers sharing the sequences")
     tracking: Tracking4D = field(default_factory=Tracking4D, help="MLflow")
 
     def __post_init__(self):
@@ -381,15 +382,20 @@ class MeshRenderer:
     started at the first sequence and reused (bpy's import is paid once)."""
 
     def __init__(self, cfg: RenderSettings, scratch: str):
+        self.check()
+        self.cfg, self.scratch = cfg, scratch
+        self._box = None
+
+    @staticmethod
+    def check() -> None:
+        """Refuse early, with what to do, where bpy is not installed."""
         import importlib.util
 
         from loom.pipelines.render import bpy_missing_message
 
         if importlib.util.find_spec("bpy") is None:
-            raise ModuleNotFoundError(f"render.enabled=true renders the predictions with Blender: "
-                                      f"{bpy_missing_message()} Or pass --renders DIR, or --set render.enabled=false")
-        self.cfg, self.scratch = cfg, scratch
-        self._box = None
+            raise RuntimeError(f"render.enabled=true renders the predictions with Blender: {bpy_missing_message()} "
+                               "Or pass --renders DIR, or --set render.enabled=false")
 
     def render(self, meshes: list[tuple[np.ndarray, np.ndarray]], colours: list[np.ndarray] | None,
                K: np.ndarray, c2w: np.ndarray, width: int, height: int) -> np.ndarray:  # fmt: skip
@@ -471,59 +477,52 @@ def _render_metrics(cfg: Eval4DJob, features: Features, key: str, pred_v: np.nda
             stats[side] = s if stats.get(side) is None else stats[side].merge(s)
 
 
-def evaluate(cfg: Eval4DJob) -> dict[str, Any]:
-    """Run the benchmark, write ``cfg.out``, log the MLflow run; returns :func:`loom.eval.record.finish`'s dict."""
-    if not cfg.gt:
-        raise ValueError("no ground truth: pass --gt SHARDS (4D shards from `loom render 4d`)")
-    if not (cfg.pred or cfg.run):
-        raise ValueError("no predictions: pass --pred FOLDER (<key>/frame_000.obj ...) or --run TRAIN_RUN")
-    out = os.path.abspath(cfg.out)
-    features = Features(cfg.features)
-    renders = (bool(cfg.renders) or cfg.render.enabled) and len(cfg.render_metrics) > 0
-    if renders:
-        features.check([{"lpips": "lpips", "clip": "clip", "fvd": "i3d"}[m] for m in cfg.render_metrics])
-        warn_if_tiny(features)
-    pred_dir = os.path.join(out, "pred") if cfg.run else cfg.pred
-    select = "uniform" if cfg.run else cfg.frame_select
-    media_dir = os.path.join(out, "media")
-    if os.path.isdir(media_dir):
-        for name in os.listdir(media_dir):
-            os.remove(os.path.join(media_dir, name))
+def _renders(cfg: Eval4DJob) -> bool:
+    return (bool(cfg.renders) or cfg.render.enabled) and len(cfg.render_metrics) > 0
 
-    keys = ("surface",)
-    if renders and cfg.render.enabled:
-        keys += ("video", "K", "c2w")
-    elif renders and not cfg.gt_renders:
-        keys += ("video",)
-    renderer = MeshRenderer(cfg.render, os.path.join(out, "render-scratch")) if renders and cfg.render.enabled \
-        else None
+
+def evaluate_part(cfg: Eval4DJob, rank: int, parts: int) -> dict[str, Any]:
+    """The sequences ``rank``, ``rank + parts``, ... (see :func:`loom.eval.benchmarks.run_parts`): rows, per-frame
+    rows, media, render statistics and the keys without a prediction."""
+    out = os.path.abspath(cfg.out)
+    renderer = MeshRenderer(cfg.render, os.path.join(out, "render-scratch", str(rank))) \
+        if _renders(cfg) and cfg.render.enabled else None
     try:
-        return _evaluate(cfg, out, features, renders, renderer, pred_dir, select, media_dir, keys)
+        return _evaluate_part(cfg, rank, parts, Features(cfg.features), renderer)
     finally:
         if renderer is not None:
             renderer.close()
 
 
-def _evaluate(cfg: Eval4DJob, out: str, features: Features, renders: bool, renderer: MeshRenderer | None,
-              pred_dir: str, select: str, media_dir: str, keys: tuple[str, ...]) -> dict[str, Any]:
+def _evaluate_part(cfg: Eval4DJob, rank: int, parts: int, features: Features,
+                   renderer: MeshRenderer | None) -> dict[str, Any]:  # fmt: skip
     from loom.datasets.shape4d import iter_samples
     from loom.datasets.transforms import frame_indices
-    from loom.eval.metrics.fvd import fvd_from_stats
-    from loom.eval.record import Evaluation, finish
     from loom.platform import storage
 
-    items, frames_rows, media, missing, ok_keys = [], [], [], [], []
+    out = os.path.abspath(cfg.out)
+    renders = _renders(cfg)
+    pred_dir = os.path.join(out, "pred") if cfg.run else cfg.pred
+    select = "uniform" if cfg.run else cfg.frame_select
+    media_dir = os.path.join(out, "media")
+    keys = ("surface",)
+    if renders and cfg.render.enabled:
+        keys += ("video", "K", "c2w")
+    elif renders and not cfg.gt_renders:
+        keys += ("video",)
+
+    items, frames_rows, media, missing = [], [], [], []
     stats: dict[str, Any] = {}
-    for i, s in enumerate(iter_samples(cfg.gt, keys=keys)):
+    for s in iter_samples(cfg.gt, keys=keys, part=(rank, parts)):
+        i, key = s["__index__"], s["__key__"]
         if cfg.limit and i >= cfg.limit:
             break
-        key = s["__key__"]
         folder = storage.join(pred_dir, key)
         if cfg.run:
             _generate(cfg, key, folder)
         files = _frame_files(folder)
         if not files:
-            missing.append(key)
+            missing.append((i, key))
             continue
         surface = s["surface"]  # (T,S,6)
         t_gt, t_pred = len(surface), len(files)
@@ -548,11 +547,11 @@ def _evaluate(cfg: Eval4DJob, out: str, features: Features, renders: bool, rende
             res = evaluate_sequence(pred, gt_p, gt_n, cfg, seed=cfg.seed)
         except ValueError as e:
             row["error"] = str(e)
-            items.append(row)
+            items.append((i, row))
             print(f"FAILED {key}: {e}", flush=True)
             continue
+        frames_rows.append((i, [{"key": key, "gt_frame": int(idx[fr["frame"]]), **fr} for fr in res["frames"]]))
         for fr in res["frames"]:
-            frames_rows.append({"key": key, "gt_frame": int(idx[fr["frame"]]), **fr})
             for m in METRICS:
                 if m in fr:
                     row.setdefault(f"_{m}", []).append(fr[m])
@@ -585,18 +584,50 @@ def _evaluate(cfg: Eval4DJob, out: str, features: Features, renders: bool, rende
                 gt_v = gt_v[idx]
             _render_metrics(cfg, features, key, pred_v, gt_v, path, row, stats)
             row["rendered"] = True
-            if len(ok_keys) < cfg.media:
+            if i < cfg.media:
                 media += write_media(media_dir, f"{key}-render", pred_v, gt_v)
-        if len(ok_keys) < cfg.media:
+        if i < cfg.media:
             lo = np.min([g.min(0) for g in gt_p], 0)
             hi = np.max([g.max(0) for g in gt_p], 0)
             c, hw = 0.5 * (lo + hi), 0.6 * float((hi - lo).max())
             pv = np.stack([splat(p, c, hw) for p in res["pred_points"]])
             gv = np.stack([splat(g, c, hw, colour=(0.2, 0.45, 0.9)) for g in gt_p])
             media += write_media(media_dir, f"{key}-points", pv, gv, fps=4)
-        items.append(row)
-        ok_keys.append(key)
+        items.append((i, row))
         print(f"{key}: " + ", ".join(f"{m} {row[m]:.4f}" for m in METRICS if m in row), flush=True)
+    return {"items": items, "frames": frames_rows, "media": media, "missing": missing, "stats": stats}
+
+
+def evaluate(cfg: Eval4DJob) -> dict[str, Any]:
+    """Run the benchmark, write ``cfg.out``, log the MLflow run; returns :func:`loom.eval.record.finish`'s dict."""
+    from loom.eval.metrics.fvd import fvd_from_stats
+    from loom.eval.record import Evaluation, finish
+
+    if not cfg.gt:
+        raise ValueError("no ground truth: pass --gt SHARDS (4D shards from `loom render 4d`)")
+    if not (cfg.pred or cfg.run):
+        raise ValueError("no predictions: pass --pred FOLDER (<key>/frame_000.obj ...) or --run TRAIN_RUN")
+    out = os.path.abspath(cfg.out)
+    features = Features(cfg.features)
+    renders = _renders(cfg)
+    if renders:
+        features.check([{"lpips": "lpips", "clip": "clip", "fvd": "i3d"}[m] for m in cfg.render_metrics])
+        warn_if_tiny(features)
+    if renders and cfg.render.enabled:
+        MeshRenderer.check()
+    pred_dir = os.path.join(out, "pred") if cfg.run else cfg.pred
+    media_dir = os.path.join(out, "media")
+    if os.path.isdir(media_dir):
+        for name in os.listdir(media_dir):
+            os.remove(os.path.join(media_dir, name))
+
+    parts = run_parts(evaluate_part, cfg, cfg.parallel)
+    items = [row for _, row in sorted((x for p in parts for x in p["items"]), key=lambda x: x[0])]
+    frames_rows = [r for _, rows in sorted((x for p in parts for x in p["frames"]), key=lambda x: x[0])
+                   for r in rows]
+    missing = [key for _, key in sorted(x for p in parts for x in p["missing"])]
+    media = [m for p in parts for m in p["media"]]
+    stats = {side: merge_stats(*(p["stats"].get(side) for p in parts)) for side in ("pred", "gt")}
     if missing:
         raise FileNotFoundError(f"{pred_dir} has no frames for {len(missing)} ground-truth key(s): "
                                 f"{missing[:8]}{' ...' if len(missing) > 8 else ''} (expected <key>/frame_000.obj ...)")
@@ -638,6 +669,8 @@ def _evaluate(cfg: Eval4DJob, out: str, features: Features, renders: bool, rende
     metrics["items"], metrics["failed"] = float(len(ok)), float(len(items) - len(ok))
     if len(ok) < len(items):
         notes.append(f"{len(items) - len(ok)} sequence(s) failed and are left out of the means (see items.csv)")
+    if cfg.parallel.workers > 1:
+        notes.append(f"evaluated on {cfg.parallel.workers} workers")
     notes.append("ground-truth occupancy for IoU from the oriented surface samples (tangent planes of the 8 nearest); "
                  "the shards hold no mesh")
     if cfg.registration.enabled:

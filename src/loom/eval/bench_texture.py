@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from loom.eval.benchmarks import (IMAGE_EXTS, EvalTracking, Features, FeatureSettings, to_unit, warn_if_tiny, where,
-                                  write_media)
+from loom.eval.benchmarks import (IMAGE_EXTS, EvalTracking, Features, FeatureSettings, ParallelSettings, merge_stats,
+                                  run_parts, to_unit, warn_if_tiny, where, write_media)
 from loom.platform.config import config, field, recipe, require
 
 METRICS = ("fid", "kid", "clip_s")
@@ -61,6 +61,7 @@ class EvalTextureJob:
     media: int = field(4, help="side-by-side pred | gt images logged (the first N pairs)")
     seed: int = field(0, help="seed of the KID subsets (and, with run, the generation's noise seed)")
     features: FeatureSettings = field(default_factory=FeatureSettings, help="feature networks (Inception, CLIP)")
+    parallel: ParallelSettings = field(default_factory=ParallelSettings, help="workers sharing the samples")
     tracking: TextureTracking = field(default_factory=TextureTracking, help="MLflow")
 
     def __post_init__(self):
@@ -121,9 +122,25 @@ def read_image(url: str) -> np.ndarray:
 _MARK = ".loom-views"  # marks a views folder that `--run` wrote (and may replace)
 
 
-def views_from_run(cfg: EvalTextureJob, out: str) -> tuple[str, str]:
-    """Generate the turntables of ``cfg.gt`` with ``cfg.run`` and write both sides' frames as views:
-    ``(pred folder, gt folder)``. Stops after ``cfg.limit`` views when set."""
+def _views_dirs(out: str) -> dict[str, str]:
+    """``{"pred": ..., "gt": ...}`` under ``out``, emptied: views of an earlier evaluation into the same folder must
+    not join this one. A folder that ``--run`` did not write is refused, never deleted."""
+    dirs = {side: os.path.join(out, side) for side in ("pred", "gt")}
+    for folder in dirs.values():
+        if os.path.isdir(folder) and os.listdir(folder):
+            if not os.path.exists(os.path.join(folder, _MARK)):
+                raise ValueError(f"{folder} exists and was not written by `loom eval texture --run`: choose another "
+                                 "--out (it would be replaced)")
+            shutil.rmtree(folder)
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, _MARK), "w").close()
+    return dirs
+
+
+def views_part(cfg: EvalTextureJob, rank: int, parts: int) -> int:
+    """Generate the turntables ``rank``, ``rank + parts``, ... of ``cfg.gt`` with ``cfg.run`` and write both sides'
+    frames as views into ``<out>/pred/<key>/`` and ``<out>/gt/<key>/``; returns the views written. With ``limit``,
+    only the samples that the first ``limit`` views can come from are generated."""
     from PIL import Image
 
     from loom.datasets.ttv import iter_samples
@@ -131,19 +148,12 @@ def views_from_run(cfg: EvalTextureJob, out: str) -> tuple[str, str]:
     from loom.eval.benchmarks import read_video
 
     gen = _Generator(cfg.run, cfg.steps, cfg.seed)
-    transform = _gt_transform(gen.module.cfg.data.frames, gen.module.cfg.data.size)
-    dirs = {side: os.path.join(out, side) for side in ("pred", "gt")}
-    for folder in dirs.values():  # views of an earlier evaluation into this folder must not join this one
-        if os.path.isdir(folder) and os.listdir(folder):
-            if not os.path.exists(os.path.join(folder, _MARK)):
-                raise ValueError(f"{folder} exists and was not written by `loom eval texture --run`: choose "
-                                      "another --out (it would be replaced)")
-            shutil.rmtree(folder)
-        os.makedirs(folder, exist_ok=True)
-        open(os.path.join(folder, _MARK), "w").close()
+    per_sample = gen.module.cfg.data.frames  # 0: every frame (unknown until decoded)
+    transform = _gt_transform(per_sample, gen.module.cfg.data.size)
+    dirs = {side: os.path.join(os.path.abspath(cfg.out), side) for side in ("pred", "gt")}
     views = 0
-    for s in iter_samples(cfg.gt, keys=("rgb", "normal", "position", "mask")):
-        if cfg.limit and views >= cfg.limit:
+    for s in iter_samples(cfg.gt, keys=("rgb", "normal", "position", "mask"), part=(rank, parts)):
+        if cfg.limit and per_sample and s["__index__"] * per_sample >= cfg.limit:
             break
         key = s["__key__"]
         pred_v = read_video(gen(s, os.path.join(dirs["pred"], f"{key}.mp4")))
@@ -156,16 +166,58 @@ def views_from_run(cfg: EvalTextureJob, out: str) -> tuple[str, str]:
         os.remove(os.path.join(dirs["pred"], f"{key}.mp4"))
         views += len(pred_v)
         print(f"generated {key}: {len(pred_v)} views", flush=True)
-    if not views:
-        raise ValueError(f"no samples in {cfg.gt}")
-    return dirs["pred"], dirs["gt"]
+    return views
+
+
+def score_part(cfg: EvalTextureJob, rank: int, parts: int, pred_dir: str, gt_dir: str,
+               names: list[str]) -> dict[str, Any]:  # fmt: skip
+    """Rows, Inception features and statistics, and media of the image pairs ``names[rank::parts]``."""
+    from loom.eval.metrics.fid import FeatureStats
+
+    features = Features(cfg.features)
+    pred, gt = list_images(pred_dir), list_images(gt_dir)
+    nets = _nets(cfg)
+    media_dir = os.path.join(os.path.abspath(cfg.out), "media")
+    items, media, feats_pred, feats_gt = [], [], [], []
+    stats_pred = stats_gt = None
+    for i in range(rank, len(names), parts):
+        name = names[i]
+        p_img, g_img = read_image(pred[name]), read_image(gt[name])
+        p, g = to_unit(p_img[None]), to_unit(g_img[None])  # (1,3,H,W)
+        row: dict[str, Any] = {"image": name, "key": name.split("/")[0]}
+        if "inception" in nets:
+            fp, fg = features.get("inception")(p.to(features.device)).cpu(), features.get("inception")(
+                g.to(features.device)).cpu()  # fmt: skip
+            feats_pred.append((i, fp))
+            feats_gt.append((i, fg))
+            stats_pred = FeatureStats.of(fp) if stats_pred is None else stats_pred.update(fp)
+            stats_gt = FeatureStats.of(fg) if stats_gt is None else stats_gt.update(fg)
+        if "clip_s" in cfg.metrics:
+            net = features.get("clip")
+            cos = float((net.image_embeds(p.to(features.device)) * net.image_embeds(g.to(features.device))).sum())
+            row["clip_s"] = max(cos, 0.0)
+        if i < cfg.media:
+            media += write_media(media_dir, name.replace("/", "__"), p_img[None], g_img[None])
+        items.append((i, row))
+    return {"items": items, "media": media, "feats": (feats_pred, feats_gt), "stats": (stats_pred, stats_gt)}
+
+
+def _score(cfg: EvalTextureJob, rank: int, parts: int, *, pred_dir: str, gt_dir: str, names: list[str]):
+    return score_part(cfg, rank, parts, pred_dir, gt_dir, names)
+
+
+def _nets(cfg: EvalTextureJob) -> list[str]:
+    return (["inception"] if {"fid", "kid"} & set(cfg.metrics) else []) + (["clip"] if "clip_s" in cfg.metrics
+                                                                          else [])  # fmt: skip
 
 
 def evaluate(cfg: EvalTextureJob) -> dict[str, Any]:
     """Run the benchmark, write ``cfg.out``, log the MLflow run; returns :func:`loom.eval.record.finish`'s dict."""
+    import functools
+
     import torch
 
-    from loom.eval.metrics.fid import FeatureStats, frechet_distance_from_stats
+    from loom.eval.metrics.fid import frechet_distance_from_stats
     from loom.eval.metrics.kid import kid_from_features
     from loom.eval.record import Evaluation, finish
 
@@ -174,11 +226,15 @@ def evaluate(cfg: EvalTextureJob) -> dict[str, Any]:
                          "--run TRAIN_RUN and --gt SHARDS (turntable shards)")
     out = os.path.abspath(cfg.out)
     features = Features(cfg.features)
-    nets = (["inception"] if {"fid", "kid"} & set(cfg.metrics) else []) + (["clip"] if "clip_s" in cfg.metrics
-                                                                           else [])  # fmt: skip
-    features.check(nets)  # missing weights stop the job before any generation
+    features.check(_nets(cfg))  # missing weights stop the job before any generation
     warn_if_tiny(features)
-    pred_dir, gt_dir = views_from_run(cfg, out) if cfg.run else (cfg.pred, cfg.gt)
+    if cfg.run:
+        dirs = _views_dirs(out)
+        if not sum(run_parts(views_part, cfg, cfg.parallel)):
+            raise ValueError(f"no samples in {cfg.gt}")
+        pred_dir, gt_dir = dirs["pred"], dirs["gt"]
+    else:
+        pred_dir, gt_dir = cfg.pred, cfg.gt
     pred, gt = list_images(pred_dir), list_images(gt_dir)
     only_pred, only_gt = sorted(set(pred) - set(gt)), sorted(set(gt) - set(pred))
     if only_pred or only_gt:
@@ -190,27 +246,14 @@ def evaluate(cfg: EvalTextureJob) -> dict[str, Any]:
         for name in os.listdir(media_dir):
             os.remove(os.path.join(media_dir, name))
 
-    items, media = [], []
-    feats_pred, feats_gt = [], []
-    stats_pred = stats_gt = None
-    for name in names:
-        p_img, g_img = read_image(pred[name]), read_image(gt[name])
-        p, g = to_unit(p_img[None]), to_unit(g_img[None])  # (1,3,H,W)
-        row: dict[str, Any] = {"image": name, "key": name.split("/")[0]}
-        if "inception" in nets:
-            fp, fg = features.get("inception")(p.to(features.device)).cpu(), features.get("inception")(
-                g.to(features.device)).cpu()  # fmt: skip
-            feats_pred.append(fp)
-            feats_gt.append(fg)
-            stats_pred = FeatureStats.of(fp) if stats_pred is None else stats_pred.update(fp)
-            stats_gt = FeatureStats.of(fg) if stats_gt is None else stats_gt.update(fg)
-        if "clip_s" in cfg.metrics:
-            net = features.get("clip")
-            cos = float((net.image_embeds(p.to(features.device)) * net.image_embeds(g.to(features.device))).sum())
-            row["clip_s"] = max(cos, 0.0)
-        if len(items) < cfg.media:
-            media += write_media(media_dir, name.replace("/", "__"), p_img[None], g_img[None])
-        items.append(row)
+    score = functools.partial(_score, pred_dir=pred_dir, gt_dir=gt_dir, names=names)
+    parts = run_parts(score, cfg, cfg.parallel)
+    items = [row for _, row in sorted(i_row for p in parts for i_row in p["items"])]
+    media = [m for p in parts for m in p["media"]]
+    feats_pred = [f for _, f in sorted((x for p in parts for x in p["feats"][0]), key=lambda x: x[0])]
+    feats_gt = [f for _, f in sorted((x for p in parts for x in p["feats"][1]), key=lambda x: x[0])]
+    stats_pred = merge_stats(*(p["stats"][0] for p in parts))
+    stats_gt = merge_stats(*(p["stats"][1] for p in parts))
     metrics: dict[str, float] = {}
     notes = []
     if "fid" in cfg.metrics:
@@ -229,6 +272,8 @@ def evaluate(cfg: EvalTextureJob) -> dict[str, Any]:
     if "clip_s" in cfg.metrics:
         metrics["clip_s"] = float(np.mean([r["clip_s"] for r in items]))
     metrics["items"] = float(len(items))
+    if cfg.parallel.workers > 1:
+        notes.append(f"evaluated on {cfg.parallel.workers} workers")
     if cfg.run:
         notes.append("views: the frames of the run's generated turntables against the shards' frames (no texture "
                      "baking)")

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from loom.eval.benchmarks import (EvalTracking, FeatureSettings, Features, find_video, read_video, to_unit,
-                                  warn_if_tiny, where, write_media)
+from loom.eval.benchmarks import (EvalTracking, FeatureSettings, Features, ParallelSettings, find_video, merge_stats,
+                                  read_video, run_parts, to_unit, warn_if_tiny, where, write_media)
 from loom.platform.config import config, field, recipe, require
 
 METRICS = ("psnr", "ssim", "lpips", "fvd")
@@ -55,6 +55,7 @@ class EvalTTVJob:
     steps: int = field(0, help="with run: sampler steps (0 = the run's flow.sample_steps)")
     seed: int = field(0, help="with run: noise seed of the generation")
     features: FeatureSettings = field(default_factory=FeatureSettings, help="feature networks (LPIPS, I3D)")
+    parallel: ParallelSettings = field(default_factory=ParallelSettings, help="workers sharing the samples")
     tracking: TTVTracking = field(default_factory=TTVTracking, help="MLflow")
 
     def __post_init__(self):
@@ -111,23 +112,15 @@ class _Generator:
         return write_video(path, latents_to_uint8(self.module.vae, z.float().cpu())[0])
 
 
-def evaluate(cfg: EvalTTVJob) -> dict[str, Any]:
-    """Run the benchmark, write ``cfg.out``, log the MLflow run; returns :func:`loom.eval.record.finish`'s dict."""
+def evaluate_part(cfg: EvalTTVJob, rank: int, parts: int) -> dict[str, Any]:
+    """The samples ``rank``, ``rank + parts``, ... of the benchmark (see :func:`loom.eval.benchmarks.run_parts`):
+    their rows, their FVD statistics, media and the keys without a prediction."""
     from loom.datasets.ttv import iter_samples
     from loom.eval.metrics import lpips, psnr, ssim
-    from loom.eval.metrics.fvd import fvd_from_stats, video_stats
-    from loom.eval.record import Evaluation, finish
+    from loom.eval.metrics.fvd import video_stats
 
-    if not cfg.gt:
-        raise ValueError("no ground truth: pass --gt SHARDS (turntable shards from `loom render ttv`)")
-    if not (cfg.pred or cfg.run):
-        raise ValueError("no predictions: pass --pred FOLDER (<key>.mp4 per ground-truth key) or --run TRAIN_RUN")
     out = os.path.abspath(cfg.out)
     features = Features(cfg.features)
-    nets = [net for metric, net in (("lpips", "lpips"), ("fvd", "i3d")) if metric in cfg.metrics]
-    features.check(nets)  # missing weights stop the job before any generation
-    warn_if_tiny(features)
-
     frames, size, gen = cfg.frames, cfg.size, None
     pred_dir = cfg.pred
     if cfg.run:
@@ -138,24 +131,20 @@ def evaluate(cfg: EvalTTVJob) -> dict[str, Any]:
         os.makedirs(pred_dir, exist_ok=True)
     transform = _gt_transform(frames, size)
     media_dir = os.path.join(out, "media")
-    if os.path.isdir(media_dir):
-        for name in os.listdir(media_dir):  # media of an earlier evaluation into the same folder
-            os.remove(os.path.join(media_dir, name))
-
     keys = ("rgb", "normal", "position", "mask") if gen else ("rgb",)
     items, media, missing = [], [], []
     stats_pred = stats_gt = None
-    for s in iter_samples(cfg.gt, keys=keys):
-        if cfg.limit and len(items) + len(missing) >= cfg.limit:
+    for s in iter_samples(cfg.gt, keys=keys, part=(rank, parts)):
+        i, key = s["__index__"], s["__key__"]
+        if cfg.limit and i >= cfg.limit:
             break
-        key = s["__key__"]
         if gen is not None:
             path = gen(s, os.path.join(pred_dir, f"{key}.mp4"))
             print(f"generated {path}", flush=True)
         else:
             path = find_video(pred_dir, key)
             if path is None:
-                missing.append(key)
+                missing.append((i, key))
                 continue
         gt_s = transform({"rgb": s["rgb"]}, np.random.default_rng(0)) if transform is not None else s
         gt_v, pred_v = gt_s["rgb"], read_video(path)
@@ -177,9 +166,38 @@ def evaluate(cfg: EvalTTVJob) -> dict[str, Any]:
             sp, sg = video_stats(p[None], i3d, 1), video_stats(g[None], i3d, 1)
             stats_pred = sp if stats_pred is None else stats_pred.merge(sp)
             stats_gt = sg if stats_gt is None else stats_gt.merge(sg)
-        if len(items) < cfg.media:
+        if i < cfg.media:
             media += write_media(media_dir, key, pred_v, gt_v)
-        items.append(row)
+        items.append((i, row))
+    return {"items": items, "missing": missing, "media": media, "stats": (stats_pred, stats_gt), "frames": frames,
+            "size": size}
+
+
+def evaluate(cfg: EvalTTVJob) -> dict[str, Any]:
+    """Run the benchmark, write ``cfg.out``, log the MLflow run; returns :func:`loom.eval.record.finish`'s dict."""
+    from loom.eval.metrics.fvd import fvd_from_stats
+    from loom.eval.record import Evaluation, finish
+
+    if not cfg.gt:
+        raise ValueError("no ground truth: pass --gt SHARDS (turntable shards from `loom render ttv`)")
+    if not (cfg.pred or cfg.run):
+        raise ValueError("no predictions: pass --pred FOLDER (<key>.mp4 per ground-truth key) or --run TRAIN_RUN")
+    out = os.path.abspath(cfg.out)
+    features = Features(cfg.features)
+    nets = [net for metric, net in (("lpips", "lpips"), ("fvd", "i3d")) if metric in cfg.metrics]
+    features.check(nets)  # missing weights stop the job before any generation
+    warn_if_tiny(features)
+    media_dir = os.path.join(out, "media")
+    if os.path.isdir(media_dir):
+        for name in os.listdir(media_dir):  # media of an earlier evaluation into the same folder
+            os.remove(os.path.join(media_dir, name))
+    pred_dir = os.path.join(out, "pred") if cfg.run else cfg.pred
+
+    parts = run_parts(evaluate_part, cfg, cfg.parallel)
+    items = [row for _, row in sorted(i_row for p in parts for i_row in p["items"])]
+    missing = [key for _, key in sorted(i_key for p in parts for i_key in p["missing"])]
+    media = [m for p in parts for m in p["media"]]
+    frames, size = parts[0]["frames"], parts[0]["size"]
     if missing:
         raise FileNotFoundError(f"{pred_dir} has no video for {len(missing)} ground-truth key(s): "
                                 f"{missing[:8]}{' ...' if len(missing) > 8 else ''} (expected <key>.mp4 or .mkv)")
@@ -190,12 +208,15 @@ def evaluate(cfg: EvalTTVJob) -> dict[str, Any]:
         if len(items) < 2:
             raise ValueError("FVD needs at least 2 videos (a covariance); evaluate more samples or drop it with "
                              "--set metrics=[psnr,ssim,lpips]")
-        metrics["fvd"] = fvd_from_stats(stats_pred, stats_gt)
+        metrics["fvd"] = fvd_from_stats(merge_stats(*(p["stats"][0] for p in parts)),
+                                        merge_stats(*(p["stats"][1] for p in parts)))
     metrics["items"] = float(len(items))
     model = cfg.model or os.path.basename(os.path.abspath(cfg.run or cfg.pred).rstrip("/"))
     notes = [f"PSNR: per-frame values capped at {cfg.psnr_cap:g} dB, then averaged"]
     if frames or size:
         notes.append(f"ground truth subsampled to {frames or 'all'} frames, size {size or 'as stored'}")
+    if cfg.parallel.workers > 1:
+        notes.append(f"evaluated on {cfg.parallel.workers} workers")
     ev = Evaluation(benchmark="ttv", model=model, config=cfg, out=out, metrics=metrics, items=items, media=media,
                     params={"checkpoint": where(cfg.run), "predictions": where(pred_dir), "data": where(cfg.gt)},
                     notes=notes)

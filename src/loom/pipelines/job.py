@@ -247,6 +247,15 @@ class _ProgressCounter:
         return self.ok, self.failed, self.frames
 
 
+# Environment variables a driver hands to its Ray workers (weights dirs, tracking, object-store credentials, threads).
+FORWARD_ENV = ("LOOM_", "MLFLOW_", "AWS_", "GOOGLE_", "AZURE_", "OMP_NUM_THREADS", "HF_", "NCCL_")
+
+
+def forwarded_env() -> dict[str, str]:
+    """This process's variables that start with one of :data:`FORWARD_ENV`."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV)}
+
+
 def init_ray(cluster: ClusterSettings, announce: bool = True) -> Any:
     """Join the cluster at ``cluster.address``, or start a local Ray; says which on stderr."""
     import ray

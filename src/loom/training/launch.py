@@ -27,11 +27,11 @@ from typing import Any, Literal
 
 import torch
 
+from loom.pipelines.job import forwarded_env
 from loom.platform.config import config, field, require
 from loom.platform.tracking import TrackingSettings, ensure_experiment, resolve_uri
 
 CHECKPOINTS = "checkpoints"
-FORWARD_ENV = ("LOOM_", "MLFLOW_", "AWS_", "GOOGLE_", "AZURE_", "OMP_NUM_THREADS", "HF_", "NCCL_")
 LAST = "last.ckpt"
 
 
@@ -270,7 +270,7 @@ def run(make: Callable[[], tuple[Any, Any]], t: TrainerSettings, tracking: Track
 
     # Workers of an existing cluster do not inherit the driver's environment: pass on what Loom and its storage
     # read (credentials, tracking server, thread counts, test hooks).
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV)}
+    env = forwarded_env()
 
     def loop(config: dict) -> None:
         os.environ.update(config["env"])
