@@ -3,7 +3,7 @@ over the same shards, in one run. Prints samples/s and ratios (never a bare abso
 
     .venv/bin/python benchmarks/loader.py                 # ttv and latent shards, workers 0 and 2 (~3 min)
     .venv/bin/python benchmarks/loader.py --quick         # smaller corpora (~1 min)
-    .venv/bin/python benchmarks/loader.py --corpora latents --workers 0 --repeats 7
+    .venv/bin/python benchmarks/loader.py --corpora latents --workers 0 --repeats 9 --read-threads 0 1
     .venv/bin/python benchmarks/loader.py --cold          # every reader starts with the shards out of the page cache
 
 Readers per corpus, each over one full epoch, best of ``--repeats`` interleaved runs (a busy machine slows every
@@ -17,9 +17,16 @@ reader alike), all over the same files:
   size, and so the limit of a loader that copies nothing but the read. With the shards in the page cache, raw's
   8 MiB destination stays in the CPU cache while a batch of latents (tens of MB) does not, so raw->batches is
   lower than raw: that gap is memory bandwidth, not loader work;
+- raw with ``--raw-threads`` (2) threads: the same chunks read by that many threads at once (``preadv``), each
+  into its own 8 MiB buffer; and raw->batches with the chunks of each batch buffer read by them at once: the
+  baselines for a loader that reads with as many threads;
 - webdataset: ``wds.WebDataset(urls, shardshuffle=False) -> map(decode_sample) -> batched(collate)`` in a
   ``DataLoader(batch_size=None)`` with the same workers: sequential reads, no shuffle (its cheapest setting);
-- loom: ``LoomLoader`` with a full shuffle (random ranged reads), same decoders, same collate, same workers.
+- loom: ``LoomLoader`` with a full shuffle (random ranged reads), same decoders, same collate, same workers; one
+  row per ``--read-threads`` value (0: the loader's default, 2 read threads for latents without workers).
+
+Best of the repeats per reader; for loom also the median over the rounds of raw's time over loom's in the same
+round (steadier when other jobs load the machine in bursts).
 
 Page cache: by default every reader runs warm (one untimed pass reads the shards first; the corpus must fit in
 memory), so raw is the memory-bandwidth limit, the strictest one. ``--cold`` drops the shards from the page cache
@@ -135,10 +142,10 @@ def bench_raw(urls: list[str], bufs: list[memoryview], chunk: int = 8 << 20) -> 
 
 def bench_raw_threaded(urls: list[str], bufs: list[memoryview], pool, chunk: int = 8 << 20,
                        per_thread: bool = False) -> int:
-    """``bench_raw`` with the threads of ``pool`` reading concurrently (``preadv`` releases the GIL). ``per_thread``: each
-    thread reads its ``chunk``s into a buffer of its own (``bufs[k]``: raw with threads); else the chunks of
-    one buffer are read concurrently, and the next buffer starts when all of them are in (a loader that fills
-    a batch with several threads). Returns the bytes read."""
+    """``bench_raw`` with the threads of ``pool`` reading concurrently (``preadv`` releases the GIL). ``per_thread``:
+    thread ``k`` of ``len(bufs)`` reads chunks ``k, k + len(bufs), ...`` into ``bufs[k]``, never waiting for the
+    others (raw with threads); else the chunks of one buffer are read concurrently, and the next buffer starts when
+    all of them are in (a loader that fills a batch with several threads). Returns the bytes read."""
     fds = [os.open(u, os.O_RDONLY) for u in urls]
     try:
         rounds: list[list] = [[]]  # reads that run concurrently: (fd, file offset, destination)
@@ -146,11 +153,9 @@ def bench_raw_threaded(urls: list[str], bufs: list[memoryview], pool, chunk: int
         for fd in fds:
             size, off = os.fstat(fd).st_size, 0
             while off < size:
-                if per_thread:  # one chunk per thread, each into the thread's own buffer
+                if per_thread:
                     n = min(chunk, size - off)
-                    if len(rounds[-1]) == len(bufs):
-                        rounds.append([])
-                    rounds[-1].append((fd, off, bufs[len(rounds[-1])][:n]))
+                    rounds[-1].append((fd, off, n))
                 else:  # the chunks of one batch buffer
                     n = min(chunk, size - off, len(bufs[k]) - pos)
                     rounds[-1].append((fd, off, bufs[k][pos:pos + n]))
@@ -159,6 +164,13 @@ def bench_raw_threaded(urls: list[str], bufs: list[memoryview], pool, chunk: int
                         k, pos = (k + 1) % len(bufs), 0
                         rounds.append([])
                 off += n
+        if per_thread:
+            chunks = rounds[0]
+
+            def one_thread(k):
+                return sum(os.preadv(fd, [bufs[k][:n]], off) for fd, off, n in chunks[k::len(bufs)])
+
+            return sum(pool.map(one_thread, range(len(bufs))))
         total = 0
         for r in rounds:
             total += sum(pool.map(lambda t: os.preadv(t[0], [t[2]], t[1]), r))
@@ -224,13 +236,16 @@ def run(args) -> dict:
         batch_bufs = [_aligned(-(-size * args.batch_size // n)) for _ in range(2)]
         bench_raw(urls, chunk_buf)  # warm the page cache for every reader alike
         best: dict[str, float] = {}
+        times: dict[str, list[float]] = {}  # every run, in rounds: run i of each reader ran in round i
 
-        def clock(name, fn, expect, best=best, urls=urls):
+        def clock(name, fn, expect, best=best, times=times, urls=urls):
             if args.cold:
                 drop_cache(urls)
             t0 = time.perf_counter()
             got = fn()
-            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
+            dt = time.perf_counter() - t0
+            best[name] = min(best.get(name, float("inf")), dt)
+            times.setdefault(name, []).append(dt)
             assert got >= expect, (name, got, expect)
 
         rt = args.raw_threads
@@ -275,11 +290,15 @@ def run(args) -> dict:
                 loom_rate = n / best[f"loom{w}/{t}"]
                 name = f"w={w}" + (f" t={t}" if t else "")
                 vs_t = f"  {loom_rate / raw_t:5.2f}x raw {rt} threads" if raw_t else ""
+                # the ratio of the two runs of each round, median over the rounds: steadier than the ratio of the
+                # bests when other jobs load the machine in bursts
+                med = float(np.median(np.divide(times["raw"], times[f"loom{w}/{t}"])))
                 print(f"  loom       {name:10s} {loom_rate:10.1f} samples/s                {loom_rate / raw:5.2f}x raw  "
-                      f"{loom_rate / raw_b:5.2f}x raw->batches  {loom_rate / wds_rate:5.2f}x webdataset{vs_t}")
+                      f"{loom_rate / raw_b:5.2f}x raw->batches  {loom_rate / wds_rate:5.2f}x webdataset{vs_t}  "
+                      f"(median of rounds {med:4.2f}x raw)")
                 r = {"raw": raw, "raw_batches": raw_b, "webdataset": wds_rate, "loom": loom_rate,
                      "loom_vs_wds": loom_rate / wds_rate, "loom_vs_raw": loom_rate / raw,
-                     "loom_vs_raw_batches": loom_rate / raw_b}
+                     "loom_vs_raw_batches": loom_rate / raw_b, "loom_vs_raw_median_of_rounds": med}
                 if raw_t:
                     r.update(raw_threads=raw_t, raw_threads_batches=raw_tb, loom_vs_raw_threads=loom_rate / raw_t)
                 results[f"{kind}/w{w}" + (f"/t{t}" if t else "")] = r
@@ -287,7 +306,7 @@ def run(args) -> dict:
     for k, r in results.items():
         ok = r["loom_vs_wds"] >= 1.0 and (not k.startswith("latents") or r["loom_vs_raw"] >= 0.8)
         print(f"  {k:14s} {r['loom_vs_wds']:5.2f}x webdataset  {r['loom_vs_raw']:5.2f}x raw  "
-              f"{r['loom_vs_raw_batches']:5.2f}x raw->batches  "
+              f"{r['loom_vs_raw_batches']:5.2f}x raw->batches  (rounds {r['loom_vs_raw_median_of_rounds']:4.2f}x raw)  "
               + (f"{r['loom_vs_raw_threads']:5.2f}x raw {args.raw_threads} threads  " if "loom_vs_raw_threads" in r
                  else "") + ("PASS" if ok else "FAIL"))
     if not args.keep:

@@ -47,16 +47,21 @@ Design (why it is built this way, against the failures of the peers):
    from ``batch``, ``world_size`` and ``batch_size``. A state from another seed, shuffle setting, ``drop_last`` or
    corpus (sample count) is refused.
 6. **Reading.** One ranged read per sample (``os.pread`` on local files, ``fs.cat_file(path, start, end)`` on any
-   other fsspec filesystem, ``read_threads`` concurrent reads per worker), the kind's ``decode_sample`` (from the
+   other fsspec filesystem, ``read_threads`` concurrent reads per process), the kind's ``decode_sample`` (from the
    manifest's ``kind`` or the first sample's meta.json; a generic ``.npy/.npz/.json`` decoder for other kinds such
    as cached latents), an optional per-sample transform with its own generator seeded by (seed, epoch, sample),
    then numpy -> torch: arrays of equal shape are stacked, others kept as lists, ``meta`` stays a list of dicts.
    For generic kinds (latents) with no transform, a local sample is ONE ``preadv`` that scatters each ``.npy``
    payload straight into its row of the batch arrays (the read is the only copy) and the rest into a scratch
-   buffer, whose small members (meta.json, camera.npz) are decoded from there.
-   Batch memory is recycled once the consumer has dropped every tensor of a batch, never earlier; a fresh
-   allocation per batch would fault in every page on each read. Such shards load at 0.7-0.9x the rate of reading
-   their bytes into batch-sized memory, which is the limit of any loader (benchmarks/README.md, loader section).
+   buffer, whose small members (meta.json, camera.npz) are decoded from there. The samples of a batch are read by
+   2 threads (``read_threads``; ``preadv`` releases the GIL, and one thread alone cannot keep up with the page
+   cache), each sample into its own row; errors, skips and fallbacks are then taken in batch order, so the batch
+   is exactly the one-thread batch. Batch memory is recycled once the consumer has dropped every tensor of a batch,
+   never earlier; a fresh allocation per batch would fault in every page on each read. In a DataLoader worker the
+   batch is instead made in fresh shared memory (one thread), which the main process maps instead of the
+   DataLoader copying it. With the shards in the page cache and a core to spare, local latent shards load at
+   0.8-1.1x the rate of reading their bytes raw; on a loaded machine or from disk at ~0.6-0.7x
+   (benchmarks/README.md, loader section, for the figures and their spread).
    Workers are started per epoch (``persistent_workers`` would freeze the epoch/start seen by the workers); a
    crash leaves no shared memory or lock files behind.
 7. **Errors.** A sample that cannot be read or decoded raises :class:`ShardError` naming the shard and the key.
@@ -627,7 +632,11 @@ def _dist_rank_world() -> tuple[int, int]:
 
 class LoomDataset(IterableDataset):
     """The rank's batches of one epoch, as an IterableDataset to use with ``DataLoader(batch_size=None)``.
-    Most users want :class:`LoomLoader`, which adds the consumed-batch count that makes resuming exact."""
+    Most users want :class:`LoomLoader`, which adds the consumed-batch count that makes resuming exact.
+
+    ``read_threads``: samples read concurrently per process. None (default): 16 on a remote filesystem; on local
+    files :data:`DIRECT_READ_THREADS` (2) for direct batches (generic kinds such as latents, no transform) in the
+    main process, and 1 in a DataLoader worker and for decoded batches (see :meth:`_threads`)."""
 
     def __init__(self, url: str | list[str], batch_size: int, *, seed: int = 0, shuffle: bool = True,
                  shuffle_buffer: int | None = None, rank: int | None = None, world_size: int | None = None,
