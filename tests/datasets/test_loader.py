@@ -655,3 +655,54 @@ def test_ray_dataset_reads_every_sample(tmp_path, ray_local):
     assert sorted(r["__key__"] for r in rows) == keys
     r = next(r for r in rows if r["__key__"] == "k0005")
     assert np.asarray(r["x"]).tolist() == [5, 50] and json.loads(r["meta"])["i"] == 5
+
+
+@pytest.mark.parametrize("prefetch", [1, 2, 5])
+def test_prefetched_batches_and_states_equal_those_made_on_demand(corpus, prefetch):
+    out, _ = corpus
+    kw = {"batch_size": 2, "seed": 5, "rank": 0, "world_size": 1}
+    want = [keys_of([b]) for b in L.LoomLoader(out, prefetch=0, **kw)]
+    ld = L.LoomLoader(out, prefetch=prefetch, **kw)
+    got, states = [], []
+    for b in ld:
+        got.append(keys_of([b]))
+        states.append(ld.state_dict()["samples"])
+    assert got == want and states == [2 * (i + 1) for i in range(len(want))]
+    # stopping early: the batches made ahead are not consumed; resuming continues right after the last one yielded
+    a = L.LoomLoader(out, prefetch=prefetch, **kw)
+    first, state = _consume(a, 2)
+    b = L.LoomLoader(out, prefetch=prefetch, **kw)
+    b.load_state_dict(state)
+    assert [keys_of([x]) for x in first] + [keys_of([x]) for x in b] == want
+
+
+def test_prefetch_thread_raises_the_shard_error_after_the_good_batches_and_stops(tmp_path):
+    import threading
+
+    out = str(tmp_path / "c")
+    make_corpus(out)
+    name = shards.shard_name("toy", 3)
+    url = shards.shard_url(out, name)
+    ix = L.scan_shard(url)
+    o, n = ix.members[2]["z.npz"]
+    data = bytearray(storage.read_bytes(url))
+    data[o + n // 2:o + n // 2 + 8] = b"\xff" * 8
+    storage.write_bytes(url, bytes(data))
+    want = []
+    with pytest.raises(shards.ShardError):
+        for b in L.LoomLoader(out, batch_size=4, world_size=1, rank=0, shuffle=False, prefetch=0):
+            want.append(keys_of([b]))
+    got = []
+    ld = L.LoomLoader(out, batch_size=4, world_size=1, rank=0, shuffle=False, prefetch=3)
+    with pytest.raises(shards.ShardError, match=f"{name}.*{ix.keys[2]}"):
+        for b in ld:
+            got.append(keys_of([b]))
+    assert got == want and ld.state_dict()["batch"] == len(want)  # every good batch before the error, in order
+    assert not [t for t in threading.enumerate() if t.name == "loom-prefetch"]  # the thread ended
+
+    it = iter(L.LoomLoader(out, batch_size=1, world_size=1, rank=0, shuffle=False, prefetch=2))
+    next(it)
+    it.close()  # a consumer that stops early ends the thread too
+    assert not [t for t in threading.enumerate() if t.name == "loom-prefetch"]
+    with pytest.raises(ValueError, match="prefetch"):
+        L.LoomLoader(out, batch_size=1, prefetch=-1)

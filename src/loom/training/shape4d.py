@@ -76,6 +76,7 @@ class VAEDataSettings:
                                                "3DShape2VecSet; the 'w/o aligned latents' ablation)")
     num_queries: int = field(1024, help="queries per frame with data.queries=fps")
     num_workers: int = field(0, help="loader worker processes per rank")
+    prefetch: int = field(2, help="batches a background thread reads ahead of the step (num_workers=0; 0 = off)")
 
     def __post_init__(self):
         require(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
@@ -161,6 +162,7 @@ class Shape4DDataSettings:
     frames: int = field(0, help="evenly spread frames per sequence (0 = all; paper: 16, ablations: 8)")
     surface_points: int = field(0, help="random surface points per frame fed to the frozen VAE (0 = all)")
     num_workers: int = field(0, help="loader worker processes per rank")
+    prefetch: int = field(2, help="batches a background thread reads ahead of the step (num_workers=0; 0 = off)")
 
     def __post_init__(self):
         require(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
@@ -332,8 +334,8 @@ def make_vae_loader(d: VAEDataSettings, seed: int):
     keys = ("surface", "sdf") + (("queries",) if d.queries == "aligned" else ())
     ts = ([SubsampleFrames(d.frames, "random")] if d.frames else []) + [
         PointSubset(d.surface_points, d.sdf_points, d.num_queries if d.queries == "fps" else 0)]
-    loader = LoomLoader(d.source, d.batch_size, seed=seed, num_workers=d.num_workers, keys=keys,
-                        transform=Compose(*ts))
+    loader = LoomLoader(d.source, d.batch_size, seed=seed, num_workers=d.num_workers, prefetch=d.prefetch,
+                        keys=keys, transform=Compose(*ts))
     return FloatsAsNumpy(loader, ("surface", "queries", "sdf_points", "sdf"))
 
 
@@ -343,7 +345,7 @@ def make_shape4d_loader(d: Shape4DDataSettings, seed: int):
 
     ts = ([SubsampleFrames(d.frames, "uniform")] if d.frames else []) + (
         [PointSubset(d.surface_points)] if d.surface_points else [])
-    loader = LoomLoader(d.source, d.batch_size, seed=seed, num_workers=d.num_workers,
+    loader = LoomLoader(d.source, d.batch_size, seed=seed, num_workers=d.num_workers, prefetch=d.prefetch,
                         keys=("surface", "queries", "video"), transform=Compose(*ts) if ts else None)
     return FloatsAsNumpy(loader, ("surface", "queries"))
 

@@ -49,6 +49,7 @@ class DataSettings:
     frames: int = field(0, help="frames per sample, 1 + 4k (0 = all, trimmed to 1 + 4k); pixels only")
     size: int = field(0, help="resize frames to size x size (multiple of 16; 0 = as rendered); pixels only")
     num_workers: int = field(0, help="loader worker processes per rank")
+    prefetch: int = field(2, help="batches a background thread reads ahead of the step (num_workers=0; 0 = off)")
     known_prob: float = field(0.5, help="probability of a partial-texture known video (pixels only)")
     position_radius: float = field(1.0, help="positions are divided by this before the VAE (unit sphere -> 1)")
     text_len: int = field(512, help="text tokens per sample (embeddings zero-padded to it; Wan: 512)")
@@ -249,7 +250,8 @@ def make_loader(d: DataSettings, seed: int):
 
     # Latents were made from whole videos at their rendered size: frames and size apply to pixels only.
     transform = None if source_kind(d.source) == "latents" else train_transform(d)
-    return LoomLoader(d.source, d.batch_size, seed=seed, num_workers=d.num_workers, transform=transform)
+    return LoomLoader(d.source, d.batch_size, seed=seed, num_workers=d.num_workers, prefetch=d.prefetch,
+                      transform=transform)
 
 
 # ------------------------------------------------------------------------------------------------ job
