@@ -263,10 +263,10 @@ def _slow_reads(monkeypatch):
     readers = set()
     readv = L._Reader.readv
 
-    def slow(self, url, start, bufs, total=None):
+    def slow(self, url, start, bufs, total=None, cached_only=False):
         readers.add(threading.get_ident())
         time.sleep(0.001 * (start // 512 % 4))  # GIL released: the other threads read meanwhile
-        return readv(self, url, start, bufs, total)
+        return readv(self, url, start, bufs, total, cached_only)
 
     monkeypatch.setattr(L._Reader, "readv", slow)
     return readers
@@ -345,10 +345,10 @@ def test_threaded_direct_path_raises_for_the_first_failure_in_batch_order(tmp_pa
     late = L.scan_shard(url).members[0]["x.npy"][0]  # k0009's first member is x.npy: its read starts there
     readv = L._Reader.readv
 
-    def k0009_last(self, u, start, bufs, total=None):
+    def k0009_last(self, u, start, bufs, total=None, cached_only=False):
         if u == url and start <= late < start + (total or 0):
             time.sleep(0.05)  # k0010 fails first in time
-        return readv(self, u, start, bufs, total)
+        return readv(self, u, start, bufs, total, cached_only)
 
     monkeypatch.setattr(L._Reader, "readv", k0009_last)
     ld = L.LoomLoader(out, batch_size=4, shuffle=False, world_size=1, rank=0, read_threads=threads)
@@ -706,3 +706,47 @@ def test_prefetch_thread_raises_the_shard_error_after_the_good_batches_and_stops
     assert not [t for t in threading.enumerate() if t.name == "loom-prefetch"]
     with pytest.raises(ValueError, match="prefetch"):
         L.LoomLoader(out, batch_size=1, prefetch=-1)
+
+
+def test_helper_threads_leave_samples_outside_the_page_cache_to_the_calling_thread(corpus, monkeypatch):
+    """Helpers read with RWF_NOWAIT: from the device one reader at a time is faster, so a sample that is not cached
+    goes to the calling thread; the batches are the same."""
+    import os
+    import threading
+
+    out, _ = corpus
+    kw = {"batch_size": 4, "seed": 5, "world_size": 1, "rank": 0}
+    want = list(L.LoomLoader(out, read_threads=1, **kw))
+    if not L._RWF_NOWAIT:
+        pytest.skip("no RWF_NOWAIT on this platform")
+    for url in shards.shard_urls(out):  # out of the page cache (written back first: dirty pages stay)
+        fd = os.open(url, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    calls = []
+    readv = L._Reader.readv
+
+    def spy(self, url, start, bufs, total=None, cached_only=False):
+        try:
+            got = readv(self, url, start, bufs, total, cached_only)
+        except L._WouldBlock:
+            calls.append((threading.current_thread().name, cached_only, "would block"))
+            raise
+        calls.append((threading.current_thread().name, cached_only, "read"))
+        return got
+
+    monkeypatch.setattr(L._Reader, "readv", spy)
+    _same_batches(want, list(L.LoomLoader(out, read_threads=2, **kw)))
+    assert all(cached == name.startswith("loom-read") for name, cached, _ in calls)  # helpers: cached only
+    assert ("MainThread", False, "read") in calls
+    if any(what == "would block" for _, _, what in calls):  # the usual case after the eviction
+        assert all(what == "read" for name, _, what in calls if not name.startswith("loom-read"))
+
+    def never_cached(self, url, start, bufs, total=None, cached_only=False):
+        if cached_only:
+            raise L._WouldBlock
+        return readv(self, url, start, bufs, total)
+
+    monkeypatch.setattr(L._Reader, "readv", never_cached)  # every helper read would block: all on this thread
+    _same_batches(want, list(L.LoomLoader(out, read_threads=3, **kw)))
