@@ -1,5 +1,7 @@
 """Frechet distance, streaming statistics, FID, KID and FVD: parity with scipy / torchmetrics, exact merging."""
 
+import importlib
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -8,9 +10,9 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from loom.eval.metrics import FeatureStats, fid, fvd, kid
-from loom.eval.metrics.fid import frechet_distance_from_stats
+from loom.eval.metrics.fid import _tr_sqrt_cholesky, _tr_sqrt_eigh, frechet_distance_from_stats, trace_sqrt_product
 from loom.eval.metrics.fvd import fvd_from_stats, video_stats
-from loom.eval.metrics.kid import kid_from_features
+from loom.eval.metrics.kid import _mmd2_from_kernels, _mmd2_unbiased, kid_from_features
 from loom.eval.networks import i3d, inception
 
 
@@ -52,6 +54,54 @@ def test_frechet_distance_is_right_on_near_singular_covariances():
     assert frechet_distance_from_stats(sx, sy) == pytest.approx(exact, rel=1e-12)
     # identical sets: 0 up to rounding, never negative (scipy's sqrtm gives about -2e-5 here)
     assert 0.0 <= frechet_distance_from_stats(sx, sx) <= 1e-12 * np.trace(sx.cov)
+
+
+def _spd(rng, d, lo_exp):
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    s = (q * np.logspace(0, lo_exp, d)) @ q.T
+    return 0.5 * (s + s.T)
+
+
+@pytest.mark.parametrize("d,lo_exp", [(8, -1), (64, -3), (200, -9)])
+def test_trace_sqrt_cholesky_and_eigen_paths_agree_with_scipy_on_spd(d, lo_exp):
+    rng = np.random.default_rng(d)
+    s1, s2 = _spd(rng, d, lo_exp), _spd(rng, d, -2)
+    ref = np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
+    chol12, chol21 = _tr_sqrt_cholesky(s1, s2), _tr_sqrt_cholesky(s2, s1)
+    assert chol12 is not None and chol21 is not None  # positive definite: the Cholesky path applies
+    for v in (chol12, chol21, _tr_sqrt_eigh(s1, s2), _tr_sqrt_eigh(s2, s1), trace_sqrt_product(s1, s2)):
+        assert v == pytest.approx(ref, rel=1e-11)
+
+
+def test_trace_sqrt_falls_back_when_a_covariance_is_rank_deficient():
+    # 40 samples of 96-d: S1 has rank 39, so no Cholesky path from S1; S2 (3000 samples) is positive definite.
+    # Exact: tr((S1 S2)^1/2) = nuclear norm of X1c X2c^T / sqrt((n1-1)(n2-1)).
+    rng = np.random.default_rng(4)
+    x, y = _gauss(rng, 40, 96), _gauss(rng, 3000, 96, shift=0.1)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    exact = np.linalg.svd(xc @ yc.T, compute_uv=False).sum() / np.sqrt(39 * 2999)
+    s1, s2 = FeatureStats.of(x).cov, FeatureStats.of(y).cov
+    assert _tr_sqrt_cholesky(s1, s2) is None
+    assert _tr_sqrt_cholesky(s2, s1) == pytest.approx(exact, rel=1e-12)  # via S2 = L L^T
+    assert _tr_sqrt_eigh(s1, s2) == pytest.approx(exact, rel=1e-12)
+    assert trace_sqrt_product(s1, s2) == pytest.approx(exact, rel=1e-12)
+    assert trace_sqrt_product(s2, s1) == pytest.approx(exact, rel=1e-12)
+    # both rank-deficient: the eigen path, whatever the order
+    s3 = FeatureStats.of(_gauss(rng, 50, 96)).cov
+    assert _tr_sqrt_cholesky(s3, s1) is None
+    assert trace_sqrt_product(s3, s1) == pytest.approx(_tr_sqrt_eigh(s3, s1), rel=0)
+    # a constant feature (a zero row and column) is not positive definite either
+    z = s2.copy()
+    z[0, :] = z[:, 0] = 0.0
+    assert _tr_sqrt_cholesky(z, s2) is None
+    assert trace_sqrt_product(z, s2) == pytest.approx(_tr_sqrt_eigh(z, s2), rel=1e-12)
+
+
+def test_frechet_distance_of_identical_full_rank_sets_is_zero_not_negative():
+    rng = np.random.default_rng(5)
+    s = FeatureStats.of(_gauss(rng, 600, 128))
+    assert _tr_sqrt_cholesky(s.cov, s.cov) is not None
+    assert 0.0 <= frechet_distance_from_stats(s, s) <= 1e-12 * np.trace(s.cov)
 
 
 def test_stats_over_chunks_and_processes_equal_one_pass():
@@ -109,6 +159,38 @@ def test_kid_matches_torchmetrics_with_the_same_features():
     assert mean > 0.01
     with pytest.raises(ValueError, match="subset_size"):
         kid_from_features(fake, real, subset_size=1000)
+
+
+def _draws(n_r, n_f, subsets, size, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = [(torch.randperm(n_r, generator=g)[:size], torch.randperm(n_f, generator=g)[:size]) for _ in range(subsets)]
+    return [r for r, _ in out], [f for _, f in out]
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_kid_from_all_kernels_equals_the_per_subset_estimates(dtype, rel):
+    g = torch.Generator().manual_seed(0)
+    real = torch.relu(torch.randn(150, 64, generator=g)).to(dtype)
+    fake = torch.relu(torch.randn(130, 64, generator=g) + 0.1).to(dtype)
+    dr, df = _draws(150, 130, 12, 60, seed=3)
+    per_subset = torch.stack([_mmd2_unbiased(real[ir], fake[i_f]) for ir, i_f in zip(dr, df)])
+    whole = _mmd2_from_kernels(real, fake, dr, df)
+    torch.testing.assert_close(whole, per_subset, rtol=rel, atol=rel * float(per_subset.abs().max()))
+    assert float(per_subset.min()) > 0
+
+
+def test_kid_takes_the_same_value_on_either_path(monkeypatch):
+    kid_mod = importlib.import_module("loom.eval.metrics.kid")
+    g = torch.Generator().manual_seed(1)
+    real, fake = torch.randn(90, 16, generator=g, dtype=torch.float64), torch.randn(80, 16, generator=g).double()
+    calls = []
+    monkeypatch.setattr(kid_mod, "_mmd2_from_kernels", lambda *a: calls.append(1) or _mmd2_from_kernels(*a))
+    kernels = kid_from_features(fake + 0.3, real, subsets=15, subset_size=40, seed=2)
+    assert calls  # 15 overlapping subsets of 40 from 90 and 80 rows: the kernel matrices are computed once
+    monkeypatch.setattr(kid_mod, "_MAX_KERNEL_ENTRIES", 0)  # forces one set of products per subset
+    per_subset = kid_from_features(fake + 0.3, real, subsets=15, subset_size=40, seed=2)
+    assert len(calls) == 1
+    assert kernels == pytest.approx(per_subset, rel=1e-12)
 
 
 def test_kid_with_a_network(images):

@@ -38,6 +38,19 @@ def test_lpips_matches_torchmetrics(images, net, monkeypatch, tmp_path):
     assert lpips(a, a, network=ours) == pytest.approx(0.0, abs=1e-9)
 
 
+def test_lpips_network_takes_any_layout_and_float_dtype(images):
+    # the network copies both batches into one float32 (channels-last on the CPU) buffer: views, float64 and a
+    # batch split give the same distances as the contiguous float32 batch
+    net = lpips_net.tiny_random("alex", seed=2)
+    a, b = images
+    expect = net(a, b)
+    torch.testing.assert_close(net(a.double(), b.double()), expect, rtol=1e-6, atol=1e-9)
+    at, bt = a.transpose(2, 3).contiguous().transpose(2, 3), b.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(net(at, bt), expect, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(torch.cat([net(a[:1], b[:1]), net(a[1:], b[1:])]), expect, rtol=1e-5, atol=1e-9)
+    assert a.equal(images[0]) and b.equal(images[1])  # the inputs are not modified in place
+
+
 def test_lpips_weights_load_from_torchvision_and_lpips_files(tmp_path):
     from loom.eval.weights import REGISTRY, _installed_location
 
