@@ -131,16 +131,24 @@ def test_eval_ttv_identical_then_perturbed_in_sqlite_and_the_leaderboard(ttv_cas
 
 
 @pytest.mark.integration
-def test_eval_ttv_from_a_trained_run_generates_as_loom_generate(ttv_case, tmp_path, capsys):
+def untrained_ttv_run(tmp_path, gt: str, frames: int) -> str:
+    """A `loom train ttv` run folder (config.yaml + lora/) with the tiny recipe's untrained weights."""
     from loom.training import ttv
-    from loom.training.ttv_module import TTVModule, generate_ttv
+    from loom.training.ttv_module import TTVModule
 
-    run = str(tmp_path / "run")  # a `loom train ttv` run folder: config.yaml + lora/ (untrained tiny weights)
-    cfg = cfgmod.resolve(ttv.TrainTTVJob, "tiny", [("data.frames", 9), ("out", run), ("data.source", ttv_case["gt"])])
+    run = str(tmp_path / "run")
+    cfg = cfgmod.resolve(ttv.TrainTTVJob, "tiny", [("data.frames", frames), ("out", run), ("data.source", gt)])
     os.makedirs(run)
     with open(os.path.join(run, "config.yaml"), "w") as f:
         f.write(cfgmod.dump_yaml(cfg))
     TTVModule(cfg).dit.save_lora(os.path.join(run, "lora"))
+    return run
+
+
+def test_eval_ttv_from_a_trained_run_generates_as_loom_generate(ttv_case, tmp_path, capsys):
+    from loom.training.ttv_module import generate_ttv
+
+    run = untrained_ttv_run(tmp_path, ttv_case["gt"], frames=9)
     out = tmp_path / "out" / "ev"
     rc, _, err = loom(capsys, "eval", "ttv", "--recipe", "tiny", "--gt", ttv_case["gt"], "--run", run, "--out", out,
                       "--set", "limit=2")
@@ -155,15 +163,7 @@ def test_eval_ttv_from_a_trained_run_generates_as_loom_generate(ttv_case, tmp_pa
 
 
 def test_eval_texture_from_a_trained_run_scores_the_generated_views(ttv_case, tmp_path, capsys):
-    from loom.training import ttv
-    from loom.training.ttv_module import TTVModule
-
-    run = str(tmp_path / "run")  # untrained tiny weights: far from the ground truth
-    cfg = cfgmod.resolve(ttv.TrainTTVJob, "tiny", [("data.frames", 5), ("out", run), ("data.source", ttv_case["gt"])])
-    os.makedirs(run)
-    with open(os.path.join(run, "config.yaml"), "w") as f:
-        f.write(cfgmod.dump_yaml(cfg))
-    TTVModule(cfg).dit.save_lora(os.path.join(run, "lora"))
+    run = untrained_ttv_run(tmp_path, ttv_case["gt"], frames=5)  # far from the ground truth
     out = tmp_path / "out" / "tex"
     for _ in range(2):  # the second evaluation replaces the first one's views
         rc, outp, err = loom(capsys, "eval", "texture", "--recipe", "tiny", "--gt", ttv_case["gt"], "--run", run,
