@@ -372,6 +372,15 @@ def test_eval_4d_renders_the_registered_predictions_itself(case_4d_video, tmp_pa
     assert {"box000-render.mp4", "box000-render.png"} <= names
     assert "render_mask_iou" in open(out / "similar" / "items.csv").read()
 
+    # render FVD needs 2 rendered sequences of >= 9 frames: without, the evaluation still logs the rest and says why
+    rc, outp, err = loom(capsys, "eval", "4d", "--recipe", "tiny", "--gt", case / "gt", "--pred", case / "exact",
+                         "--out", out / "one", "--model", "one", "--set", "limit=1", "--set", "render.enabled=true")
+    assert rc == 0, err
+    assert "render FVD not computed: 1 rendered sequence(s) have fewer than the 9 frames" in err
+    assert "render FVD not computed" in outp
+    _, _, runs = client_runs(f"sqlite:///{out / 'mlflow.db'}", "bench/4d")
+    assert "render/lpips" in runs["one"].data.metrics and "render/fvd" not in runs["one"].data.metrics
+
     # clay shading renders too; a renders folder and render.enabled together are refused
     rc, _, err = loom(capsys, "eval", "4d", "--recipe", "tiny", "--gt", case / "gt", "--pred", case / "exact",
                       "--out", out / "clay", "--model", "clay", "--set", "render.enabled=true", "--set",

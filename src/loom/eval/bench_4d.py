@@ -57,7 +57,8 @@ and left out of the means; a missing prediction folder stops the job.
 Against ``gt_renders/<key>.mp4`` or by default the shard's conditioning video, both composited over
 ``background``: LPIPS (mean over frames, then sequences), CLIP (cosine of CLIP image embeddings of each frame and
 its ground truth, the papers' [0, 1] scale) and FVD (I3D statistics over all sequences; at least 2 sequences of 9
-frames), logged as ``render/lpips``, ``render/clip``, ``render/fvd``. DreamSim (the paper's fourth column) needs
+frames, else it is left out and the run's notes and the console say why), logged as ``render/lpips``,
+``render/clip``, ``render/fvd``. DreamSim (the paper's fourth column) needs
 weights no registry ships; it is not computed.
 """
 
@@ -65,6 +66,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Any, Literal
 
 import numpy as np
@@ -471,6 +473,11 @@ def _render_metrics(cfg: Eval4DJob, features: Features, key: str, pred_v: np.nda
                for i in range(0, len(p), bs)]  # fmt: skip
         row["render/clip"] = float(np.mean(np.maximum(np.concatenate([c.numpy() for c in cos]), 0.0)))
     if "fvd" in cfg.render_metrics:
+        from loom.eval.networks.i3d import MIN_FRAMES
+
+        if len(p) < MIN_FRAMES:  # I3D's minimum: this sequence cannot enter FVD (said in the run's notes)
+            stats["short"] = stats.get("short", 0) + 1
+            return
         i3d = features.get("i3d")
         for side, v in (("pred", p), ("gt", g)):
             s = video_stats(v[None], i3d, 1)
@@ -628,6 +635,7 @@ def evaluate(cfg: Eval4DJob) -> dict[str, Any]:
     missing = [key for _, key in sorted(x for p in parts for x in p["missing"])]
     media = [m for p in parts for m in p["media"]]
     stats = {side: merge_stats(*(p["stats"].get(side) for p in parts)) for side in ("pred", "gt")}
+    short = sum(p["stats"].get("short", 0) for p in parts)
     if missing:
         raise FileNotFoundError(f"{pred_dir} has no frames for {len(missing)} ground-truth key(s): "
                                 f"{missing[:8]}{' ...' if len(missing) > 8 else ''} (expected <key>/frame_000.obj ...)")
@@ -662,10 +670,13 @@ def evaluate(cfg: Eval4DJob) -> dict[str, Any]:
         if rendered and m in cfg.render_metrics:
             metrics[f"render/{m}"] = float(np.mean([r[f"render/{m}"] for r in rendered]))
     if renders and "fvd" in cfg.render_metrics:
-        if len(rendered) < 2:
-            raise ValueError("render FVD needs at least 2 rendered sequences; drop it with "
-                             "--set render_metrics=[lpips,clip]")
-        metrics["render/fvd"] = fvd_from_stats(stats["pred"], stats["gt"])
+        if len(rendered) >= 2 and not short:
+            metrics["render/fvd"] = fvd_from_stats(stats["pred"], stats["gt"])
+        else:  # known only now: keep the rest of the evaluation rather than fail it
+            why = (f"{short} rendered sequence(s) have fewer than the 9 frames I3D needs" if short else
+                   f"it needs at least 2 rendered sequences, there are {len(rendered)}")
+            notes.append(f"render FVD not computed: {why} (--set render_metrics=[lpips,clip] leaves it out)")
+            print(f"WARNING: {notes[-1]}", file=sys.stderr, flush=True)
     metrics["items"], metrics["failed"] = float(len(ok)), float(len(items) - len(ok))
     if len(ok) < len(items):
         notes.append(f"{len(items) - len(ok)} sequence(s) failed and are left out of the means (see items.csv)")
