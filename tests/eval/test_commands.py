@@ -220,6 +220,14 @@ def test_eval_texture_identical_and_perturbed(ttv_case, tmp_path, capsys):
     assert same.metrics["clip_s"] == pytest.approx(1.0, abs=1e-5) and noisy.metrics["clip_s"] < same.metrics["clip_s"]
     assert noisy.metrics["kid"] > same.metrics["kid"]
     assert same.params["features.inception"].startswith("tiny-random") and "features.clip" in same.params
+    # the ground truth straight from the turntable shards: the same frames, so the same numbers
+    rc, _, err = loom(capsys, "eval", "texture", "--recipe", "tiny", "--gt", ttv_case["gt"], "--pred", case["noisy"],
+                      "--out", tmp_path / "out" / "shards", "--model", "shards")
+    assert rc == 0, err
+    assert sorted(os.listdir(tmp_path / "out" / "shards" / "gt" / "sphere000"))[:2] == ["000.png", "001.png"]
+    _, _, runs = client_runs(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}", "bench/texture")
+    for m in ("fid", "kid", "clip_s", "items"):
+        assert runs["shards"].data.metrics[m] == pytest.approx(noisy.metrics[m], rel=1e-6)
     os.remove(os.path.join(case["noisy"], "sphere001", "004.png"))
     rc, _, err = loom(capsys, "eval", "texture", "--recipe", "tiny", "--gt", case["gt"], "--pred", case["noisy"],
                       "--out", tmp_path / "out" / "bad", "--set", "tracking.enabled=false")

@@ -3,7 +3,9 @@
 Inputs are two folders of images (``.png``, ``.jpg``, ...; any depth, e.g. ``<asset>/<view>.png``): the renders of
 the generated textures (``pred``) and of the ground-truth textures (``gt``) from the same cameras. Every predicted
 image is paired with the ground-truth image at the same relative path (the stem decides, so ``a/000.png`` pairs
-with ``a/000.jpg``); an unpaired image on either side is refused. Images are read as RGB (an alpha channel is
+with ``a/000.jpg``); an unpaired image on either side is refused. The ground truth may also be turntable shards
+(``loom render ttv``): their frames, subsampled and resized by ``frames``/``size`` as training does, are written
+as ``<out>/gt/<key>/<frame>.png`` (``000.png``, ``001.png``, ...) and paired the same way. Images are read as RGB (an alpha channel is
 dropped: render both sides over one background).
 
 - **FID** (:func:`loom.eval.metrics.fid`): Frechet distance of the Inception pool3 statistics of all predicted
@@ -47,8 +49,12 @@ class TextureTracking(EvalTracking):
 @config
 class EvalTextureJob:
     pred: str = field("", help="folder of predicted renders (images at any depth, e.g. <asset>/<view>.png)")
-    gt: str = field("", help="folder of ground-truth renders with the same relative paths (with run: turntable "
-                    "shards)")
+    gt: str = field("", help="folder of ground-truth renders with the same relative paths, or turntable shards "
+                    "(their frames become <out>/gt/<key>/<frame>.png)")
+    frames: int = field(0, help="with turntable shards as gt: subsample each to N frames, evenly (0 = all; with "
+                        "run: the run's)")
+    size: int = field(0, help="with turntable shards as gt: centre-crop and resize to N x N (0 = as stored; with "
+                      "run: the run's)")
     run: str = field("", help="or a `loom train ttv` run folder: its generated turntable frames are the predicted "
                      "views, the shards' frames the ground-truth ones (into <out>/pred and <out>/gt)")
     steps: int = field(0, help="with run: sampler steps (0 = the run's flow.sample_steps)")
@@ -71,7 +77,7 @@ class EvalTextureJob:
         require(self.kid_subset_size == 0 or self.kid_subset_size >= 2, "kid_subset_size", self.kid_subset_size,
                 "must be 0 (automatic) or at least 2")
         require(not (self.pred and self.run), "pred", self.pred, "give predictions (pred) or a run, not both")
-        for name in ("limit", "media", "steps"):
+        for name in ("limit", "media", "steps", "frames", "size"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
 
 
@@ -122,14 +128,47 @@ def read_image(url: str) -> np.ndarray:
 _MARK = ".loom-views"  # marks a views folder that `--run` wrote (and may replace)
 
 
-def _views_dirs(out: str) -> dict[str, str]:
-    """``{"pred": ..., "gt": ...}`` under ``out``, emptied: views of an earlier evaluation into the same folder must
-    not join this one. A folder that ``--run`` did not write is refused, never deleted."""
-    dirs = {side: os.path.join(out, side) for side in ("pred", "gt")}
+def is_shards(url: str) -> bool:
+    """Whether ``url`` is turntable shards (an output folder, a folder of tars, a .tar) rather than images."""
+    from loom.platform.shards import shard_urls
+
+    try:
+        return bool(shard_urls(url))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def _write_views(folder: str, video: np.ndarray) -> None:
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    for t, frame in enumerate(video):
+        Image.fromarray(np.ascontiguousarray(frame)).save(os.path.join(folder, f"{t:03d}.png"))
+
+
+def gt_views_part(cfg: EvalTextureJob, rank: int, parts: int) -> int:
+    """The frames of the ground-truth turntables ``rank``, ``rank + parts``, ... as ``<out>/gt/<key>/<t>.png``
+    (subsampled and resized by ``frames``/``size``); returns the views written."""
+    from loom.datasets.ttv import iter_samples
+    from loom.eval.bench_ttv import _gt_transform
+
+    transform = _gt_transform(cfg.frames, cfg.size)
+    root, views = os.path.join(os.path.abspath(cfg.out), "gt"), 0
+    for s in iter_samples(cfg.gt, keys=("rgb",), part=(rank, parts)):
+        video = (transform({"rgb": s["rgb"]}, np.random.default_rng(0)) if transform is not None else s)["rgb"]
+        _write_views(os.path.join(root, s["__key__"]), video)
+        views += len(video)
+    return views
+
+
+def _views_dirs(out: str, sides: tuple[str, ...] = ("pred", "gt")) -> dict[str, str]:
+    """``{side: folder}`` under ``out``, emptied: views of an earlier evaluation into the same folder must not join
+    this one. A folder that Loom did not write is refused, never deleted."""
+    dirs = {side: os.path.join(out, side) for side in sides}
     for folder in dirs.values():
         if os.path.isdir(folder) and os.listdir(folder):
             if not os.path.exists(os.path.join(folder, _MARK)):
-                raise ValueError(f"{folder} exists and was not written by `loom eval texture --run`: choose another "
+                raise ValueError(f"{folder} exists and was not written by `loom eval texture`: choose another "
                                  "--out (it would be replaced)")
             shutil.rmtree(folder)
         os.makedirs(folder, exist_ok=True)
@@ -141,8 +180,6 @@ def views_part(cfg: EvalTextureJob, rank: int, parts: int) -> int:
     """Generate the turntables ``rank``, ``rank + parts``, ... of ``cfg.gt`` with ``cfg.run`` and write both sides'
     frames as views into ``<out>/pred/<key>/`` and ``<out>/gt/<key>/``; returns the views written. With ``limit``,
     only the samples that the first ``limit`` views can come from are generated."""
-    from PIL import Image
-
     from loom.datasets.ttv import iter_samples
     from loom.eval.bench_ttv import _gt_transform, _Generator
     from loom.eval.benchmarks import read_video
@@ -159,10 +196,7 @@ def views_part(cfg: EvalTextureJob, rank: int, parts: int) -> int:
         pred_v = read_video(gen(s, os.path.join(dirs["pred"], f"{key}.mp4")))
         gt_v = (transform({"rgb": s["rgb"]}, np.random.default_rng(0)) if transform is not None else s)["rgb"]
         for side, video in (("pred", pred_v), ("gt", gt_v)):
-            folder = os.path.join(dirs[side], key)
-            os.makedirs(folder, exist_ok=True)
-            for t, frame in enumerate(video):
-                Image.fromarray(np.ascontiguousarray(frame)).save(os.path.join(folder, f"{t:03d}.png"))
+            _write_views(os.path.join(dirs[side], key), video)
         os.remove(os.path.join(dirs["pred"], f"{key}.mp4"))
         views += len(pred_v)
         print(f"generated {key}: {len(pred_v)} views", flush=True)
@@ -222,8 +256,8 @@ def evaluate(cfg: EvalTextureJob) -> dict[str, Any]:
     from loom.eval.record import Evaluation, finish
 
     if not ((cfg.pred or cfg.run) and cfg.gt):
-        raise ValueError("pass --pred FOLDER and --gt FOLDER (renders of predicted and ground-truth textures), or "
-                         "--run TRAIN_RUN and --gt SHARDS (turntable shards)")
+        raise ValueError("pass --pred FOLDER and --gt FOLDER (renders of predicted and ground-truth textures; the "
+                         "ground truth may be turntable shards), or --run TRAIN_RUN and --gt SHARDS")
     out = os.path.abspath(cfg.out)
     features = Features(cfg.features)
     features.check(_nets(cfg))  # missing weights stop the job before any generation
@@ -233,6 +267,11 @@ def evaluate(cfg: EvalTextureJob) -> dict[str, Any]:
         if not sum(run_parts(views_part, cfg, cfg.parallel)):
             raise ValueError(f"no samples in {cfg.gt}")
         pred_dir, gt_dir = dirs["pred"], dirs["gt"]
+    elif is_shards(cfg.gt):
+        gt_dir = _views_dirs(out, ("gt",))["gt"]
+        if not sum(run_parts(gt_views_part, cfg, cfg.parallel)):
+            raise ValueError(f"no samples in {cfg.gt}")
+        pred_dir = cfg.pred
     else:
         pred_dir, gt_dir = cfg.pred, cfg.gt
     pred, gt = list_images(pred_dir), list_images(gt_dir)

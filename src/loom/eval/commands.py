@@ -22,8 +22,8 @@ _FLAGS = {
     "ttv": {"--gt": ("gt", "ground-truth turntable shards (`loom render ttv` output)"),
             "--pred": ("pred", "folder of predicted videos <key>.mp4 (or .mkv), one per ground-truth key"),
             "--run": ("run", "a `loom train ttv` run folder: generate the predictions with it into <out>/pred")},
-    "texture": {"--gt": ("gt", "folder of ground-truth renders (images, same relative paths as --pred); with "
-                         "--run: turntable shards"),
+    "texture": {"--gt": ("gt", "folder of ground-truth renders (images, same relative paths as --pred), or "
+                         "turntable shards (their frames: <key>/000.png ...)"),
                 "--pred": ("pred", "folder of predicted renders (images at any depth, e.g. <asset>/<view>.png)"),
                 "--run": ("run", "a `loom train ttv` run folder: its generated turntable frames are the views "
                           "(into <out>/pred, the shards' frames into <out>/gt)")},
