@@ -354,7 +354,7 @@ def case_4d_video(tmp_path_factory):
 
 
 @pytest.mark.integration
-def test_eval_4d_renders_the_registered_predictions_itself(case_4d_video, tmp_path, capsys):
+def test_eval_4d_renders_the_registered_predictions_itself(case_4d_video, ray_local, tmp_path, capsys):
     """ShapeGen4D Tab. 2 without a renders folder: Loom renders each registered prediction from the shard's camera
     with Blender, painted with the conditioning frame's colours, and compares it with that video."""
     out, case = tmp_path / "out", case_4d_video
@@ -379,6 +379,15 @@ def test_eval_4d_renders_the_registered_predictions_itself(case_4d_video, tmp_pa
     names = {os.path.basename(a.path) for a in c.list_artifacts(runs["similar"].info.run_id, "media")}
     assert {"box000-render.mp4", "box000-render.png"} <= names
     assert "render_mask_iou" in open(out / "similar" / "items.csv").read()
+
+    # two Ray workers, each with its own Blender: the same renders and values
+    rc, _, err = loom(capsys, "eval", "4d", "--recipe", "tiny", "--gt", case / "gt", "--pred", case / "exact",
+                      "--out", out / "exact-w2", "--model", "exact-w2", "--set", "render.enabled=true", "--set",
+                      "render_metrics=[lpips,clip]", "--set", "parallel.workers=2")
+    assert rc == 0, err
+    _, _, runs = client_runs(f"sqlite:///{out / 'mlflow.db'}", "bench/4d")
+    for k, v in m["exact"].items():
+        assert runs["exact-w2"].data.metrics[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
 
     # render FVD needs 2 rendered sequences of >= 9 frames: without, the evaluation still logs the rest and says why
     rc, outp, err = loom(capsys, "eval", "4d", "--recipe", "tiny", "--gt", case / "gt", "--pred", case / "exact",

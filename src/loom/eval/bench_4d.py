@@ -64,6 +64,7 @@ weights no registry ships; it is not computed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
@@ -109,7 +110,7 @@ class RenderSettings:
     samples: int = field(8, help="Cycles samples per pixel")
     hdri: str = field("studio", help="environment map of clay shading: a bundled name or an .exr path")
     device: Literal["CPU", "GPU"] = field("CPU", help="Cycles device")
-    threads: int = field(0, help="Blender render threads (0 = all cores)")
+    threads: int = field(0, help="Blender render threads (0 = all cores; with parallel workers, their CPUs)")
     timeout_s: float = field(600.0, help="seconds one sequence may take to render before it fails")
 
     def __post_init__(self):
@@ -492,7 +493,10 @@ def evaluate_part(cfg: Eval4DJob, rank: int, parts: int) -> dict[str, Any]:
     """The sequences ``rank``, ``rank + parts``, ... (see :func:`loom.eval.benchmarks.run_parts`): rows, per-frame
     rows, media, render statistics and the keys without a prediction."""
     out = os.path.abspath(cfg.out)
-    renderer = MeshRenderer(cfg.render, os.path.join(out, "render-scratch", str(rank))) \
+    render = cfg.render
+    if parts > 1 and render.threads == 0:  # N workers on one machine: Blender's "all cores" each would oversubscribe
+        render = dataclasses.replace(render, threads=max(1, int(cfg.parallel.cpus_per_worker)))
+    renderer = MeshRenderer(render, os.path.join(out, "render-scratch", str(rank))) \
         if _renders(cfg) and cfg.render.enabled else None
     try:
         return _evaluate_part(cfg, rank, parts, Features(cfg.features), renderer)
