@@ -750,3 +750,17 @@ def test_helper_threads_leave_samples_outside_the_page_cache_to_the_calling_thre
 
     monkeypatch.setattr(L._Reader, "readv", never_cached)  # every helper read would block: all on this thread
     _same_batches(want, list(L.LoomLoader(out, read_threads=3, **kw)))
+
+
+def test_workers_on_latent_shards_get_a_warning_that_says_what_is_faster(tmp_path, caplog):
+    import logging
+
+    out = str(tmp_path / "lat")
+    keys = make_corpus(out)  # generic samples: read straight into the batch
+    with caplog.at_level(logging.WARNING, logger=L.log.name):
+        L.LoomLoader(out, batch_size=2, num_workers=2)
+    assert "num_workers=0 with prefetch=2" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=L.log.name):
+        L.LoomLoader(out, batch_size=2, num_workers=0, prefetch=2)
+    assert caplog.text == "" and keys

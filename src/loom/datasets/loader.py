@@ -1074,6 +1074,11 @@ class LoomLoader:
         self.dataset = LoomDataset(url, batch_size, **dataset_kwargs)
         self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
         self.prefetch = prefetch
+        d = self.dataset
+        if num_workers and d.decode is generic_decode and d.transform is None and not d.remote:
+            log.warning("%s: samples of kind %r are read straight into the batch, so DataLoader workers only add a "
+                        "copy through shared memory (~0.1x the read rate, benchmarks/README.md): num_workers=0 with "
+                        "prefetch=2 (a reading thread) is faster", url if isinstance(url, str) else url[0], d.kind)
         # batch ``self.batch`` of the epoch starts at sample ``self.offset + self.batch * world_size * batch_size``
         # of the epoch's global order; the offset is 0 but after a resume from another world or batch size
         self.epoch, self.batch, self.offset = 0, 0, 0
