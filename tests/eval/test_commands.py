@@ -153,13 +153,29 @@ def test_eval_ttv_from_a_trained_run_generates_as_loom_generate(ttv_case, tmp_pa
     rc, _, err = loom(capsys, "eval", "ttv", "--recipe", "tiny", "--gt", ttv_case["gt"], "--run", run, "--out", out,
                       "--set", "limit=2")
     assert rc == 0, err
-    assert sorted(os.listdir(out / "pred")) == ["sphere000.mp4", "sphere001.mp4"]
+    assert sorted(os.listdir(out / "pred")) == [".generated", "sphere000.mp4", "sphere001.mp4"]
     ref = generate_ttv(run, ttv_case["gt"], str(tmp_path / "ref.mp4"), key="sphere001")
     assert open(ref, "rb").read() == open(out / "pred" / "sphere001.mp4", "rb").read()
     _, _, runs = client_runs(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}", "bench/ttv")
     r = runs["run"].data
     assert r.params["checkpoint"] == run and r.params["predictions"] == str(out / "pred")
     assert r.metrics["items"] == 2 and 0 < r.metrics["psnr"] < 40  # untrained: far from the ground truth
+
+    # an evaluation that stopped resumes: what was generated with the same run and settings is not made again
+    os.remove(out / "pred" / ".generated" / "sphere001")  # as if it had stopped while generating sphere001
+    mtime = os.stat(out / "pred" / "sphere000.mp4").st_mtime_ns
+    rc, outp, err = loom(capsys, "eval", "ttv", "--recipe", "tiny", "--gt", ttv_case["gt"], "--run", run, "--out",
+                         out, "--set", "limit=2")
+    assert rc == 0, err
+    assert "reused 1 prediction(s)" in outp and "generated" in outp and "sphere001.mp4" in outp
+    assert os.stat(out / "pred" / "sphere000.mp4").st_mtime_ns == mtime
+    _, _, runs = client_runs(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}", "bench/ttv")
+    assert runs["run"].data.metrics == r.metrics  # the newest run of the model: the same numbers
+    # other settings (or other weights) generate everything again
+    rc, outp, err = loom(capsys, "eval", "ttv", "--recipe", "tiny", "--gt", ttv_case["gt"], "--run", run, "--out",
+                         out, "--set", "limit=2", "--set", "seed=1")
+    assert rc == 0, err
+    assert "reused" not in outp and os.stat(out / "pred" / "sphere000.mp4").st_mtime_ns != mtime
 
 
 def test_eval_texture_from_a_trained_run_scores_the_generated_views(ttv_case, tmp_path, capsys):

@@ -338,3 +338,8 @@ def test_eval_4d_from_the_trained_run_generates_registers_and_renders(corpus, sh
     if m["items"]:
         assert {"chamfer", "render/lpips", "render/clip", "render/mask_iou"} <= set(m)
         assert 0 <= m["render/mask_iou"] <= 1 and m["render_items"] >= 1
+    # run again into the same folder: the meshes generated with the same run and settings are reused
+    again = loom("eval", "4d", "--recipe", "tiny", "--run", shape4d_run, "--gt", corpus, "--out", str(out),
+                 "--set", "steps=2", "--set", "render.enabled=true", "--set", "render_metrics=[lpips,clip]",
+                 env={"MLFLOW_TRACKING_URI": uri})
+    assert "reused 2 prediction(s)" in again.stdout

@@ -1062,10 +1062,11 @@ class LoomLoader:
     so they overlap the training step (a GPU step, or any work that releases the GIL): with a 25-100 ms step, epochs
     of latent shards ran 1.1-1.6x faster with ``prefetch=2`` (``benchmarks/loader_overlap.py``); a loop that only
     loads gains nothing (the hand-over costs ~5%). For latent shards this is the fast way to load (DataLoader
-    workers must ship every batch through shared memory). Loom's trainers pass ``data.prefetch`` (2). The order, the batches and
-    ``state_dict()`` are the same with or without it: a batch counts as consumed when it is yielded, and batches
-    made ahead but not yielded are dropped. Skipped samples (``on_error="skip"``) are appended to ``self.skipped``
-    as ``{shard, key, reason}`` and logged; ``batch["__skipped__"]`` lists those of each batch."""
+    workers must ship every batch through shared memory). Loom's trainers pass ``data.prefetch`` (2). The order,
+    the batches and ``state_dict()`` are the same with or without it: a batch counts as consumed when it is
+    yielded, and batches made ahead but not yielded are dropped. Skipped samples (``on_error="skip"``) are
+    appended to ``self.skipped`` as ``{shard, key, reason}`` and logged; ``batch["__skipped__"]`` lists those of
+    each batch."""
 
     def __init__(self, url: str | list[str], batch_size: int, *, num_workers: int = 0, pin_memory: bool = False,
                  prefetch_factor: int | None = None, prefetch: int = 0, **dataset_kwargs: Any):

@@ -72,8 +72,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from loom.eval.benchmarks import (EvalTracking, FeatureSettings, Features, ParallelSettings, composite, find_video,
-                                  merge_stats, read_video, run_parts, to_unit, warn_if_tiny, where, write_media)
+from loom.eval.benchmarks import (EvalTracking, FeatureSettings, Features, Generated, ParallelSettings, composite,
+                                  find_video, merge_stats, read_video, run_parts, to_unit, warn_if_tiny, where,
+                                  write_media)
 from loom.platform.config import config, field, recipe, require
 
 METRICS = ("chamfer", "iou", "f_score")
@@ -406,7 +407,8 @@ class MeshRenderer:
         from loom.pipelines.sandbox import Sandbox
 
         if self._box is None:
-            self._box = Sandbox("loom.pipelines.render.meshes:render_meshes", log_dir=os.path.join(self.scratch, "logs"),
+            self._box = Sandbox("loom.pipelines.render.meshes:render_meshes",
+                                log_dir=os.path.join(self.scratch, "logs"),
                                 env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}, preload=("bpy",))
         c = self.cfg
         frames = [{"vertices": v, "faces": f, **({"colors": colours[t]} if colours is not None else {})}
@@ -524,13 +526,19 @@ def _evaluate_part(cfg: Eval4DJob, rank: int, parts: int, features: Features,
 
     items, frames_rows, media, missing = [], [], [], []
     stats: dict[str, Any] = {}
+    done = Generated(pred_dir, cfg.run, bench="4d", steps=cfg.steps, seed=cfg.seed) if cfg.run else None
     for s in iter_samples(cfg.gt, keys=keys, part=(rank, parts)):
         i, key = s["__index__"], s["__key__"]
         if cfg.limit and i >= cfg.limit:
             break
         folder = storage.join(pred_dir, key)
-        if cfg.run:
+        if cfg.run and not (done.has(key) and _frame_files(folder)):  # else an earlier evaluation's, same settings
+            done.forget(key)
+            for name in os.listdir(folder) if os.path.isdir(folder) else []:
+                if _FRAME.match(name):  # frames of another generation must not mix with this one's
+                    os.remove(os.path.join(folder, name))
             _generate(cfg, key, folder)
+            done.mark(key)
         files = _frame_files(folder)
         if not files:
             missing.append((i, key))
@@ -606,7 +614,8 @@ def _evaluate_part(cfg: Eval4DJob, rank: int, parts: int, features: Features,
             media += write_media(media_dir, f"{key}-points", pv, gv, fps=4)
         items.append((i, row))
         print(f"{key}: " + ", ".join(f"{m} {row[m]:.4f}" for m in METRICS if m in row), flush=True)
-    return {"items": items, "frames": frames_rows, "media": media, "missing": missing, "stats": stats}
+    return {"items": items, "frames": frames_rows, "media": media, "missing": missing, "stats": stats,
+            "reused": done.reused if done else 0}
 
 
 def evaluate(cfg: Eval4DJob) -> dict[str, Any]:
@@ -638,6 +647,10 @@ def evaluate(cfg: Eval4DJob) -> dict[str, Any]:
                    for r in rows]
     missing = [key for _, key in sorted(x for p in parts for x in p["missing"])]
     media = [m for p in parts for m in p["media"]]
+    reused = sum(p["reused"] for p in parts)
+    if reused:
+        print(f"reused {reused} prediction(s) that an earlier evaluation generated with the same run and settings "
+              f"(delete {os.path.join(pred_dir, '.generated')} to generate them again)", flush=True)
     stats = {side: merge_stats(*(p["stats"].get(side) for p in parts)) for side in ("pred", "gt")}
     short = sum(p["stats"].get("short", 0) for p in parts)
     if missing:

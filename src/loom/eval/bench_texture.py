@@ -5,8 +5,8 @@ the generated textures (``pred``) and of the ground-truth textures (``gt``) from
 image is paired with the ground-truth image at the same relative path (the stem decides, so ``a/000.png`` pairs
 with ``a/000.jpg``); an unpaired image on either side is refused. The ground truth may also be turntable shards
 (``loom render ttv``): their frames, subsampled and resized by ``frames``/``size`` as training does, are written
-as ``<out>/gt/<key>/<frame>.png`` (``000.png``, ``001.png``, ...) and paired the same way. Images are read as RGB (an alpha channel is
-dropped: render both sides over one background).
+as ``<out>/gt/<key>/<frame>.png`` (``000.png``, ``001.png``, ...) and paired the same way. Images are read as
+RGB (an alpha channel is dropped: render both sides over one background).
 
 - **FID** (:func:`loom.eval.metrics.fid`): Frechet distance of the Inception pool3 statistics of all predicted
   against all ground-truth images, streamed.

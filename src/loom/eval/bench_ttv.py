@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from loom.eval.benchmarks import (EvalTracking, FeatureSettings, Features, ParallelSettings, find_video, merge_stats,
-                                  read_video, run_parts, to_unit, warn_if_tiny, where, write_media)
+from loom.eval.benchmarks import (EvalTracking, FeatureSettings, Features, Generated, ParallelSettings, find_video,
+                                  merge_stats, read_video, run_parts, to_unit, warn_if_tiny, where, write_media)
 from loom.platform.config import config, field, recipe, require
 
 METRICS = ("psnr", "ssim", "lpips", "fvd")
@@ -123,12 +123,14 @@ def evaluate_part(cfg: EvalTTVJob, rank: int, parts: int) -> dict[str, Any]:
     features = Features(cfg.features)
     frames, size, gen = cfg.frames, cfg.size, None
     pred_dir = cfg.pred
+    done = None
     if cfg.run:
         gen = _Generator(cfg.run, cfg.steps, cfg.seed)
         frames = frames or gen.module.cfg.data.frames
         size = size or gen.module.cfg.data.size
         pred_dir = os.path.join(out, "pred")
         os.makedirs(pred_dir, exist_ok=True)
+        done = Generated(pred_dir, cfg.run, bench="ttv", steps=cfg.steps, seed=cfg.seed)
     transform = _gt_transform(frames, size)
     media_dir = os.path.join(out, "media")
     keys = ("rgb", "normal", "position", "mask") if gen else ("rgb",)
@@ -139,8 +141,12 @@ def evaluate_part(cfg: EvalTTVJob, rank: int, parts: int) -> dict[str, Any]:
         if cfg.limit and i >= cfg.limit:
             break
         if gen is not None:
-            path = gen(s, os.path.join(pred_dir, f"{key}.mp4"))
-            print(f"generated {path}", flush=True)
+            path = os.path.join(pred_dir, f"{key}.mp4")
+            if not (done.has(key) and os.path.exists(path)):  # an earlier evaluation's, same run and settings
+                done.forget(key)
+                path = gen(s, path)
+                done.mark(key)
+                print(f"generated {path}", flush=True)
         else:
             path = find_video(pred_dir, key)
             if path is None:
@@ -170,7 +176,7 @@ def evaluate_part(cfg: EvalTTVJob, rank: int, parts: int) -> dict[str, Any]:
             media += write_media(media_dir, key, pred_v, gt_v)
         items.append((i, row))
     return {"items": items, "missing": missing, "media": media, "stats": (stats_pred, stats_gt), "frames": frames,
-            "size": size}
+            "size": size, "reused": done.reused if done else 0}
 
 
 def evaluate(cfg: EvalTTVJob) -> dict[str, Any]:
@@ -198,6 +204,10 @@ def evaluate(cfg: EvalTTVJob) -> dict[str, Any]:
     missing = [key for _, key in sorted(i_key for p in parts for i_key in p["missing"])]
     media = [m for p in parts for m in p["media"]]
     frames, size = parts[0]["frames"], parts[0]["size"]
+    reused = sum(p["reused"] for p in parts)
+    if reused:
+        print(f"reused {reused} prediction(s) that an earlier evaluation generated with the same run and settings "
+              f"(delete {os.path.join(pred_dir, '.generated')} to generate them again)", flush=True)
     if missing:
         raise FileNotFoundError(f"{pred_dir} has no video for {len(missing)} ground-truth key(s): "
                                 f"{missing[:8]}{' ...' if len(missing) > 8 else ''} (expected <key>.mp4 or .mkv)")

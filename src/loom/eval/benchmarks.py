@@ -27,8 +27,10 @@ leaderboard, never silently.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -146,6 +148,61 @@ def merge_stats(*stats):
     """Merge streaming statistics (objects with ``.merge``), skipping the Nones of parts that saw no sample."""
     got = [s for s in stats if s is not None]
     return got[0].merge(*got[1:]) if got else None
+
+
+# ------------------------------------------------------------------------------------------------ generation
+
+
+class Generated:
+    """Which predictions in ``pred_dir`` a run already generated with the same settings, so that an evaluation
+    that stopped (a crash, a lost node, Ctrl-C) resumes without generating them again.
+
+    ``identity`` is a digest of the run folder's files (relative path, size, mtime; ``checkpoints/`` and
+    ``samples/`` left out, so a run that trains on is a new identity only once its exported weights change) and of
+    the generation settings. A prediction counts only once its marker ``pred_dir/.generated/<key>`` holds that
+    identity; the marker is written after the prediction, so a half-written one is never reused. Markers are one
+    file per key: parallel workers never write the same file."""
+
+    SKIP = ("checkpoints", "samples", "mlruns")
+
+    def __init__(self, pred_dir: str, run: str, **settings):
+        self.dir = os.path.join(pred_dir, ".generated")
+        h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+        root = os.path.abspath(run)
+        h.update(root.encode())
+        for base, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if not (base == root and d in self.SKIP))
+            for name in sorted(files):
+                path = os.path.join(base, name)
+                st = os.stat(path)
+                h.update(f"{os.path.relpath(path, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        self.identity = h.hexdigest()
+        self.reused = 0
+
+    def _marker(self, key: str) -> str:
+        return os.path.join(self.dir, key.replace("/", "__"))
+
+    def has(self, key: str) -> bool:
+        """Whether ``key``'s prediction was generated with this identity (counted in ``reused``)."""
+        try:
+            with open(self._marker(key)) as f:
+                ok = f.read() == self.identity
+        except OSError:
+            return False
+        self.reused += ok
+        return ok
+
+    def mark(self, key: str) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        tmp = f"{self._marker(key)}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(self.identity)
+        os.replace(tmp, self._marker(key))
+
+    def forget(self, key: str) -> None:
+        """Before regenerating ``key``: its old prediction no longer counts."""
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self._marker(key))
 
 
 # ------------------------------------------------------------------------------------------------ features
