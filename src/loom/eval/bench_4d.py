@@ -647,10 +647,7 @@ def evaluate(cfg: Eval4DJob) -> dict[str, Any]:
                    for r in rows]
     missing = [key for _, key in sorted(x for p in parts for x in p["missing"])]
     media = [m for p in parts for m in p["media"]]
-    reused = sum(p["reused"] for p in parts)
-    if reused:
-        print(f"reused {reused} prediction(s) that an earlier evaluation generated with the same run and settings "
-              f"(delete {os.path.join(pred_dir, '.generated')} to generate them again)", flush=True)
+    Generated.report(parts, pred_dir)
     stats = {side: merge_stats(*(p["stats"].get(side) for p in parts)) for side in ("pred", "gt")}
     short = sum(p["stats"].get("short", 0) for p in parts)
     if missing:

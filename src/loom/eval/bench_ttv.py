@@ -204,10 +204,7 @@ def evaluate(cfg: EvalTTVJob) -> dict[str, Any]:
     missing = [key for _, key in sorted(i_key for p in parts for i_key in p["missing"])]
     media = [m for p in parts for m in p["media"]]
     frames, size = parts[0]["frames"], parts[0]["size"]
-    reused = sum(p["reused"] for p in parts)
-    if reused:
-        print(f"reused {reused} prediction(s) that an earlier evaluation generated with the same run and settings "
-              f"(delete {os.path.join(pred_dir, '.generated')} to generate them again)", flush=True)
+    Generated.report(parts, pred_dir)
     if missing:
         raise FileNotFoundError(f"{pred_dir} has no video for {len(missing)} ground-truth key(s): "
                                 f"{missing[:8]}{' ...' if len(missing) > 8 else ''} (expected <key>.mp4 or .mkv)")

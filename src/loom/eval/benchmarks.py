@@ -199,6 +199,14 @@ class Generated:
             f.write(self.identity)
         os.replace(tmp, self._marker(key))
 
+    @staticmethod
+    def report(parts: list[dict], pred_dir: str) -> None:
+        """Say how many predictions the parts reused (their ``"reused"`` counts)."""
+        reused = sum(p.get("reused", 0) for p in parts)
+        if reused:
+            print(f"reused {reused} prediction(s) that an earlier evaluation generated with the same run and "
+                  f"settings (delete {os.path.join(pred_dir, '.generated')} to generate them again)", flush=True)
+
     def forget(self, key: str) -> None:
         """Before regenerating ``key``: its old prediction no longer counts."""
         with contextlib.suppress(FileNotFoundError):
