@@ -770,12 +770,17 @@ class LoomDataset(IterableDataset):
             self._reader, self._memory, self._pool = _Reader(), _BatchMemory(), None
             self._pid = os.getpid()
 
+    @property
+    def direct(self) -> bool:
+        """Whether batches are read straight into the batch arrays (:meth:`_direct_batch`): generic samples (e.g.
+        cached latents) without a transform. Remote shards only when asked for one read at a time (their reads are
+        whole-range fetches, gathered by the general path's 16 threads)."""
+        return (self.decode is generic_decode and self.transform is None
+                and (not self.remote or self.read_threads == 1))
+
     def make_batch(self, ids: np.ndarray, pad: np.ndarray, epoch: int) -> dict[str, Any]:
         self._own()
-        # remote shards take the direct path only when asked for one read at a time (as before: their reads are
-        # whole-range fetches, gathered by the general path's 16 threads)
-        if (self.decode is generic_decode and self.transform is None
-                and (not self.remote or self.read_threads == 1)):
+        if self.direct:
             try:
                 return self._direct_batch(ids, pad)
             except _NotDirect:
@@ -1076,7 +1081,7 @@ class LoomLoader:
         self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
         self.prefetch = prefetch
         d = self.dataset
-        if num_workers and d.decode is generic_decode and d.transform is None and not d.remote:
+        if num_workers and d.direct and not d.remote:
             log.warning("%s: samples of kind %r are read straight into the batch, so DataLoader workers only add a "
                         "copy through shared memory (~0.1x the read rate, benchmarks/README.md): num_workers=0 with "
                         "prefetch=2 (a reading thread) is faster", url if isinstance(url, str) else url[0], d.kind)

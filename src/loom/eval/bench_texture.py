@@ -150,9 +150,9 @@ def gt_views_part(cfg: EvalTextureJob, rank: int, parts: int) -> int:
     """The frames of the ground-truth turntables ``rank``, ``rank + parts``, ... as ``<out>/gt/<key>/<t>.png``
     (subsampled and resized by ``frames``/``size``); returns the views written."""
     from loom.datasets.ttv import iter_samples
-    from loom.eval.bench_ttv import _gt_transform
+    from loom.eval.bench_ttv import gt_transform
 
-    transform = _gt_transform(cfg.frames, cfg.size)
+    transform = gt_transform(cfg.frames, cfg.size)
     root, views = os.path.join(os.path.abspath(cfg.out), "gt"), 0
     for s in iter_samples(cfg.gt, keys=("rgb",), part=(rank, parts)):
         video = (transform({"rgb": s["rgb"]}, np.random.default_rng(0)) if transform is not None else s)["rgb"]
@@ -181,12 +181,12 @@ def views_part(cfg: EvalTextureJob, rank: int, parts: int) -> int:
     frames as views into ``<out>/pred/<key>/`` and ``<out>/gt/<key>/``; returns the views written. With ``limit``,
     only the samples that the first ``limit`` views can come from are generated."""
     from loom.datasets.ttv import iter_samples
-    from loom.eval.bench_ttv import _gt_transform, _Generator
+    from loom.eval.bench_ttv import RunGenerator, gt_transform
     from loom.eval.benchmarks import read_video
 
-    gen = _Generator(cfg.run, cfg.steps, cfg.seed)
+    gen = RunGenerator(cfg.run, cfg.steps, cfg.seed)
     per_sample = gen.module.cfg.data.frames  # 0: every frame (unknown until decoded)
-    transform = _gt_transform(per_sample, gen.module.cfg.data.size)
+    transform = gt_transform(per_sample, gen.module.cfg.data.size)
     dirs = {side: os.path.join(os.path.abspath(cfg.out), side) for side in ("pred", "gt")}
     views = 0
     for s in iter_samples(cfg.gt, keys=("rgb", "normal", "position", "mask"), part=(rank, parts)):
@@ -236,10 +236,6 @@ def score_part(cfg: EvalTextureJob, rank: int, parts: int, pred_dir: str, gt_dir
     return {"items": items, "media": media, "feats": (feats_pred, feats_gt), "stats": (stats_pred, stats_gt)}
 
 
-def _score(cfg: EvalTextureJob, rank: int, parts: int, *, pred_dir: str, gt_dir: str, names: list[str]):
-    return score_part(cfg, rank, parts, pred_dir, gt_dir, names)
-
-
 def _nets(cfg: EvalTextureJob) -> list[str]:
     return (["inception"] if {"fid", "kid"} & set(cfg.metrics) else []) + (["clip"] if "clip_s" in cfg.metrics
                                                                           else [])  # fmt: skip
@@ -285,8 +281,7 @@ def evaluate(cfg: EvalTextureJob) -> dict[str, Any]:
         for name in os.listdir(media_dir):
             os.remove(os.path.join(media_dir, name))
 
-    score = functools.partial(_score, pred_dir=pred_dir, gt_dir=gt_dir, names=names)
-    parts = run_parts(score, cfg, cfg.parallel)
+    parts = run_parts(functools.partial(score_part, pred_dir=pred_dir, gt_dir=gt_dir, names=names), cfg, cfg.parallel)
     items = [row for _, row in sorted(i_row for p in parts for i_row in p["items"])]
     media = [m for p in parts for m in p["media"]]
     feats_pred = [f for _, f in sorted((x for p in parts for x in p["feats"][0]), key=lambda x: x[0])]

@@ -77,14 +77,14 @@ def _tiny() -> EvalTTVJob:
     return EvalTTVJob(features=FeatureSettings(networks="tiny-random", device="cpu"))
 
 
-def _gt_transform(frames: int, size: int):
+def gt_transform(frames: int, size: int):
     from loom.datasets.transforms import Compose, CropResize, SubsampleFrames
 
     ts = ([SubsampleFrames(frames)] if frames else []) + ([CropResize((size, size))] if size else [])
     return Compose(*ts) if ts else None
 
 
-class _Generator:
+class RunGenerator:
     """The predictions of a trained run: the module is loaded once; each video is made exactly as
     :func:`loom.training.ttv_module.generate_ttv` makes it (condition batch, noise seed, decode, H.264 file)."""
 
@@ -125,13 +125,13 @@ def evaluate_part(cfg: EvalTTVJob, rank: int, parts: int) -> dict[str, Any]:
     pred_dir = cfg.pred
     done = None
     if cfg.run:
-        gen = _Generator(cfg.run, cfg.steps, cfg.seed)
+        gen = RunGenerator(cfg.run, cfg.steps, cfg.seed)
         frames = frames or gen.module.cfg.data.frames
         size = size or gen.module.cfg.data.size
         pred_dir = os.path.join(out, "pred")
         os.makedirs(pred_dir, exist_ok=True)
         done = Generated(pred_dir, cfg.run, bench="ttv", steps=cfg.steps, seed=cfg.seed)
-    transform = _gt_transform(frames, size)
+    transform = gt_transform(frames, size)
     media_dir = os.path.join(out, "media")
     keys = ("rgb", "normal", "position", "mask") if gen else ("rgb",)
     items, media, missing = [], [], []
