@@ -1,6 +1,6 @@
 """Sequences per hour of Loom's 4D job against a plain loop without Ray, and where the time goes, in one run.
 
-Loom's side is the real job: ``loom.pipelines.job.run_job`` on the ``JobSpec`` of ``loom.pipelines.shape4d.job_spec``
+Loom's side is the real job: ``loom.platform.jobs.run_job`` on the ``JobSpec`` of ``loom.corpora.shape4d.job_spec``
 (Ray Data, one sandboxed persistent Blender worker per core, tar shards and sidecars) into a temporary folder. Per-stage
 seconds come from the shard sidecars' ``stats``.
 
@@ -55,12 +55,12 @@ ROWS = (
 
 
 def loom_config(args, out: str):
-    from loom.pipelines.shape4d import Render4DJob
+    from loom.corpora.shape4d import Render4DJob
     from loom.platform.config import resolve
 
     return resolve(Render4DJob, "smoke" if args.quick else "default", [
         ("sequence.frames", args.frames), ("render.width", args.size), ("render.height", args.size),
-        ("lighting.variants", 1), ("cluster.workers", args.cores), ("cluster.cpus_per_worker", 1),
+        ("lighting.variants", 1), ("ray.workers", args.cores), ("ray.cpus_per_worker", 1),
         ("shards.samples_per_shard", 1), ("out", out),
     ])
 
@@ -68,7 +68,7 @@ def loom_config(args, out: str):
 def pick_records(n: int, repeat: int) -> list:
     """The first ``n`` bundled animated assets, the list repeated ``repeat`` times (copies get a ``_rK`` uid so
     that sample keys stay unique; same file, same work)."""
-    from loom.pipelines.assets import resolve_source
+    from loom.corpora.assets import resolve_source
 
     base = resolve_source("bundled-animated")
     if not 1 <= n <= len(base):
@@ -81,8 +81,8 @@ def pick_records(n: int, repeat: int) -> list:
 
 
 def run_loom(cfg, records) -> dict:
-    from loom.pipelines.job import run_job
-    from loom.pipelines.shape4d import job_spec
+    from loom.platform.jobs import run_job
+    from loom.corpora.shape4d import job_spec
     from loom.platform import shards
 
     spec = job_spec(cfg, records)
@@ -99,8 +99,8 @@ def run_loom(cfg, records) -> dict:
             for k in STAGES:
                 stages[k] += float(st.get(k, 0.0))
             task_s += float(st.get("task", 0.0))
-    workers = min(cfg.cluster.workers, len(spec.tasks))
-    cores = workers * cfg.cluster.cpus_per_worker
+    workers = min(cfg.ray.workers, len(spec.tasks))
+    cores = workers * cfg.ray.cpus_per_worker
     # Outside the stages: Ray Data scheduling, actor + sandbox start with `import bpy`, asset fetch, meta building,
     # and workers idle at the end of the job when the tasks do not divide evenly.
     stages["other"] = wall * workers - sum(stages.values())
@@ -114,8 +114,8 @@ def run_loom(cfg, records) -> dict:
 
 def plain_jobs(cfg, records, cores: int, workdir: str) -> list[dict]:
     """The Loom job's task params, with the asset's local path and ``threads = cores`` (one process, all cores)."""
-    from loom.pipelines.assets import AssetRecord, fetch_local
-    from loom.pipelines.shape4d import build_tasks
+    from loom.corpora.assets import AssetRecord, fetch_local
+    from loom.corpora.shape4d import build_tasks
 
     jobs = []
     for t in build_tasks(cfg, records):
@@ -131,9 +131,9 @@ def plain_loop(job_file: str) -> None:
 
     t_bpy = time.monotonic() - t_start
     from loom.datasets.shape4d import encode_sample
-    from loom.pipelines.render import hdri_path
-    from loom.pipelines.render.anim import extract_sequence
-    from loom.pipelines.shape4d import process_sequence
+    from loom.render import hdri_path
+    from loom.render.anim import extract_sequence
+    from loom.corpora.shape4d import process_sequence
 
     with open(job_file) as f:
         doc = json.load(f)
@@ -276,10 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         plain = run_plain(jobs, args.cores, os.path.join(tmp, "plain"))
         print(f"  plain loop  {plain['sequences']} sequences in {plain['wall_s']:.1f} s", flush=True)
 
-        from loom.pipelines.job import init_ray
+        from loom.platform.jobs import init_ray
 
         t = time.monotonic()
-        init_ray(cfg.cluster, announce=False)
+        init_ray(cfg.ray, announce=False)
         results["ray_init_s"] = time.monotonic() - t
         loom = run_loom(cfg, records)
         print(f"  Loom        {loom['sequences']} sequences in {loom['wall_s']:.1f} s (Ray started before, in "

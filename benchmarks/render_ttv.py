@@ -1,12 +1,12 @@
 """Frames per second per core of Loom's turntable render against a plain per-asset bpy loop, measured in one run.
 
-Loom's side goes through the real job machinery: ``loom.pipelines.job.run_job`` on the ``JobSpec`` of
-``loom.pipelines.ttv.job_spec`` (Ray Data, one sandboxed persistent Blender worker per core, EXR readback, FFV1/npz
+Loom's side goes through the real job machinery: ``loom.platform.jobs.run_job`` on the ``JobSpec`` of
+``loom.corpora.ttv.job_spec`` (Ray Data, one sandboxed persistent Blender worker per core, EXR readback, FFV1/npz
 encoding, tar shards) into a temporary folder. The baseline (``_baseline_objaverse_loop.py``) renders the same
 frames the way the public Objaverse render scripts do: one fresh ``python`` + ``import bpy`` per asset, every pass
 in one render, one file per pass per frame through the compositor's File Output node.
 
-Both get the same 2 cores (or ``--cores``): Loom as ``cores`` workers x 1 thread (``cluster.cpus_per_worker=1``),
+Both get the same 2 cores (or ``--cores``): Loom as ``cores`` workers x 1 thread (``ray.cpus_per_worker=1``),
 the baseline as one process with ``threads=cores``. Frames/s/core = frames / wall seconds / cores.
 
 Targets (ratios only, never absolute times):
@@ -62,18 +62,18 @@ QUICK = Size("smoke", 64, 3)
 
 
 def loom_config(size: Size, frames: int, cores: int, out: str):
-    from loom.pipelines.ttv import RenderTTVJob
+    from loom.corpora.ttv import RenderTTVJob
     from loom.platform.config import resolve
 
     return resolve(RenderTTVJob, "default", [
         ("render.width", size.width), ("render.height", size.width), ("orbit.frames", frames),
-        ("lighting.variants", 1), ("cluster.cpus_per_worker", 1), ("cluster.workers", cores),
+        ("lighting.variants", 1), ("ray.cpus_per_worker", 1), ("ray.workers", cores),
         ("shards.samples_per_shard", 1), ("out", out),
     ])
 
 
 def pick_assets(n: int) -> list:
-    from loom.pipelines.assets import bundled_assets
+    from loom.corpora.assets import bundled_assets
 
     by_uid = {r.uid: r for r in bundled_assets()}
     order = [u for u in ASSET_ORDER if u in by_uid] + sorted(set(by_uid) - set(ASSET_ORDER))
@@ -83,8 +83,8 @@ def pick_assets(n: int) -> list:
 
 
 def run_loom(cfg, records, cores: int) -> dict:
-    from loom.pipelines.job import run_job
-    from loom.pipelines.ttv import job_spec
+    from loom.platform.jobs import run_job
+    from loom.corpora.ttv import job_spec
     from loom.platform import shards
 
     spec = job_spec(cfg, records)
@@ -102,12 +102,12 @@ def run_loom(cfg, records, cores: int) -> dict:
                 stages[k] += float(st.get(k, 0.0))
             shard_seconds += float(st["seconds"])
     workers = min(cores, len(spec.tasks))
-    core_s = wall * workers * cfg.cluster.cpus_per_worker
+    core_s = wall * workers * cfg.ray.cpus_per_worker
     # Everything outside the stages: Ray Data scheduling, actor start, sandbox spawn + `import bpy`, asset fetch,
     # and cores idle at the end when tasks do not divide evenly among workers.
     stages["other"] = core_s - sum(stages.values())
-    return {"wall_s": wall, "frames": summary.frames, "cores": workers * cfg.cluster.cpus_per_worker,
-            "fps_per_core": summary.frames / wall / (workers * cfg.cluster.cpus_per_worker),
+    return {"wall_s": wall, "frames": summary.frames, "cores": workers * cfg.ray.cpus_per_worker,
+            "fps_per_core": summary.frames / wall / (workers * cfg.ray.cpus_per_worker),
             "core_s": stages, "shard_seconds": shard_seconds}
 
 
@@ -136,7 +136,7 @@ REFERENCE_CYCLES = {"samples": 128, "denoise": True}  # the public scripts' defa
 
 def baseline_jobs(records, samples: dict, frame_idx: list[int] | None) -> list[dict]:
     """Per asset: the lighting variants Loom rendered, with Loom's normalisation, FOV and cameras."""
-    from loom.pipelines.render import hdri_path
+    from loom.render import hdri_path
 
     jobs = []
     for rec in records:
@@ -330,12 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import bpy  # noqa: F401 - fails early with a clear message when bpy is missing
 
-        from loom.pipelines.job import init_ray
+        from loom.platform.jobs import init_ray
 
         # Warm the page cache for both sides (bpy is ~1 GB of shared libraries).
         subprocess.run([sys.executable, "-c", "import bpy"], capture_output=True, check=True)
         t = time.monotonic()
-        init_ray(loom_config(sizes[0], 1, cores, os.path.join(tmp, "x")).cluster)
+        init_ray(loom_config(sizes[0], 1, cores, os.path.join(tmp, "x")).ray)
         results["ray_init_s"] = time.monotonic() - t
         print(f"cores per side: {cores} (Loom: {cores} workers x 1 thread; baseline: 1 process x {cores} threads)")
         print(f"assets: {', '.join(results['assets'])}; Ray started once in {results['ray_init_s']:.1f} s "

@@ -43,9 +43,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from loom.training.flow import FlowMatching, sample_generator  # noqa: E402
-from loom.training.models.shape4d_dit import Shape4DDiT, Shape4DDiTConfig  # noqa: E402
-from loom.training.shape4d_flow import training_inputs  # noqa: E402
+from loom.models.flow import FlowMatching, sample_generator  # noqa: E402
+from loom.models.shape4d_dit import Shape4DDiT, Shape4DDiTConfig  # noqa: E402
+from loom.models.shape4d_flow import training_inputs  # noqa: E402
 
 SHAPES = {
     "cpu": {"model": dict(latent_channels=16, image_dim=128, num_attention_heads=4, attention_head_dim=64,
@@ -188,7 +188,7 @@ def measure_encoders(shape: dict, device, args) -> dict:
     """The frozen encoders of one step: ShapeVAE posterior means of B*T frames, DINOv2 over B*T frames."""
     from transformers import Dinov2Config, Dinov2Model
 
-    from loom.training.models.shape_vae import ShapeVAE, ShapeVAEConfig
+    from loom.models.shape_vae import ShapeVAE, ShapeVAEConfig
 
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -225,7 +225,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--attention", default="auto", choices=["auto", "flash", "efficient", "math", "cudnn"],
-                   help="SDPA kernels (see loom.training.models.shape4d_dit: auto never picks cuDNN)")
+                   help="SDPA kernels (see loom.models.shape4d_dit: auto never picks cuDNN)")
     p.add_argument("--encoders", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the frozen shape VAE and DINOv2 of a step")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 SXM bf16)")

@@ -33,9 +33,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from loom.training.flow import FlowMatching, sample_generator  # noqa: E402
-from loom.training.models.geometry_fusion import GeometryFusion  # noqa: E402
-from loom.training.models.ttv_dit import TTVDiT  # noqa: E402
+from loom.models.flow import FlowMatching, sample_generator  # noqa: E402
+from loom.models.geometry_fusion import GeometryFusion  # noqa: E402
+from loom.models.ttv_dit import TTVDiT  # noqa: E402
 
 SHAPES = {
     "cpu": {"model": dict(num_attention_heads=4, attention_head_dim=64, ffn_dim=1024, num_layers=4, text_dim=256,

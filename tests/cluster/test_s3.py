@@ -21,7 +21,7 @@ def test_render_verify_and_load_on_s3(s3_server, tmp_path):
     assets.mkdir()
     for i in range(3):
         (assets / f"quad{i}.obj").write_text(QUAD + f"# {i}\n")
-    loom = [sys.executable, "-m", "loom.platform.cli"]
+    loom = [sys.executable, "-m", "loom.cli"]
     render = [*loom, "render", "ttv", "--assets", str(assets), "--out", "s3://loom/ttv", "--recipe", "smoke",
               "--set", "render.backend=fake", "--set", "shards.samples_per_shard=2", "--no-progress"]
     p = subprocess.run(render, env=s3_server, capture_output=True, text=True, timeout=600)

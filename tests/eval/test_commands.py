@@ -13,7 +13,7 @@ import pytest
 
 from loom.eval import bench_4d, bench_texture, bench_ttv, leaderboard
 from loom.platform import config as cfgmod
-from loom.platform.cli import main
+from loom.cli import main
 from tests.eval import bench_data
 
 mlflow = pytest.importorskip("mlflow")
@@ -345,7 +345,7 @@ def case_4d_video(tmp_path_factory):
     import trimesh
 
     from loom.geometry.camera import intrinsics, look_at
-    from loom.pipelines.render.meshes import render_meshes
+    from loom.render.meshes import render_meshes
 
     root = tmp_path_factory.mktemp("4d-video")
     box = trimesh.creation.box(extents=(0.6, 0.4, 0.3)).subdivide().subdivide()
@@ -399,7 +399,7 @@ def test_eval_4d_renders_the_registered_predictions_itself(case_4d_video, ray_lo
     # two Ray workers, each with its own Blender: the same renders and values
     rc, _, err = loom(capsys, "eval", "4d", "--recipe", "tiny", "--gt", case / "gt", "--pred", case / "exact",
                       "--out", out / "exact-w2", "--model", "exact-w2", "--set", "render.enabled=true", "--set",
-                      "render_metrics=[lpips,clip]", "--set", "parallel.workers=2")
+                      "render_metrics=[lpips,clip]", "--set", "ray.workers=2")
     assert rc == 0, err
     _, _, runs = client_runs(f"sqlite:///{out / 'mlflow.db'}", "bench/4d")
     for k, v in m["exact"].items():
@@ -441,7 +441,7 @@ def test_projected_colours_take_the_pixel_each_vertex_projects_to():
 
 @pytest.mark.integration
 def test_every_benchmark_gives_the_same_values_on_two_ray_workers(ttv_case, case_4d, ray_local, tmp_path, capsys):
-    """`--set parallel.workers=2`: two Ray tasks share the samples; rows, per-item tables and every metric
+    """`--set ray.workers=2`: two Ray tasks share the samples; rows, per-item tables and every metric
     (streamed FVD/FID statistics and KID features included) equal the one-process evaluation."""
     import csv
 
@@ -456,7 +456,7 @@ def test_every_benchmark_gives_the_same_values_on_two_ray_workers(ttv_case, case
         for workers in (1, 2):
             name = f"{bench}-w{workers}"
             rc, outp, err = loom(capsys, "eval", bench, "--recipe", "tiny", *args, "--out", root / name, "--model",
-                                 name, "--set", f"parallel.workers={workers}")
+                                 name, "--set", f"ray.workers={workers}")
             assert rc == 0, err
             assert ("evaluated on 2 workers" in outp) == (workers == 2)
         _, _, runs = client_runs(f"sqlite:///{root / 'mlflow.db'}", f"bench/{bench}")

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from loom.platform.cli import main
+from loom.cli import main
 from tests.eval import bench_data
 from tests.eval.chromium import Chromium, find_chromium
 

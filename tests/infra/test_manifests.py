@@ -287,7 +287,7 @@ def test_rayjobs_target_a_cluster():
 # ---- the entrypoints are valid Loom commands -----------------------------------------------------------------------
 def loom_print_config(argv: list[str]) -> tuple[int, str]:
     """Run `loom ARGV --print-config` in this process: parses every option and --set key, renders nothing."""
-    from loom.platform.cli import main
+    from loom.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
@@ -306,19 +306,19 @@ def test_rayjob_entrypoints_are_valid_loom_commands():
         assert rc == 0, f"{job['metadata']['name']}: {output[-500:]}"
         config = yaml.safe_load(output)
         if argv[1] == "render":
-            assert config["out"].startswith("s3://") and config["cluster"]["address"] == "auto"
+            assert config["out"].startswith("s3://") and config["ray"]["address"] == "auto"
         else:
-            assert config["data"]["source"].startswith("s3://") and config["launch"]["ray_address"] == "auto"
+            assert config["data"]["source"].startswith("s3://") and config["ray"]["address"] == "auto"
             assert config["launch"]["use_gpu"] is True
             assert config["out"].startswith("/runs/"), "training --out must be on the shared loom-runs volume"
             group = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
             gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
-            assert config["launch"]["num_workers"] == gpus * group["maxReplicas"], "one rank per GPU"
+            assert config["ray"]["workers"] == gpus * group["maxReplicas"], "one rank per GPU"
 
 
 def test_a_wrong_entrypoint_is_refused():
-    rc, output = loom_print_config(["train", "ttv", "--set", "launch.num_worker=2"])
-    assert rc != 0 and "launch.num_worker" in output
+    rc, output = loom_print_config(["train", "ttv", "--set", "ray.worker=2"])
+    assert rc != 0 and "ray.worker" in output
 
 
 def test_mlflow_image_pin_matches_the_client():

@@ -10,7 +10,7 @@ from loom.platform import shards, storage
 
 
 def loom(*args, check=False):
-    p = subprocess.run([sys.executable, "-m", "loom.platform.cli", *args], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "loom.cli", *args], capture_output=True, text=True,
                        timeout=300)
     if check:
         assert p.returncode == 0, p.stderr

@@ -3,7 +3,7 @@
 import pytest
 
 from loom.platform import config as c
-from loom.pipelines.ttv import RenderTTVJob
+from loom.corpora.ttv import RenderTTVJob
 
 
 @pytest.mark.parametrize("name", sorted(c.recipes(RenderTTVJob)))
@@ -54,5 +54,5 @@ def test_config_hash_ignores_output_location_but_not_render_settings():
 def test_describe_lists_every_leaf_with_help():
     rows = c.describe(RenderTTVJob)
     names = {r[0] for r in rows}
-    assert {"orbit.frames", "render.samples", "lighting.hdris", "cluster.address"} <= names
+    assert {"orbit.frames", "render.samples", "lighting.hdris", "ray.address"} <= names
     assert all(r[2] for r in rows), [r[0] for r in rows if not r[2]]

@@ -4,7 +4,7 @@ one) written as real Loom shards with a manifest."""
 from __future__ import annotations
 
 from loom.datasets import ttv
-from loom.pipelines import fake
+from loom.corpora import fake
 from loom.platform import shards
 
 

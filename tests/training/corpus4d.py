@@ -1,5 +1,5 @@
-"""Tiny 4D corpora for training tests: the fake swinging arm (`loom.pipelines.fake.arm_sequence`, the contract of
-the Blender extraction) through the 4D job's own mesh processing (`loom.pipelines.shape4d.process_sequence`),
+"""Tiny 4D corpora for training tests: the fake swinging arm (`loom.render.fake.arm_sequence`, the contract of
+the Blender extraction) through the 4D job's own mesh processing (`loom.corpora.shape4d.process_sequence`),
 written as real Loom shards with a manifest and the job's config.yaml, without Ray (seconds, not minutes)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import os
 import yaml
 
 from loom.datasets import shape4d as schema
-from loom.pipelines import fake
-from loom.pipelines.shape4d import process_sequence
+from loom.corpora import fake
+from loom.corpora.shape4d import process_sequence
 from loom.platform import shards
 
 

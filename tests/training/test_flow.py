@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from loom.training.flow import FlowMatching, euler_sample, sample_generator, sampling_sigmas, shift_sigmas
+from loom.models.flow import FlowMatching, euler_sample, sample_generator, sampling_sigmas, shift_sigmas
 
 
 def test_shift_is_identity_at_1_keeps_endpoints_and_moves_towards_noise():

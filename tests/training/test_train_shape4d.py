@@ -126,8 +126,8 @@ def test_vae_batches_flatten_frames_subset_points_and_fps_queries(corpus):
 def test_ablation_variants_build_and_change_the_step(corpus):
     """Each Table 3 variant by config: the DiT's spatiotemporal layers follow model.*, the noise follows
     flow.shared_noise; every variant equals the base at initialisation (zero-init layers)."""
-    from loom.training.flow import sample_generator
-    from loom.training.shape4d_flow import training_inputs
+    from loom.models.flow import sample_generator
+    from loom.models.shape4d_flow import training_inputs
     from loom.training.shape4d_module import Shape4DModule
 
     batch = first_batch(tiny(shape4d.TrainShape4DJob, f"data.source={corpus}"))
@@ -183,7 +183,7 @@ def vae_run(corpus, tmp_path_factory):
 
 @pytest.mark.integration
 def test_tiny_vae_run_loss_falls_and_the_saved_vae_reconstructs_better(corpus, vae_run):
-    from loom.training.models.shape_vae import ShapeVAE, vae_loss
+    from loom.models.shape_vae import ShapeVAE, vae_loss
 
     res, c = runs(vae_run)
     (run_id, hist, r), = res["vae"]
@@ -210,7 +210,7 @@ def test_tiny_vae_run_loss_falls_and_the_saved_vae_reconstructs_better(corpus, v
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    from loom.training.models.shape4d_dit import Shape4DDiT
+    from loom.models.shape4d_dit import Shape4DDiT
 
     path = str(tmp_path_factory.mktemp("base") / "base")
     Shape4DDiT.tiny(seed=3, spatiotemporal=False).save_pretrained(path)
@@ -229,8 +229,8 @@ def shape4d_run(corpus, vae_run, base_dir):
 
 def fixed_loss(module, batch, seeds=range(8)):
     """The flow-matching loss on fixed draws (not the training draws), for before/after comparisons."""
-    from loom.training.flow import sample_generator
-    from loom.training.shape4d_flow import training_inputs
+    from loom.models.flow import sample_generator
+    from loom.models.shape4d_flow import training_inputs
 
     losses = []
     with torch.no_grad():
@@ -244,7 +244,7 @@ def fixed_loss(module, batch, seeds=range(8)):
 
 @pytest.mark.integration
 def test_tiny_4d_run_loss_falls_and_only_the_spatiotemporal_layers_change(shape4d_run, base_dir):
-    from loom.training.models.shape4d_dit import Shape4DDiT
+    from loom.models.shape4d_dit import Shape4DDiT
     from loom.training.shape4d_module import Shape4DModule, load_run
 
     trained, info = load_run(shape4d_run)
@@ -290,7 +290,7 @@ def test_shape4d_resume_after_a_kill_gives_the_losses_of_an_uninterrupted_run(co
 def test_generate_4d_writes_one_mesh_per_frame_and_refuses_a_changed_base(corpus, shape4d_run, base_dir, tmp_path):
     import trimesh
 
-    from loom.training.models.shape4d_dit import Shape4DDiT
+    from loom.models.shape4d_dit import Shape4DDiT
     from loom.training.shape4d_module import load_run
 
     out = str(tmp_path / "gen")

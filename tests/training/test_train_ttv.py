@@ -89,7 +89,7 @@ def test_pad_tokens_pads_cuts_and_refuses_other_widths():
 
 def fixed_loss(module, batch, seeds=range(6)):
     """The flow-matching loss on fixed draws (not the training draws), for before/after comparisons."""
-    from loom.training.flow import sample_generator
+    from loom.models.flow import sample_generator
 
     losses = []
     with torch.no_grad():
@@ -175,7 +175,7 @@ def test_zero3_with_offload_trains(corpus, tmp_path):
 @pytest.mark.integration
 def test_two_worker_ray_train_run(corpus, tmp_path):
     out = str(tmp_path / "ray")
-    loom_train(out, corpus, "trainer.max_steps=2", "launch.ray_address=local", "launch.num_workers=2")
+    loom_train(out, corpus, "trainer.max_steps=2", "ray.address=local", "ray.workers=2")
     res, _ = runs(out)
     (_, hist, _), = res["ray"]
     assert [s for s, _ in hist] == [0, 1]
@@ -188,9 +188,9 @@ def test_latent_shards_encoders_on_the_fly_and_generate(corpus, tmp_path):
     the fly; then `loom generate ttv` from the run with a prompt and a reference image."""
     from PIL import Image
 
-    from loom.training.models.video_vae import tiny_vae_config
-    from tests.training.models.test_image_encoder import save_tiny_clip
-    from tests.training.models.test_text_encoder import save_tiny_umt5
+    from loom.models.video_vae import tiny_vae_config
+    from tests.models.test_image_encoder import save_tiny_clip
+    from tests.models.test_text_encoder import save_tiny_umt5
 
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)

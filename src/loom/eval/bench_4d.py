@@ -39,7 +39,7 @@ and left out of the means; a missing prediction folder stops the job.
 **Renders** (Tab. 2, "aligned" rendering metrics), from one of two sources:
 
 - ``render.enabled=true``: Loom renders each registered predicted sequence itself, with Blender
-  (:mod:`loom.pipelines.render.meshes`, in a sandboxed child process), from the shard's own cameras (``K``,
+  (:mod:`loom.render.meshes`, in a sandboxed child process), from the shard's own cameras (``K``,
   ``c2w`` of the compared frames) at the video's resolution. The registration of step 3 puts the prediction in the
   ground truth's frame, so the render is aligned with the conditioning video as ShapeGen4D's "Aligned" columns
   are. Loom's predictions carry no texture (ShapeGen4D textures its meshes with a separate model), so
@@ -72,9 +72,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from loom.eval.benchmarks import (EvalTracking, FeatureSettings, Features, Generated, ParallelSettings, composite,
+from loom.eval.benchmarks import (check_eval_ray, eval_ray, EvalTracking, FeatureSettings, Features, Generated, composite,
                                   find_video, merge_stats, read_video, run_parts, to_unit, warn_if_tiny, where,
                                   write_media)
+from loom.platform.ray import RaySettings
 from loom.platform.config import config, field, recipe, require
 
 METRICS = ("chamfer", "iou", "f_score")
@@ -155,10 +156,11 @@ class Eval4DJob:
     steps: int = field(0, help="with run: sampler steps (0 = the run's)")
     seed: int = field(0, help="seed of the surface sampling, the registration and (with run) the generation")
     features: FeatureSettings = field(default_factory=FeatureSettings, help="feature networks (LPIPS, CLIP, I3D)")
-    parallel: ParallelSettings = field(default_factory=ParallelSettings, help="workers sharing the sequences")
+    ray: RaySettings = field(default_factory=eval_ray, help="Ray: workers sharing the sequences (1 = in this process)")
     tracking: Tracking4D = field(default_factory=Tracking4D, help="MLflow")
 
     def __post_init__(self):
+        check_eval_ray(self.ray)
         for name, allowed in (("metrics", METRICS), ("render_metrics", RENDER_METRICS)):
             bad = sorted(set(getattr(self, name)) - set(allowed))
             require(not bad, name, list(getattr(self, name)), f"choose from {list(allowed)}")
@@ -382,7 +384,7 @@ def projected_colours(verts: np.ndarray, K: np.ndarray, c2w: np.ndarray, frame: 
 
 
 class MeshRenderer:
-    """Loom's renders of predicted sequences (:mod:`loom.pipelines.render.meshes`) in one sandboxed Blender process,
+    """Loom's renders of predicted sequences (:mod:`loom.render.meshes`) in one sandboxed Blender process,
     started at the first sequence and reused (bpy's import is paid once)."""
 
     def __init__(self, cfg: RenderSettings, scratch: str):
@@ -395,7 +397,7 @@ class MeshRenderer:
         """Refuse early, with what to do, where bpy is not installed."""
         import importlib.util
 
-        from loom.pipelines.render import bpy_missing_message
+        from loom.render import bpy_missing_message
 
         if importlib.util.find_spec("bpy") is None:
             raise RuntimeError(f"render.enabled=true renders the predictions with Blender: {bpy_missing_message()} "
@@ -404,10 +406,10 @@ class MeshRenderer:
     def render(self, meshes: list[tuple[np.ndarray, np.ndarray]], colours: list[np.ndarray] | None,
                K: np.ndarray, c2w: np.ndarray, width: int, height: int) -> np.ndarray:  # fmt: skip
         """(T,H,W,4) straight-alpha uint8 of mesh t seen by camera t."""
-        from loom.pipelines.sandbox import Sandbox
+        from loom.platform.sandbox import Sandbox
 
         if self._box is None:
-            self._box = Sandbox("loom.pipelines.render.meshes:render_meshes",
+            self._box = Sandbox("loom.render.meshes:render_meshes",
                                 log_dir=os.path.join(self.scratch, "logs"),
                                 env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}, preload=("bpy",))
         c = self.cfg
@@ -497,7 +499,7 @@ def evaluate_part(cfg: Eval4DJob, rank: int, parts: int) -> dict[str, Any]:
     out = os.path.abspath(cfg.out)
     render = cfg.render
     if parts > 1 and render.threads == 0:  # N workers on one machine: Blender's "all cores" each would oversubscribe
-        render = dataclasses.replace(render, threads=max(1, int(cfg.parallel.cpus_per_worker)))
+        render = dataclasses.replace(render, threads=max(1, int(cfg.ray.cpus_per_worker)))
     renderer = MeshRenderer(render, os.path.join(out, "render-scratch", str(rank))) \
         if _renders(cfg) and cfg.render.enabled else None
     try:
@@ -641,7 +643,7 @@ def evaluate(cfg: Eval4DJob) -> dict[str, Any]:
         for name in os.listdir(media_dir):
             os.remove(os.path.join(media_dir, name))
 
-    parts = run_parts(evaluate_part, cfg, cfg.parallel)
+    parts = run_parts(evaluate_part, cfg, cfg.ray)
     items = [row for _, row in sorted((x for p in parts for x in p["items"]), key=lambda x: x[0])]
     frames_rows = [r for _, rows in sorted((x for p in parts for x in p["frames"]), key=lambda x: x[0])
                    for r in rows]
@@ -694,8 +696,8 @@ def evaluate(cfg: Eval4DJob) -> dict[str, Any]:
     metrics["items"], metrics["failed"] = float(len(ok)), float(len(items) - len(ok))
     if len(ok) < len(items):
         notes.append(f"{len(items) - len(ok)} sequence(s) failed and are left out of the means (see items.csv)")
-    if cfg.parallel.workers > 1:
-        notes.append(f"evaluated on {cfg.parallel.workers} workers")
+    if cfg.ray.workers > 1:
+        notes.append(f"evaluated on {cfg.ray.workers} workers")
     notes.append("ground-truth occupancy for IoU from the oriented surface samples (tangent planes of the 8 nearest); "
                  "the shards hold no mesh")
     if cfg.registration.enabled:

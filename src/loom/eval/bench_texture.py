@@ -34,8 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from loom.eval.benchmarks import (IMAGE_EXTS, EvalTracking, Features, FeatureSettings, ParallelSettings, merge_stats,
+from loom.eval.benchmarks import (check_eval_ray, eval_ray, IMAGE_EXTS, EvalTracking, Features, FeatureSettings, merge_stats,
                                   run_parts, to_unit, warn_if_tiny, where, write_media)
+from loom.platform.ray import RaySettings
 from loom.platform.config import config, field, recipe, require
 
 METRICS = ("fid", "kid", "clip_s")
@@ -67,10 +68,11 @@ class EvalTextureJob:
     media: int = field(4, help="side-by-side pred | gt images logged (the first N pairs)")
     seed: int = field(0, help="seed of the KID subsets (and, with run, the generation's noise seed)")
     features: FeatureSettings = field(default_factory=FeatureSettings, help="feature networks (Inception, CLIP)")
-    parallel: ParallelSettings = field(default_factory=ParallelSettings, help="workers sharing the samples")
+    ray: RaySettings = field(default_factory=eval_ray, help="Ray: workers sharing the samples (1 = in this process)")
     tracking: TextureTracking = field(default_factory=TextureTracking, help="MLflow")
 
     def __post_init__(self):
+        check_eval_ray(self.ray)
         unknown = sorted(set(self.metrics) - set(METRICS))
         require(not unknown and len(self.metrics) > 0, "metrics", list(self.metrics), f"choose from {list(METRICS)}")
         require(self.kid_subsets >= 1, "kid_subsets", self.kid_subsets, "must be at least 1")
@@ -260,12 +262,12 @@ def evaluate(cfg: EvalTextureJob) -> dict[str, Any]:
     warn_if_tiny(features)
     if cfg.run:
         dirs = _views_dirs(out)
-        if not sum(run_parts(views_part, cfg, cfg.parallel)):
+        if not sum(run_parts(views_part, cfg, cfg.ray)):
             raise ValueError(f"no samples in {cfg.gt}")
         pred_dir, gt_dir = dirs["pred"], dirs["gt"]
     elif is_shards(cfg.gt):
         gt_dir = _views_dirs(out, ("gt",))["gt"]
-        if not sum(run_parts(gt_views_part, cfg, cfg.parallel)):
+        if not sum(run_parts(gt_views_part, cfg, cfg.ray)):
             raise ValueError(f"no samples in {cfg.gt}")
         pred_dir = cfg.pred
     else:
@@ -281,7 +283,7 @@ def evaluate(cfg: EvalTextureJob) -> dict[str, Any]:
         for name in os.listdir(media_dir):
             os.remove(os.path.join(media_dir, name))
 
-    parts = run_parts(functools.partial(score_part, pred_dir=pred_dir, gt_dir=gt_dir, names=names), cfg, cfg.parallel)
+    parts = run_parts(functools.partial(score_part, pred_dir=pred_dir, gt_dir=gt_dir, names=names), cfg, cfg.ray)
     items = [row for _, row in sorted(i_row for p in parts for i_row in p["items"])]
     media = [m for p in parts for m in p["media"]]
     feats_pred = [f for _, f in sorted((x for p in parts for x in p["feats"][0]), key=lambda x: x[0])]
@@ -306,8 +308,8 @@ def evaluate(cfg: EvalTextureJob) -> dict[str, Any]:
     if "clip_s" in cfg.metrics:
         metrics["clip_s"] = float(np.mean([r["clip_s"] for r in items]))
     metrics["items"] = float(len(items))
-    if cfg.parallel.workers > 1:
-        notes.append(f"evaluated on {cfg.parallel.workers} workers")
+    if cfg.ray.workers > 1:
+        notes.append(f"evaluated on {cfg.ray.workers} workers")
     if cfg.run:
         notes.append("views: the frames of the run's generated turntables against the shards' frames (no texture "
                      "baking)")

@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from loom.eval.benchmarks import (EvalTracking, FeatureSettings, Features, Generated, ParallelSettings, find_video,
+from loom.eval.benchmarks import (check_eval_ray, eval_ray, EvalTracking, FeatureSettings, Features, Generated, find_video,
                                   merge_stats, read_video, run_parts, to_unit, warn_if_tiny, where, write_media)
+from loom.platform.ray import RaySettings
 from loom.platform.config import config, field, recipe, require
 
 METRICS = ("psnr", "ssim", "lpips", "fvd")
@@ -55,10 +56,11 @@ class EvalTTVJob:
     steps: int = field(0, help="with run: sampler steps (0 = the run's flow.sample_steps)")
     seed: int = field(0, help="with run: noise seed of the generation")
     features: FeatureSettings = field(default_factory=FeatureSettings, help="feature networks (LPIPS, I3D)")
-    parallel: ParallelSettings = field(default_factory=ParallelSettings, help="workers sharing the samples")
+    ray: RaySettings = field(default_factory=eval_ray, help="Ray: workers sharing the samples (1 = in this process)")
     tracking: TTVTracking = field(default_factory=TTVTracking, help="MLflow")
 
     def __post_init__(self):
+        check_eval_ray(self.ray)
         unknown = sorted(set(self.metrics) - set(METRICS))
         require(not unknown and len(self.metrics) > 0, "metrics", list(self.metrics), f"choose from {list(METRICS)}")
         require(not (self.pred and self.run), "pred", self.pred, "give predictions (pred) or a run, not both")
@@ -199,7 +201,7 @@ def evaluate(cfg: EvalTTVJob) -> dict[str, Any]:
             os.remove(os.path.join(media_dir, name))
     pred_dir = os.path.join(out, "pred") if cfg.run else cfg.pred
 
-    parts = run_parts(evaluate_part, cfg, cfg.parallel)
+    parts = run_parts(evaluate_part, cfg, cfg.ray)
     items = [row for _, row in sorted(i_row for p in parts for i_row in p["items"])]
     missing = [key for _, key in sorted(i_key for p in parts for i_key in p["missing"])]
     media = [m for p in parts for m in p["media"]]
@@ -222,8 +224,8 @@ def evaluate(cfg: EvalTTVJob) -> dict[str, Any]:
     notes = [f"PSNR: per-frame values capped at {cfg.psnr_cap:g} dB, then averaged"]
     if frames or size:
         notes.append(f"ground truth subsampled to {frames or 'all'} frames, size {size or 'as stored'}")
-    if cfg.parallel.workers > 1:
-        notes.append(f"evaluated on {cfg.parallel.workers} workers")
+    if cfg.ray.workers > 1:
+        notes.append(f"evaluated on {cfg.ray.workers} workers")
     ev = Evaluation(benchmark="ttv", model=model, config=cfg, out=out, metrics=metrics, items=items, media=media,
                     params={"checkpoint": where(cfg.run), "predictions": where(pred_dir), "data": where(cfg.gt)},
                     notes=notes)

@@ -40,6 +40,7 @@ from typing import Literal
 import numpy as np
 
 from loom.platform.config import config, field, require
+from loom.platform.ray import RaySettings
 from loom.platform.tracking import TrackingSettings
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -106,34 +107,29 @@ class EvalTracking(TrackingSettings):
 # ------------------------------------------------------------------------------------------------ parallel
 
 
-@config
-class ParallelSettings:
-    workers: int = field(1, help="processes (Ray tasks) sharing the samples, each every N-th; results are merged "
-                         "into the values one process gives")
-    address: str = field("", help="Ray address ('' = a local Ray; 'auto' = the cluster this machine belongs to)")
-    cpus_per_worker: float = field(1.0, help="CPUs reserved per worker")
-    gpus_per_worker: float = field(0.0, help="GPUs reserved per worker (generation and feature networks on CUDA)")
-
-    def __post_init__(self):
-        require(self.workers >= 1, "parallel.workers", self.workers, "must be at least 1")
-        require(self.cpus_per_worker > 0, "parallel.cpus_per_worker", self.cpus_per_worker, "must be positive")
-        require(self.gpus_per_worker >= 0, "parallel.gpus_per_worker", self.gpus_per_worker, "must be >= 0")
+def eval_ray() -> RaySettings:
+    """An evaluation's default ``ray`` section: one worker, in this process."""
+    return RaySettings(workers=1)
 
 
-def run_parts(part, cfg, parallel: ParallelSettings) -> list:
-    """``[part(cfg, rank, N) for rank in 0..N-1]`` with N = ``parallel.workers``: in this process for one worker,
-    else as Ray tasks (a local Ray, or the cluster at ``parallel.address``), each with this process's Loom, MLflow,
+def check_eval_ray(r: RaySettings) -> None:
+    require(r.workers >= 1, "ray.workers", r.workers, "must be at least 1 (1 = in this process)")
+
+
+def run_parts(part, cfg, parallel: RaySettings) -> list:
+    """``[part(cfg, rank, N) for rank in 0..N-1]`` with N = ``ray.workers``: in this process for one worker,
+    else as Ray tasks (a local Ray, or the cluster at ``ray.address``), each with this process's Loom, MLflow,
     cloud and thread variables. A part takes every N-th sample from its rank (``iter_samples(..., part=(rank, N))``)
     and returns what the benchmark merges; the merge follows the samples' order, so the values do not depend on N
     (the streaming statistics are float64 sums; they agree to float rounding)."""
-    n = parallel.workers
+    n = ray.workers
     if n == 1:
         return [part(cfg, 0, 1)]
-    from loom.pipelines.job import ClusterSettings, forwarded_env, init_ray
+    from loom.platform.ray import forwarded_env, init_ray
 
-    ray = init_ray(ClusterSettings(address=parallel.address or None))
-    env = {"OMP_NUM_THREADS": str(max(1, int(parallel.cpus_per_worker))), **forwarded_env()}
-    task = ray.remote(_call_part).options(num_cpus=parallel.cpus_per_worker, num_gpus=parallel.gpus_per_worker,
+    ray = init_ray(parallel)
+    env = {"OMP_NUM_THREADS": str(max(1, int(ray.cpus_per_worker))), **forwarded_env()}
+    task = ray.remote(_call_part).options(num_cpus=ray.cpus_per_worker, num_gpus=ray.gpus_per_worker,
                                           max_retries=0, runtime_env={"env_vars": env})
     print(f"evaluating on {n} workers", file=sys.stderr, flush=True)
     return ray.get([task.remote(part, cfg, rank, n) for rank in range(n)])

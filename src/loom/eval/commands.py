@@ -1,4 +1,4 @@
-"""``loom eval ...``, ``loom leaderboard`` and ``loom weights`` (found by module name from ``loom.platform.cli``)."""
+"""``loom eval ...``, ``loom leaderboard`` and ``loom weights`` (found by module name from ``loom.cli``)."""
 
 from __future__ import annotations
 
@@ -43,17 +43,15 @@ def _job(name: str):
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from loom.pipelines.commands import _help_config, _resolve
-    from loom.platform import config as cfgmod
+    from loom.platform.command import help_config, print_config, resolve_config
 
     mod, job_cls = _job(args.benchmark)
     if args.help_config:
-        return _help_config(job_cls)
+        return help_config(job_cls)
     direct = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _) in _FLAGS[args.benchmark].items()}
-    cfg = _resolve(job_cls, args, out=args.out, model=args.model, **direct)
+    cfg = resolve_config(job_cls, args, out=args.out, model=args.model, **direct)
     if args.print_config:
-        print(cfgmod.dump_yaml(cfg), end="")
-        return 0
+        return print_config(cfg)
     mod.evaluate(cfg)
     return 0
 
@@ -109,7 +107,7 @@ def _cmd_weights(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from loom.pipelines.commands import _add_job_args
+    from loom.platform.command import add_job_args
 
     ev = sub.add_parser("eval", help="evaluate predictions or a trained run on a benchmark (one MLflow run each)")
     benches = ev.add_subparsers(dest="benchmark", metavar="BENCHMARK")
@@ -121,7 +119,7 @@ def register(sub) -> None:
                        "<its parent>/mlflow.db")
         p.add_argument("--model", help="model name in the leaderboard (default: the run's or pred folder's name)")
         mod, job_cls = _job(name)
-        _add_job_args(p, job_cls)
+        add_job_args(p, job_cls)
         p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("leaderboard", help="a benchmark's table from its MLflow runs (best marked), logged as "

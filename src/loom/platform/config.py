@@ -235,3 +235,19 @@ def resolve(job_cls: type[T], recipe_name: str = "default", overrides: Iterable[
 
 def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def load_yaml(job_cls: type[T], path: str) -> T:
+    """A config from a YAML file (e.g. the ``config.yaml`` a job writes): every key checked as ``--set`` would."""
+    from loom.platform import storage
+
+    try:
+        data = yaml.safe_load(storage.read_bytes(path).decode())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--config {path}: no such file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of config fields, got {type(data).__name__}")
+    return from_dict(job_cls, data)
+

@@ -1,5 +1,4 @@
-"""``loom train ...`` and ``loom generate ...``: the training and sampling commands (found by module name from
-``loom.platform.cli``)."""
+"""``loom train ...``: the training commands."""
 
 from __future__ import annotations
 
@@ -17,44 +16,23 @@ TRAIN = {
 def _cmd_train(args: argparse.Namespace) -> int:
     import importlib
 
-    from loom.pipelines.commands import _help_config, _resolve
-    from loom.platform import config as cfgmod
+    from loom.platform.command import help_config, print_config, resolve_config
 
     mod = importlib.import_module(TRAIN[args.model][0])
     job_cls = getattr(mod, TRAIN[args.model][1])
     if args.help_config:
-        return _help_config(job_cls)
-    cfg = _resolve(job_cls, args, out=args.out, **{"data.source": args.data})
+        return help_config(job_cls)
+    cfg = resolve_config(job_cls, args, out=args.out, **{"data.source": args.data})
     if args.print_config:
-        print(cfgmod.dump_yaml(cfg), end="")
-        return 0
+        return print_config(cfg)
     mod.train(cfg, resume=args.resume)
-    return 0
-
-
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from loom.training.ttv_module import generate_ttv
-
-    path = generate_ttv(args.run, args.data, args.out, key=args.key, reference=args.reference, prompt=args.prompt,
-                        steps=args.steps, seed=args.seed)
-    print(f"video:    {path}")
-    return 0
-
-
-def _cmd_generate_4d(args: argparse.Namespace) -> int:
-    from loom.training.shape4d_module import generate_4d
-
-    paths = generate_4d(args.run, args.data, args.out, key=args.key, frames=args.frames, steps=args.steps,
-                        shift=args.shift, seed=args.seed, resolution=args.resolution, latents=args.latents,
-                        guidance_scale=args.guidance)
-    print(f"meshes:   {len(paths)} frames in {args.out}")
     return 0
 
 
 def register(sub) -> None:
     import importlib
 
-    from loom.pipelines.commands import _add_job_args
+    from loom.platform.command import add_job_args
 
     train = sub.add_parser("train", help="train a model (Lightning + DeepSpeed; Ray Train for many nodes)")
     models = train.add_subparsers(dest="model", metavar="MODEL")
@@ -64,35 +42,5 @@ def register(sub) -> None:
         p.add_argument("--out", help="run folder (config, checkpoints, LoRA weights, samples)")
         p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
                        "(same MLflow run, same data order)")
-        _add_job_args(p, getattr(importlib.import_module(module), cls_name))
+        add_job_args(p, getattr(importlib.import_module(module), cls_name))
         p.set_defaults(func=_cmd_train)
-
-    gen = sub.add_parser("generate", help="sample from a trained model").add_subparsers(dest="model", metavar="MODEL")
-    p = gen.add_parser("ttv", help="a turntable video from a mesh's condition renders, a reference image and a prompt")
-    p.add_argument("--run", required=True, help="a finished `loom train ttv` run folder (config.yaml + lora/)")
-    p.add_argument("--data", required=True, help="condition renders: a turntable shard/folder (`loom render ttv`)")
-    p.add_argument("--key", help="sample key in --data (default: the first)")
-    p.add_argument("--reference", help="reference image for the first frame (default: the sample's first frame)")
-    p.add_argument("--prompt", help="text prompt (needs the run's model.text_encoder)")
-    p.add_argument("--steps", type=int, help="sampler steps (default: the run's flow.sample_steps)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
-    p.add_argument("--out", default="out/generated.mp4", help="output video (H.264 mp4)")
-    p.set_defaults(func=_cmd_generate)
-
-    p = gen.add_parser("4d", help="a mesh sequence from a conditioning video (ShapeGen4D): one mesh per frame")
-    p.add_argument("--run", required=True, help="a finished `loom train shape4d` run folder (config.yaml + "
-                   "spatiotemporal/)")
-    p.add_argument("--data", required=True, help="conditioning video: 4D shards (a sample's video), a video file, "
-                   "or a folder of frame images")
-    p.add_argument("--key", help="sample key in 4D shards (default: the first)")
-    p.add_argument("--frames", type=int, help="evenly spread frames of the video (default: the run's data.frames; "
-                   "0 = all)")
-    p.add_argument("--steps", type=int, help="sampler steps (default: the run's flow.sample_steps)")
-    p.add_argument("--shift", type=float, help="sampling time shift (default: the run's flow.shift; 0 = "
-                   "sqrt(frames), 1 = none)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the run's)")
-    p.add_argument("--latents", type=int, help="latents per frame (default: as in training)")
-    p.add_argument("--resolution", type=int, help="marching-cubes grid (default: the run's flow.mesh_resolution)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
-    p.add_argument("--out", default="out/generated-4d", help="output folder: frame_000.obj, frame_001.obj, ...")
-    p.set_defaults(func=_cmd_generate_4d)

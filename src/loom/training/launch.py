@@ -1,6 +1,6 @@
 """Launching Loom's Lightning training: one place that turns a job's ``TrainerSettings`` into a Lightning ``Trainer``
 (strategy, precision, checkpoints, MLflow logger), and runs ``fit`` either in this process (Lightning starts the
-other local ranks itself) or on a Ray cluster through Ray Train's ``TorchTrainer`` (``launch.ray_address`` set).
+other local ranks itself) or on a Ray cluster through Ray Train's ``TorchTrainer`` (``ray.address`` set).
 
 Every model (the video DiT, the 4D shape model, the shape VAE) trains through :func:`run` with its own
 LightningModule and data: one mechanism, many models.
@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 import torch
 
-from loom.pipelines.job import forwarded_env
 from loom.platform.config import config, field, require
+from loom.platform.ray import RaySettings, forwarded_env, init_ray
 from loom.platform.tracking import TrackingSettings, ensure_experiment, resolve_uri
 
 CHECKPOINTS = "checkpoints"
@@ -41,7 +41,7 @@ class TrainerSettings:
     seed: int = field(0, help="seed of the data order, initialisation and the per-step noise")
     accelerator: Literal["auto", "cpu", "gpu"] = field("auto", help="cpu, gpu, or auto (gpu when CUDA is there)")
     devices: int = field(1, help="processes (GPUs or CPU ranks) per node")
-    num_nodes: int = field(1, help="nodes (outside Ray Train; with launch.ray_address use launch.num_workers)")
+    num_nodes: int = field(1, help="nodes (outside Ray Train; with ray.address set use ray.workers)")
     strategy: Literal["auto", "ddp", "deepspeed"] = field(
         "deepspeed", help="deepspeed = ZeRO (stage from zero_stage; CPU with gloo, GPUs with NCCL); ddp; auto")
     zero_stage: int = field(2, help="DeepSpeed ZeRO stage: 2 shards optimizer state and gradients, 3 also params")
@@ -55,6 +55,8 @@ class TrainerSettings:
     checkpoint_every: int = field(100, help="save a checkpoint every N steps (and at the end)")
     keep_checkpoints: int = field(2, help="periodic checkpoints kept besides 'last' (-1 = all)")
     progress: bool = field(True, help="progress bar")
+    max_failures: int = field(3, help="Ray Train: restarts of the worker group after a worker or node is lost "
+                              "(each continues from the last checkpoint)")
 
     def __post_init__(self):
         require(self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1")
@@ -66,19 +68,15 @@ class TrainerSettings:
         require(self.log_every >= 1, "log_every", self.log_every, "must be >= 1")
 
 
-@config
-class LaunchSettings:
-    ray_address: str = field("", help="empty: train in this process (Lightning starts local ranks); 'local': a "
-                             "local Ray; 'auto' or ray://host:10001: a Ray cluster, via Ray Train TorchTrainer")
-    num_workers: int = field(2, help="Ray Train workers (one rank each)")
-    use_gpu: bool = field(False, help="one GPU per Ray Train worker")
-    cpus_per_worker: int = field(1, help="CPUs reserved per Ray Train worker")
-    max_failures: int = field(3, help="Ray Train: restarts of the worker group after a worker or node is lost "
-                              "(each continues from the last checkpoint)")
+def train_ray() -> RaySettings:
+    """A training job's default ``ray`` section: unset address (train in this process); 2 Ray Train ranks once an
+    address is given."""
+    return RaySettings(workers=2)
 
-    def __post_init__(self):
-        require(self.num_workers >= 1, "num_workers", self.num_workers, "must be >= 1")
-        require(self.cpus_per_worker >= 1, "cpus_per_worker", self.cpus_per_worker, "must be >= 1")
+
+def uses_ray_train(r: RaySettings) -> bool:
+    """Training runs on Ray Train when ``ray.address`` names a Ray ('local', 'auto', 'ray://...')."""
+    return bool(r.address)
 
 
 def _deepspeed_strategy_class():
@@ -249,20 +247,18 @@ def read_run_id(ckpt: str) -> str | None:
     return (state.get("loom") or {}).get("mlflow_run_id")
 
 
-def run(make: Callable[[], tuple[Any, Any]], t: TrainerSettings, tracking: TrackingSettings, launch: LaunchSettings,
+def run(make: Callable[[], tuple[Any, Any]], t: TrainerSettings, tracking: TrackingSettings, launch: RaySettings,
         out: str, *, resume: bool = False) -> None:
-    """Train in this process, or on Ray Train workers when ``launch.ray_address`` is set. ``make`` must be
+    """Train in this process, or on Ray Train workers when ``ray.address`` is set. ``make`` must be
     picklable (a module-level function or ``functools.partial``) for Ray."""
-    if not launch.ray_address:
+    if not uses_ray_train(launch):
         fit(make, t, tracking, out, resume=resume)
         return
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from loom.pipelines.job import ClusterSettings, init_ray
-
-    init_ray(ClusterSettings(address="" if launch.ray_address == "local" else launch.ray_address))
+    init_ray(launch)
     out = os.path.abspath(out)
     check_resume(out, resume)
     if tracking.enabled:
@@ -278,11 +274,13 @@ def run(make: Callable[[], tuple[Any, Any]], t: TrainerSettings, tracking: Track
 
     trainer = TorchTrainer(
         loop, train_loop_config={"env": env},
-        scaling_config=ScalingConfig(num_workers=launch.num_workers, use_gpu=launch.use_gpu,
-                                     resources_per_worker={"CPU": launch.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if launch.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=launch.workers, use_gpu=launch.gpus_per_worker > 0,
+                                     resources_per_worker={"CPU": ray.cpus_per_worker,
+                                                           **({"GPU": launch.gpus_per_worker}
+                                                              if launch.gpus_per_worker > 0 else {})}),
+        torch_config=TorchConfig(backend="nccl" if launch.gpus_per_worker > 0 else "gloo"),
         run_config=RunConfig(storage_path=os.path.join(out, "ray"), name="train",
-                             failure_config=FailureConfig(max_failures=launch.max_failures)))
+                             failure_config=FailureConfig(max_failures=t.max_failures)))
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"Ray Train run failed: {result.error}")
@@ -290,5 +288,5 @@ def run(make: Callable[[], tuple[Any, Any]], t: TrainerSettings, tracking: Track
     # The workers' own lines stay in the Ray logs: say here where the run went.
     ckpt = last_checkpoint(out)
     run_id = read_run_id(ckpt) if ckpt else None
-    print(f"trained on {launch.num_workers} Ray Train worker(s): checkpoints {checkpoint_dir(out)}"
+    print(f"trained on {launch.workers} Ray Train worker(s): checkpoints {checkpoint_dir(out)}"
           + (f", MLflow run {run_id} ({resolve_uri(tracking, out)})" if run_id else ""), file=sys.stderr)

@@ -51,7 +51,8 @@ import numpy as np
 
 from loom.platform.config import config, field, recipe, require
 from loom.platform.tracking import TrackingSettings
-from loom.training.launch import LaunchSettings, TrainerSettings
+from loom.platform.ray import RaySettings
+from loom.training.launch import TrainerSettings, train_ray
 
 if TYPE_CHECKING:
     import torch
@@ -130,7 +131,8 @@ class TrainVAEJob:
     sample: MeshSampleSettings = field(default_factory=MeshSampleSettings, help="sample meshes in MLflow")
     trainer: TrainerSettings = field(default_factory=TrainerSettings, help="Lightning / DeepSpeed")
     tracking: TrackingSettings = field(default_factory=TrackingSettings, help="MLflow")
-    launch: LaunchSettings = field(default_factory=LaunchSettings, help="Ray Train (multi-node)")
+    ray: RaySettings = field(default_factory=train_ray, help="Ray Train (multi-node): ray.address set = "
+                           "ray.workers ranks with ray.cpus_per_worker / ray.gpus_per_worker each")
 
     def __post_init__(self):
         require(not self.trainer.gradient_checkpointing, "trainer.gradient_checkpointing", True,
@@ -183,7 +185,7 @@ class Shape4DModelSettings:
     st_image_tokens: bool = field(True, help="image tokens take part in the spatiotemporal attention (false: "
                                   "ablation 'w/o image hidden states')")
     attention_backend: Literal["auto", "flash", "efficient", "math", "cudnn"] = field(
-        "auto", help="SDPA kernels (auto never picks cuDNN: see loom.training.models.shape4d_dit)")
+        "auto", help="SDPA kernels (auto never picks cuDNN: see loom.models.shape4d_dit)")
     latent_scale: float = field(1.0, help="x0 = VAE posterior mean x latent_scale (the base's latent scaling)")
     dtype: Literal["float32", "bfloat16"] = field("float32", help="dtype of the frozen VAE and image encoder")
     vae_chunk: int = field(16, help="frames the frozen VAE encodes at once")
@@ -230,7 +232,8 @@ class TrainShape4DJob:
     flow: Shape4DFlowSettings = field(default_factory=Shape4DFlowSettings, help="flow matching and sampling")
     trainer: TrainerSettings = field(default_factory=TrainerSettings, help="Lightning / DeepSpeed")
     tracking: TrackingSettings = field(default_factory=TrackingSettings, help="MLflow")
-    launch: LaunchSettings = field(default_factory=LaunchSettings, help="Ray Train (multi-node)")
+    ray: RaySettings = field(default_factory=train_ray, help="Ray Train (multi-node): ray.address set = "
+                           "ray.workers ranks with ray.cpus_per_worker / ray.gpus_per_worker each")
 
 
 @recipe(TrainShape4DJob, "default", help="paper shape: a pretrained base from local folders, 16 frames x 1,024 "
@@ -284,7 +287,7 @@ class PointSubset:
         if self.fps:
             import torch
 
-            from loom.training.models.shape_vae import fps_queries
+            from loom.models.shape_vae import fps_queries
 
             surf = torch.from_numpy(np.ascontiguousarray(out["surface"]))
             if self.fps > surf.shape[1]:
@@ -409,7 +412,7 @@ def build_vae(m: VAEModelSettings, seed: int):
     """The trainable shape VAE: from ``model.init`` or fresh (``model.size``) with ``model.tau``."""
     import torch
 
-    from loom.training.models.shape_vae import ShapeVAE, ShapeVAEConfig
+    from loom.models.shape_vae import ShapeVAE, ShapeVAEConfig
 
     if m.init:
         vae = ShapeVAE.from_pretrained(m.init)
@@ -424,7 +427,7 @@ def build_vae(m: VAEModelSettings, seed: int):
 def build_base_dit(m: Shape4DModelSettings, seed: int):
     """The 4D DiT: the base from ``model.base`` (or tiny) with fresh zero-initialised spatiotemporal layers of the
     configured variant, the base frozen."""
-    from loom.training.models.shape4d_dit import Shape4DDiT
+    from loom.models.shape4d_dit import Shape4DDiT
 
     variant = dict(spatiotemporal=True, temporal=m.temporal, st_image_tokens=m.st_image_tokens,
                    attention_backend=m.attention_backend)
@@ -442,7 +445,7 @@ def build_base_dit(m: Shape4DModelSettings, seed: int):
 def build_frozen_vae(m: Shape4DModelSettings, seed: int):
     import torch
 
-    from loom.training.models.shape_vae import ShapeVAE
+    from loom.models.shape_vae import ShapeVAE
 
     if m.vae == TINY:
         vae = ShapeVAE.tiny(seed=seed)
@@ -455,7 +458,7 @@ def build_frozen_vae(m: Shape4DModelSettings, seed: int):
 
 
 def build_image_encoder(m: Shape4DModelSettings, seed: int):
-    from loom.training.models.shape4d_dit import ImageFeatures, load_image_features
+    from loom.models.shape4d_dit import ImageFeatures, load_image_features
 
     if m.image_encoder == TINY:
         enc = ImageFeatures.tiny(seed=seed, **({"image_size": m.image_size} if m.image_size else {}))
@@ -483,7 +486,7 @@ def base_digest(dit, dtype: str = "float32") -> str:
 
     import torch
 
-    from loom.training.models.shape4d_dit import ST_PREFIX
+    from loom.models.shape4d_dit import ST_PREFIX
 
     h = hashlib.sha256()
     for k, v in sorted(dit.state_dict().items()):
@@ -505,7 +508,7 @@ def save_spatiotemporal(dit, path: str, info: dict) -> None:
 
     from safetensors.torch import save_file
 
-    from loom.training.models.shape4d_dit import CONFIG_NAME
+    from loom.models.shape4d_dit import CONFIG_NAME
 
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
@@ -522,7 +525,7 @@ def load_spatiotemporal(dit, path: str) -> dict:
 
     from safetensors.torch import load_file
 
-    from loom.training.models.shape4d_dit import CONFIG_NAME, ST_PREFIX
+    from loom.models.shape4d_dit import CONFIG_NAME, ST_PREFIX
 
     for name in (CONFIG_NAME, ST_WEIGHTS, ST_INFO):
         if not os.path.isfile(os.path.join(path, name)):
@@ -599,7 +602,7 @@ def absolute_paths(cfg):
 
 
 def train(cfg: TrainVAEJob | TrainShape4DJob, *, resume: bool = False) -> None:
-    """Write the resolved config beside the run, then train here or on Ray Train (``launch.ray_address``)."""
+    """Write the resolved config beside the run, then train here or on Ray Train (``ray.address``)."""
     from loom.platform import config as cfgmod
     from loom.training import launch
 
@@ -610,4 +613,4 @@ def train(cfg: TrainVAEJob | TrainShape4DJob, *, resume: bool = False) -> None:
     with open(os.path.join(cfg.out, "config.yaml"), "w") as f:
         f.write(cfgmod.dump_yaml(cfg))
     make = make_vae if isinstance(cfg, TrainVAEJob) else make_shape4d
-    launch.run(functools.partial(make, cfg), cfg.trainer, cfg.tracking, cfg.launch, cfg.out, resume=resume)
+    launch.run(functools.partial(make, cfg), cfg.trainer, cfg.tracking, cfg.ray, cfg.out, resume=resume)

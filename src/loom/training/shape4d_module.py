@@ -11,14 +11,14 @@ import sys
 import numpy as np
 import torch
 
-from loom.training.flow import FlowMatching, sample_generator
-from loom.training.models.shape_vae import vae_loss
+from loom.models.flow import FlowMatching, sample_generator
+from loom.models.shape_vae import vae_loss
 from loom.training.module import LoomModule
 from loom.training.shape4d import (TrainShape4DJob, TrainVAEJob, as_tensor, base_digest, build_base_dit,
                                    build_frozen_vae, build_image_encoder, build_vae, check_batch_truncation,
                                    check_compatible, check_truncation, corpus_truncation, load_spatiotemporal,
                                    make_shape4d_loader, make_vae_loader, save_spatiotemporal, write_mesh)
-from loom.training.shape4d_flow import sample_4d, training_inputs
+from loom.models.shape4d_flow import sample_4d, training_inputs
 
 
 def _warmup(step: int, warm: int) -> float:

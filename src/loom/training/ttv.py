@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Literal
 
 from loom.platform.config import config, field, recipe, require
 from loom.platform.tracking import TrackingSettings
-from loom.training.launch import LaunchSettings, TrainerSettings
+from loom.platform.ray import RaySettings
+from loom.training.launch import TrainerSettings, train_ray
 
 if TYPE_CHECKING:
     import torch
@@ -114,7 +115,8 @@ class TrainTTVJob:
     flow: FlowSettings = field(default_factory=FlowSettings, help="flow matching and sampling")
     trainer: TrainerSettings = field(default_factory=TrainerSettings, help="Lightning / DeepSpeed")
     tracking: TrackingSettings = field(default_factory=TrackingSettings, help="MLflow")
-    launch: LaunchSettings = field(default_factory=LaunchSettings, help="Ray Train (multi-node)")
+    ray: RaySettings = field(default_factory=train_ray, help="Ray Train (multi-node): ray.address set = "
+                           "ray.workers ranks with ray.cpus_per_worker / ray.gpus_per_worker each")
 
 
 @recipe(TrainTTVJob, "default", help="Wan2.1-Fun-1.3B-Control from local folders, LoRA r128, bf16, ZeRO-2 on GPUs")
@@ -138,7 +140,7 @@ def _tiny() -> TrainTTVJob:
 
 
 def build_dit(m: ModelSettings, seed: int):
-    from loom.training.models.ttv_dit import TTVDiT
+    from loom.models.ttv_dit import TTVDiT
 
     if m.transformer == TINY:
         dit = TTVDiT.tiny(seed=seed)
@@ -152,7 +154,7 @@ def build_dit(m: ModelSettings, seed: int):
 
 
 def build_vae(m: ModelSettings, seed: int):
-    from loom.training.models.video_vae import build_tiny_vae, load_video_vae
+    from loom.models.video_vae import build_tiny_vae, load_video_vae
 
     if m.vae == TINY:
         return build_tiny_vae(seed)
@@ -166,11 +168,11 @@ def build_encoders(m: ModelSettings) -> dict:
     """The optional frozen text (umT5) and image (CLIP) encoders, from local folders."""
     enc: dict = {"text": None, "image": None}
     if m.text_encoder:
-        from loom.training.models.text_encoder import load_text_encoder
+        from loom.models.text_encoder import load_text_encoder
 
         enc["text"] = load_text_encoder(m.text_encoder, m.dtype)
     if m.image_encoder:
-        from loom.training.models.image_encoder import load_image_encoder
+        from loom.models.image_encoder import load_image_encoder
 
         enc["image"] = load_image_encoder(m.image_encoder, m.dtype)
     return enc
@@ -283,7 +285,7 @@ def absolute_paths(cfg: TrainTTVJob) -> TrainTTVJob:
 
 
 def train(cfg: TrainTTVJob, *, resume: bool = False) -> None:
-    """Write the resolved config beside the run, then train here or on Ray Train (``launch.ray_address``)."""
+    """Write the resolved config beside the run, then train here or on Ray Train (``ray.address``)."""
     from loom.platform import config as cfgmod
     from loom.training import launch
 
@@ -291,4 +293,4 @@ def train(cfg: TrainTTVJob, *, resume: bool = False) -> None:
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "config.yaml"), "w") as f:
         f.write(cfgmod.dump_yaml(cfg))
-    launch.run(functools.partial(make, cfg), cfg.trainer, cfg.tracking, cfg.launch, cfg.out, resume=resume)
+    launch.run(functools.partial(make, cfg), cfg.trainer, cfg.tracking, cfg.ray, cfg.out, resume=resume)

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import torch
 
-from loom.training.flow import FlowMatching, euler_sample, sample_generator
+from loom.models.flow import FlowMatching, euler_sample, sample_generator
 from loom.training.module import LoomModule
 from loom.training.ttv import (TrainTTVJob, build_dit, build_encoders, build_vae, make_loader, pad_tokens,
                                partial_known, prompt_for)
@@ -60,7 +60,7 @@ class TTVModule(LoomModule):
 
     def condition(self, batch: dict, g: list[torch.Generator]) -> dict[str, torch.Tensor]:
         """Batch -> the DiT's inputs: x0 (B,C,T',H',W') and the conditions (see the module docstring)."""
-        from loom.pipelines.latents import frame_indices
+        from loom.corpora.latents import frame_indices
 
         dev = self.device
         if "rgb_latent" in batch:

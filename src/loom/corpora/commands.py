@@ -1,0 +1,164 @@
+"""``loom render ...`` and ``loom assets ...``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from loom.platform.command import add_job_args, help_config, print_config, resolve_config
+
+
+# kind -> (module with job_spec(cfg, records), its root config class name, help, the config field naming the
+# assets, extra options {flag: (config field, help)})
+_ASSETS_HELP = "asset source: bundled | FOLDER/URL | MANIFEST.jsonl | objaverse:... (default from the recipe)"
+JOBS = {
+    "ttv": ("loom.corpora.ttv", "RenderTTVJob",
+            "turntable videos with normal/position/depth/mask passes (TAPESTRY)", "assets",
+            {"--assets": ("assets", _ASSETS_HELP)}),
+    "4d": ("loom.corpora.shape4d", "Render4DJob",
+           "animated 4D sequences: watertight surfaces, SDF, aligned query points, conditioning video (ShapeGen4D)",
+           "assets", {"--assets": ("assets", _ASSETS_HELP.replace("bundled", "bundled-animated"))}),
+    "scene": ("loom.corpora.scene", "RenderSceneJob",
+              "scene videos along a camera trajectory: edges, geometric flow, warped noise (VideoFrom3D)", "scene",
+              {"--scene": ("scene", "scene file (.glb/.gltf/.obj/.blend) or 'bundled-scene'"),
+               "--trajectory": ("trajectory", "camera keyframes (.yaml/.json) or the preset 'orbit'")}),
+}
+
+
+def _job(kind: str):
+    import importlib
+
+    mod_name, cls_name = JOBS[kind][:2]
+    mod = importlib.import_module(mod_name)
+    return mod, getattr(mod, cls_name)
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from loom.corpora.assets import resolve_source
+    from loom.platform.jobs import estimate, run_job
+
+    mod, job_cls = _job(args.kind)
+    _, _, _, source_field, extra = JOBS[args.kind]
+    if args.help_config:
+        return help_config(job_cls)
+    direct = {fld: getattr(args, flag.lstrip("-")) for flag, (fld, _) in extra.items()}
+    cfg = resolve_config(job_cls, args, out=args.out, **direct)
+    if args.print_config:
+        return print_config(cfg)
+    source = getattr(cfg, source_field)
+    records = resolve_source(source)
+    if getattr(cfg, "limit", None):
+        records = records[: cfg.limit]
+    if not records:
+        raise ValueError(f"asset source {source!r} has no assets")
+    spec = mod.job_spec(cfg, records)
+    if args.dry_run:
+        print(f"plan for {len(records)} asset(s) -> {len(spec.tasks)} task(s) -> {cfg.out}")
+        print(estimate(spec, calibrate=not args.no_calibrate).report())
+        return 0
+    print(f"rendering {len(spec.tasks)} {args.kind} sample(s) of {len(records)} asset(s) into {cfg.out}",
+          file=sys.stderr)
+    summary = run_job(spec, progress=not args.no_progress, retry_failed=args.retry_failed)
+    print(summary.line())
+    for f in summary.failures[:20]:
+        print(f"  failed {f['key']}: {f['reason'].splitlines()[0]}")
+    if summary.failed > 20:
+        print(f"  ... {summary.failed - 20} more in {cfg.out}/failures.jsonl")
+    for w in summary.warnings[:10]:
+        print(f"  warning {w['key']}: {'; '.join(w['warnings'])}")
+    print(f"shards:   {cfg.out}/shards  (manifest {cfg.out}/manifest.json)")
+    print(f"look:     loom shards inspect {cfg.out}    verify: loom shards verify {cfg.out}")
+    return 0
+
+
+def cmd_assets_list(args: argparse.Namespace) -> int:
+    from loom.corpora.assets import resolve_source, write_manifest
+
+    records = resolve_source(args.source)
+    for r in records:
+        print(f"{r.uid:40s} {r.format:5s} {r.size:>10d}  {r.license:14s} {r.sha256[:12]}  {r.path}")
+    print(f"{len(records)} asset(s)", file=sys.stderr)
+    if args.manifest:
+        write_manifest(records, args.manifest)
+        print(f"wrote {args.manifest}", file=sys.stderr)
+    return 0
+
+
+def register(sub) -> None:
+    render = sub.add_parser("render", help="render a corpus into WebDataset shards").add_subparsers(
+        dest="kind", metavar="KIND")
+    for kind, (_, _, text, _, extra) in JOBS.items():
+        _, job_cls = _job(kind)
+        p = render.add_parser(kind, help=text)
+        for flag, (_, help_text) in extra.items():
+            p.add_argument(flag, help=help_text)
+        p.add_argument("--out", help="output folder or fsspec URL (default from the recipe)")
+        add_job_args(p, job_cls)
+        p.add_argument("--dry-run", action="store_true", help="print tasks, frames, size and cost; render "
+                       "nothing but one short calibration")
+        p.add_argument("--no-calibrate", action="store_true", help="with --dry-run: skip the calibration render")
+        p.add_argument("--retry-failed", action="store_true", help="redo shards that recorded failures")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.set_defaults(func=cmd_render)
+
+    register_cache(sub)
+
+    assets = sub.add_parser("assets", help="asset sources and manifests").add_subparsers(dest="acmd", metavar="CMD")
+    a = assets.add_parser("list", help="list the assets of a source; optionally write its manifest")
+    a.add_argument("source", help="bundled | FOLDER/URL | MANIFEST.jsonl | objaverse:...")
+    a.add_argument("--manifest", help="write the asset manifest (JSON lines) here")
+    a.set_defaults(func=cmd_assets_list)
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+
+def cmd_cache_latents(args) -> int:
+    from loom.corpora.latents import CacheLatentsJob, job_spec, run_cache
+
+    if args.help_config:
+        return help_config(CacheLatentsJob)
+    cfg = resolve_config(CacheLatentsJob, args, source=args.source, out=args.out, vae=args.vae,
+                   text_encoder=args.text_encoder, image_encoder=args.image_encoder, captions=args.captions)
+    if args.print_config:
+        return print_config(cfg)
+    spec = job_spec(cfg)
+    n = sum(len(t.asset["keys"]) for t in spec.tasks)
+    if args.dry_run:
+        print(f"plan: {n} sample(s) in {len(spec.tasks)} source shard(s) of {cfg.source} -> {cfg.out}")
+        return 0
+    extra = "".join(f", the {what} encoder in {d}" for what, d in (("text", cfg.text_encoder),
+                                                                    ("image", cfg.image_encoder)) if d)
+    print(f"encoding {n} sample(s) of {cfg.source} with the VAE in {cfg.vae}{extra} into {cfg.out}", file=sys.stderr)
+    summary = run_cache(spec, progress=not args.no_progress, retry_failed=args.retry_failed)
+    print(summary.line())
+    for f in summary.failures[:20]:
+        print(f"  failed {f['key']}: {f['reason'].splitlines()[0]}")
+    if summary.failed > 20:
+        print(f"  ... {summary.failed - 20} more in {cfg.out}/failures.jsonl")
+    print(f"shards:   {cfg.out}/shards  (manifest {cfg.out}/manifest.json)")
+    return 0
+
+
+def register_cache(sub) -> None:
+    """``loom cache latents``."""
+    from loom.corpora.latents import CacheLatentsJob
+
+    cache = sub.add_parser("cache", help="precompute model inputs (latents) from a corpus").add_subparsers(
+        dest="ccmd", metavar="WHAT")
+    p = cache.add_parser("latents", help="encode a turntable corpus with the frozen video VAE (and text and image "
+                         "encoders) into latent shards")
+    p.add_argument("--source", help="Loom output folder of a finished turntable job (default from the recipe)")
+    p.add_argument("--out", help="output folder or fsspec URL (default from the recipe)")
+    p.add_argument("--vae", help="local diffusers AutoencoderKLWan folder (e.g. <Wan2.1 checkpoint>/vae)")
+    add_job_args(p, CacheLatentsJob)
+    p.add_argument("--text-encoder", help="local umT5 encoder folder (e.g. <Wan2.1 checkpoint>/text_encoder): adds "
+                   "text embeddings")
+    p.add_argument("--image-encoder", help="local CLIP vision folder (e.g. <Wan2.1 I2V checkpoint>/image_encoder): "
+                   "adds first-frame image embeddings")
+    p.add_argument("--captions", help="captions file: .jsonl rows {uid, caption} or a .json object uid -> caption")
+    p.add_argument("--dry-run", action="store_true", help="check the encoders, captions and source, print the plan, "
+                   "encode nothing")
+    p.add_argument("--retry-failed", action="store_true", help="redo shards that recorded failures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_cache_latents)

@@ -1,0 +1,225 @@
+"""Animated 4D corpus with aligned query points (ShapeGen4D sections 3.1 and 5.1): ``loom render 4d``.
+
+One task per animated asset (and lighting variant of its conditioning video). Inside the sandboxed worker:
+
+    Blender: import, confirm animation, evaluate T frames (root motion removed, one normalisation for the
+             sequence), render the fixed-view RGBA conditioning video     -> vertices (T,N,3), faces, video
+    numpy:   per frame: watertight mesh -> surface points + normals, truncated SDF samples
+             frame 0: aligned queries by FPS on the original mesh, carried to every frame by barycentrics
+    encode:  loom.datasets.shape4d.encode_sample -> tar members
+
+The job, shard, manifest, resume and failure machinery is the turntable job's (``loom.platform.jobs``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+import loom
+from loom.platform.ray import RaySettings
+from loom.platform.jobs import JobSpec, ShardSettings, Task
+from loom.corpora.settings import LightingSettings, RenderSettings, check_hdris
+from loom.corpora.ttv import task_seed
+from loom.platform.config import config, config_hash, field, recipe, require, to_dict
+
+
+@config
+class SequenceSettings:
+    frames: int = field(16, help="frames sampled evenly over the animation's range")
+    half_extent: float = field(0.5, help="every frame fits the box [-h, h]^3 (0.5: the unit box)")
+    elevation: tuple[float, float] = field((0.0, 30.0), help="conditioning camera elevation in degrees, drawn "
+                                           "from [min, max]; the azimuth is drawn from [0, 360)")
+    fill: float = field(0.85, help="share of the frame the object spans (over the whole sequence)")
+
+    def __post_init__(self):
+        require(self.frames >= 2, "sequence.frames", self.frames, "must be >= 2")
+        require(self.half_extent > 0, "sequence.half_extent", self.half_extent, "must be > 0")
+        require(0 < self.fill <= 1, "sequence.fill", self.fill, "must be in (0, 1]")
+        require(-90 <= self.elevation[0] <= self.elevation[1] <= 90, "sequence.elevation", self.elevation,
+                "need -90 <= min <= max <= 90")
+
+
+@config
+class PointSettings:
+    surface: int = field(32768, help="points (with normals) sampled on each frame's watertight surface")
+    queries: int = field(1024, help="aligned query points per frame")
+    query_candidates: int = field(32768, help="points sampled on the original frame-0 mesh before FPS")
+    inner_threshold: float = field(0.02, help="candidates farther than this from the watertight surface are "
+                                   "inner points and dropped before FPS")
+    watertight_resolution: int = field(20000, help="resolution of the watertight conversion (point-cloud-utils)")
+    sdf_near: int = field(32768, help="SDF samples near the surface, per frame")
+    sdf_volume: int = field(16384, help="SDF samples uniform in the box, per frame")
+    sdf_truncation: float = field(0.05, help="signed distances are clipped to [-t, t]")
+
+    def __post_init__(self):
+        for name in ("surface", "queries", "query_candidates", "watertight_resolution"):
+            require(getattr(self, name) >= 1, f"points.{name}", getattr(self, name), "must be >= 1")
+        require(self.queries <= self.query_candidates, "points.queries", self.queries,
+                "must not exceed points.query_candidates")
+        require(self.sdf_near >= 0 and self.sdf_volume >= 0 and self.sdf_near + self.sdf_volume > 0,
+                "points.sdf_near", (self.sdf_near, self.sdf_volume), "need a positive number of SDF samples")
+        require(self.sdf_truncation > 0, "points.sdf_truncation", self.sdf_truncation, "must be > 0")
+
+
+@config
+class Render4DJob:
+    assets: str = field("bundled-animated", help="asset source (see loom.corpora.assets); 'bundled-animated' "
+                        "makes Loom's own animated test assets")
+    out: str = field("out/4d", help="output folder or fsspec URL for shards and manifests")
+    seed: int = field(0, help="job seed; a task's seed derives from it, the asset's sha256 and the variant")
+    limit: int | None = field(None, help="process only the first N assets (after sorting)")
+    sequence: SequenceSettings = field(default_factory=SequenceSettings, help="frames and normalisation")
+    points: PointSettings = field(default_factory=PointSettings, help="surface, query and SDF sampling")
+    render: RenderSettings = field(default_factory=lambda: RenderSettings(width=512, height=512),
+                                   help="conditioning video renderer")
+    lighting: LightingSettings = field(default_factory=lambda: LightingSettings(variants=1),
+                                       help="environment lighting of the conditioning video")
+    shards: ShardSettings = field(default_factory=lambda: ShardSettings(samples_per_shard=8), help="sharding")
+    ray: RaySettings = field(default_factory=RaySettings, help="Ray: address, workers, CPUs and GPUs per worker")
+
+    def __post_init__(self):
+        require(self.limit is None or self.limit >= 1, "limit", self.limit, "must be >= 1 or unset")
+
+
+NON_SAMPLE_FIELDS = ("assets", "out", "limit", "ray", "shards")
+
+
+@recipe(Render4DJob, "default", help="the paper's settings: 16 frames, 32,768 surface points, 1,024 queries")
+def _default() -> Render4DJob:
+    return Render4DJob()
+
+
+@recipe(Render4DJob, "smoke", help="tiny: 4 frames, 64x64 video, 2,048 points, 128 queries (tests and CI)")
+def _smoke() -> Render4DJob:
+    return Render4DJob(
+        out="out/4d-smoke",
+        sequence=SequenceSettings(frames=4),
+        points=PointSettings(surface=2048, queries=128, query_candidates=4096, watertight_resolution=5000,
+                             inner_threshold=0.05,
+                             sdf_near=2048, sdf_volume=1024),
+        render=RenderSettings(width=64, height=64, samples=4, timeout_s=300.0),
+        shards=ShardSettings(samples_per_shard=2),
+    )
+
+
+def task_params(cfg: Render4DJob, asset: dict, variant: int, chash: str) -> dict:
+    seed = task_seed(cfg.seed, asset["sha256"], variant)
+    rng = np.random.default_rng(seed)
+    r, p = cfg.render, cfg.points
+    return {
+        "kind": "4d", "backend": r.backend,
+        "frames": cfg.sequence.frames, "half_extent": cfg.sequence.half_extent, "fill": cfg.sequence.fill,
+        "azimuth": float(rng.uniform(0, 2 * math.pi)),
+        "elevation": math.radians(float(rng.uniform(*cfg.sequence.elevation))),
+        "width": r.width, "height": r.height, "engine": r.engine, "device": r.device, "samples": r.samples,
+        "denoise": r.denoise, "adaptive_threshold": r.adaptive_threshold, "max_bounces": r.max_bounces,
+        "threads": cfg.ray.cpus_per_worker, "seed": seed % (2**31 - 1),
+        "hdri": cfg.lighting.hdris[variant % len(cfg.lighting.hdris)],
+        "hdri_strength": float(rng.uniform(*cfg.lighting.strength)),
+        "hdri_rotation": float(rng.uniform(0, 2 * math.pi)) if cfg.lighting.random_rotation else 0.0,
+        "points": to_dict(p),
+        "meta": {
+            "kind": "4d", "uid": asset["uid"], "source": asset["source"], "license": asset.get("license", ""),
+            "asset_sha256": asset["sha256"], "variant": variant, "seed": seed, "job_seed": cfg.seed,
+            "loom_version": loom.__version__, "config_hash": chash, "half_extent": cfg.sequence.half_extent,
+        },
+    }
+
+
+def build_tasks(cfg: Render4DJob, records: list) -> list[Task]:
+    chash = config_hash(cfg, exclude=NON_SAMPLE_FIELDS)
+    tasks = []
+    for rec in records:
+        a = rec.to_dict()
+        for v in range(cfg.lighting.variants):
+            tasks.append(Task(key=f"{rec.uid}_v{v}", asset=a, params=task_params(cfg, a, v, chash),
+                              frames=cfg.sequence.frames))
+    return tasks
+
+
+def process_sequence(seq: dict, p: dict, seed: int, timings: dict[str, float]) -> dict[str, np.ndarray]:
+    """Mesh processing of one extracted sequence: watertight meshes, surface and SDF samples, aligned queries."""
+    from loom.geometry import mesh
+
+    rng = np.random.default_rng(seed)
+    V, F = seq["vertices"].astype(np.float64), seq["faces"].astype(np.int64)
+    surface, sdf_pts, sdf, water0 = [], [], [], None
+    t_w = t_s = 0.0
+    for t in range(V.shape[0]):
+        t0 = time.perf_counter()
+        Vw, Fw = mesh.make_watertight(V[t], F, resolution=p["watertight_resolution"])
+        t1 = time.perf_counter()
+        pts, nrm = mesh.sample_surface(Vw, Fw, p["surface"], rng)
+        sp, sd = mesh.sdf_samples(Vw, Fw, p["sdf_near"], p["sdf_volume"], rng, truncation=p["sdf_truncation"],
+                                  half_extent=float(seq.get("half_extent", 0.5)))
+        t_s += time.perf_counter() - t1
+        t_w += t1 - t0
+        surface.append(np.concatenate([pts, nrm], axis=1))
+        sdf_pts.append(sp)
+        sdf.append(sd)
+        if t == 0:
+            water0 = (Vw, Fw)
+    t0 = time.perf_counter()
+    queries, faces, bary = mesh.aligned_queries(V, F, water0[0], water0[1], p["queries"], rng,
+                                                inner_threshold=p["inner_threshold"],
+                                                candidates=p["query_candidates"])
+    timings.update(watertight=t_w, sampling=t_s + time.perf_counter() - t0)
+    return {"surface": np.stack(surface), "sdf_points": np.stack(sdf_pts), "sdf": np.stack(sdf),
+            "queries": queries, "query_faces": faces, "query_bary": bary}
+
+
+def render_entry(params: dict) -> dict:
+    """Runs inside the sandbox: extract the sequence, process its meshes, encode the sample."""
+    from loom.datasets.shape4d import encode_sample
+
+    t0 = time.monotonic()
+    if params.get("backend") == "fake":
+        from loom.render.fake import arm_sequence
+
+        seq = arm_sequence(params)
+    else:
+        from loom.render import hdri_path
+        from loom.render.anim import extract_sequence
+
+        seq = extract_sequence({**params, "hdri_path": hdri_path(params["hdri"])})
+    info = seq.pop("info")
+    timings = dict(info["timings"])
+    arrays = process_sequence({**seq, "half_extent": params["half_extent"]}, params["points"], params["seed"],
+                              timings)
+    arrays.update(video=seq["video"], K=seq["K"], c2w=seq["c2w"])
+    t1 = time.monotonic()
+    meta = {
+        **params["meta"],
+        "frame_times": [float(x) for x in seq["frame_times"]],
+        "normalization": info["normalization"], "root_offsets": info["root_offsets"],
+        "animation": info["animation"], "blender_version": info["blender_version"], "warnings": info["warnings"],
+        "camera": {"azimuth": params["azimuth"], "elevation": params["elevation"], "fill": params["fill"]},
+        "lighting": {"hdri": params["hdri"], "strength": params["hdri_strength"],
+                     "rotation": params["hdri_rotation"]},
+        "mesh": info["mesh"],
+    }
+    files = encode_sample(arrays, meta)
+    timings.update(encode=time.monotonic() - t1, task=time.monotonic() - t0)
+    return {"files": files, "timings": timings, "warnings": info["warnings"]}
+
+
+def job_spec(cfg: Render4DJob, records: list) -> JobSpec:
+    if cfg.render.backend == "blender":
+        check_hdris(cfg.lighting.hdris)
+    return JobSpec(
+        kind="4d",
+        entry="loom.corpora.shape4d:render_entry",
+        tasks=build_tasks(cfg, records),
+        out=cfg.out,
+        config=to_dict(cfg),
+        config_hash=config_hash(cfg, exclude=NON_SAMPLE_FIELDS),
+        timeout_s=cfg.render.timeout_s,
+        ray=cfg.ray,
+        samples_per_shard=cfg.shards.samples_per_shard,
+        env={"OMP_NUM_THREADS": str(cfg.ray.cpus_per_worker)},
+        fetch="loom.corpora.settings:fetch_asset",
+        preload=("bpy",) if cfg.render.backend == "blender" else (),
+    )

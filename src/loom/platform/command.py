@@ -1,0 +1,73 @@
+"""The one job command: every ``loom <group> <kind>`` that runs a job takes the same arguments and resolves its
+config the same way::
+
+    --recipe NAME | --config FILE  ->  the flags the command names (--out, --data, ...)  ->  --set key=value ...
+        -> --help-config (every field) | --print-config (the resolved YAML) | run
+
+``--config`` accepts the ``config.yaml`` a job writes beside its outputs, so a run can be replayed; ``--set`` goes
+on top of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from loom.platform import config as cfgmod
+
+
+def add_job_args(p: argparse.ArgumentParser, job_cls: type, example: str | None = None) -> None:
+    """The arguments every job command takes. ``example``: a valid ``--set`` for this command's help text (default:
+    the first leaf field of ``job_cls`` with its default value)."""
+    names = sorted(cfgmod.recipes(job_cls))
+    if example is None:
+        example = default_example(job_cls)
+    p.add_argument("--recipe", default=None, help=f"named recipe: {', '.join(names)} (default: default)")
+    p.add_argument("--config", dest="config_file", metavar="FILE",
+                   help="start from this YAML config instead of a recipe (e.g. the config.yaml a job wrote)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a config field, e.g. --set {example} (repeatable; see --help-config)")
+    p.add_argument("--help-config", action="store_true", help="list every config field with default and help")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def default_example(job_cls: type) -> str:
+    """``dotted.field=value`` for the first leaf field that is a number (a valid ``--set`` for ``job_cls``)."""
+    for name, default, _ in cfgmod.describe(job_cls):
+        if default.lstrip("-").replace(".", "", 1).isdigit():
+            return f"{name}={default}"
+    name, default, _ = cfgmod.describe(job_cls)[0]
+    return f"{name}={default}"
+
+
+def base_config(job_cls: type, args: argparse.Namespace) -> Any:
+    """The recipe (``--recipe``, default 'default') or the file (``--config``): not both."""
+    recipe = getattr(args, "recipe", None)
+    path = getattr(args, "config_file", None)
+    if path:
+        if recipe:
+            raise cfgmod.ConfigError(f"--recipe {recipe} and --config {path}: give one of them, not both")
+        return cfgmod.load_yaml(job_cls, path)
+    return cfgmod.resolve(job_cls, recipe or "default")
+
+
+def resolve_config(job_cls: type, args: argparse.Namespace, **direct: Any) -> Any:
+    """The config a command runs with: the base (recipe or file), then the command's own flags (``direct``:
+    dotted field -> value, None = not given), then each ``--set`` in order."""
+    cfg = base_config(job_cls, args)
+    overrides = [(k, v) for k, v in direct.items() if v is not None]
+    overrides += cfgmod.parse_set(getattr(args, "overrides", []) or [])
+    for key, value in overrides:
+        cfg = cfgmod.override(cfg, key, value)
+    return cfg
+
+
+def help_config(job_cls: type) -> int:
+    for name, default, text in cfgmod.describe(job_cls):
+        print(f"{name:32s} {default:28s} {text}")
+    return 0
+
+
+def print_config(cfg: Any) -> int:
+    print(cfgmod.dump_yaml(cfg), end="")
+    return 0
