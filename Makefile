@@ -32,7 +32,7 @@ $(WEIGHTS_STAMP): $(STAMP)
 weights: $(WEIGHTS_STAMP)
 	$(VENV)/bin/loom weights
 
-# Loom's main job on its embedded defaults: the bundled assets, local Ray, local files, MLflow in out/mlflow.db:
+# Loom's main job on its embedded defaults: the bundled assets, local Ray, local files, MLflow in ./mlflow.db:
 # render a corpus, train a tiny video DiT on it for a few steps, sample from it, show the MLflow run, evaluate the
 # trained model against the renders (random stand-in feature networks: no weights download) and print the leaderboard.
 demo: $(STAMP)
@@ -43,10 +43,10 @@ demo: $(STAMP)
 	$(VENV)/bin/loom train ttv --recipe tiny --data out/ttv --out out/ttv-train --set trainer.progress=false \
 		--set data.frames=9
 	$(VENV)/bin/loom generate ttv --run out/ttv-train --data out/ttv --out out/ttv-train/generated.mp4
-	$(VENV)/bin/loom runs --db out/mlflow.db
+	$(VENV)/bin/loom runs
 	rm -rf out/eval-ttv
 	$(VENV)/bin/loom eval ttv --recipe tiny --gt out/ttv --run out/ttv-train --out out/eval-ttv
-	$(VENV)/bin/loom leaderboard ttv --db out/mlflow.db
+	$(VENV)/bin/loom leaderboard ttv
 
 # The default tier (unit + integration on tiny inputs). pytest's exit 5 (no tests collected) is a failure.
 # Headless Chromium for the test of what a reviewer sees in the MLflow UI: installed once if apt-get can (best

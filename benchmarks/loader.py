@@ -55,6 +55,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np
 import torch
 
+from loom.datasets import io as dio
 from loom.datasets import loader as L
 from loom.platform import shards
 
@@ -202,7 +203,7 @@ def wds_pipeline(urls: list[str], decode, batch_size: int, workers: int):
     # every worker reads whole shards (split_by_worker): the plain webdataset recipe
     ds = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker,
                           empty_check=False)
-          .map(dec).batched(batch_size, collation_fn=L.collate, partial=True))
+          .map(dec).batched(batch_size, collation_fn=dio.collate, partial=True))
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
 
 
@@ -231,7 +232,7 @@ def run(args) -> dict:
         mb = size / 1e6
         print(f"\n== {kind}: {n} samples, {len(urls)} shards, {mb:.1f} MB, batch {args.batch_size} "
               f"({'cold' if args.cold else 'warm'} page cache; written in {time.perf_counter() - t0:.1f} s)")
-        decode = L.resolve_decoder(kind)
+        decode = dio.resolve_decoder(kind)
         chunk_buf = [_aligned(8 << 20)]
         batch_bufs = [_aligned(-(-size * args.batch_size // n)) for _ in range(2)]
         bench_raw(urls, chunk_buf)  # warm the page cache for every reader alike

@@ -1,6 +1,6 @@
 """Sequences per hour of Loom's 4D job against a plain loop without Ray, and where the time goes, in one run.
 
-Loom's side is the real job: ``loom.platform.jobs.run_job`` on the ``JobSpec`` of ``loom.corpora.shape4d.job_spec``
+Loom's side is the real job: ``loom.platform.jobs.run_job`` on the ``JobSpec`` of ``loom.corpora.base.job_spec``
 (Ray Data, one sandboxed persistent Blender worker per core, tar shards and sidecars) into a temporary folder. Per-stage
 seconds come from the shard sidecars' ``stats``.
 
@@ -82,7 +82,7 @@ def pick_records(n: int, repeat: int) -> list:
 
 def run_loom(cfg, records) -> dict:
     from loom.platform.jobs import run_job
-    from loom.corpora.shape4d import job_spec
+    from loom.corpora.base import job_spec
     from loom.platform import shards
 
     spec = job_spec(cfg, records)
@@ -115,7 +115,7 @@ def run_loom(cfg, records) -> dict:
 def plain_jobs(cfg, records, cores: int, workdir: str) -> list[dict]:
     """The Loom job's task params, with the asset's local path and ``threads = cores`` (one process, all cores)."""
     from loom.corpora.assets import AssetRecord, fetch_local
-    from loom.corpora.shape4d import build_tasks
+    from loom.corpora.base import build_tasks
 
     jobs = []
     for t in build_tasks(cfg, records):
@@ -144,7 +144,7 @@ def plain_loop(job_file: str) -> None:
     for job in doc["jobs"]:
         params = job["params"]
         work = tempfile.mkdtemp(prefix="plain-", dir=out)
-        seq = extract_sequence({**params, "workdir": work, "hdri_path": hdri_path(params["hdri"])})
+        seq = extract_sequence({**params, "workdir": work, "hdri_path": hdri_path(params["lighting"]["hdri"])})
         info = seq.pop("info")
         timings = dict(info["timings"])  # import, animation, render, readback
         arrays = process_sequence({**seq, "half_extent": params["half_extent"]}, params["points"], params["seed"],

@@ -1,7 +1,7 @@
 """Frames per second per core of Loom's turntable render against a plain per-asset bpy loop, measured in one run.
 
 Loom's side goes through the real job machinery: ``loom.platform.jobs.run_job`` on the ``JobSpec`` of
-``loom.corpora.ttv.job_spec`` (Ray Data, one sandboxed persistent Blender worker per core, EXR readback, FFV1/npz
+``loom.corpora.base.job_spec`` (Ray Data, one sandboxed persistent Blender worker per core, EXR readback, FFV1/npz
 encoding, tar shards) into a temporary folder. The baseline (``_baseline_objaverse_loop.py``) renders the same
 frames the way the public Objaverse render scripts do: one fresh ``python`` + ``import bpy`` per asset, every pass
 in one render, one file per pass per frame through the compositor's File Output node.
@@ -84,7 +84,7 @@ def pick_assets(n: int) -> list:
 
 def run_loom(cfg, records, cores: int) -> dict:
     from loom.platform.jobs import run_job
-    from loom.corpora.ttv import job_spec
+    from loom.corpora.base import job_spec
     from loom.platform import shards
 
     spec = job_spec(cfg, records)

@@ -14,7 +14,7 @@ Shapes:
   2.19 B parameters, 0.89 B of them trainable.
 
 What each step does:
-- ``4d`` (Loom's, `loom.training.shape4d_module.Shape4DModule.training_step` without the data): the base frozen
+- ``4d`` (Loom's, `loom.training.shape4d.module.Shape4DModule.training_step` without the data): the base frozen
   (`freeze_base`), `shape4d_flow.training_inputs` (noise shared by the frames, one sigma per sequence, per-sample
   generators), forward and backward of the DiT over (B, T, Q, C), AdamW on the spatiotemporal layers.
 - ``base``: the same DiT built with ``spatiotemporal=False`` trained on the same B x T shapes as independent

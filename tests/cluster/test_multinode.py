@@ -82,7 +82,7 @@ def test_ray_train_on_two_nodes_continues_after_a_worker_is_killed(two_nodes, tm
                "--set", f"ray.address={address}"]
         for s in sets:
             cmd += ["--set", s]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "LOOM_HOME": str(tmp_path), **(extra_env or {})}
         env.pop("MLFLOW_TRACKING_URI", None)
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         assert p.returncode == 0, p.stderr[-4000:]

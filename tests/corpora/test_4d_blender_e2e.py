@@ -8,6 +8,7 @@ import pytest
 
 from loom.datasets.shape4d import iter_samples
 from loom.corpora import shape4d
+from loom.corpora.base import job_spec
 from loom.corpora.assets import bundled_animated_assets, resolve_source
 from loom.platform.jobs import run_job
 from loom.platform import config as c
@@ -26,7 +27,7 @@ def test_real_4d_job(ray_local, tmp_path):
             shutil.copy(r.path, assets / f"{r.uid}.glb")
     (assets / "zstatic.obj").write_text(STATIC_OBJ)
     cfg = c.resolve(shape4d.Render4DJob, "smoke", c.parse_set([f"out={tmp_path / 'out'}", "sequence.frames=4"]))
-    s = run_job(shape4d.job_spec(cfg, resolve_source(str(assets))), progress=False)
+    s = run_job(job_spec(cfg, resolve_source(str(assets))), progress=False)
     assert s.samples_done == 2, s.failures
     [fail] = s.failures
     assert fail["uid"].startswith("zstatic") and "no animation" in fail["reason"]

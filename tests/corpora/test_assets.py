@@ -23,6 +23,7 @@ import fsspec
 import pytest
 
 from loom.corpora import assets as A
+from loom.corpora.assets.sources import _bundled_dir
 from loom.platform.errors import TaskError
 
 HEX_UIDS = ["0a1b2c3d4e5f60718293a4b5c6d7e8f9", "8476c4170df24cf5bbe6967222d1a42d", "ffffffff000000001111111122222222"]
@@ -305,7 +306,7 @@ def test_scan_folder_gives_near_collisions_distinct_ids(tmp_path):
 def test_bundled_assets_have_matching_hashes_and_known_licenses():
     records = A.bundled_assets()
     assert len(records) >= 3
-    index = json.loads(open(os.path.join(A._bundled_dir(), "bundled.json")).read())
+    index = json.loads(open(os.path.join(_bundled_dir(), "bundled.json")).read())
     total = 0
     for r in records:
         data = open(r.path, "rb").read()
@@ -315,7 +316,7 @@ def test_bundled_assets_have_matching_hashes_and_known_licenses():
         entry = next(e for e in index["assets"] if e["uid"] == r.uid)
         total += r.size
         for side in entry["side_files"]:
-            side_data = open(os.path.join(A._bundled_dir(), side["file"]), "rb").read()
+            side_data = open(os.path.join(_bundled_dir(), side["file"]), "rb").read()
             assert sha(side_data) == side["sha256"]
             total += len(side_data)
         assert A.fetch_local(r, "/nonexistent-dest-not-used") == r.path  # references checked, side files present
@@ -409,7 +410,7 @@ def test_fetch_local_copies_remote_gltf_with_side_files(memfs, tmp_path):
 
 def test_fetch_local_copies_remote_obj_with_mtl_and_texture(memfs, tmp_path):
     fs, root = memfs
-    bundled = os.path.join(A._bundled_dir())
+    bundled = os.path.join(_bundled_dir())
     for name in ["suzi_checker.obj", "suzi_checker.mtl", "suzi_checker.png"]:
         fs.pipe(f"{root}/{name}", open(os.path.join(bundled, name), "rb").read())
     [record] = A.scan_folder(f"memory://{root}")
@@ -487,6 +488,45 @@ def test_resolve_source_refuses_non_mesh_file_and_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no mesh files"):
         A.resolve_source(str(tmp_path / "empty"))
+
+
+def test_files_of_formats_loom_does_not_import_are_records_that_fail_saying_how_to_convert(tmp_path):
+    """A .dae, .3ds, .blend or .usd in an asset folder is never skipped silently: it is listed (after the assets
+    that render, so their order and shard plan stay), and fetching it is a TaskError (a failure row) that names
+    the format, the file and the fix."""
+    folder = tmp_path / "meshes"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "b.glb").write_bytes(glb_bytes(*triangle_gltf()))
+    (folder / "chair.dae").write_text("<COLLADA/>")
+    (folder / "sub" / "car.3ds").write_bytes(b"MM\0\0")
+    (folder / "a.blend").write_bytes(b"BLENDER-v500")
+    (folder / "notes.txt").write_text("not a mesh of any kind: not listed")
+    records = A.resolve_source(str(folder))
+    assert [(os.path.basename(r.path), r.supported) for r in records] == [
+        ("b.glb", True), ("a.blend", False), ("chair.dae", False), ("car.3ds", False)]
+    assert [r.uid for r in records] == [r.uid for r in A.resolve_source(str(folder))]  # stable: same plan on reruns
+    for r in records[1:]:
+        with pytest.raises(TaskError) as err:
+            A.fetch_local(r, tmp_path / "cache")
+        reason = str(err.value)
+        assert f"unsupported format .{r.format}" in reason and r.path in reason and ".glb" in reason
+    # they survive a manifest round trip, and stay failures when read back
+    A.write_manifest(records, str(tmp_path / "m.jsonl"))
+    back = A.resolve_source(str(tmp_path / "m.jsonl"))
+    assert back == records and [r.supported for r in back] == [True, False, False, False]
+    # the listing without them is what callers that ask for it get
+    assert [r.format for r in A.scan_folder(str(folder), unsupported=False)] == ["glb"]
+
+
+def test_a_folder_of_only_unsupported_meshes_or_such_a_file_is_refused_naming_them(tmp_path):
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "chair.dae").write_text("<COLLADA/>")
+    with pytest.raises(ValueError, match=r"no mesh files.*chair\.dae.*convert"):
+        A.resolve_source(str(tmp_path / "only"))
+    with pytest.raises(ValueError, match=r"\.dae is a mesh format Loom does not import.*glTF"):
+        A.resolve_source(str(tmp_path / "only" / "chair.dae"))
+    with pytest.raises(ValueError, match="format 'xyz'"):
+        A.AssetRecord(uid="x", source="s", path="/x.xyz", sha256="0" * 64, license="unknown", size=1, format="xyz")
 
 
 # --------------------------------------------------------------------------------------------------- objaverse

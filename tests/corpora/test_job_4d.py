@@ -7,6 +7,7 @@ import pytest
 
 from loom.datasets.shape4d import iter_samples
 from loom.corpora import shape4d
+from loom.corpora.base import job_spec
 from loom.corpora.assets import resolve_source
 from loom.platform.jobs import run_job
 from loom.platform import config as c
@@ -24,7 +25,7 @@ def corpus(ray_local, tmp_path_factory):
     (assets / "still.obj").write_text("STATIC mesh\n")
     cfg = c.resolve(shape4d.Render4DJob, "smoke", c.parse_set(["render.backend=fake", f"out={root / 'out'}",
                                                                "sequence.frames=5"]))
-    spec = shape4d.job_spec(cfg, resolve_source(str(assets)))
+    spec = job_spec(cfg, resolve_source(str(assets)))
     return cfg, spec, run_job(spec, progress=False)
 
 

@@ -10,6 +10,7 @@ import yaml
 from loom.datasets.scene import iter_samples
 from loom.geometry.flow import warp_backward
 from loom.corpora import scene
+from loom.corpora.base import job_spec
 from loom.corpora.assets import resolve_source
 from loom.platform.jobs import run_job
 from loom.platform import config as c
@@ -25,7 +26,7 @@ def corpus(ray_local, tmp_path_factory):
     cfg = c.resolve(scene.RenderSceneJob, "smoke", c.parse_set([
         "render.backend=fake", f"out={root / 'out'}", f"scene={root / 'scene.obj'}", "camera.frames=5",
         "render.width=96", "render.height=64", "camera.fov_deg=70"]))
-    spec = scene.job_spec(cfg, resolve_source(cfg.scene))
+    spec = job_spec(cfg, resolve_source(cfg.scene))
     return cfg, spec, run_job(spec, progress=False)
 
 

@@ -13,6 +13,7 @@ import pytest
 from loom.datasets.ttv import iter_samples
 from loom.geometry.camera import unproject_depth
 from loom.corpora import ttv
+from loom.corpora.base import job_spec
 from loom.corpora.assets import resolve_source
 from loom.platform.jobs import estimate, run_job
 from loom.platform import config as c
@@ -36,7 +37,7 @@ def make_assets(folder, good=4, bad=True):
 
 def job(assets, out, *sets):
     cfg = c.resolve(ttv.RenderTTVJob, "smoke", c.parse_set(["render.backend=fake", f"out={out}", *sets]))
-    return ttv.job_spec(cfg, resolve_source(assets))
+    return job_spec(cfg, resolve_source(assets))
 
 
 def test_job_renders_writes_and_records_failures(ray_local, tmp_path):

@@ -30,13 +30,7 @@ def save_tiny_vae(path) -> str:
 # ------------------------------------------------------------------------------------------------- unit tests
 
 
-def test_frame_policies():
-    assert latents.frame_indices(5, "exact") == [0, 1, 2, 3, 4]
-    assert latents.frame_indices(7, "trim") == [0, 1, 2, 3, 4]
-    assert latents.frame_indices(7, "pad") == [0, 1, 2, 3, 4, 5, 6, 6, 6]
-    assert latents.frame_indices(4, "trim") == [0]
-    with pytest.raises(ValueError, match="frames=exact"):
-        latents.frame_indices(4, "exact")
+# The frame policies (trim, pad, exact) are the model line's: tests/models/test_ttv.py.
 
 
 def test_input_mappings_are_in_range():
@@ -143,10 +137,11 @@ def make_corpus(out, frames=5) -> str:
     for i in range(3):
         (folder / f"cube{i}.obj").write_text(f"v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n# {i}\n")
     from loom.corpora.assets import resolve_source
+    from loom.corpora.base import job_spec
 
     cfg = c.resolve(ttv.RenderTTVJob, "smoke", c.parse_set(
         ["render.backend=fake", f"out={out}", f"orbit.frames={frames}", "render.width=32", "render.height=24"]))
-    spec = ttv.job_spec(cfg, resolve_source(str(folder)))
+    spec = job_spec(cfg, resolve_source(str(folder)))
     for sh in plan_shards(spec.tasks, "ttv", 2):
         samples = []
         for t in sh["tasks"]:
@@ -244,8 +239,10 @@ def test_changed_source_shard_is_a_failure_row_per_sample(ray_local, tmp_path):
 def test_cli_dry_run_and_missing_vae(tmp_path, capsys):
     import argparse
 
+    from loom.corpora.commands import register_cache
+
     p = argparse.ArgumentParser()
-    latents.register_cache(p.add_subparsers())
+    register_cache(p.add_subparsers())
     src = make_corpus(tmp_path / "ttv", frames=5)
     vae_dir = save_tiny_vae(tmp_path / "vae")
     args = p.parse_args(["cache", "latents", "--source", src, "--vae", vae_dir, "--out", str(tmp_path / "o"),

@@ -7,6 +7,7 @@ import pytest
 from loom.datasets.scene import iter_samples
 from loom.geometry.flow import warp_backward
 from loom.corpora import scene
+from loom.corpora.base import job_spec
 from loom.corpora.assets import resolve_source
 from loom.platform.jobs import run_job
 from loom.platform import config as c
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.integration
 def test_real_scene_job(ray_local, tmp_path):
     cfg = c.resolve(scene.RenderSceneJob, "smoke", c.parse_set([
         f"out={tmp_path / 'out'}", "camera.frames=16", "render.width=96", "render.height=64", "render.samples=8"]))
-    s = run_job(scene.job_spec(cfg, resolve_source(cfg.scene)), progress=False)
+    s = run_job(job_spec(cfg, resolve_source(cfg.scene)), progress=False)
     assert (s.samples_done, s.failed) == (1, 0), s.failures
     assert shards.verify(cfg.out) == []
     [smp] = list(iter_samples(cfg.out))

@@ -11,6 +11,7 @@ import pytest
 from loom.datasets.ttv import iter_samples
 from loom.geometry.camera import unproject_depth
 from loom.corpora import ttv
+from loom.corpora.base import job_spec
 from loom.corpora.assets import bundled_assets, resolve_source
 from loom.platform.jobs import run_job
 from loom.platform import config as c
@@ -39,7 +40,7 @@ def corpus(ray_local, tmp_path_factory):
     (assets / "znan.obj").write_text("v 0 0 0\nv 1 0 0\nv nan 1 0\nf 1 2 3\n")
     (assets / "znofaces.obj").write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\n")
     cfg = c.resolve(ttv.RenderTTVJob, "smoke", c.parse_set([f"out={root / 'out'}", "shards.samples_per_shard=1"]))
-    spec = ttv.job_spec(cfg, resolve_source(str(assets)))
+    spec = job_spec(cfg, resolve_source(str(assets)))
     summary = run_job(spec, progress=False)
     return cfg, spec, summary
 
@@ -98,7 +99,7 @@ def test_real_render_meets_the_reader_contract(corpus):
 def test_a_task_past_its_timeout_is_a_failure_row(ray_local, tmp_path):
     by_uid = {r.uid: r for r in bundled_assets()}
     cfg = c.resolve(ttv.RenderTTVJob, "smoke", c.parse_set([f"out={tmp_path / 'out'}", "render.timeout_s=0.2"]))
-    s = run_job(ttv.job_spec(cfg, [by_uid["marble_shaderball"]]), progress=False)
+    s = run_job(job_spec(cfg, [by_uid["marble_shaderball"]]), progress=False)
     assert (s.samples_done, s.failed) == (0, 1)
     assert "timed out" in s.failures[0]["reason"]
     assert shards.read_manifest(cfg.out)["complete"]

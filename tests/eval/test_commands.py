@@ -1,5 +1,6 @@
 """``loom eval ttv|texture|4d``, ``loom leaderboard`` and ``loom weights`` as a user runs them (the CLI's ``main``,
-in process), on tiny inputs, with MLflow in the default SQLite file beside the output folders. The tiny recipes use
+in process), on tiny inputs, with MLflow in the default store: ``$LOOM_HOME/mlflow.db``, here beside the output
+folders. The tiny recipes use
 the random stand-in feature networks, so values of LPIPS/FVD/FID/KID/CLIP are checked only for what must hold for
 any network (0 for identical inputs, larger for perturbed ones)."""
 
@@ -20,8 +21,9 @@ mlflow = pytest.importorskip("mlflow")
 
 
 @pytest.fixture(autouse=True)
-def _no_env_tracking(monkeypatch):
+def _no_env_tracking(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("LOOM_HOME", str(tmp_path / "out"))  # the default store: <tmp>/out/mlflow.db
 
 
 def loom(capsys, *argv):
@@ -66,7 +68,7 @@ def test_eval_ttv_identical_then_perturbed_in_sqlite_and_the_leaderboard(ttv_cas
     rc, _, err = loom(capsys, "eval", "ttv", "--recipe", "tiny", "--gt", ttv_case["gt"], "--pred",
                       ttv_case["noisy"], "--out", root / "noisy")
     assert rc == 0, err
-    uri = f"sqlite:///{root / 'mlflow.db'}"  # the default: beside the output folders
+    uri = f"sqlite:///{root / 'mlflow.db'}"  # the default store, in $LOOM_HOME
     c, exp, runs = client_runs(uri, "bench/ttv")
     same, noisy = runs["same"].data, runs["noisy"].data
     # identical videos: PSNR at its documented cap, SSIM 1, LPIPS 0, FVD 0
@@ -100,8 +102,8 @@ def test_eval_ttv_identical_then_perturbed_in_sqlite_and_the_leaderboard(ttv_cas
     csv = open(root / "noisy" / "items.csv").read().splitlines()
     assert csv[0].startswith("key,frames,height,width,psnr,ssim,lpips") and len(csv) == 4
 
-    # the leaderboard: columns in the paper's order, best marked, logged as one run named leaderboard
-    rc, out, err = loom(capsys, "leaderboard", "ttv", "--db", root / "mlflow.db", "--out", tmp_path / "lb")
+    # the leaderboard: columns in the paper's order, best marked, logged as the experiment's description
+    rc, out, err = loom(capsys, "leaderboard", "ttv", "--out", tmp_path / "lb")  # the default store, unasked
     assert rc == 0, err
     lines = out.splitlines()
     head = next(ln for ln in lines if ln.startswith("Model"))
@@ -112,11 +114,18 @@ def test_eval_ttv_identical_then_perturbed_in_sqlite_and_the_leaderboard(ttv_cas
     assert "| same | **100.00** | **1.000** | **0.000** | **0.0** |" in md
     page = open(tmp_path / "lb" / "leaderboard.html").read()
     assert '<tr class="tiny" data-model="same"' in page and '<td class="best"><strong>100.00</strong></td>' in page
-    _, _, runs = client_runs(uri, "bench/ttv")
-    lb = runs["leaderboard"]
-    assert lb.data.tags["loom.kind"] == "leaderboard" and lb.data.tags["loom.leaderboard.rows"] == "2"
-    assert {a.path for a in c.list_artifacts(lb.info.run_id)} == {"leaderboard.md", "leaderboard.html"}
-    # a newer evaluation of a model replaces its row; the leaderboard run is updated, not duplicated
+    _, exp, runs = client_runs(uri, "bench/ttv")
+    assert set(runs) == {"same", "noisy"}  # no run stands in for the table among the models
+    note = exp.tags["mlflow.note.content"]
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development" and exp.tags["loom.leaderboard.rows"] == "2"
+    # what the UI shows of a folded description first: the standings, the leader with its values, best in bold
+    assert note.startswith("**Leaderboard** (best first): 1. **same**: PSNR ↑ **100.00**, SSIM ↑ **1.000**, "
+                           "LPIPS ↓ **0.000**, FVD ↓ **0.0**; 2. **noisy**: PSNR ↑ ")
+    rid = runs["same"].info.run_id
+    assert f"| same | **100.00** | **1.000** | **0.000** | **0.0** | 3 | tiny-random | [same ({rid[:8]})](" \
+           f"#/experiments/{exp.experiment_id}/runs/{rid}?workflowType=machine_learning) |" in note
+    assert f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" in out  # where to look
+    # a newer evaluation of a model replaces its row; the description is rewritten
     rc, _, err = loom(capsys, "eval", "ttv", "--recipe", "tiny", "--gt", ttv_case["gt"], "--pred", ttv_case["same"],
                       "--out", root / "again", "--model", "noisy", "--set", "metrics=[psnr,ssim]")
     assert rc == 0, err
@@ -124,29 +133,87 @@ def test_eval_ttv_identical_then_perturbed_in_sqlite_and_the_leaderboard(ttv_cas
     assert [r.model for r in board.rows] == ["noisy", "same"]  # ties on PSNR: the newer first
     assert board.rows[0].values["lpips"] is None and "lpips" in board.rows[1].best
     assert len(leaderboard.collect(uri, "ttv", all_runs=True).rows) == 3
-    assert loom(capsys, "leaderboard", "ttv", "--db", root / "mlflow.db")[0] == 0
-    _, exp, _ = client_runs(uri, "bench/ttv")
-    named = c.search_runs([exp.experiment_id], "attributes.run_name = 'leaderboard'")
-    assert len(named) == 1 and named[0].data.tags["loom.leaderboard.rows"] == "2"
+    assert loom(capsys, "leaderboard", "ttv", "--db", root / "mlflow.db")[0] == 0  # --db: the same file, named
+    _, exp, runs = client_runs(uri, "bench/ttv")
+    assert "leaderboard" not in runs and exp.tags["loom.leaderboard.rows"] == "2"
+    assert exp.tags["mlflow.note.content"].startswith("**Leaderboard** (best first): 1. **noisy**: PSNR ↑ **100.00**")
 
 
 @pytest.mark.integration
 def untrained_ttv_run(tmp_path, gt: str, frames: int) -> str:
     """A `loom train ttv` run folder (config.yaml + lora/) with the tiny recipe's untrained weights."""
+    from loom.models.ttv import build_dit
     from loom.training import ttv
-    from loom.training.ttv_module import TTVModule
 
     run = str(tmp_path / "run")
     cfg = cfgmod.resolve(ttv.TrainTTVJob, "tiny", [("data.frames", frames), ("out", run), ("data.source", gt)])
     os.makedirs(run)
     with open(os.path.join(run, "config.yaml"), "w") as f:
         f.write(cfgmod.dump_yaml(cfg))
-    TTVModule(cfg).dit.save_lora(os.path.join(run, "lora"))
+    build_dit(cfg.model, cfg.trainer.seed).save_lora(os.path.join(run, "lora"))
     return run
 
 
+@pytest.mark.integration
+def test_leaderboard_and_runs_find_an_evaluation_wherever_out_points(ttv_case, tmp_path, monkeypatch, capsys):
+    """No LOOM_HOME, an output folder far from the working directory: the job logs to ./mlflow.db, says so, and
+    `loom runs` and `loom leaderboard` started in the same place find it without --db."""
+    monkeypatch.delenv("LOOM_HOME")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    far = tmp_path / "far" / "away" / "ev"
+    rc, out, err = loom(capsys, "eval", "ttv", "--recipe", "tiny", "--gt", ttv_case["gt"], "--pred", ttv_case["same"],
+                        "--out", far, "--model", "faraway", "--set", "limit=2")
+    assert rc == 0, err
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    assert f"in experiment 'bench/ttv' ({uri})" in out  # the job names its store
+    assert not any(p.name == "mlflow.db" for p in (tmp_path / "far").rglob("*"))  # nothing beside --out
+    rc, out, err = loom(capsys, "runs", "--experiment", "bench/ttv", "--metric", "psnr")
+    assert rc == 0 and f"MLflow {uri}" in out and "faraway" in out and "100.0000" in out, err
+    rc, out, err = loom(capsys, "leaderboard", "ttv", "--no-log")
+    assert rc == 0 and re.search(r"^faraway +100\.00\*", out, re.M), out + err
+
+
+@pytest.mark.integration
+def test_eval_of_a_training_run_records_its_lineage(ttv_case, tmp_path, capsys):
+    """`loom eval ttv --run RUN`: the evaluation run names the training run that RUN/mlflow_run.json records (tags,
+    and a link at the top of its description); a record from another store is named, not linked; none, said."""
+    from loom.platform import tracking
+
+    run = untrained_ttv_run(tmp_path, ttv_case["gt"], frames=9)
+    uri = f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+    # what a training run leaves behind (tests/training/test_launch_tracking.py checks that training writes it)
+    eid = tracking.ensure_experiment(uri, "loom")
+    trained = mlflow.MlflowClient(tracking_uri=uri).create_run(eid, run_name="run").info.run_id
+    tracking.write_run_record(run, uri, "loom", eid, trained)
+    args = ["eval", "ttv", "--recipe", "tiny", "--gt", ttv_case["gt"], "--run", run, "--set", "limit=1", "--set",
+            "metrics=[psnr,ssim]"]
+    rc, out, err = loom(capsys, *args, "--out", tmp_path / "out" / "ev")
+    assert rc == 0, err
+    assert f"trained:  MLflow run {trained}" in out
+    _, _, runs = client_runs(uri, "bench/ttv")
+    tags = runs["run"].data.tags
+    assert tags["loom.training_run_id"] == trained and tags["loom.training_experiment_id"] == eid
+    assert tags["loom.training_tracking_uri"] == uri and "mlflow.parentRunId" not in tags
+    link = f"[`loom` / `{trained}`](#/experiments/{eid}/runs/{trained}?workflowType=machine_learning)"
+    assert tags["mlflow.note.content"].startswith(f"Evaluates the model of training run {link}.")
+    # trained against another tracking store: the id and the store, no link that would lead nowhere
+    tracking.write_run_record(run, "http://elsewhere:5000", "loom", "7", "f00d")
+    rc, out, err = loom(capsys, *args, "--out", tmp_path / "out" / "ev2", "--model", "other")
+    assert rc == 0, err
+    note = client_runs(uri, "bench/ttv")[2]["other"].data.tags["mlflow.note.content"]
+    assert "training run `loom` / `f00d` in the tracking store http://elsewhere:5000." in note and "](#" not in note
+    # a run folder without a record (trained with tracking off): the evaluation says what it cannot name
+    os.remove(os.path.join(run, "mlflow_run.json"))
+    rc, out, err = loom(capsys, *args, "--out", tmp_path / "out" / "ev3", "--model", "norecord")
+    assert rc == 0, err
+    assert "records no MLflow run (mlflow_run.json)" in out
+    assert "loom.training_run_id" not in client_runs(uri, "bench/ttv")[2]["norecord"].data.tags
+
+
 def test_eval_ttv_from_a_trained_run_generates_as_loom_generate(ttv_case, tmp_path, capsys):
-    from loom.training.ttv_module import generate_ttv
+    from loom.inference.ttv import generate_ttv
 
     run = untrained_ttv_run(tmp_path, ttv_case["gt"], frames=9)
     out = tmp_path / "out" / "ev"
@@ -426,19 +493,6 @@ def test_eval_4d_renders_the_registered_predictions_itself(case_4d_video, ray_lo
     assert rc != 0 and "renders" in err and "not both" in err
 
 
-def test_projected_colours_take_the_pixel_each_vertex_projects_to():
-    from loom.geometry.camera import intrinsics, look_at, project
-
-    K, c2w = intrinsics(0.8, 20, 10), look_at([2.0, 0.0, 0.0])
-    frame = np.zeros((10, 20, 4), np.uint8)
-    frame[:, :10] = (255, 0, 0, 255)  # left half red, right half transparent
-    verts = np.array([[0.0, -0.3, 0.0], [0.0, 0.3, 0.0], [3.0, 0.0, 0.0], [0.0, 50.0, 0.0]])
-    uv, _ = project(verts, K, c2w)
-    assert uv[0, 0] < 10 < uv[1, 0]  # seen from +x with +z up, -y is on the left
-    col = bench_4d.projected_colours(verts, K, c2w, frame, outside=(0.5, 0.5, 0.5))
-    np.testing.assert_allclose(col, [[1, 0, 0], [0.5] * 3, [0.5] * 3, [0.5] * 3])  # object / empty / behind / off
-
-
 @pytest.mark.integration
 def test_every_benchmark_gives_the_same_values_on_two_ray_workers(ttv_case, case_4d, ray_local, tmp_path, capsys):
     """`--set ray.workers=2`: two Ray tasks share the samples; rows, per-item tables and every metric
@@ -468,28 +522,6 @@ def test_every_benchmark_gives_the_same_values_on_two_ray_workers(ttv_case, case
         assert rows[0] == rows[1]
         media = [sorted(os.listdir(root / f"{bench}-w{w}" / "media")) for w in (1, 2)]
         assert media[0] == media[1] and media[0]
-
-
-@pytest.mark.parametrize("shape", ["box", "sphere", "plate"])
-def test_ground_truth_occupancy_from_oriented_samples_matches_the_exact_one(shape):
-    import trimesh
-    from scipy import ndimage
-
-    from loom.eval.metrics import occupancy_grid
-    from loom.geometry.mesh import sample_surface
-
-    m = {"box": lambda: trimesh.creation.box(extents=(1.2, 0.8, 0.6)),
-         "plate": lambda: trimesh.creation.box(extents=(1.2, 0.8, 0.06)),  # 4 cells thick
-         "sphere": lambda: trimesh.creation.icosphere(4, radius=0.8)}[shape]()
-    v, f = np.asarray(m.vertices), np.asarray(m.faces)
-    p, n = sample_surface(v, f, 32768, np.random.default_rng(0))
-    exact = occupancy_grid(v, f, resolution=128, bounds=(-1, 1))
-    approx = bench_4d.occupancy_from_oriented_points(p, n, resolution=128, bounds=(-1, 1))
-    iou = (exact & approx).sum() / (exact | approx).sum()
-    assert 0.99 < iou < 1.0  # the bound the module docstring states
-    # the cells that differ all lie within 2 cells of the exact boundary
-    boundary = exact & ~ndimage.binary_erosion(exact)
-    assert not ((exact ^ approx) & ~ndimage.binary_dilation(boundary, iterations=2)).any()
 
 
 def test_weights_lists_what_is_missing_and_installs_from_an_archive(tmp_path, capsys):

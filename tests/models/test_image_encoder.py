@@ -10,6 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from loom.models import image_encoder as ie  # noqa: E402
+from tests.models.contract import FrozenEncoderContract  # noqa: E402
 
 TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
              "image_size": 32, "patch_size": 8, "projection_dim": 16}
@@ -98,3 +99,27 @@ def test_checkpoint_layout_projection_and_errors(tmp_path):
         ie.load_image_encoder(str(root), image_processor=str(other))
     with pytest.raises(ValueError, match="uint8"):
         enc.encode(images().astype(np.float32))
+
+
+class TestImageEncoderContract(FrozenEncoderContract):
+    """Shapes, determinism, save/load and frozen weights (tests/models/contract.py) of the CLIP vision wrapper."""
+
+    output_shape = (2, 17, 32)
+    leaves_global_rng = False  # the tiny CLIP is built under torch.manual_seed
+
+    def make_model(self, seed=0):
+        path = self.tmp_path / f"clip-{seed}-{len(list(self.tmp_path.iterdir()))}"
+        return ie.load_image_encoder(save_tiny_clip(path, seed=seed))
+
+    def make_inputs(self, seed=0):
+        return {"images": images(seed=seed)}
+
+    def forward(self, model, inputs):
+        return model.encode(inputs["images"])
+
+    def save(self, model, path):
+        model.model.save_pretrained(str(path))
+        model.processor.save_pretrained(str(path))
+
+    def load(self, model, path):
+        return ie.load_image_encoder(str(path))

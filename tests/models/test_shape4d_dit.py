@@ -19,6 +19,7 @@ from loom.models.shape4d_dit import (
     load_image_features,
 )
 from loom.models.shape4d_flow import default_shift, noise_4d, sample_4d, shared_noise, training_inputs
+from tests.models.contract import BlocksContract, FrozenPartsContract
 
 B, T, Q, C, L, D_IMG = 2, 3, 6, 8, 5, 24
 
@@ -71,16 +72,6 @@ def test_bf16_model_returns_the_input_dtype():
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
-def test_determinism():
-    state = torch.random.get_rng_state()
-    a, b, c = Shape4DDiT.tiny(seed=0), Shape4DDiT.tiny(seed=0), Shape4DDiT.tiny(seed=1)
-    assert torch.equal(torch.random.get_rng_state(), state)
-    x = _inputs()
-    out = a(**x)
-    assert torch.equal(out, b(**x)) and torch.equal(out, a(**x))
-    assert not torch.allclose(out, c(**x))
-
-
 def test_conditioning_reaches_the_output():
     model = Shape4DDiT.tiny()
     x = _inputs()
@@ -122,16 +113,20 @@ def test_backward_gives_finite_grads():
         assert torch.isfinite(p.grad).all(), name
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_gradient_checkpointing_of_the_whole_model_gives_the_same_gradients():
+    """Every parameter trainable (the base too, unlike the contract's frozen-base set-up)."""
     a, b = Shape4DDiT.tiny(), Shape4DDiT.tiny()
     _perturb_st_outputs(a)
     _perturb_st_outputs(b)
     b.enable_gradient_checkpointing()
+    assert b.gradient_checkpointing and not a.gradient_checkpointing
     x = _inputs()
     a(**x).pow(2).mean().backward()
     b(**x).pow(2).mean().backward()
     for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pa.grad, pb.grad, atol=1e-6, rtol=1e-5, msg=name)
+    b.disable_gradient_checkpointing()
+    assert not b.gradient_checkpointing
 
 
 def test_save_load_round_trip(tmp_path):
@@ -427,3 +422,28 @@ def test_sample_4d():
     assert guided.shape == (B, T, 4, C) and torch.isfinite(guided).all()
     with pytest.raises(ValueError, match="noise must be"):
         sample_4d(base, image, steps=1, noise=torch.zeros(B, T, Q + 1, C))
+
+
+class TestShape4DDiTContract(FrozenPartsContract, BlocksContract):
+    """Shapes, determinism, save/load, backward, frozen base and checkpointed blocks (tests/models/contract.py), on
+    the model as 4D training uses it: the base frozen, the spatiotemporal layers trained (3.2)."""
+
+    output_shape = (B, T, Q, C)
+
+    def make_model(self, seed=0):
+        return Shape4DDiT.tiny(seed=seed)
+
+    def make_inputs(self, seed=0):
+        return _inputs(seed)
+
+    def save(self, model, path):
+        _perturb_st_outputs(model)  # so the saved layers are not the zero-output initial ones
+        model.save_pretrained(path)
+
+    def load(self, model, path):
+        return Shape4DDiT.from_pretrained(path)
+
+    def prepare_training(self, model):
+        model.freeze_base()
+        _perturb_st_outputs(model)
+        return model

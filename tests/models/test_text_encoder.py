@@ -9,6 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from loom.models import text_encoder as te  # noqa: E402
+from tests.models.contract import FrozenEncoderContract  # noqa: E402
 
 WORDS = "a 3d object of the red blue chair car cat on turntable video 360-degree rotating".split()
 
@@ -109,3 +110,28 @@ def test_checkpoint_layout_and_missing_dirs(tmp_path):
     save_tiny_umt5(tmp_path / "lonely" / "enc", tokenizer_dir=tmp_path / "elsewhere")
     with pytest.raises(FileNotFoundError, match="tokenizer=DIR"):
         te.resolve_text_dirs(str(tmp_path / "lonely" / "enc"))
+
+
+class TestTextEncoderContract(FrozenEncoderContract):
+    """Shapes, determinism, save/load and frozen weights (tests/models/contract.py) of the umT5 wrapper; the output
+    is the trimmed embeddings of the prompts, joined along the tokens."""
+
+    output_shape = (4 + 3, 32)  # "a red chair": ▁a ▁red ▁chair </s>; "a cat": ▁a ▁cat </s> (seed 1: as many)
+    leaves_global_rng = False  # the tiny umT5 is built under torch.manual_seed
+
+    def make_model(self, seed=0):
+        path = self.tmp_path / f"umt5-{seed}-{len(list(self.tmp_path.iterdir()))}"
+        return te.load_text_encoder(save_tiny_umt5(path, seed=seed))
+
+    def make_inputs(self, seed=0):
+        return {"prompts": [["a red chair", "a cat"], ["a blue car", "the cat"]][seed % 2]}
+
+    def forward(self, model, inputs):
+        return torch.cat(model.encode(inputs["prompts"]))
+
+    def save(self, model, path):
+        model.encoder.save_pretrained(str(path))
+        model.tokenizer.save_pretrained(str(path))
+
+    def load(self, model, path):
+        return te.load_text_encoder(str(path))

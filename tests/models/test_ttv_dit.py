@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from loom.models.ttv_dit import TEXT_TOKENS, TTVDiT, tiny_transformer_config
+from tests.models.contract import BlocksContract, FrozenPartsContract
 
 B, T, H, W = 1, 3, 8, 8
 
@@ -64,17 +65,6 @@ def test_bf16_model_returns_the_input_dtype():
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
-def test_determinism():
-    state = torch.random.get_rng_state()
-    a, b, c = TTVDiT.tiny(seed=0), TTVDiT.tiny(seed=0), TTVDiT.tiny(seed=1)
-    assert torch.equal(torch.random.get_rng_state(), state)  # tiny() leaves the global RNG alone
-    inputs = _inputs()
-    out = a(**inputs)
-    assert torch.equal(out, b(**inputs))
-    assert torch.equal(out, a(**inputs))
-    assert not torch.allclose(out, c(**inputs))
-
-
 def test_reference_latent_is_first_frame_then_zeros():
     first = torch.randn(2, 16, 1, 4, 6)
     ref = TTVDiT.reference_latent(first, 5)
@@ -83,20 +73,6 @@ def test_reference_latent_is_first_frame_then_zeros():
     assert not ref[:, :, 1:].any()
     with pytest.raises(ValueError, match=r"\(B, C, 1, H, W\)"):
         TTVDiT.reference_latent(torch.randn(2, 16, 2, 4, 6), 5)
-
-
-def test_save_pretrained_round_trip(tmp_path):
-    model = TTVDiT.tiny(seed=4)
-    _randomize(model.fusion.parameters(), seed=5)
-    model.save_pretrained(str(tmp_path))
-    loaded = TTVDiT.from_pretrained(str(tmp_path), str(tmp_path / "fusion"))
-    state, loaded_state = model.state_dict(), loaded.state_dict()
-    assert state.keys() == loaded_state.keys()
-    assert all(torch.equal(state[k], loaded_state[k]) for k in state)
-    inputs = _inputs()
-    # Equal weights, yet not always bit-equal outputs: tensors read from safetensors are not 64-byte aligned, and
-    # the CPU BLAS picks another kernel for them (a last-bit difference).
-    torch.testing.assert_close(loaded(**inputs), model(**inputs), atol=1e-6, rtol=0)
 
 
 def test_from_pretrained_refuses_a_missing_dir(tmp_path):
@@ -124,21 +100,16 @@ def test_backward_gives_finite_grads_to_every_trainable_param():
     assert model.fusion.conv_in.weight.grad.abs().sum() > 0
 
 
-def test_gradient_checkpointing_gives_the_same_grads():
-    inputs = _inputs()
-    grads = []
-    for checkpointing in (False, True):
-        model = TTVDiT.tiny()
-        model.add_lora(rank=4)
-        _randomize_lora_and_fusion(model)
-        if checkpointing:
-            model.enable_gradient_checkpointing()
-        model.train()
-        model(**inputs).square().mean().backward()
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+def test_enable_gradient_checkpointing_checkpoints_the_declared_blocks_only():
+    from loom.models.checkpointing import is_checkpointed
+
+    model = TTVDiT.tiny()
+    model.enable_gradient_checkpointing()
+    checkpointed = [n for n, m in model.named_modules() if is_checkpointed(m)]
+    assert checkpointed == ["transformer.blocks.0", "transformer.blocks.1"]
+    assert not model.transformer.gradient_checkpointing  # diffusers' own flag off: blocks are not checkpointed twice
+    model.disable_gradient_checkpointing()
+    assert not any(is_checkpointed(m) for m in model.modules())
 
 
 def test_lora_changes_nothing_at_step_0():
@@ -283,3 +254,29 @@ def test_bad_inputs_are_refused():
         model(**dict(_inputs(), geometry=torch.zeros(B, 48, T, H, W)))
     with pytest.raises(ValueError, match="timestep must be"):
         model(**dict(_inputs(), timestep=torch.tensor(700.0)))
+
+
+class TestTTVDiTContract(FrozenPartsContract, BlocksContract):
+    """Shapes, determinism, save/load, backward, frozen base and checkpointed blocks (tests/models/contract.py), on
+    the model as training uses it: LoRA on the frozen transformer, the fusion trained in full."""
+
+    output_shape = (B, 16, T, H, W)
+    round_trip_atol = 1e-6
+
+    def make_model(self, seed=0):
+        return TTVDiT.tiny(seed=seed)
+
+    def make_inputs(self, seed=0):
+        return _inputs(seed=seed)
+
+    def save(self, model, path):
+        _randomize(model.fusion.parameters(), seed=5)  # so the saved fusion is not the zero-output initial one
+        model.save_pretrained(str(path))
+
+    def load(self, model, path):
+        return TTVDiT.from_pretrained(str(path), str(path / "fusion"))
+
+    def prepare_training(self, model):
+        model.add_lora(rank=4)
+        _randomize_lora_and_fusion(model)
+        return model

@@ -56,3 +56,117 @@ def test_describe_lists_every_leaf_with_help():
     names = {r[0] for r in rows}
     assert {"orbit.frames", "render.samples", "lighting.hdris", "ray.address"} <= names
     assert all(r[2] for r in rows), [r[0] for r in rows if not r[2]]
+
+
+# ------------------------------------------------------------------ errors name the dotted field the user typed
+
+
+@c.config
+class _Section:
+    devices: int = c.field(1, help="processes")
+
+    def __post_init__(self):
+        c.require(self.devices >= 1, "devices", self.devices, "must be >= 1")  # a section knows only its own names
+
+
+@c.config
+class _Outer:
+    trainer: _Section = c.field(default_factory=_Section, help="a section")
+
+
+@c.config
+class _Root:
+    inner: _Outer = c.field(default_factory=_Outer, help="a section holding a section")
+    out: str = c.field("o", help="output")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: c.override(_Root(), "inner.trainer.devices", 0),           # --set
+    lambda: c.from_dict(_Root, {"inner": {"trainer": {"devices": 0}}}),  # --config / config.yaml
+])
+def test_a_sections_bare_field_name_is_qualified_from_the_root(make):
+    with pytest.raises(c.ConfigError) as e:
+        make()
+    assert e.value.field == "inner.trainer.devices"
+    assert str(e.value).startswith("inner.trainer.devices=0 is invalid")
+
+
+def test_a_real_job_names_trainer_devices():
+    from loom.training.ttv import TrainTTVJob
+
+    with pytest.raises(c.ConfigError, match=r"^trainer\.devices=0 is invalid") as e:
+        c.resolve(TrainTTVJob, "tiny", c.parse_set(["trainer.devices=0"]))
+    assert e.value.field == "trainer.devices"
+
+
+def test_an_already_dotted_name_is_left_as_the_section_wrote_it():
+    with pytest.raises(c.ConfigError) as e:
+        c.resolve(RenderTTVJob, "default", c.parse_set(["ray.workers=-1"]))
+    assert e.value.field == "ray.workers" and "ray.ray" not in str(e.value)
+
+
+# ------------------------------------------------------------------ did-you-mean and renamed keys
+
+
+@pytest.mark.parametrize("item,want", [
+    ("orbit.framez=3", "'orbit.frames'"),   # a typo in the last part
+    ("orbt.frames=3", "'orbit.frames'"),    # a typo in the section
+    ("frames=3", "'orbit.frames'"),         # the section left out
+    ("render.sample=3", "'render.samples'"),
+])
+def test_unknown_keys_get_a_did_you_mean(item, want):
+    with pytest.raises(c.ConfigError, match="did you mean") as e:
+        c.resolve(RenderTTVJob, "default", c.parse_set([item]))
+    assert want in str(e.value)
+
+
+def test_a_close_match_is_not_drowned_in_siblings_of_the_same_section():
+    with pytest.raises(c.ConfigError) as e:
+        c.resolve(RenderTTVJob, "default", c.parse_set(["orbit.framez=3"]))
+    assert str(e.value).count("'orbit.") == 2  # the key typed and one suggestion, not every orbit field
+
+
+def test_unknown_key_in_a_config_file_gets_a_did_you_mean(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("orbit:\n  framez: 3\n")
+    with pytest.raises(c.ConfigError, match=r"orbit\.framez.*did you mean 'orbit\.frames'") as e:
+        c.load_yaml(RenderTTVJob, str(path))
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("old,new", sorted({
+    "cluster.workers": "ray.workers", "cluster.address": "ray.address", "parallel.workers": "ray.workers",
+    "parallel.gpus_per_worker": "ray.gpus_per_worker", "launch.ray_address": "ray.address",
+    "launch.num_workers": "ray.workers", "launch.use_gpu": "ray.gpus_per_worker",
+    "launch.cpus_per_worker": "ray.cpus_per_worker", "launch.max_failures": "trainer.max_failures"}.items()))
+def test_keys_renamed_by_the_restructure_say_their_new_name(old, new):
+    from loom.training.ttv import TrainTTVJob
+
+    assert c.renamed(old) == new
+    with pytest.raises(c.ConfigError, match=f"'{old}' was renamed '{new}'"):
+        c.resolve(TrainTTVJob, "tiny", c.parse_set([f"{old}=1"]))
+
+
+def test_an_old_config_file_with_a_launch_section_names_each_rename(tmp_path):
+    from loom.training.ttv import TrainTTVJob
+
+    path = tmp_path / "config.yaml"
+    path.write_text("launch:\n  ray_address: auto\n  num_workers: 4\n")
+    with pytest.raises(c.ConfigError) as e:
+        c.load_yaml(TrainTTVJob, str(path))
+    assert "'launch.ray_address' was renamed 'ray.address'" in str(e.value)
+    assert "'launch.num_workers' was renamed 'ray.workers'" in str(e.value)
+
+
+def test_a_rename_to_a_section_the_job_lacks_is_not_suggested():
+    # a render job has no trainer section: launch.max_failures is just unknown there
+    with pytest.raises(c.ConfigError) as e:
+        c.resolve(RenderTTVJob, "default", c.parse_set(["launch.max_failures=2"]))
+    assert "renamed" not in str(e.value)
+
+
+def test_diff_names_each_changed_leaf():
+    a = c.resolve(RenderTTVJob, "smoke")
+    b = c.override(c.override(a, "orbit.frames", 9), "render.samples", 3)
+    assert sorted(c.diff(a, b)) == [("orbit.frames", a.orbit.frames, 9), ("render.samples", a.render.samples, 3)]
+    assert c.diff(a, a) == []

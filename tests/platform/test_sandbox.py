@@ -76,3 +76,36 @@ def test_a_parent_that_imported_bpy_still_starts_bpy_workers(tmp_path):
     assert any("/scripts" in p for p in sys.path)  # the precondition: the parent's path holds Blender's folders
     with Sandbox(ENTRY, log_dir=str(tmp_path), env={"OMP_NUM_THREADS": "1"}, preload=("bpy",)) as b:
         assert b.run({"what": "bpy"}, timeout=60) == bpy.app.version_string
+
+
+def say(params):
+    """Entry point: write ``text`` to the log straight, through Python's stdout and through the C library's
+    (buffered: how Blender prints), then maybe exit."""
+    import ctypes
+    import sys
+
+    for i in range(params.get("lines", 2)):
+        os.write(1, f"{params['text']} (raw {i})\n".encode())
+        print(f"{params['text']} (python {i})")
+        ctypes.CDLL(None).printf(f"{params['text']} (printf {i})\n".encode())
+    if params.get("exit"):
+        sys.exit(3)  # not caught by the child's loop: the process ends, flushing what is still buffered
+    return "said"
+
+
+def test_a_failure_reason_quotes_the_log_lines_of_its_own_task_only(tmp_path, monkeypatch):
+    """Two tasks in one long-lived child: the second one's crash report must not quote the first one's lines,
+    whether they were written unbuffered or left in a stdout buffer by the first task."""
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # the child buffers its output, as a Ray worker's does
+    with Sandbox("tests.platform.test_sandbox:say", log_dir=str(tmp_path), env={"OMP_NUM_THREADS": "1"}) as b:
+        assert b.run({"text": "first task", "lines": 5}, timeout=30) == "said"
+        with pytest.raises(WorkerCrashed) as err:
+            b.run({"text": "second task", "exit": True}, timeout=30)
+        reason = str(err.value)
+        assert "exit code 3" in reason and "second task" in reason
+        assert "first task" not in reason, reason
+        assert b.starts == 1  # both tasks ran in the same child
+        # the next task gets a fresh child and a clean slate too
+        with pytest.raises(WorkerCrashed) as err:
+            b.run({"text": "third task", "exit": True}, timeout=30)
+        assert "third task" in str(err.value) and "second task" not in str(err.value)

@@ -47,9 +47,9 @@ def assets(tmp_path_factory):
 def _params(assets, name, workdir, **overrides) -> dict:
     p = {
         "asset_path": assets[name], "workdir": str(workdir), "frames": FRAMES, "width": W, "height": H,
-        "azimuth": AZIMUTH, "elevation": ELEVATION, "fill": FILL, "half_extent": HALF, "distance": DISTANCE,
-        "hdri_path": assets["env"], "hdri_strength": 1.0, "samples": 2, "denoise": False, "threads": 2, "seed": 0,
-        "engine": "CYCLES", "device": "CPU",
+        "camera": {"azimuth": AZIMUTH, "elevation": ELEVATION, "fill": FILL, "distance": DISTANCE},
+        "half_extent": HALF, "hdri_path": assets["env"], "lighting": {"hdri": "env", "strength": 1.0, "rotation": 0.0},
+        "samples": 2, "denoise": False, "threads": 2, "seed": 0, "engine": "CYCLES", "device": "CPU",
     }
     p.update(overrides)
     return p

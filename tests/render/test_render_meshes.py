@@ -1,4 +1,5 @@
-"""Tests of the mesh-sequence render (loom.render.meshes) behind ``loom eval 4d``'s rendering metrics: the
+"""Tests of the bpy side of the mesh-sequence render (loom.render.meshes, driven through the sandbox by
+loom.corpora.meshes for ``loom eval 4d``'s rendering metrics; tests/corpora/test_meshes.py tests that driver): the
 silhouette matches the OpenCV projection of the vertices (off-centre principal point included), vertex colours come
 out as given, clay shading lights the surface, and bad input is refused with a message naming it."""
 

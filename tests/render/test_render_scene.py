@@ -251,7 +251,7 @@ def test_freestyle_method_matches_the_outline(tmp_path):
 
     asset = make_cube_scene(tmp_path)
     K, c2w, _ = orbit(3.5, 1.8, 40.0, phase=0.3).sample(1, W, H)
-    out = render_scene(_params(asset, tmp_path, K, c2w, edges_method="freestyle"))
+    out = render_scene(_params(asset, tmp_path, K, c2w, edges={"method": "freestyle"}))
     assert out["info"]["edges_method"] == "freestyle"
     sil = out["edges"][0, ..., SIL]
     assert sil.sum() > 20

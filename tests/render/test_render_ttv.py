@@ -60,10 +60,12 @@ def env_map(tmp_path_factory):
 
 def _params(asset, env_map, workdir, **overrides) -> dict:
     p = dict(
-        asset_path=str(asset), width=W, height=H, frames=FRAMES, radius=RADIUS, height_z=HEIGHT_Z, fov_margin=0.05,
-        rotation=random_rotation(np.random.default_rng(0)).tolist(), hdri_path=str(env_map), hdri_strength=1.0,
-        hdri_rotation=0.7, engine="CYCLES", device="CPU", threads=2, samples=4, denoise=True, adaptive_threshold=0.01,
-        max_bounces=4, seed=0, background=BACKGROUND, workdir=str(workdir),
+        asset_path=str(asset), width=W, height=H, frames=FRAMES,
+        orbit={"radius": RADIUS, "height": HEIGHT_Z, "fov_margin": 0.05},
+        rotation=random_rotation(np.random.default_rng(0)).tolist(), hdri_path=str(env_map),
+        lighting={"hdri": "env", "strength": 1.0, "rotation": 0.7}, engine="CYCLES", device="CPU", threads=2,
+        samples=4, denoise=True, adaptive_threshold=0.01, max_bounces=4, seed=0, background=BACKGROUND,
+        workdir=str(workdir),
     )
     p.update(overrides)
     return p

@@ -4,7 +4,7 @@ one) written as real Loom shards with a manifest."""
 from __future__ import annotations
 
 from loom.datasets import ttv
-from loom.corpora import fake
+from loom.render import fake
 from loom.platform import shards
 
 
@@ -15,7 +15,7 @@ def make_ttv_corpus(out: str, samples: int = 2, frames: int = 5, size: int = 32,
         items = []
         for i in range(s, min(samples, s + per_shard)):
             r = fake.render_sphere({"asset_path": __file__, "frames": frames, "width": size, "height": size,
-                                    "radius": 2.5, "height_z": 0.3 + 0.2 * i, "fov_margin": 1.1,
+                                    "orbit": {"radius": 2.5, "height": 0.3 + 0.2 * i, "fov_margin": 1.1},
                                     "background": (0.2 * (i % 5), 0.5, 1.0)})
             meta = {"kind": "ttv", "uid": f"sphere{i}", "seed": i}
             arrays = {k: r[k] for k in ("rgb", "normal", "position", "depth", "mask", "K", "c2w")}

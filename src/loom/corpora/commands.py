@@ -5,53 +5,46 @@ from __future__ import annotations
 import argparse
 import sys
 
+from loom.corpora.base import job_spec
+from loom.corpora.scene import RenderSceneJob
+from loom.corpora.shape4d import Render4DJob
+from loom.corpora.ttv import RenderTTVJob
 from loom.platform.command import add_job_args, help_config, print_config, resolve_config
 
 
-# kind -> (module with job_spec(cfg, records), its root config class name, help, the config field naming the
-# assets, extra options {flag: (config field, help)})
+# kind -> (its root config class, a loom.corpora.base.RenderJob; help; extra options {flag: (config field, help)})
 _ASSETS_HELP = "asset source: bundled | FOLDER/URL | MANIFEST.jsonl | objaverse:... (default from the recipe)"
 JOBS = {
-    "ttv": ("loom.corpora.ttv", "RenderTTVJob",
-            "turntable videos with normal/position/depth/mask passes (TAPESTRY)", "assets",
+    "ttv": (RenderTTVJob, "turntable videos with normal/position/depth/mask passes (TAPESTRY)",
             {"--assets": ("assets", _ASSETS_HELP)}),
-    "4d": ("loom.corpora.shape4d", "Render4DJob",
+    "4d": (Render4DJob,
            "animated 4D sequences: watertight surfaces, SDF, aligned query points, conditioning video (ShapeGen4D)",
-           "assets", {"--assets": ("assets", _ASSETS_HELP.replace("bundled", "bundled-animated"))}),
-    "scene": ("loom.corpora.scene", "RenderSceneJob",
-              "scene videos along a camera trajectory: edges, geometric flow, warped noise (VideoFrom3D)", "scene",
+           {"--assets": ("assets", _ASSETS_HELP.replace("bundled", "bundled-animated"))}),
+    "scene": (RenderSceneJob,
+              "scene videos along a camera trajectory: edges, geometric flow, warped noise (VideoFrom3D)",
               {"--scene": ("scene", "scene file (.glb/.gltf/.obj/.blend) or 'bundled-scene'"),
                "--trajectory": ("trajectory", "camera keyframes (.yaml/.json) or the preset 'orbit'")}),
 }
-
-
-def _job(kind: str):
-    import importlib
-
-    mod_name, cls_name = JOBS[kind][:2]
-    mod = importlib.import_module(mod_name)
-    return mod, getattr(mod, cls_name)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
     from loom.corpora.assets import resolve_source
     from loom.platform.jobs import estimate, run_job
 
-    mod, job_cls = _job(args.kind)
-    _, _, _, source_field, extra = JOBS[args.kind]
+    job_cls, _, extra = JOBS[args.kind]
     if args.help_config:
         return help_config(job_cls)
     direct = {fld: getattr(args, flag.lstrip("-")) for flag, (fld, _) in extra.items()}
     cfg = resolve_config(job_cls, args, out=args.out, **direct)
     if args.print_config:
         return print_config(cfg)
-    source = getattr(cfg, source_field)
+    source = getattr(cfg, cfg.SOURCE)
     records = resolve_source(source)
     if getattr(cfg, "limit", None):
         records = records[: cfg.limit]
     if not records:
         raise ValueError(f"asset source {source!r} has no assets")
-    spec = mod.job_spec(cfg, records)
+    spec = job_spec(cfg, records)
     if args.dry_run:
         print(f"plan for {len(records)} asset(s) -> {len(spec.tasks)} task(s) -> {cfg.out}")
         print(estimate(spec, calibrate=not args.no_calibrate).report())
@@ -64,6 +57,11 @@ def cmd_render(args: argparse.Namespace) -> int:
         print(f"  failed {f['key']}: {f['reason'].splitlines()[0]}")
     if summary.failed > 20:
         print(f"  ... {summary.failed - 20} more in {cfg.out}/failures.jsonl")
+    unsupported = [r.path for r in records if not r.supported]  # named on every run, reruns included
+    if unsupported:
+        print(f"  not rendered: {len(unsupported)} file(s) of mesh formats Loom does not import, convert them to "
+              f".glb (failure rows in {cfg.out}/failures.jsonl): {', '.join(unsupported[:10])}"
+              + (" ..." if len(unsupported) > 10 else ""))
     for w in summary.warnings[:10]:
         print(f"  warning {w['key']}: {'; '.join(w['warnings'])}")
     print(f"shards:   {cfg.out}/shards  (manifest {cfg.out}/manifest.json)")
@@ -84,16 +82,20 @@ def cmd_assets_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# --set examples shown in each render command's help (tests resolve each against its job)
+RENDER_EXAMPLES = {"ttv": "orbit.frames=61", "4d": "sequence.frames=16", "scene": "render.samples=64"}
+RENDER_INTERRUPTED = "finished shards in {out}/shards are kept: the same command renders only the rest"
+
+
 def register(sub) -> None:
     render = sub.add_parser("render", help="render a corpus into WebDataset shards").add_subparsers(
         dest="kind", metavar="KIND")
-    for kind, (_, _, text, _, extra) in JOBS.items():
-        _, job_cls = _job(kind)
+    for kind, (job_cls, text, extra) in JOBS.items():
         p = render.add_parser(kind, help=text)
         for flag, (_, help_text) in extra.items():
             p.add_argument(flag, help=help_text)
         p.add_argument("--out", help="output folder or fsspec URL (default from the recipe)")
-        add_job_args(p, job_cls)
+        add_job_args(p, job_cls, example=RENDER_EXAMPLES[kind], interrupted=RENDER_INTERRUPTED)
         p.add_argument("--dry-run", action="store_true", help="print tasks, frames, size and cost; render "
                        "nothing but one short calibration")
         p.add_argument("--no-calibrate", action="store_true", help="with --dry-run: skip the calibration render")
@@ -151,7 +153,8 @@ def register_cache(sub) -> None:
     p.add_argument("--source", help="Loom output folder of a finished turntable job (default from the recipe)")
     p.add_argument("--out", help="output folder or fsspec URL (default from the recipe)")
     p.add_argument("--vae", help="local diffusers AutoencoderKLWan folder (e.g. <Wan2.1 checkpoint>/vae)")
-    add_job_args(p, CacheLatentsJob)
+    add_job_args(p, CacheLatentsJob, example="ray.workers=2",
+                 interrupted="finished latent shards in {out}/shards are kept: the same command encodes only the rest")
     p.add_argument("--text-encoder", help="local umT5 encoder folder (e.g. <Wan2.1 checkpoint>/text_encoder): adds "
                    "text embeddings")
     p.add_argument("--image-encoder", help="local CLIP vision folder (e.g. <Wan2.1 I2V checkpoint>/image_encoder): "

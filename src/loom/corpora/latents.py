@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import string
 import sys
@@ -40,11 +39,10 @@ from loom.platform.ray import RaySettings
 from loom.platform.jobs import JobSpec, Summary, Task, run_job
 from loom.platform import shards, storage
 from loom.platform.config import ConfigError, config, config_hash, field, recipe, require, to_dict
+from loom.models.ttv import DEFAULT_PROMPT, PASSES
 
 KIND = "latents"
 ENTRY = "loom.corpora.latents:encode_entry"
-PASSES = ("rgb", "normal", "position")
-DEFAULT_PROMPT = "a 360-degree turntable video of a 3D object"
 # Fields a prompt template may name: the sample key and the turntable sample's meta (`loom.datasets.ttv`).
 PROMPT_FIELDS = ("key", "uid", "variant", "seed", "source", "license", "asset_sha256", "lighting", "orbit", "render")
 TEXT_BATCH = 16  # distinct prompts per umT5 forward pass
@@ -289,34 +287,14 @@ def job_spec(cfg: CacheLatentsJob) -> JobSpec:
 # -------------------------------------------------------------------------------------------- sandbox entry
 
 
-def frame_indices(t: int, policy: str, r: int = 4) -> list[int]:
-    """Source frame indices fed to a causal VAE that takes 1 + r*k frames (see `CacheLatentsJob.frames`)."""
-    if t < 1:
-        raise ValueError("sample has no frames")
-    if (t - 1) % r == 0:
-        return list(range(t))
-    if policy == "trim":
-        return list(range(1 + r * ((t - 1) // r)))
-    if policy == "pad":
-        n = 1 + r * math.ceil((t - 1) / r)
-        return list(range(t)) + [t - 1] * (n - t)
-    raise ValueError(f"sample has {t} frames; frames=exact needs 1 + {r}k (set frames=trim or frames=pad)")
-
-
 def video_input(name: str, a, position_radius: float = 1.0):
-    """One pass of a decoded turntable sample, (T, H, W, 3) -> the VAE's input (3, T, H, W) float32 in [-1, 1]."""
+    """One pass of a decoded turntable sample, (T, H, W, 3) -> the VAE's input (3, T, H, W) float32 in [-1, 1]
+    (the mapping is the model line's, `loom.models.ttv.vae_input`, so training and generation see the same)."""
     import numpy as np
-    import torch
 
-    if name == "rgb":
-        x = a.astype(np.float32) / 127.5 - 1.0
-    elif name == "normal":
-        x = np.clip(a.astype(np.float32), -1.0, 1.0)  # unit normals; float16 storage can round just past 1
-    elif name == "position":
-        x = np.clip(a.astype(np.float32) / position_radius, -1.0, 1.0)
-    else:
-        raise ValueError(f"unknown pass {name!r}")
-    return torch.from_numpy(np.ascontiguousarray(x)).permute(3, 0, 1, 2)  # (3, T, H, W)
+    from loom.models.ttv import vae_input
+
+    return vae_input(name, np.ascontiguousarray(a), position_radius).permute(3, 0, 1, 2)  # (3, T, H, W)
 
 
 _STATE: dict = {}  # per sandbox process: slot -> (key, loaded encoder or captions), kept across tasks
@@ -420,6 +398,7 @@ def encode_entry(params: dict) -> dict:
 
     from loom.datasets.latents import npy
     from loom.datasets.ttv import decode_sample
+    from loom.models.ttv import vae_frame_indices
 
     t0 = time.monotonic()
     torch.set_num_threads(max(1, int(params.get("threads", 1))))
@@ -440,7 +419,7 @@ def encode_entry(params: dict) -> dict:
         try:
             s = decode_sample(files, keys=decode_keys)
             t = s["mask"].shape[0]
-            idx = frame_indices(t, params["frames"], vae.temporal_factor)
+            idx = vae_frame_indices(t, params["frames"], vae.temporal_factor)
             videos = [video_input(p, s[p][idx], params["position_radius"]) for p in passes]
             latents = []
             for i in range(0, len(videos), params["batch"]):

@@ -4,24 +4,30 @@ One task per (scene, lighting variant). The camera trajectory (a YAML/JSON keyfr
 here, in the driver, into per-frame ``K`` and ``c2w``; the sandboxed Blender worker renders rgb, exact depth,
 object ids and the four edge maps; then, still in the worker, the geometric flow between frames (each pixel's 3D
 point reprojected into the other camera, with a depth test) and the warped noise (frame 0's Gaussian noise carried
-along the flow at latent resolution). The job, shard, manifest, resume and failure machinery is the turntable
-job's (``loom.platform.jobs``).
+along the flow at latent resolution). The job is the render-job base's
+(``loom.corpora.base``); shards, manifests, resume and failure rows are ``loom.platform.jobs``'.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
-import loom
-from loom.platform.ray import RaySettings
-from loom.platform.jobs import JobSpec, ShardSettings, Task
-from loom.corpora.settings import EncodeSettings, LightingSettings, RenderSettings, check_hdris
-from loom.corpora.ttv import task_seed
-from loom.platform.config import config, config_hash, field, recipe, require, to_dict
+from loom.corpora.base import (
+    EncodeSettings,
+    LightingSettings,
+    RenderJob,
+    RenderSettings,
+    RenderTask,
+    common_fields,
+    run_task,
+    task_seed,
+)
+from loom.platform.config import config, field, recipe, require
+from loom.platform.jobs import ShardSettings
 
 
 @config
@@ -62,7 +68,11 @@ class NoiseSettings:
 
 
 @config
-class RenderSceneJob:
+class RenderSceneJob(RenderJob):
+    KIND: ClassVar[str] = "scene"
+    SOURCE: ClassVar[str] = "scene"
+    NON_SAMPLE_FIELDS: ClassVar[tuple[str, ...]] = ("scene", "out", "ray", "shards")
+
     scene: str = field("bundled-scene", help="scene file (.glb/.gltf/.obj/.blend) or 'bundled-scene'")
     trajectory: str = field("orbit", help="camera keyframes file (.yaml/.json) or a preset: 'orbit'")
     out: str = field("out/scene", help="output folder or fsspec URL for shards and manifests")
@@ -76,14 +86,18 @@ class RenderSceneJob:
                                        help="environment lighting")
     encode: EncodeSettings = field(default_factory=EncodeSettings, help="on-disk encoding")
     shards: ShardSettings = field(default_factory=lambda: ShardSettings(samples_per_shard=1), help="sharding")
-    ray: RaySettings = field(default_factory=RaySettings, help="Ray: address, workers, CPUs and GPUs per worker")
 
     def __post_init__(self):
         require(self.render.width % self.noise.downsample == 0 and self.render.height % self.noise.downsample == 0,
                 "noise.downsample", self.noise.downsample, "must divide render.width and render.height")
 
-
-NON_SAMPLE_FIELDS = ("scene", "out", "ray", "shards")
+    def task(self, asset: dict, variant: int, chash: str) -> SceneTask:
+        seed = task_seed(self.seed, asset["sha256"], variant)
+        rng = np.random.default_rng(seed)
+        K, c2w = sample_trajectory(self)
+        return SceneTask(**common_fields(self, asset, variant, seed, rng, chash, self.camera.frames),
+                         K=K.tolist(), c2w=c2w.tolist(), trajectory=self.trajectory, edges=self.edges,
+                         noise=self.noise, rgb_codec=self.encode.rgb_codec)
 
 
 @recipe(RenderSceneJob, "default", help="VideoFrom3D's settings: 46 frames at 720x480, latent 8x smaller")
@@ -114,28 +128,16 @@ def sample_trajectory(cfg: RenderSceneJob) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(K), np.asarray(c2w)
 
 
-def task_params(cfg: RenderSceneJob, asset: dict, variant: int, chash: str, K, c2w) -> dict:
-    seed = task_seed(cfg.seed, asset["sha256"], variant)
-    rng = np.random.default_rng(seed)
-    r = cfg.render
-    return {
-        "kind": "scene", "backend": r.backend, "width": r.width, "height": r.height, "frames": cfg.camera.frames,
-        "K": np.asarray(K).tolist(), "c2w": np.asarray(c2w).tolist(),
-        "crease_angle_deg": cfg.edges.crease_angle_deg, "line_width_px": cfg.edges.line_width_px,
-        "edges_method": cfg.edges.method,
-        "engine": r.engine, "device": r.device, "samples": r.samples, "denoise": r.denoise,
-        "adaptive_threshold": r.adaptive_threshold, "max_bounces": r.max_bounces, "background": list(r.background),
-        "threads": cfg.ray.cpus_per_worker, "seed": seed % (2**31 - 1),
-        "hdri": cfg.lighting.hdris[variant % len(cfg.lighting.hdris)],
-        "hdri_strength": float(rng.uniform(*cfg.lighting.strength)),
-        "hdri_rotation": float(rng.uniform(0, 2 * math.pi)) if cfg.lighting.random_rotation else 0.0,
-        "noise": to_dict(cfg.noise), "rgb_codec": cfg.encode.rgb_codec,
-        "meta": {
-            "kind": "scene", "uid": asset["uid"], "source": asset["source"], "license": asset.get("license", ""),
-            "asset_sha256": asset["sha256"], "variant": variant, "seed": seed, "job_seed": cfg.seed,
-            "trajectory": cfg.trajectory, "loom_version": loom.__version__, "config_hash": chash,
-        },
-    }
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SceneTask(RenderTask):
+    META: ClassVar[tuple[str, ...]] = ("lighting", "edges", "trajectory")
+
+    K: list  # (T,3,3) intrinsics of the sampled trajectory
+    c2w: list  # (T,4,4) OpenCV camera-to-world
+    trajectory: str  # the keyframe file or preset they were sampled from
+    edges: EdgeSettings
+    noise: NoiseSettings
+    rgb_codec: str
 
 
 def warped_noise(flow_fwd: np.ndarray, occluded: np.ndarray, height: int, width: int, p: dict,
@@ -154,59 +156,42 @@ def warped_noise(flow_fwd: np.ndarray, occluded: np.ndarray, height: int, width:
     return warp_noise(noise0, flows, generator=g, upsample=p["upsample"]).numpy()
 
 
-def render_entry(params: dict) -> dict:
-    """Runs inside the sandbox: render the scene along the trajectory, add flow and warped noise, encode."""
-    from loom.datasets.scene import encode_sample
-    from loom.geometry.flow import sequence_flows
-
-    t0 = time.monotonic()
-    if params.get("backend") == "fake":
+def render(params: dict) -> dict:
+    if params["backend"] == "fake":
         from loom.render.fake import scene_frames
 
-        res = scene_frames(params)
-    else:
-        from loom.render import hdri_path
-        from loom.render.scene import render_scene
+        return scene_frames(params)
+    from loom.render.scene import render_scene
 
-        res = render_scene({**params, "hdri_path": hdri_path(params["hdri"])})
-    info = res.pop("info")
-    timings = dict(info["timings"])
+    return render_scene(params)
+
+
+def to_arrays(params: dict, res: dict, info: dict, timings: dict) -> tuple[dict, dict]:
+    """Add the geometric flow between frames and the warped noise to the render."""
+    from loom.geometry.flow import sequence_flows
+
     t1 = time.monotonic()
     flows = sequence_flows(res["depth"], res["K"], res["c2w"], res["mask"])
     t2 = time.monotonic()
-    noise = warped_noise(flows["flow_fwd"], flows["occlusion_fwd"], params["height"], params["width"], params["noise"], params["seed"])
-    t3 = time.monotonic()
+    noise = warped_noise(flows["flow_fwd"], flows["occlusion_fwd"], params["height"], params["width"],
+                         params["noise"], params["seed"])
+    timings.update(flow=t2 - t1, noise=time.monotonic() - t2)
     arrays = {k: res[k] for k in ("rgb", "depth", "mask", "object_id", "edges", "K", "c2w")}
     arrays.update({k: flows[k] for k in ("flow_fwd", "flow_bwd", "flow_last_to_first", "occlusion_fwd",
                                          "occlusion_bwd")})
     arrays["noise"] = noise
-    meta = {**params["meta"], "blender_version": info["blender_version"], "warnings": info["warnings"],
-            "objects": info.get("objects", []), "edges_method": info.get("edges_method", ""),
-            "edge_kinds": ["silhouette", "crease", "boundary", "intersection"],
-            "crease_angle_deg": params["crease_angle_deg"],
-            "lighting": {"hdri": params["hdri"], "strength": params["hdri_strength"],
-                         "rotation": params["hdri_rotation"]}}
-    files = encode_sample(arrays, meta, params.get("rgb_codec", "ffv1"))
-    timings.update(flow=t2 - t1, noise=t3 - t2, encode=time.monotonic() - t3, task=time.monotonic() - t0)
-    return {"files": files, "timings": timings, "warnings": info["warnings"]}
+    return arrays, {"objects": info.get("objects", []), "edges_method": info.get("edges_method", ""),
+                    "edge_kinds": ["silhouette", "crease", "boundary", "intersection"],
+                    # Also in meta["edges"]; kept at the top level, where samples of earlier versions have it.
+                    "crease_angle_deg": params["edges"]["crease_angle_deg"]}
 
 
-def job_spec(cfg: RenderSceneJob, records: list) -> JobSpec:
-    if cfg.render.backend == "blender":
-        check_hdris(cfg.lighting.hdris)
-    K, c2w = sample_trajectory(cfg)
-    chash = config_hash(cfg, exclude=NON_SAMPLE_FIELDS)
-    tasks = []
-    for rec in records:
-        a = rec.to_dict()
-        for v in range(cfg.lighting.variants):
-            tasks.append(Task(key=f"{rec.uid}_v{v}", asset=a, params=task_params(cfg, a, v, chash, K, c2w),
-                              frames=cfg.camera.frames))
-    return JobSpec(
-        kind="scene", entry="loom.corpora.scene:render_entry", tasks=tasks, out=cfg.out, config=to_dict(cfg),
-        config_hash=chash, timeout_s=cfg.render.timeout_s, ray=cfg.ray,
-        samples_per_shard=cfg.shards.samples_per_shard,
-        env={"OMP_NUM_THREADS": str(cfg.ray.cpus_per_worker)},
-        fetch="loom.corpora.settings:fetch_asset",
-        preload=("bpy",) if cfg.render.backend == "blender" else (),
-    )
+def encode(arrays: dict, meta: dict, params: dict) -> dict[str, bytes]:
+    from loom.datasets.scene import encode_sample
+
+    return encode_sample(arrays, meta, params["rgb_codec"])
+
+
+def render_entry(params: dict) -> dict:
+    """The sandbox entry: render the scene along the trajectory, add flow and warped noise, encode."""
+    return run_task(params, meta_fields=SceneTask.META, render=render, to_arrays=to_arrays, encode=encode)

@@ -8,22 +8,30 @@ One task per animated asset (and lighting variant of its conditioning video). In
              frame 0: aligned queries by FPS on the original mesh, carried to every frame by barycentrics
     encode:  loom.datasets.shape4d.encode_sample -> tar members
 
-The job, shard, manifest, resume and failure machinery is the turntable job's (``loom.platform.jobs``).
+The job is the render-job base's (``loom.corpora.base``); shards, manifests, resume and failure rows are
+``loom.platform.jobs``'.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from typing import ClassVar
 
 import numpy as np
 
-import loom
-from loom.platform.ray import RaySettings
-from loom.platform.jobs import JobSpec, ShardSettings, Task
-from loom.corpora.settings import LightingSettings, RenderSettings, check_hdris
-from loom.corpora.ttv import task_seed
-from loom.platform.config import config, config_hash, field, recipe, require, to_dict
+from loom.corpora.base import (
+    LightingSettings,
+    RenderJob,
+    RenderSettings,
+    RenderTask,
+    common_fields,
+    run_task,
+    task_seed,
+)
+from loom.platform.config import config, field, recipe, require
+from loom.platform.jobs import ShardSettings
 
 
 @config
@@ -65,11 +73,13 @@ class PointSettings:
 
 
 @config
-class Render4DJob:
+class Render4DJob(RenderJob):
+    KIND: ClassVar[str] = "4d"
+    NON_SAMPLE_FIELDS: ClassVar[tuple[str, ...]] = ("assets", "out", "limit", "ray", "shards")
+
     assets: str = field("bundled-animated", help="asset source (see loom.corpora.assets); 'bundled-animated' "
                         "makes Loom's own animated test assets")
     out: str = field("out/4d", help="output folder or fsspec URL for shards and manifests")
-    seed: int = field(0, help="job seed; a task's seed derives from it, the asset's sha256 and the variant")
     limit: int | None = field(None, help="process only the first N assets (after sorting)")
     sequence: SequenceSettings = field(default_factory=SequenceSettings, help="frames and normalisation")
     points: PointSettings = field(default_factory=PointSettings, help="surface, query and SDF sampling")
@@ -78,13 +88,18 @@ class Render4DJob:
     lighting: LightingSettings = field(default_factory=lambda: LightingSettings(variants=1),
                                        help="environment lighting of the conditioning video")
     shards: ShardSettings = field(default_factory=lambda: ShardSettings(samples_per_shard=8), help="sharding")
-    ray: RaySettings = field(default_factory=RaySettings, help="Ray: address, workers, CPUs and GPUs per worker")
 
     def __post_init__(self):
         require(self.limit is None or self.limit >= 1, "limit", self.limit, "must be >= 1 or unset")
 
-
-NON_SAMPLE_FIELDS = ("assets", "out", "limit", "ray", "shards")
+    def task(self, asset: dict, variant: int, chash: str) -> Task4D:
+        seed = task_seed(self.seed, asset["sha256"], variant)
+        rng = np.random.default_rng(seed)
+        s = self.sequence
+        camera = Camera(azimuth=float(rng.uniform(0, 2 * math.pi)),
+                        elevation=math.radians(float(rng.uniform(*s.elevation))), fill=s.fill)
+        return Task4D(**common_fields(self, asset, variant, seed, rng, chash, s.frames), half_extent=s.half_extent,
+                      camera=camera, points=self.points)
 
 
 @recipe(Render4DJob, "default", help="the paper's settings: 16 frames, 32,768 surface points, 1,024 queries")
@@ -105,39 +120,22 @@ def _smoke() -> Render4DJob:
     )
 
 
-def task_params(cfg: Render4DJob, asset: dict, variant: int, chash: str) -> dict:
-    seed = task_seed(cfg.seed, asset["sha256"], variant)
-    rng = np.random.default_rng(seed)
-    r, p = cfg.render, cfg.points
-    return {
-        "kind": "4d", "backend": r.backend,
-        "frames": cfg.sequence.frames, "half_extent": cfg.sequence.half_extent, "fill": cfg.sequence.fill,
-        "azimuth": float(rng.uniform(0, 2 * math.pi)),
-        "elevation": math.radians(float(rng.uniform(*cfg.sequence.elevation))),
-        "width": r.width, "height": r.height, "engine": r.engine, "device": r.device, "samples": r.samples,
-        "denoise": r.denoise, "adaptive_threshold": r.adaptive_threshold, "max_bounces": r.max_bounces,
-        "threads": cfg.ray.cpus_per_worker, "seed": seed % (2**31 - 1),
-        "hdri": cfg.lighting.hdris[variant % len(cfg.lighting.hdris)],
-        "hdri_strength": float(rng.uniform(*cfg.lighting.strength)),
-        "hdri_rotation": float(rng.uniform(0, 2 * math.pi)) if cfg.lighting.random_rotation else 0.0,
-        "points": to_dict(p),
-        "meta": {
-            "kind": "4d", "uid": asset["uid"], "source": asset["source"], "license": asset.get("license", ""),
-            "asset_sha256": asset["sha256"], "variant": variant, "seed": seed, "job_seed": cfg.seed,
-            "loom_version": loom.__version__, "config_hash": chash, "half_extent": cfg.sequence.half_extent,
-        },
-    }
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Camera:
+    """The conditioning video's fixed camera (angles in radians): written into meta as ``camera``."""
+
+    azimuth: float  # about +Z, from +X
+    elevation: float
+    fill: float  # share of the frame the sequence spans
 
 
-def build_tasks(cfg: Render4DJob, records: list) -> list[Task]:
-    chash = config_hash(cfg, exclude=NON_SAMPLE_FIELDS)
-    tasks = []
-    for rec in records:
-        a = rec.to_dict()
-        for v in range(cfg.lighting.variants):
-            tasks.append(Task(key=f"{rec.uid}_v{v}", asset=a, params=task_params(cfg, a, v, chash),
-                              frames=cfg.sequence.frames))
-    return tasks
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Task4D(RenderTask):
+    META: ClassVar[tuple[str, ...]] = ("lighting", "camera", "half_extent")
+
+    half_extent: float  # every frame fits [-h, h]^3
+    camera: Camera
+    points: PointSettings
 
 
 def process_sequence(seq: dict, p: dict, seed: int, timings: dict[str, float]) -> dict[str, np.ndarray]:
@@ -171,55 +169,30 @@ def process_sequence(seq: dict, p: dict, seed: int, timings: dict[str, float]) -
             "queries": queries, "query_faces": faces, "query_bary": bary}
 
 
-def render_entry(params: dict) -> dict:
-    """Runs inside the sandbox: extract the sequence, process its meshes, encode the sample."""
-    from loom.datasets.shape4d import encode_sample
-
-    t0 = time.monotonic()
-    if params.get("backend") == "fake":
+def render(params: dict) -> dict:
+    if params["backend"] == "fake":
         from loom.render.fake import arm_sequence
 
-        seq = arm_sequence(params)
-    else:
-        from loom.render import hdri_path
-        from loom.render.anim import extract_sequence
+        return arm_sequence(params)
+    from loom.render.anim import extract_sequence
 
-        seq = extract_sequence({**params, "hdri_path": hdri_path(params["hdri"])})
-    info = seq.pop("info")
-    timings = dict(info["timings"])
+    return extract_sequence(params)
+
+
+def to_arrays(params: dict, seq: dict, info: dict, timings: dict) -> tuple[dict, dict]:
     arrays = process_sequence({**seq, "half_extent": params["half_extent"]}, params["points"], params["seed"],
                               timings)
     arrays.update(video=seq["video"], K=seq["K"], c2w=seq["c2w"])
-    t1 = time.monotonic()
-    meta = {
-        **params["meta"],
-        "frame_times": [float(x) for x in seq["frame_times"]],
-        "normalization": info["normalization"], "root_offsets": info["root_offsets"],
-        "animation": info["animation"], "blender_version": info["blender_version"], "warnings": info["warnings"],
-        "camera": {"azimuth": params["azimuth"], "elevation": params["elevation"], "fill": params["fill"]},
-        "lighting": {"hdri": params["hdri"], "strength": params["hdri_strength"],
-                     "rotation": params["hdri_rotation"]},
-        "mesh": info["mesh"],
-    }
-    files = encode_sample(arrays, meta)
-    timings.update(encode=time.monotonic() - t1, task=time.monotonic() - t0)
-    return {"files": files, "timings": timings, "warnings": info["warnings"]}
+    return arrays, {"frame_times": [float(x) for x in seq["frame_times"]], "normalization": info["normalization"],
+                    "root_offsets": info["root_offsets"], "animation": info["animation"], "mesh": info["mesh"]}
 
 
-def job_spec(cfg: Render4DJob, records: list) -> JobSpec:
-    if cfg.render.backend == "blender":
-        check_hdris(cfg.lighting.hdris)
-    return JobSpec(
-        kind="4d",
-        entry="loom.corpora.shape4d:render_entry",
-        tasks=build_tasks(cfg, records),
-        out=cfg.out,
-        config=to_dict(cfg),
-        config_hash=config_hash(cfg, exclude=NON_SAMPLE_FIELDS),
-        timeout_s=cfg.render.timeout_s,
-        ray=cfg.ray,
-        samples_per_shard=cfg.shards.samples_per_shard,
-        env={"OMP_NUM_THREADS": str(cfg.ray.cpus_per_worker)},
-        fetch="loom.corpora.settings:fetch_asset",
-        preload=("bpy",) if cfg.render.backend == "blender" else (),
-    )
+def encode(arrays: dict, meta: dict, params: dict) -> dict[str, bytes]:
+    from loom.datasets.shape4d import encode_sample
+
+    return encode_sample(arrays, meta)
+
+
+def render_entry(params: dict) -> dict:
+    """The sandbox entry: extract the sequence, process its meshes, encode the sample."""
+    return run_task(params, meta_fields=Task4D.META, render=render, to_arrays=to_arrays, encode=encode)

@@ -8,17 +8,24 @@ pure function of (asset sha256, variant, job seed), so a rerun renders the same 
 
 from __future__ import annotations
 
-import hashlib
-import math
-import time
+import dataclasses
+from typing import ClassVar
+
 import numpy as np
 
-import loom
+from loom.corpora.base import (
+    EncodeSettings,
+    LightingSettings,
+    RenderJob,
+    RenderSettings,
+    RenderTask,
+    common_fields,
+    run_task,
+    task_seed,
+)
 from loom.geometry.camera import random_rotation
-from loom.platform.ray import RaySettings
-from loom.platform.jobs import JobSpec, ShardSettings, Task
-from loom.corpora.settings import EncodeSettings, LightingSettings, RenderSettings, check_hdris
-from loom.platform.config import config, config_hash, field, recipe, require, to_dict
+from loom.platform.config import config, field, recipe, require
+from loom.platform.jobs import ShardSettings
 
 
 @config
@@ -39,25 +46,28 @@ class OrbitSettings:
 
 
 @config
-class RenderTTVJob:
+class RenderTTVJob(RenderJob):
+    KIND: ClassVar[str] = "ttv"
+    NON_SAMPLE_FIELDS: ClassVar[tuple[str, ...]] = ("assets", "out", "limit", "ray", "shards")
+
     assets: str = field("bundled", help="asset source: 'bundled', a folder/URL of meshes, a manifest, or "
                         "'objaverse:...' (see loom.corpora.assets)")
     out: str = field("out/ttv", help="output folder or fsspec URL for shards and manifests")
-    seed: int = field(0, help="job seed; a task's seed derives from it, the asset's sha256 and the variant")
     limit: int | None = field(None, help="render only the first N assets (after sorting)")
-    render: RenderSettings = field(default_factory=RenderSettings, help="renderer settings")
     orbit: OrbitSettings = field(default_factory=OrbitSettings, help="camera orbit")
-    lighting: LightingSettings = field(default_factory=LightingSettings, help="environment lighting")
     encode: EncodeSettings = field(default_factory=EncodeSettings, help="on-disk encoding")
-    shards: ShardSettings = field(default_factory=ShardSettings, help="sharding")
-    ray: RaySettings = field(default_factory=RaySettings, help="Ray: address, workers, CPUs and GPUs per worker")
 
     def __post_init__(self):
         require(self.limit is None or self.limit >= 1, "limit", self.limit, "must be >= 1 or unset")
 
-
-# Fields that do not change what a task renders: excluded from the provenance hash.
-NON_SAMPLE_FIELDS = ("assets", "out", "limit", "ray", "shards")
+    def task(self, asset: dict, variant: int, chash: str) -> TTVTask:
+        seed = task_seed(self.seed, asset["sha256"], variant)
+        rng = np.random.default_rng(seed)
+        rot = random_rotation(rng) if self.orbit.random_rotation else np.eye(3)
+        orbit = Orbit(radius=float(rng.uniform(*self.orbit.radius)), height=float(rng.uniform(*self.orbit.height)),
+                      fov_margin=self.orbit.fov_margin)
+        return TTVTask(**common_fields(self, asset, variant, seed, rng, chash, self.orbit.frames), orbit=orbit,
+                       rotation=rot.tolist(), rgb_codec=self.encode.rgb_codec)
 
 
 @recipe(RenderTTVJob, "default", help="the paper's settings: 61 frames, 4 lighting variants, 512x512")
@@ -87,100 +97,45 @@ def _preview() -> RenderTTVJob:
     )
 
 
-def task_seed(job_seed: int, asset_sha256: str, variant: int) -> int:
-    """A 63-bit seed that depends only on (job seed, asset content, variant)."""
-    h = hashlib.sha256(f"{job_seed}:{asset_sha256}:{variant}".encode()).digest()
-    return int.from_bytes(h[:8], "little") >> 1
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Orbit:
+    """One task's camera circle (drawn from ``orbit.radius`` and ``orbit.height``): written into meta as
+    ``orbit`` (with the frame count)."""
+
+    radius: float
+    height: float  # camera height z above the object's centre
+    fov_margin: float
 
 
-def task_params(cfg: RenderTTVJob, asset: dict, variant: int, chash: str) -> dict:
-    """Everything the renderer needs for one (asset, variant): pure and deterministic."""
-    seed = task_seed(cfg.seed, asset["sha256"], variant)
-    rng = np.random.default_rng(seed)
-    rot = random_rotation(rng) if cfg.orbit.random_rotation else np.eye(3)
-    r = cfg.render
-    return {
-        "kind": "ttv",
-        "width": r.width, "height": r.height, "frames": cfg.orbit.frames,
-        "radius": float(rng.uniform(*cfg.orbit.radius)),
-        "height_z": float(rng.uniform(*cfg.orbit.height)),
-        "fov_margin": cfg.orbit.fov_margin,
-        "rotation": rot.tolist(),
-        "hdri": cfg.lighting.hdris[variant % len(cfg.lighting.hdris)],
-        "hdri_strength": float(rng.uniform(*cfg.lighting.strength)),
-        "hdri_rotation": float(rng.uniform(0, 2 * math.pi)) if cfg.lighting.random_rotation else 0.0,
-        "engine": r.engine, "device": r.device, "threads": cfg.ray.cpus_per_worker,
-        "samples": r.samples, "denoise": r.denoise, "adaptive_threshold": r.adaptive_threshold,
-        "max_bounces": r.max_bounces, "background": list(r.background),
-        "seed": seed % (2**31 - 1),
-        "backend": r.backend,
-        "rgb_codec": cfg.encode.rgb_codec,
-        "meta": {
-            "kind": "ttv", "uid": asset["uid"], "source": asset["source"], "license": asset.get("license", ""),
-            "asset_sha256": asset["sha256"], "variant": variant, "seed": seed, "job_seed": cfg.seed,
-            "loom_version": loom.__version__, "config_hash": chash,
-        },
-    }
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TTVTask(RenderTask):
+    orbit: Orbit
+    rotation: list  # 3x3 initial rotation of the asset
+    rgb_codec: str
 
 
-def build_tasks(cfg: RenderTTVJob, records: list) -> list[Task]:
-    chash = config_hash(cfg, exclude=NON_SAMPLE_FIELDS)
-    tasks = []
-    for rec in records:
-        a = rec.to_dict()
-        for v in range(cfg.lighting.variants):
-            tasks.append(Task(key=f"{rec.uid}_v{v}", asset=a, params=task_params(cfg, a, v, chash),
-                              frames=cfg.orbit.frames))
-    return tasks
+def render(params: dict) -> dict:
+    if params["backend"] == "fake":
+        from loom.render.fake import render_sphere
+
+        return render_sphere(params)
+    from loom.render.ttv import render_ttv
+
+    return render_ttv(params)
+
+
+def to_arrays(params: dict, rendered: dict, info: dict, timings: dict) -> tuple[dict, dict]:
+    n = len(rendered["rgb"])  # the frames rendered (a dry run's calibration renders fewer)
+    return rendered, {"normalization": info["normalization"], "fov_x": info["fov_x"],
+                      "orbit": {**params["orbit"], "frames": n}}
+
+
+def encode(arrays: dict, meta: dict, params: dict) -> dict[str, bytes]:
+    from loom.datasets.ttv import encode_sample
+
+    return encode_sample(arrays, meta, params["rgb_codec"])
 
 
 def render_entry(params: dict) -> dict:
-    """Runs inside the sandbox: render one task and encode it into tar members."""
-    from loom.datasets.ttv import encode_sample
-
-    t0 = time.monotonic()
-    if params.get("backend") == "fake":
-        from loom.render.fake import render_sphere
-
-        res = render_sphere(params)
-    else:
-        from loom.render import hdri_path
-        from loom.render.ttv import render_ttv
-
-        res = render_ttv({**params, "hdri_path": hdri_path(params["hdri"])})
-    info = res.pop("info")
-    t1 = time.monotonic()
-    meta = {
-        **params["meta"],
-        "blender_version": info["blender_version"],
-        "normalization": info["normalization"],
-        "fov_x": info["fov_x"],
-        "warnings": info["warnings"],
-        "lighting": {"hdri": params["hdri"], "strength": params["hdri_strength"],
-                     "rotation": params["hdri_rotation"]},
-        "orbit": {"radius": params["radius"], "height": params["height_z"], "frames": params["frames"]},
-        "render": {k: params[k] for k in ("engine", "device", "samples", "denoise", "width", "height")},
-    }
-    files = encode_sample(res, meta, params.get("rgb_codec", "ffv1"))
-    timings = {**info["timings"], "encode": time.monotonic() - t1, "task": time.monotonic() - t0}
-    return {"files": files, "timings": timings, "warnings": info["warnings"]}
-
-
-def job_spec(cfg: RenderTTVJob, records: list) -> JobSpec:
-    tasks = build_tasks(cfg, records)
-    if cfg.render.backend == "blender":
-        check_hdris(cfg.lighting.hdris)
-    return JobSpec(
-        kind="ttv",
-        entry="loom.corpora.ttv:render_entry",
-        tasks=tasks,
-        out=cfg.out,
-        config=to_dict(cfg),
-        config_hash=config_hash(cfg, exclude=NON_SAMPLE_FIELDS),
-        timeout_s=cfg.render.timeout_s,
-        ray=cfg.ray,
-        samples_per_shard=cfg.shards.samples_per_shard,
-        env={"OMP_NUM_THREADS": str(cfg.ray.cpus_per_worker)},
-        fetch="loom.corpora.settings:fetch_asset",
-        preload=("bpy",) if cfg.render.backend == "blender" else (),
-    )
+    """The sandbox entry: render one turntable task into tar members."""
+    return run_task(params, meta_fields=TTVTask.META, render=render, to_arrays=to_arrays, encode=encode)

@@ -23,12 +23,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-# sample kind (meta.json "kind") -> (reader module, contact sheet function, what the sheet's columns show)
+# sample kind (meta.json "kind") -> (reader module loom.datasets.<name>, contact sheet function, what the sheet's
+# columns show)
 KINDS = {
-    "ttv": ("loom.datasets.ttv", "contact_sheet", "rows: frames; columns: rgb, normal, position, depth, mask"),
-    "4d": ("loom.datasets.shape4d", "contact_sheet_4d",
+    "ttv": ("ttv", "contact_sheet", "rows: frames; columns: rgb, normal, position, depth, mask"),
+    "4d": ("shape4d", "contact_sheet_4d",
            "rows: frames; columns: video, aligned queries (colour = query index), surface points (colour = normal)"),
-    "scene": ("loom.datasets.scene", "contact_sheet_scene",
+    "scene": ("scene", "contact_sheet_scene",
               "rows: frames; columns: rgb, edges (silhouette red, crease green, boundary blue, intersection yellow), "
               "forward flow, warped noise"),
 }
@@ -53,11 +54,10 @@ def sample_kind(url: str) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    import importlib
-
     from PIL import Image
 
     from loom.datasets import inspect as insp
+    from loom.datasets import scene, shape4d, ttv
     from loom.platform import shards, storage
 
     try:
@@ -71,7 +71,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if kind not in KINDS:
         raise ValueError(f"unknown sample kind {kind!r} at {args.url}; known: {sorted(KINDS)}")
     mod_name, sheet_fn, columns = KINDS[kind]
-    reader = importlib.import_module(mod_name)
+    reader = {"ttv": ttv, "shape4d": shape4d, "scene": scene}[mod_name]
     sample = next(itertools.islice(reader.iter_samples(args.url), args.index, None), None)
     if sample is None:
         print(f"no sample #{args.index} in {args.url}", file=sys.stderr)

@@ -64,7 +64,8 @@ def check_arrays(a: dict[str, np.ndarray]) -> None:
 
 def encode_sample(a: dict[str, np.ndarray], meta: dict[str, Any], rgb_codec: str = "ffv1") -> dict[str, bytes]:
     check_arrays(a)
-    ext, video = encode_video(a["rgb"], rgb_codec)
+    # shards are data: colour at full resolution (yuv444p) when h264
+    ext, video = encode_video(a["rgb"], rgb_codec, full_chroma=True)
     return {
         ext: video,
         "geometry.npz": npz(depth=a["depth"].astype(np.float32), mask=a["mask"].astype(bool),

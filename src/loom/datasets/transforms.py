@@ -4,6 +4,8 @@ resizing that keeps the intrinsics ``K`` exact.
 Each transform is a function ``f(sample, ..., rng) -> new sample`` and a small callable class with the loader's
 signature ``t(sample, rng)`` (:class:`LoomDataset` passes a generator seeded by (seed, epoch, sample), so random
 crops are reproducible for any number of workers and after a resume). The input sample is not modified.
+`frame_transform` is the video DiT's view of a turntable (``frames``, ``size``), one definition for training,
+generation and evaluation.
 
 Which arrays are what is declared here, by key, not guessed from shapes (a 4D sample's Q queries could equal T):
 
@@ -235,3 +237,15 @@ class Compose:
         for t in self.transforms:
             sample = t(sample, rng)
         return sample
+
+
+def frame_transform(frames: int = 0, size: int = 0) -> Compose | None:
+    """The video DiT's view of a turntable sample, shared by training, generation and evaluation: ``frames``
+    evenly spread frames (first and last included; 0 = all) and a centred crop resized to ``size`` x ``size``
+    (0 = as stored), ``K`` kept exact. None when both are 0 (nothing to do)."""
+    ts: list = []
+    if frames:
+        ts.append(SubsampleFrames(frames))
+    if size:
+        ts.append(CropResize((size, size)))
+    return Compose(*ts) if ts else None

@@ -54,7 +54,8 @@ def encode_sample(arrays: dict[str, np.ndarray], meta: dict[str, Any], rgb_codec
     """Arrays as documented above -> ``{ext: bytes}`` for one tar sample. Checks shapes and dtypes first, so a
     renderer bug is caught before anything is written."""
     check_arrays(arrays)
-    ext, video = encode_video(arrays["rgb"], rgb_codec)
+    # shards are data: colour at full resolution (yuv444p) when h264
+    ext, video = encode_video(arrays["rgb"], rgb_codec, full_chroma=True)
     return {
         ext: video,
         "normal.npz": _npz(normal=arrays["normal"].astype(np.float16)),

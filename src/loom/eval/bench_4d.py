@@ -26,31 +26,33 @@ Per sequence (ShapeGen4D section 5.2):
    :func:`loom.eval.metrics.occupancy_grid`); it needs a closed mesh, and a sequence with a non-watertight frame or
    a point cloud gets no IoU (as ShapeGen4D omits IoU for point-based baselines): the item's ``note`` says why and
    ``iou_items`` counts the sequences that have one. **The shards hold no ground-truth mesh**, only oriented
-   surface samples, so the ground truth's occupancy comes from them (:func:`occupancy_from_oriented_points`): a
-   cell centre is inside when its distance-weighted signed distance to the tangent planes of its 8 nearest
-   samples is negative. Against the exact occupancy of the mesh the samples came from this agrees to IoU > 0.99
-   at 128^3 with the shards' 32,768 samples per frame, every differing cell within 2 cells of the surface
-   (tested on a sphere, a box and a thin plate), which bounds what a perfect prediction can score.
+   surface samples, so the ground truth's occupancy comes from them
+   (:func:`loom.eval.metrics.iou.occupancy_from_oriented_points`): a cell centre is inside when its
+   distance-weighted signed distance to the tangent planes of its 8 nearest samples is negative. Against the
+   exact occupancy of the mesh the samples came from this agrees to IoU > 0.99 at 128^3 with the shards' 32,768
+   samples per frame, every differing cell within 2 cells of the surface (tested on a sphere, a box and a thin
+   plate), which bounds what a perfect prediction can score.
 
-The sequence's values are means over its frames; the benchmark's are means over sequences. A sequence that
-cannot be evaluated (an unreadable or empty mesh) is a row with its ``error``, counted by the metric ``failed``
-and left out of the means; a missing prediction folder stops the job.
+Steps 2 to 5 are :func:`loom.eval.metrics.sequence.score_sequence` (no Blender); this module reads the files,
+rescales, renders and aggregates. The sequence's values are means over its frames; the benchmark's are means over
+sequences. A sequence that cannot be evaluated (an unreadable or empty mesh) is a row with its ``error``, counted
+by the metric ``failed`` and left out of the means; a missing prediction folder stops the job.
 
 **Renders** (Tab. 2, "aligned" rendering metrics), from one of two sources:
 
 - ``render.enabled=true``: Loom renders each registered predicted sequence itself, with Blender
-  (:mod:`loom.render.meshes`, in a sandboxed child process), from the shard's own cameras (``K``,
-  ``c2w`` of the compared frames) at the video's resolution. The registration of step 3 puts the prediction in the
-  ground truth's frame, so the render is aligned with the conditioning video as ShapeGen4D's "Aligned" columns
-  are. Loom's predictions carry no texture (ShapeGen4D textures its meshes with a separate model), so
-  ``render.shading`` says how they look: ``projected`` (default) paints every vertex with the conditioning
-  frame's colour at the pixel it projects to (``render.outside``, grey by default, where it projects outside the
-  object or the image): seen from that same camera this is exactly the input painted onto the predicted surface
-  (an occluded vertex takes its occluder's colour but is itself hidden in this view), so the metrics measure how
-  well the predicted shape covers the object's pixels, not a texture model; ``clay`` renders a grey diffuse
-  surface under Blender's bundled ``render.hdri``. A point-cloud prediction is not rendered (its row says so) and
-  the rendering metrics are means over the rendered sequences (``render_items``). Per item ``render_mask_iou``:
-  the IoU of the rendered and the ground-truth alpha masks (alpha >= 0.5).
+  (:class:`loom.corpora.meshes.MeshRenderer` runs :mod:`loom.render.meshes` in a sandboxed child process), from
+  the shard's own cameras (``K``, ``c2w`` of the compared frames) at the video's resolution. The registration of
+  step 3 puts the prediction in the ground truth's frame, so the render is aligned with the conditioning video as
+  ShapeGen4D's "Aligned" columns are. Loom's predictions carry no texture (ShapeGen4D textures its meshes with a
+  separate model), so ``render.shading`` says how they look: ``projected`` (default) paints every vertex with the
+  conditioning frame's colour at the pixel it projects to (``render.outside``, grey by default, where it projects
+  outside the object or the image): seen from that same camera this is exactly the input painted onto the
+  predicted surface (an occluded vertex takes its occluder's colour but is itself hidden in this view), so the
+  metrics measure how well the predicted shape covers the object's pixels, not a texture model; ``clay`` renders
+  a grey diffuse surface under Blender's bundled ``render.hdri``. A point-cloud prediction is not rendered (its
+  row says so) and the rendering metrics are means over the rendered sequences (``render_items``). Per item
+  ``render_mask_iou``: the IoU of the rendered and the ground-truth alpha masks (alpha >= 0.5).
 - ``renders=DIR``: ``DIR/<key>.mp4`` (or ``.mkv``), the predictions rendered by the user from the ground truth's
   camera.
 
@@ -68,17 +70,21 @@ import dataclasses
 import os
 import re
 import sys
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from loom.corpora.meshes import MeshRenderer, projected_colours
 from loom.eval.benchmarks import (check_eval_ray, eval_ray, EvalTracking, FeatureSettings, Features, Generated, composite,
                                   find_video, merge_stats, read_video, run_parts, to_unit, warn_if_tiny, where,
                                   write_media)
 from loom.platform.ray import RaySettings
 from loom.platform.config import config, field, recipe, require
 
-METRICS = ("chamfer", "iou", "f_score")
+if TYPE_CHECKING:  # the metrics package loads torch: imported where a sequence is scored
+    from loom.eval.metrics.sequence import SequenceScores
+
+METRICS = ("chamfer", "iou", "f_score")  # = loom.eval.metrics.sequence.METRICS (importing it here loads torch)
 RENDER_METRICS = ("lpips", "clip", "fvd")
 MESH_EXTS = (".obj", ".ply", ".off", ".stl")
 _FRAME = re.compile(r"^frame_(\d+)\.(obj|ply|off|stl)$", re.IGNORECASE)
@@ -102,7 +108,7 @@ class RegistrationSettings:
 
 
 @config
-class RenderSettings:
+class PredictionRenderSettings:  # the section `render`: how Loom renders the predictions (not a corpus render job)
     enabled: bool = field(False, help="render the registered predictions with Blender from the shards' cameras "
                           "for the rendering metrics (ShapeGen4D Tab. 2); needs the render extra (bpy)")
     shading: Literal["projected", "clay"] = field("projected", help="'projected': vertices painted with the "
@@ -133,8 +139,8 @@ class Eval4DJob:
     run: str = field("", help="or a `loom train shape4d` run folder: generate the meshes into <out>/pred")
     renders: str = field("", help="folder of <key>.mp4 renders of the predictions from the ground truth's camera "
                          "(enables the rendering metrics, ShapeGen4D Tab. 2; or let Loom render: render.enabled)")
-    render: RenderSettings = field(default_factory=RenderSettings, help="Loom's own renders of the predictions "
-                                   "(rendering metrics without a renders folder)")
+    render: PredictionRenderSettings = field(default_factory=PredictionRenderSettings, help="Loom's own renders of "
+                                             "the predictions (rendering metrics without a renders folder)")
     gt_renders: str = field("", help="folder of <key>.mp4 ground-truth renders ('' = the shards' conditioning "
                             "video over background)")
     background: tuple[float, float, float] = field((1.0, 1.0, 1.0), help="RGB in [0,1] under the shards' video")
@@ -188,51 +194,7 @@ def _tiny() -> Eval4DJob:
                                                                                      device="cpu"))
 
 
-# ------------------------------------------------------------------------------------------------ geometry
-
-
-def occupancy_from_oriented_points(points, normals, *, resolution: int, bounds: tuple[float, float],
-                                   k: int = 8) -> np.ndarray:  # fmt: skip
-    """Boolean occupancy (R,R,R), indexed [ix, iy, iz], of the cell centres ``lo + (i + 0.5)(hi - lo)/R`` of the
-    cube ``bounds``, from surface samples with outward unit normals: a centre ``x`` is inside when the signed
-    distances to the tangent planes of its ``k`` nearest samples, ``(x - p) . n``, weighted by ``1 / |x - p|^2``,
-    sum to a negative number (Hoppe et al. 1992's tangent-plane distance, averaged). A majority vote of the signs
-    instead fails beside edges (a point just off the extension of a face sees that face's samples as "inside") and
-    inside thin parts: IoU 0.68 against 0.996 for a 0.06-thick plate, 32,768 samples, 128^3.
-
-    Coarse to fine: blocks of 4^3 cells whose centre is farther from every sample than the block's half diagonal
-    plus twice the samples' typical spacing hold no surface, and take their centre's value; only the cells of the
-    other blocks are tested one by one."""
-    from scipy.spatial import cKDTree
-
-    pts, nrm = np.asarray(points, np.float64), np.asarray(normals, np.float64)
-    if pts.ndim != 2 or pts.shape[1] != 3 or nrm.shape != pts.shape or len(pts) < k:
-        raise ValueError(f"expected points and normals (N,3) with N >= {k}, got {pts.shape} and {nrm.shape}")
-    lo, hi = float(bounds[0]), float(bounds[1])
-    r = int(resolution)
-    h = (hi - lo) / r
-    tree = cKDTree(pts)
-
-    def inside(q: np.ndarray) -> np.ndarray:
-        d, idx = tree.query(q, k=k, workers=-1)
-        d, idx = d.reshape(len(q), k), idx.reshape(len(q), k)
-        side = np.einsum("nkd,nkd->nk", q[:, None, :] - pts[idx], nrm[idx])  # signed tangent-plane distances
-        return (side / np.maximum(d, 1e-12) ** 2).sum(1) < 0
-
-    b = 4 if r % 4 == 0 else 1
-    nb = r // b
-    bc = lo + (np.stack(np.meshgrid(*[np.arange(nb)] * 3, indexing="ij"), -1).reshape(-1, 3) * b + b / 2) * h
-    spacing = float(np.median(tree.query(pts, k=2, workers=-1)[0][:, 1]))
-    d, _ = tree.query(bc, k=1, workers=-1)
-    near = d <= np.sqrt(3) * b / 2 * h + 2 * spacing
-    occ = np.repeat(inside(bc), b**3).reshape(nb, nb, nb, b, b, b)  # (block xyz, cell xyz in block)
-    blocks = np.argwhere(near.reshape(nb, nb, nb))
-    if len(blocks):
-        off = np.stack(np.meshgrid(*[np.arange(b)] * 3, indexing="ij"), -1).reshape(-1, 3)
-        cells = (blocks[:, None, :] * b + off[None]).reshape(-1, 3)
-        vals = inside(lo + (cells + 0.5) * h).reshape(len(blocks), b, b, b)
-        occ[blocks[:, 0], blocks[:, 1], blocks[:, 2]] = vals
-    return occ.transpose(0, 3, 1, 4, 2, 5).reshape(r, r, r)
+# ------------------------------------------------------------------------------------------------ predictions
 
 
 def _frame_files(folder: str) -> list[str]:
@@ -275,8 +237,91 @@ def read_mesh(url: str) -> tuple[np.ndarray, np.ndarray | None]:
     return v, (f if len(f) else None)
 
 
-def _azimuth_deg(rot: np.ndarray) -> float:
-    return float(np.degrees(np.arctan2(rot[1, 0], rot[0, 0])))
+def _generate(cfg: Eval4DJob, key: str, folder: str) -> None:
+    from loom.inference.shape4d import generate_4d  # the `loom generate 4d` of the trained run
+
+    generate_4d(cfg.run, cfg.gt, folder, key=key, steps=cfg.steps or None, seed=cfg.seed)
+
+
+def _ensure_generated(cfg: Eval4DJob, key: str, folder: str, done: Generated) -> None:
+    """With ``run``: generate the sequence's meshes, unless an earlier evaluation with the same settings did."""
+    if done.has(key) and _frame_files(folder):
+        return
+    done.forget(key)
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if _FRAME.match(name):  # frames of another generation must not mix with this one's
+            os.remove(os.path.join(folder, name))
+    _generate(cfg, key, folder)
+    done.mark(key)
+
+
+def _compared_frames(cfg: Eval4DJob, folder: str, key: str, t_gt: int, t_pred: int) -> np.ndarray:
+    """The ground-truth frame that each predicted frame is compared with (a mismatch stops the job)."""
+    from loom.datasets.transforms import frame_indices
+
+    select = "uniform" if cfg.run else cfg.frame_select
+    if t_pred == t_gt:
+        return np.arange(t_gt)
+    if select == "uniform" and t_pred < t_gt:
+        return frame_indices(t_gt, t_pred, "uniform")
+    raise ValueError(f"{folder}: {t_pred} predicted frames but the ground truth {key} has {t_gt}"
+                     + ("" if t_pred > t_gt else "; --set frame_select=uniform compares with evenly spread "
+                        "ground-truth frames"))  # fmt: skip
+
+
+def _scale_factor(cfg: Eval4DJob, key: str, meta: dict[str, Any]) -> float:
+    """What both sides are multiplied by: ``scale_to / half_extent``, or 1 with ``scale_to=0``."""
+    half = float(meta.get("half_extent", 0.0))
+    if cfg.scale_to and not half > 0:
+        raise ValueError(f"{key}: the sample's meta has no half_extent to rescale by; --set scale_to=0")
+    return cfg.scale_to / half if cfg.scale_to else 1.0
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scored:
+    """One sequence after the geometric metrics, in the evaluation's units (the files' times ``factor``)."""
+
+    key: str
+    idx: np.ndarray  # (T,) the ground-truth frame of each predicted frame
+    factor: float
+    pred: list[tuple[np.ndarray, np.ndarray | None]]  # per predicted frame: vertices, faces (None: point cloud)
+    gt_points: list[np.ndarray]  # (S,3) ground-truth surface samples of the compared frames
+    scores: SequenceScores
+
+
+def _registration_args(r: RegistrationSettings) -> dict[str, Any] | None:
+    if not r.enabled:
+        return None
+    return {"truncation": r.truncation, "n_points": r.points, "icp_iterations": r.icp_iterations,
+            "azimuths": r.azimuths, "scales": r.scales, "translation_step": r.translation_step}  # fmt: skip
+
+
+def _score(cfg: Eval4DJob, key: str, files: list[str], surface: np.ndarray, idx: np.ndarray,
+           factor: float) -> _Scored:  # fmt: skip
+    """Read, rescale and score one predicted sequence; a ValueError is this sequence's failure, not the job's."""
+    from loom.eval.metrics.sequence import score_sequence
+
+    pred = [(v * factor, f) for v, f in (read_mesh(f) for f in files)]
+    gt_p = [surface[j, :, :3].astype(np.float64) * factor for j in idx]  # surface: (T,S,6) points, normals
+    gt_n = [surface[j, :, 3:6].astype(np.float64) for j in idx]
+    scores = score_sequence(pred, gt_p, gt_n, registration=_registration_args(cfg.registration),
+                            metrics=cfg.metrics, points=cfg.pred_points, f_threshold=cfg.f_threshold,
+                            iou_resolution=cfg.iou_resolution, seed=cfg.seed)  # fmt: skip
+    return _Scored(key=key, idx=idx, factor=factor, pred=pred, gt_points=gt_p, scores=scores)
+
+
+def _geometry_row(seq: _Scored) -> dict[str, Any]:
+    """The sequence's row in items.csv: the metrics' means over its frames, the registration found, a note."""
+    row: dict[str, Any] = {"key": seq.key, "frames": len(seq.pred), **seq.scores.means()}
+    if seq.scores.registration is not None:
+        sim = seq.scores.registration.similarity
+        row.update(reg_scale=float(sim.scale), reg_azimuth_deg=sim.azimuth_deg)
+    if seq.scores.note:
+        row["note"] = seq.scores.note
+    return row
 
 
 def splat(points: np.ndarray, lo: np.ndarray, half: float, size: int = 128, colour=(0.9, 0.5, 0.2),
@@ -299,143 +344,45 @@ def splat(points: np.ndarray, lo: np.ndarray, half: float, size: int = 128, colo
     return img
 
 
-def _sample(v: np.ndarray, f: np.ndarray | None, n: int, rng: np.random.Generator) -> np.ndarray:
-    from loom.geometry.mesh import sample_surface
-
-    if f is None:
-        return v if len(v) <= n else v[rng.choice(len(v), n, replace=False)]
-    return sample_surface(v, f, n, rng)[0].astype(np.float64)
-
-
-def evaluate_sequence(pred: list[tuple[np.ndarray, np.ndarray | None]], gt_points: list[np.ndarray],
-                      gt_normals: list[np.ndarray], cfg: Eval4DJob, seed: int = 0) -> dict[str, Any]:
-    """Register one predicted sequence (meshes or point clouds, already rescaled) to the ground-truth samples and
-    measure it: ``{"frames": [per-frame rows], "registration": SequenceRegistration | None, "pred_points": [...],
-    "note": str}``. See the module docstring."""
-    from loom.eval.metrics import register_sequence
-    from loom.eval.metrics.chamfer import chamfer_from_distances, f_score_from_distances, nearest_distances
-    from loom.eval.metrics.iou import is_watertight, occupancy_grid
-
-    rng = np.random.default_rng(seed)
-    samples = [_sample(v, f, cfg.pred_points, rng) for v, f in pred]
-    reg = None
-    if cfg.registration.enabled:
-        r = cfg.registration
-        reg = register_sequence(samples, gt_points, truncation=r.truncation, n_points=r.points,
-                                icp_iterations=r.icp_iterations, seed=seed, azimuths=r.azimuths, scales=r.scales,
-                                translation_step=r.translation_step)  # fmt: skip
-        samples = [reg.apply_frame(k, s) for k, s in enumerate(samples)]
-        verts = [reg.apply_frame(k, v) for k, (v, _) in enumerate(pred)]
-    else:
-        verts = [v for v, _ in pred]
-    note = ""
-    do_iou = "iou" in cfg.metrics
-    if do_iou:
-        bad = [k for k, (_, f) in enumerate(pred) if f is None or not is_watertight(f)]
-        if bad:
-            do_iou = False
-            kind = "a point cloud" if pred[bad[0]][1] is None else "not watertight"
-            note = f"no IoU: frame {bad[0]} is {kind}" + (f" ({len(bad)} such frames)" if len(bad) > 1 else "")
-    rows = []
-    for k in range(len(pred)):
-        row: dict[str, Any] = {"frame": k}
-        if {"chamfer", "f_score"} & set(cfg.metrics):
-            d_pg, d_gp = nearest_distances(samples[k], gt_points[k])
-            if "chamfer" in cfg.metrics:
-                row["chamfer"] = chamfer_from_distances(d_pg, d_gp)
-            if "f_score" in cfg.metrics:
-                row["f_score"] = f_score_from_distances(d_pg, d_gp, cfg.f_threshold)
-        if do_iou:
-            v, g = verts[k], gt_points[k]
-            lo, hi = np.minimum(v.min(0), g.min(0)), np.maximum(v.max(0), g.max(0))
-            centre, half = 0.5 * (lo + hi), 0.5 * float((hi - lo).max()) * 1.01
-            a = occupancy_grid(v - centre, pred[k][1], resolution=cfg.iou_resolution, bounds=(-half, half),
-                               check_watertight=False)  # fmt: skip
-            b = occupancy_from_oriented_points(g - centre, gt_normals[k], resolution=cfg.iou_resolution,
-                                               bounds=(-half, half))  # fmt: skip
-            union = np.count_nonzero(a | b)
-            row["iou"] = np.count_nonzero(a & b) / union if union else 0.0
-        rows.append(row)
-    return {"frames": rows, "registration": reg, "pred_points": samples, "note": note, "verts": verts}
+def _point_media(media_dir: str, seq: _Scored) -> list:
+    """Registered prediction samples | ground-truth samples, one frame per compared frame."""
+    lo = np.min([g.min(0) for g in seq.gt_points], 0)
+    hi = np.max([g.max(0) for g in seq.gt_points], 0)
+    c, hw = 0.5 * (lo + hi), 0.6 * float((hi - lo).max())
+    pv = np.stack([splat(p, c, hw) for p in seq.scores.samples])
+    gv = np.stack([splat(g, c, hw, colour=(0.2, 0.45, 0.9)) for g in seq.gt_points])
+    return write_media(media_dir, f"{seq.key}-points", pv, gv, fps=4)
 
 
 # ------------------------------------------------------------------------------------------------ renders
 
 
-def projected_colours(verts: np.ndarray, K: np.ndarray, c2w: np.ndarray, frame: np.ndarray,
-                      outside=(0.5, 0.5, 0.5)) -> np.ndarray:  # fmt: skip
-    """(V,3) sRGB colours in [0,1]: each vertex takes the colour of the pixel of ``frame`` ((H,W,4) straight-alpha
-    uint8) it projects to through the OpenCV camera ``K``, ``c2w`` (pixel centres at u+0.5, so the pixel is the
-    floor of the projection); ``outside`` where it falls behind the camera, off the image or on a pixel of alpha
-    < 0.5 (not the object). No visibility test: seen from this camera a hidden vertex is covered anyway."""
-    from loom.geometry.camera import project
-
-    uv, depth = project(np.asarray(verts, np.float64), np.asarray(K, np.float64), np.asarray(c2w, np.float64))
-    h, w = frame.shape[:2]
-    with np.errstate(invalid="ignore"):
-        u, v = np.floor(uv[:, 0]), np.floor(uv[:, 1])
-        ok = (depth > 0) & (u >= 0) & (u < w) & (v >= 0) & (v < h)
-    col = np.tile(np.asarray(outside, np.float64), (len(verts), 1))
-    idx = np.flatnonzero(ok)
-    px = frame[v[idx].astype(np.int64), u[idx].astype(np.int64)]
-    solid = px[:, 3] >= 128
-    col[idx[solid]] = px[solid, :3] / 255.0
-    return col
+def _renders(cfg: Eval4DJob) -> bool:
+    return (bool(cfg.renders) or cfg.render.enabled) and len(cfg.render_metrics) > 0
 
 
-class MeshRenderer:
-    """Loom's renders of predicted sequences (:mod:`loom.render.meshes`) in one sandboxed Blender process,
-    started at the first sequence and reused (bpy's import is paid once)."""
-
-    def __init__(self, cfg: RenderSettings, scratch: str):
-        self.check()
-        self.cfg, self.scratch = cfg, scratch
-        self._box = None
-
-    @staticmethod
-    def check() -> None:
-        """Refuse early, with what to do, where bpy is not installed."""
-        import importlib.util
-
-        from loom.render import bpy_missing_message
-
-        if importlib.util.find_spec("bpy") is None:
-            raise RuntimeError(f"render.enabled=true renders the predictions with Blender: {bpy_missing_message()} "
-                               "Or pass --renders DIR, or --set render.enabled=false")
-
-    def render(self, meshes: list[tuple[np.ndarray, np.ndarray]], colours: list[np.ndarray] | None,
-               K: np.ndarray, c2w: np.ndarray, width: int, height: int) -> np.ndarray:  # fmt: skip
-        """(T,H,W,4) straight-alpha uint8 of mesh t seen by camera t."""
-        from loom.platform.sandbox import Sandbox
-
-        if self._box is None:
-            self._box = Sandbox("loom.render.meshes:render_meshes",
-                                log_dir=os.path.join(self.scratch, "logs"),
-                                env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}, preload=("bpy",))
-        c = self.cfg
-        frames = [{"vertices": v, "faces": f, **({"colors": colours[t]} if colours is not None else {})}
-                  for t, (v, f) in enumerate(meshes)]
-        params = {"frames": frames, "K": np.asarray(K), "c2w": np.asarray(c2w), "width": width, "height": height,
-                  "workdir": os.path.join(self.scratch, "frames"), "samples": c.samples, "threads": c.threads,
-                  "device": c.device, "hdri": c.hdri, "seed": 0,
-                  "shading": "vertex" if c.shading == "projected" else "clay"}
-        return self._box.run(params, c.timeout_s)["video"]
-
-    def close(self) -> None:
-        if self._box is not None:
-            self._box.close()
-            self._box = None
+def _renderer(cfg: Eval4DJob, rank: int, parts: int) -> MeshRenderer | None:
+    """Part ``rank``'s own Blender (``render.enabled``), or None."""
+    if not (_renders(cfg) and cfg.render.enabled):
+        return None
+    r = cfg.render
+    threads = r.threads
+    if parts > 1 and threads == 0:  # N workers on one machine: Blender's "all cores" each would oversubscribe
+        threads = max(1, int(cfg.ray.cpus_per_worker))
+    return MeshRenderer(os.path.join(os.path.abspath(cfg.out), "render-scratch", str(rank)), samples=r.samples,
+                        hdri=r.hdri, device=r.device, threads=threads, timeout_s=r.timeout_s)  # fmt: skip
 
 
-def _render_prediction(cfg: Eval4DJob, renderer: MeshRenderer, pred: list, verts: list[np.ndarray],
-                       factor: float, sample: dict[str, Any], idx: np.ndarray) -> np.ndarray:  # fmt: skip
-    """Loom's render of the registered prediction from the shard's cameras of frames ``idx``: (T,H,W,4) uint8."""
-    video, K, c2w = sample["video"][idx], sample["K"][idx], sample["c2w"][idx]
-    meshes = [(v / factor, f) for v, (_, f) in zip(verts, pred, strict=True)]  # back to the shard's units
+def _render_prediction(cfg: Eval4DJob, renderer: MeshRenderer, seq: _Scored, sample: dict[str, Any]) -> np.ndarray:
+    """Loom's render of the registered prediction from the shard's cameras of the compared frames: (T,H,W,4)
+    uint8."""
+    video, K, c2w = sample["video"][seq.idx], sample["K"][seq.idx], sample["c2w"][seq.idx]
+    # back to the shard's units, where its cameras are
+    meshes = [(v / seq.factor, f) for v, (_, f) in zip(seq.scores.vertices, seq.pred, strict=True)]
     colours = None
     if cfg.render.shading == "projected":
         colours = [projected_colours(v, K[t], c2w[t], video[t], cfg.render.outside) for t, (v, _) in enumerate(meshes)]
-    return renderer.render(meshes, colours, K, c2w, video.shape[2], video.shape[1])
+    return renderer.render(meshes, K, c2w, video.shape[2], video.shape[1], colours=colours)
 
 
 def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -444,22 +391,37 @@ def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.count_nonzero(a & b) / union) if union else 1.0
 
 
-# ------------------------------------------------------------------------------------------------ job
-
-
-def _generate(cfg: Eval4DJob, key: str, folder: str) -> None:
-    from loom.training.shape4d_module import generate_4d  # the `loom generate 4d` of the trained run
-
-    generate_4d(cfg.run, cfg.gt, folder, key=key, steps=cfg.steps or None, seed=cfg.seed)
-
-
-def _gt_render(cfg: Eval4DJob, key: str, sample: dict[str, Any]) -> np.ndarray:
-    if cfg.gt_renders:
-        path = find_video(cfg.gt_renders, key)
+def _prediction_video(cfg: Eval4DJob, renderer: MeshRenderer | None, seq: _Scored, sample: dict[str, Any],
+                      row: dict[str, Any]) -> tuple[np.ndarray, str] | None:  # fmt: skip
+    """The prediction's video for the rendering metrics and what to call it in errors: Loom's render (adding
+    ``render_mask_iou`` to the row; None, with a note, for a point cloud) or the user's ``renders`` file."""
+    if renderer is None:
+        path = find_video(cfg.renders, seq.key)
         if path is None:
-            raise FileNotFoundError(f"{cfg.gt_renders} has no ground-truth render of {key} (<key>.mp4)")
-        return read_video(path)
-    return composite(sample["video"], cfg.background)
+            raise FileNotFoundError(f"{cfg.renders} has no render of {seq.key} (<key>.mp4 or .mkv)")
+        return read_video(path), path
+    if any(f is None for _, f in seq.pred):
+        row["note"] = "; ".join(filter(None, [row.get("note"), "not rendered: a point cloud"]))
+        return None
+    rgba = _render_prediction(cfg, renderer, seq, sample)
+    row["render_mask_iou"] = float(np.mean([_mask_iou(rgba[t, ..., 3], sample["video"][j, ..., 3])
+                                            for t, j in enumerate(seq.idx)]))  # fmt: skip
+    return composite(rgba, cfg.background), f"Loom's render of {seq.key}"
+
+
+def _gt_video(cfg: Eval4DJob, seq: _Scored, sample: dict[str, Any], video_frames: int) -> np.ndarray:
+    """The ground truth the prediction's video is compared with: ``gt_renders/<key>`` or the shard's conditioning
+    video over ``background``, cut to the compared frames when the prediction has one video frame per frame."""
+    if cfg.gt_renders:
+        path = find_video(cfg.gt_renders, seq.key)
+        if path is None:
+            raise FileNotFoundError(f"{cfg.gt_renders} has no ground-truth render of {seq.key} (<key>.mp4)")
+        gt_v = read_video(path)
+    else:
+        gt_v = composite(sample["video"], cfg.background)
+    if len(gt_v) != video_frames and video_frames == len(seq.idx) and len(gt_v) == len(sample["surface"]):
+        gt_v = gt_v[seq.idx]
+    return gt_v
 
 
 def _render_metrics(cfg: Eval4DJob, features: Features, key: str, pred_v: np.ndarray, gt_v: np.ndarray,
@@ -489,19 +451,13 @@ def _render_metrics(cfg: Eval4DJob, features: Features, key: str, pred_v: np.nda
             stats[side] = s if stats.get(side) is None else stats[side].merge(s)
 
 
-def _renders(cfg: Eval4DJob) -> bool:
-    return (bool(cfg.renders) or cfg.render.enabled) and len(cfg.render_metrics) > 0
+# ------------------------------------------------------------------------------------------------ job
 
 
 def evaluate_part(cfg: Eval4DJob, rank: int, parts: int) -> dict[str, Any]:
     """The sequences ``rank``, ``rank + parts``, ... (see :func:`loom.eval.benchmarks.run_parts`): rows, per-frame
     rows, media, render statistics and the keys without a prediction."""
-    out = os.path.abspath(cfg.out)
-    render = cfg.render
-    if parts > 1 and render.threads == 0:  # N workers on one machine: Blender's "all cores" each would oversubscribe
-        render = dataclasses.replace(render, threads=max(1, int(cfg.ray.cpus_per_worker)))
-    renderer = MeshRenderer(render, os.path.join(out, "render-scratch", str(rank))) \
-        if _renders(cfg) and cfg.render.enabled else None
+    renderer = _renderer(cfg, rank, parts)
     try:
         return _evaluate_part(cfg, rank, parts, Features(cfg.features), renderer)
     finally:
@@ -509,111 +465,57 @@ def evaluate_part(cfg: Eval4DJob, rank: int, parts: int) -> dict[str, Any]:
             renderer.close()
 
 
+def _sample_keys(cfg: Eval4DJob) -> tuple[str, ...]:
+    """The shard arrays a part reads: the surface samples, and the video (with its cameras) that renders need."""
+    if _renders(cfg) and cfg.render.enabled:
+        return ("surface", "video", "K", "c2w")
+    if _renders(cfg) and not cfg.gt_renders:
+        return ("surface", "video")
+    return ("surface",)
+
+
 def _evaluate_part(cfg: Eval4DJob, rank: int, parts: int, features: Features,
                    renderer: MeshRenderer | None) -> dict[str, Any]:  # fmt: skip
     from loom.datasets.shape4d import iter_samples
-    from loom.datasets.transforms import frame_indices
     from loom.platform import storage
 
     out = os.path.abspath(cfg.out)
-    renders = _renders(cfg)
     pred_dir = os.path.join(out, "pred") if cfg.run else cfg.pred
-    select = "uniform" if cfg.run else cfg.frame_select
     media_dir = os.path.join(out, "media")
-    keys = ("surface",)
-    if renders and cfg.render.enabled:
-        keys += ("video", "K", "c2w")
-    elif renders and not cfg.gt_renders:
-        keys += ("video",)
-
     items, frames_rows, media, missing = [], [], [], []
     stats: dict[str, Any] = {}
     done = Generated(pred_dir, cfg.run, bench="4d", steps=cfg.steps, seed=cfg.seed) if cfg.run else None
-    for s in iter_samples(cfg.gt, keys=keys, part=(rank, parts)):
+    for s in iter_samples(cfg.gt, keys=_sample_keys(cfg), part=(rank, parts)):
         i, key = s["__index__"], s["__key__"]
         if cfg.limit and i >= cfg.limit:
             break
         folder = storage.join(pred_dir, key)
-        if cfg.run and not (done.has(key) and _frame_files(folder)):  # else an earlier evaluation's, same settings
-            done.forget(key)
-            for name in os.listdir(folder) if os.path.isdir(folder) else []:
-                if _FRAME.match(name):  # frames of another generation must not mix with this one's
-                    os.remove(os.path.join(folder, name))
-            _generate(cfg, key, folder)
-            done.mark(key)
+        if done is not None:
+            _ensure_generated(cfg, key, folder, done)
         files = _frame_files(folder)
         if not files:
             missing.append((i, key))
             continue
-        surface = s["surface"]  # (T,S,6)
-        t_gt, t_pred = len(surface), len(files)
-        if t_pred == t_gt:
-            idx = np.arange(t_gt)
-        elif select == "uniform" and t_pred < t_gt:
-            idx = frame_indices(t_gt, t_pred, "uniform")
-        else:
-            raise ValueError(f"{folder}: {t_pred} predicted frames but the ground truth {key} has {t_gt}"
-                             + ("" if t_pred > t_gt else "; --set frame_select=uniform compares with evenly spread "
-                                "ground-truth frames"))  # fmt: skip
-        half = float(s["meta"].get("half_extent", 0.0))
-        if cfg.scale_to and not half > 0:
-            raise ValueError(f"{key}: the sample's meta has no half_extent to rescale by; --set scale_to=0")
-        factor = cfg.scale_to / half if cfg.scale_to else 1.0
-        row: dict[str, Any] = {"key": key, "frames": t_pred}
+        idx = _compared_frames(cfg, folder, key, len(s["surface"]), len(files))
+        factor = _scale_factor(cfg, key, s["meta"])
         try:
-            pred = [read_mesh(f) for f in files]
-            pred = [(v * factor, f) for v, f in pred]
-            gt_p = [surface[j, :, :3].astype(np.float64) * factor for j in idx]
-            gt_n = [surface[j, :, 3:6].astype(np.float64) for j in idx]
-            res = evaluate_sequence(pred, gt_p, gt_n, cfg, seed=cfg.seed)
+            seq = _score(cfg, key, files, s["surface"], idx, factor)
         except ValueError as e:
-            row["error"] = str(e)
-            items.append((i, row))
+            items.append((i, {"key": key, "frames": len(files), "error": str(e)}))
             print(f"FAILED {key}: {e}", flush=True)
             continue
-        frames_rows.append((i, [{"key": key, "gt_frame": int(idx[fr["frame"]]), **fr} for fr in res["frames"]]))
-        for fr in res["frames"]:
-            for m in METRICS:
-                if m in fr:
-                    row.setdefault(f"_{m}", []).append(fr[m])
-        for m in METRICS:
-            vals = row.pop(f"_{m}", None)
-            if vals:
-                row[m] = float(np.mean(vals))
-        if res["registration"] is not None:
-            sim = res["registration"].similarity
-            row.update(reg_scale=float(sim.scale), reg_azimuth_deg=_azimuth_deg(sim.rotation))
-        if res["note"]:
-            row["note"] = res["note"]
-        pred_v = None
-        if renders and renderer is not None:
-            if any(f is None for _, f in pred):
-                row["note"] = "; ".join(filter(None, [row.get("note"), "not rendered: a point cloud"]))
-            else:
-                rgba = _render_prediction(cfg, renderer, pred, res["verts"], factor, s, idx)
-                row["render_mask_iou"] = float(np.mean([_mask_iou(rgba[t, ..., 3], s["video"][j, ..., 3])
-                                                        for t, j in enumerate(idx)]))
-                pred_v, path = composite(rgba, cfg.background), f"Loom's render of {key}"
-        elif renders:
-            path = find_video(cfg.renders, key)
-            if path is None:
-                raise FileNotFoundError(f"{cfg.renders} has no render of {key} (<key>.mp4 or .mkv)")
-            pred_v = read_video(path)
-        if pred_v is not None:
-            gt_v = _gt_render(cfg, key, s)
-            if len(gt_v) != len(pred_v) and len(pred_v) == len(idx) and len(gt_v) == t_gt:
-                gt_v = gt_v[idx]
-            _render_metrics(cfg, features, key, pred_v, gt_v, path, row, stats)
+        frames_rows.append((i, [{"key": key, "gt_frame": int(idx[fr["frame"]]), **fr} for fr in seq.scores.frames]))
+        row = _geometry_row(seq)
+        video = _prediction_video(cfg, renderer, seq, s, row) if _renders(cfg) else None
+        if video is not None:
+            pred_v, name = video
+            gt_v = _gt_video(cfg, seq, s, len(pred_v))
+            _render_metrics(cfg, features, key, pred_v, gt_v, name, row, stats)
             row["rendered"] = True
             if i < cfg.media:
                 media += write_media(media_dir, f"{key}-render", pred_v, gt_v)
         if i < cfg.media:
-            lo = np.min([g.min(0) for g in gt_p], 0)
-            hi = np.max([g.max(0) for g in gt_p], 0)
-            c, hw = 0.5 * (lo + hi), 0.6 * float((hi - lo).max())
-            pv = np.stack([splat(p, c, hw) for p in res["pred_points"]])
-            gv = np.stack([splat(g, c, hw, colour=(0.2, 0.45, 0.9)) for g in gt_p])
-            media += write_media(media_dir, f"{key}-points", pv, gv, fps=4)
+            media += _point_media(media_dir, seq)
         items.append((i, row))
         print(f"{key}: " + ", ".join(f"{m} {row[m]:.4f}" for m in METRICS if m in row), flush=True)
     return {"items": items, "frames": frames_rows, "media": media, "missing": missing, "stats": stats,
@@ -622,7 +524,6 @@ def _evaluate_part(cfg: Eval4DJob, rank: int, parts: int, features: Features,
 
 def evaluate(cfg: Eval4DJob) -> dict[str, Any]:
     """Run the benchmark, write ``cfg.out``, log the MLflow run; returns :func:`loom.eval.record.finish`'s dict."""
-    from loom.eval.metrics.fvd import fvd_from_stats
     from loom.eval.record import Evaluation, finish
 
     if not cfg.gt:
@@ -636,7 +537,8 @@ def evaluate(cfg: Eval4DJob) -> dict[str, Any]:
         features.check([{"lpips": "lpips", "clip": "clip", "fvd": "i3d"}[m] for m in cfg.render_metrics])
         warn_if_tiny(features)
     if renders and cfg.render.enabled:
-        MeshRenderer.check()
+        MeshRenderer.check("render.enabled=true renders the predictions with Blender",
+                           "Or pass --renders DIR, or --set render.enabled=false")
     pred_dir = os.path.join(out, "pred") if cfg.run else cfg.pred
     media_dir = os.path.join(out, "media")
     if os.path.isdir(media_dir):
@@ -660,6 +562,22 @@ def evaluate(cfg: Eval4DJob) -> dict[str, Any]:
         raise ValueError(f"no samples in {cfg.gt}")
     if not ok:
         raise ValueError(f"every sequence failed: {items[0]['error']}")
+    metrics, notes = _summary(cfg, items, ok, stats, short)
+    model = cfg.model or os.path.basename(os.path.abspath(cfg.run or cfg.pred).rstrip("/"))
+    ev = Evaluation(benchmark="4d", model=model, config=cfg, out=out, metrics=metrics, items=items,
+                    tables={"frames": frames_rows}, media=media, notes=notes,
+                    params={"checkpoint": where(cfg.run), "predictions": where(pred_dir), "renders": where(cfg.renders),
+                            "data": where(cfg.gt)})  # fmt: skip
+    return finish(ev, cfg.tracking, features)
+
+
+def _summary(cfg: Eval4DJob, items: list[dict[str, Any]], ok: list[dict[str, Any]], stats: dict[str, Any],
+             short: int) -> tuple[dict[str, float], list[str]]:  # fmt: skip
+    """The benchmark's metrics (means over the sequences that have each) and the notes that say what they cover;
+    takes the ``rendered`` marks off the rows."""
+    from loom.eval.metrics.fvd import fvd_from_stats
+
+    renders = _renders(cfg)
     metrics: dict[str, float] = {}
     for m in METRICS:
         vals = [r[m] for r in ok if m in r]
@@ -702,9 +620,4 @@ def evaluate(cfg: Eval4DJob) -> dict[str, Any]:
                  "the shards hold no mesh")
     if cfg.registration.enabled:
         notes.append("predictions registered to the ground truth (similarity from frame 0 + per-frame translation)")
-    model = cfg.model or os.path.basename(os.path.abspath(cfg.run or cfg.pred).rstrip("/"))
-    ev = Evaluation(benchmark="4d", model=model, config=cfg, out=out, metrics=metrics, items=items,
-                    tables={"frames": frames_rows}, media=media, notes=notes,
-                    params={"checkpoint": where(cfg.run), "predictions": where(pred_dir), "renders": where(cfg.renders),
-                            "data": where(cfg.gt)})  # fmt: skip
-    return finish(ev, cfg.tracking, features)
+    return metrics, notes

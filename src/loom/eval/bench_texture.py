@@ -151,10 +151,10 @@ def _write_views(folder: str, video: np.ndarray) -> None:
 def gt_views_part(cfg: EvalTextureJob, rank: int, parts: int) -> int:
     """The frames of the ground-truth turntables ``rank``, ``rank + parts``, ... as ``<out>/gt/<key>/<t>.png``
     (subsampled and resized by ``frames``/``size``); returns the views written."""
+    from loom.datasets.transforms import frame_transform
     from loom.datasets.ttv import iter_samples
-    from loom.eval.bench_ttv import gt_transform
 
-    transform = gt_transform(cfg.frames, cfg.size)
+    transform = frame_transform(cfg.frames, cfg.size)
     root, views = os.path.join(os.path.abspath(cfg.out), "gt"), 0
     for s in iter_samples(cfg.gt, keys=("rgb",), part=(rank, parts)):
         video = (transform({"rgb": s["rgb"]}, np.random.default_rng(0)) if transform is not None else s)["rgb"]
@@ -182,13 +182,14 @@ def views_part(cfg: EvalTextureJob, rank: int, parts: int) -> int:
     """Generate the turntables ``rank``, ``rank + parts``, ... of ``cfg.gt`` with ``cfg.run`` and write both sides'
     frames as views into ``<out>/pred/<key>/`` and ``<out>/gt/<key>/``; returns the views written. With ``limit``,
     only the samples that the first ``limit`` views can come from are generated."""
+    from loom.datasets.transforms import frame_transform
     from loom.datasets.ttv import iter_samples
-    from loom.eval.bench_ttv import RunGenerator, gt_transform
+    from loom.eval.bench_ttv import RunGenerator
     from loom.eval.benchmarks import read_video
 
     gen = RunGenerator(cfg.run, cfg.steps, cfg.seed)
-    per_sample = gen.module.cfg.data.frames  # 0: every frame (unknown until decoded)
-    transform = gt_transform(per_sample, gen.module.cfg.data.size)
+    per_sample = gen.model.frames  # 0: every frame (unknown until decoded)
+    transform = frame_transform(per_sample, gen.model.size)
     dirs = {side: os.path.join(os.path.abspath(cfg.out), side) for side in ("pred", "gt")}
     views = 0
     for s in iter_samples(cfg.gt, keys=("rgb", "normal", "position", "mask"), part=(rank, parts)):

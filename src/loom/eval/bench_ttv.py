@@ -21,7 +21,6 @@ out with ``--set metrics=[psnr,ssim,lpips]`` otherwise).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
@@ -79,44 +78,28 @@ def _tiny() -> EvalTTVJob:
     return EvalTTVJob(features=FeatureSettings(networks="tiny-random", device="cpu"))
 
 
-def gt_transform(frames: int, size: int):
-    from loom.datasets.transforms import Compose, CropResize, SubsampleFrames
-
-    ts = ([SubsampleFrames(frames)] if frames else []) + ([CropResize((size, size))] if size else [])
-    return Compose(*ts) if ts else None
-
-
 class RunGenerator:
-    """The predictions of a trained run: the module is loaded once; each video is made exactly as
-    :func:`loom.training.ttv_module.generate_ttv` makes it (condition batch, noise seed, decode, H.264 file)."""
+    """The predictions of a trained run: the run is loaded once (:func:`loom.inference.ttv.load_run`); each video is
+    made exactly as :func:`loom.inference.ttv.generate_ttv` makes it (condition batch, noise seed, decode, H.264
+    file)."""
 
     def __init__(self, run: str, steps: int, seed: int):
-        from loom.training.ttv import train_transform
-        from loom.training.ttv_module import load_run
+        from loom.inference.ttv import load_run
 
-        self.module = load_run(run)
-        if steps:
-            m = self.module
-            m.cfg = dataclasses.replace(m.cfg, flow=dataclasses.replace(m.cfg.flow, sample_steps=steps))
-        self.transform = train_transform(self.module.cfg.data)
+        self.model = load_run(run, steps=steps or None)
+        self.transform = self.model.transform()
         self.seed = seed
 
     def __call__(self, sample: dict[str, Any], path: str) -> str:
-        import torch
+        from loom.inference.ttv import condition_batch, write_video
 
-        from loom.training.ttv_module import latents_to_uint8, write_video
-
-        s = self.transform(sample, np.random.default_rng(0)) if self.transform is not None else sample
-        batch = {k: torch.from_numpy(np.ascontiguousarray(s[k]))[None] for k in ("rgb", "normal", "position", "mask")}
-        batch.update({"__key__": [s["__key__"]], "meta": [s["meta"]]})
-        cond = self.module.condition(batch, [torch.Generator().manual_seed(self.seed)])
-        z = self.module.generate(cond, seed=self.seed)
-        return write_video(path, latents_to_uint8(self.module.vae, z.float().cpu())[0])
+        return write_video(path, self.model.video(condition_batch(sample, self.transform), self.seed))
 
 
 def evaluate_part(cfg: EvalTTVJob, rank: int, parts: int) -> dict[str, Any]:
     """The samples ``rank``, ``rank + parts``, ... of the benchmark (see :func:`loom.eval.benchmarks.run_parts`):
     their rows, their FVD statistics, media and the keys without a prediction."""
+    from loom.datasets.transforms import frame_transform
     from loom.datasets.ttv import iter_samples
     from loom.eval.metrics import lpips, psnr, ssim
     from loom.eval.metrics.fvd import video_stats
@@ -128,12 +111,12 @@ def evaluate_part(cfg: EvalTTVJob, rank: int, parts: int) -> dict[str, Any]:
     done = None
     if cfg.run:
         gen = RunGenerator(cfg.run, cfg.steps, cfg.seed)
-        frames = frames or gen.module.cfg.data.frames
-        size = size or gen.module.cfg.data.size
+        frames = frames or gen.model.frames
+        size = size or gen.model.size
         pred_dir = os.path.join(out, "pred")
         os.makedirs(pred_dir, exist_ok=True)
         done = Generated(pred_dir, cfg.run, bench="ttv", steps=cfg.steps, seed=cfg.seed)
-    transform = gt_transform(frames, size)
+    transform = frame_transform(frames, size)
     media_dir = os.path.join(out, "media")
     keys = ("rgb", "normal", "position", "mask") if gen else ("rgb",)
     items, media, missing = [], [], []

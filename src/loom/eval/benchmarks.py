@@ -41,7 +41,7 @@ import numpy as np
 
 from loom.platform.config import config, field, require
 from loom.platform.ray import RaySettings
-from loom.platform.tracking import TrackingSettings
+from loom.platform.tracking import RUN_RECORD, TrackingSettings
 
 # ------------------------------------------------------------------------------------------------ tables
 
@@ -122,14 +122,14 @@ def run_parts(part, cfg, parallel: RaySettings) -> list:
     cloud and thread variables. A part takes every N-th sample from its rank (``iter_samples(..., part=(rank, N))``)
     and returns what the benchmark merges; the merge follows the samples' order, so the values do not depend on N
     (the streaming statistics are float64 sums; they agree to float rounding)."""
-    n = ray.workers
+    n = parallel.workers
     if n == 1:
         return [part(cfg, 0, 1)]
     from loom.platform.ray import forwarded_env, init_ray
 
     ray = init_ray(parallel)
-    env = {"OMP_NUM_THREADS": str(max(1, int(ray.cpus_per_worker))), **forwarded_env()}
-    task = ray.remote(_call_part).options(num_cpus=ray.cpus_per_worker, num_gpus=ray.gpus_per_worker,
+    env = {"OMP_NUM_THREADS": str(max(1, int(parallel.cpus_per_worker))), **forwarded_env()}
+    task = ray.remote(_call_part).options(num_cpus=parallel.cpus_per_worker, num_gpus=parallel.gpus_per_worker,
                                           max_retries=0, runtime_env={"env_vars": env})
     print(f"evaluating on {n} workers", file=sys.stderr, flush=True)
     return ray.get([task.remote(part, cfg, rank, n) for rank in range(n)])
@@ -153,13 +153,14 @@ class Generated:
     """Which predictions in ``pred_dir`` a run already generated with the same settings, so that an evaluation
     that stopped (a crash, a lost node, Ctrl-C) resumes without generating them again.
 
-    ``identity`` is a digest of the run folder's files (relative path, size, mtime; ``checkpoints/`` and
-    ``samples/`` left out, so a run that trains on is a new identity only once its exported weights change) and of
-    the generation settings. A prediction counts only once its marker ``pred_dir/.generated/<key>`` holds that
-    identity; the marker is written after the prediction, so a half-written one is never reused. Markers are one
-    file per key: parallel workers never write the same file."""
+    ``identity`` is a digest of the run folder's files (relative path, size, mtime; ``checkpoints/``, ``samples/``
+    and the MLflow run record left out, so a run that trains on is a new identity only once its exported weights
+    change) and of the generation settings. A prediction counts only once its marker ``pred_dir/.generated/<key>``
+    holds that identity; the marker is written after the prediction, so a half-written one is never reused. Markers
+    are one file per key: parallel workers never write the same file."""
 
     SKIP = ("checkpoints", "samples", "mlruns")
+    SKIP_FILES = (RUN_RECORD,)  # rewritten by every (resumed) training start: says nothing about the weights
 
     def __init__(self, pred_dir: str, run: str, **settings):
         self.dir = os.path.join(pred_dir, ".generated")
@@ -169,6 +170,8 @@ class Generated:
         for base, dirs, files in os.walk(root):
             dirs[:] = sorted(d for d in dirs if not (base == root and d in self.SKIP))
             for name in sorted(files):
+                if base == root and name in self.SKIP_FILES:
+                    continue
                 path = os.path.join(base, name)
                 st = os.stat(path)
                 h.update(f"{os.path.relpath(path, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -418,8 +421,9 @@ def side_by_side(pred: np.ndarray, gt: np.ndarray, gap: int = 4) -> np.ndarray:
 
 def write_media(folder: str, name: str, pred: np.ndarray, gt: np.ndarray, fps: int = 12,
                 sheet_frames: int = 8) -> list[str]:  # fmt: skip
-    """``name.mp4`` (pred | gt, H.264) and ``name.png`` (a contact sheet: ``sheet_frames`` evenly spread frames,
-    predictions on the top row, ground truth below; PNG shows in the MLflow artifact viewer). Returns the paths."""
+    """``name.mp4`` (pred | gt, H.264 yuv420p: plays in every browser, also in the MLflow artifact viewer; cropped to
+    an even size) and ``name.png`` (a contact sheet: ``sheet_frames`` evenly spread frames, predictions on the top
+    row, ground truth below). Returns the paths."""
     from PIL import Image
 
     from loom.datasets.codecs import encode_video

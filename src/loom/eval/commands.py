@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 
-# benchmark -> (module, root config class, help)
+# benchmark -> (root config class in loom.eval.bench_<benchmark>, help)
 EVAL = {
-    "ttv": ("loom.eval.bench_ttv", "EvalTTVJob",
+    "ttv": ("EvalTTVJob",
             "TAPESTRY Tab. 1: PSNR, SSIM, LPIPS, FVD of generated turntable videos against ground-truth renders"),
-    "texture": ("loom.eval.bench_texture", "EvalTextureJob",
+    "texture": ("EvalTextureJob",
                 "TAPESTRY Tab. 2: FID, KID, CLIP-S on multi-view renders (two folders of images, or a ttv run's "
                 "generated turntable frames)"),
-    "4d": ("loom.eval.bench_4d", "Eval4DJob",
+    "4d": ("Eval4DJob",
            "ShapeGen4D Tab. 1: Chamfer, IoU, F-score after registration (Tab. 2: LPIPS, CLIP, FVD on renders: "
            "--set render.enabled=true, or --renders)"),
 }  # fmt: skip
@@ -34,12 +34,16 @@ _FLAGS = {
 }  # fmt: skip
 
 
-def _job(name: str):
-    import importlib
+# --set examples shown in each benchmark's help (tests resolve each against its job)
+EXAMPLES = {"ttv": "limit=8", "texture": "limit=100", "4d": "render.enabled=true"}
 
-    module, cls, _ = EVAL[name]
-    mod = importlib.import_module(module)
-    return mod, getattr(mod, cls)
+
+def _job(name: str):
+    """(the benchmark's module, with ``evaluate(cfg)``; its root config class), imported when a command needs it."""
+    from loom.eval import bench_4d, bench_texture, bench_ttv
+
+    mod = {"ttv": bench_ttv, "texture": bench_texture, "4d": bench_4d}[name]
+    return mod, getattr(mod, EVAL[name][0])
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -56,24 +60,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _uri(args: argparse.Namespace) -> str:
-    return args.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(args.db)}"
-
-
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
     from loom.eval import leaderboard
+    from loom.platform.tracking import reader_uri, ui_hint, where_from
 
-    board = leaderboard.collect(_uri(args), args.benchmark, args.experiment, all_runs=args.all)
+    uri = reader_uri(args.uri, args.db)
+    try:
+        board = leaderboard.collect(uri, args.benchmark, args.experiment, all_runs=args.all)
+    except ValueError as e:
+        if args.uri or args.db or "no MLflow experiment" not in str(e):
+            raise
+        raise ValueError(f"{e}; this is the default store, from {where_from()}") from None
     text = {"text": leaderboard.to_text, "markdown": leaderboard.to_markdown, "html": leaderboard.to_html}[args.format]
     print(text(board))
     if not args.no_log:
-        rid = leaderboard.log(board, args.out)
-        print(f"logged: leaderboard.md and leaderboard.html of run {rid} ({LEADERBOARD_NOTE}) in experiment "
-              f"{board.experiment!r}")
+        exp_id = leaderboard.log(board, args.out)
+        print(f"logged: the table is the description of experiment {board.experiment!r} (id {exp_id}), shown above "
+              f"its runs in the MLflow UI" + (f"; leaderboard.md and leaderboard.html in {args.out}" if args.out
+                                               else ""))  # fmt: skip
+        print(f"UI: {ui_hint(uri, exp_id)}")
     return 0
-
-
-LEADERBOARD_NOTE = "the experiment's run named 'leaderboard', updated in place"
 
 
 def _cmd_weights(args: argparse.Namespace) -> int:
@@ -108,30 +114,32 @@ def _cmd_weights(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     from loom.platform.command import add_job_args
+    from loom.platform.tracking import STORE_HELP
 
     ev = sub.add_parser("eval", help="evaluate predictions or a trained run on a benchmark (one MLflow run each)")
     benches = ev.add_subparsers(dest="benchmark", metavar="BENCHMARK")
-    for name, (_, _, text) in EVAL.items():
+    for name, (_, text) in EVAL.items():
         p = benches.add_parser(name, help=text)
         for flag, (_, h) in _FLAGS[name].items():
             p.add_argument(flag, help=h)
-        p.add_argument("--out", help="output folder (metrics.json, items.csv, media/); MLflow defaults to "
-                       "<its parent>/mlflow.db")
+        p.add_argument("--out", help="output folder (metrics.json, items.csv, media/); MLflow logs to the "
+                       "default store wherever it is (see `loom runs --help`)")
         p.add_argument("--model", help="model name in the leaderboard (default: the run's or pred folder's name)")
         mod, job_cls = _job(name)
-        add_job_args(p, job_cls)
+        add_job_args(p, job_cls, example=EXAMPLES[name], interrupted="predictions generated so far (with --run) in "
+                     "{out}/pred are kept: the same command with the same --out reuses them")
         p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("leaderboard", help="a benchmark's table from its MLflow runs (best marked), logged as "
-                       "markdown/HTML")
+    p = sub.add_parser("leaderboard", help="a benchmark's table from its MLflow runs (best marked), logged as the "
+                       "experiment's description")
     p.add_argument("benchmark", choices=sorted(EVAL), metavar="BENCHMARK", help=f"one of {', '.join(EVAL)}")
-    p.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<--db>)")
-    p.add_argument("--db", default="out/mlflow.db", help="the local SQLite database (default out/mlflow.db)")
+    p.add_argument("--uri", help=f"tracking URI ({STORE_HELP})")
+    p.add_argument("--db", help="a local SQLite database file instead (e.g. one copied from elsewhere)")
     p.add_argument("--experiment", help="experiment (default bench/BENCHMARK)")
     p.add_argument("--all", action="store_true", help="every finished run, not only the newest per model")
     p.add_argument("--format", choices=("text", "markdown", "html"), default="text", help="what to print")
     p.add_argument("--out", help="also keep leaderboard.md and leaderboard.html in this folder")
-    p.add_argument("--no-log", action="store_true", help="print only; do not update the 'leaderboard' run")
+    p.add_argument("--no-log", action="store_true", help="print only; do not update the experiment's description")
     p.set_defaults(func=_cmd_leaderboard)
 
     p = sub.add_parser("weights", help="the feature networks' weight files: present, missing, where each comes from")

@@ -9,11 +9,14 @@ The best value of each column is marked: ``*`` in the text table, bold in markdo
 ``<td class="best">``). Runs made with the tiny random feature networks (``features=tiny-random``) are not
 comparable with real ones: they are labelled, and the best is marked separately among them and among the others.
 
-Logging: the markdown and HTML tables are artifacts (``leaderboard.md``, ``leaderboard.html``) of ONE run named
-``leaderboard`` (tag ``loom.kind=leaderboard``) in the same experiment. Every ``loom leaderboard`` updates that run:
-its artifacts are replaced and its tags (``loom.leaderboard.updated``, ``loom.leaderboard.rows``) rewritten, so the
-MLflow UI always shows the current table beside the evaluation runs (the HTML artifact renders in the UI's artifact
-viewer). The leaderboard run itself is never a row.
+Logging: the leaderboard becomes the description of the benchmark's experiment (the experiment tag
+``mlflow.note.content``, markdown), which the MLflow UI shows at the top of the experiment's pages, above the runs.
+The UI shows a description folded to its first lines until it is opened, so it starts with the standings in one
+paragraph (:func:`summary`: the leading models with their values), then the full table, each row linked to its
+evaluation run. Every ``loom leaderboard`` rewrites it, with the experiment tags ``loom.leaderboard.updated`` and
+``loom.leaderboard.rows``. ``--out`` also keeps ``leaderboard.md`` and ``leaderboard.html`` as files. (Earlier
+versions logged the tables as artifacts of a run named ``leaderboard``, listed among the models; such a run is
+never a row.)
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ from __future__ import annotations
 import html
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 from loom.eval.benchmarks import BENCHMARKS, Benchmark, Column
 
-LEADERBOARD_RUN = "leaderboard"
+# MLflow's limit on an experiment tag's value (mlflow/utils/validation.py MAX_EXPERIMENT_TAG_VAL_LENGTH)
+MAX_DESCRIPTION_CHARS = 20000
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Board:
     uri: str
     experiment: str
     rows: list[Row]
+    experiment_id: str = ""
 
     @property
     def columns(self) -> tuple[Column, ...]:
@@ -97,7 +101,7 @@ def collect(uri: str, benchmark: str, experiment: str | None = None, all_runs: b
         rows.append(Row(model=model, run_name=r.info.run_name, run_id=r.info.run_id, start_time=r.info.start_time,
                         features=r.data.params.get("features", "-"), items=int(items) if items is not None else None,
                         values={c.metric: _finite(r.data.metrics.get(c.metric)) for c in bench.columns}))  # fmt: skip
-    board = Board(bench, uri, experiment, rows)
+    board = Board(bench, uri, experiment, rows, exp.experiment_id)
     mark_best(board)
     _sort(board)
     return board
@@ -131,12 +135,17 @@ def _fmt(c: Column, v: float | None) -> str:
     return "-" if v is None else f"{v * c.scale:.{c.digits}f}"
 
 
-def _cells(board: Board, row: Row) -> list[tuple[str, bool]]:
-    """(text, is best) per displayed column: model, metrics..., items, features, run."""
+def _cells(board: Board, row: Row, links: bool = False) -> list[tuple[str, bool]]:
+    """(text, is best) per displayed column: model, metrics..., items, features, run (``links``: a markdown link to
+    the run's page in the MLflow UI)."""
+    from loom.platform.tracking import run_link
+
+    run = f"{row.run_name} ({row.run_id[:8]})"
+    if links and board.experiment_id:
+        run = f"[{run}]({run_link(row.run_id, board.experiment_id)})"
     out = [(row.model, False)]
     out += [(_fmt(c, row.values[c.metric]), c.metric in row.best) for c in board.columns]
-    out += [("-" if row.items is None else str(row.items), False), (row.features, False),
-            (f"{row.run_name} ({row.run_id[:8]})", False)]
+    out += [("-" if row.items is None else str(row.items), False), (row.features, False), (run, False)]
     return out
 
 
@@ -163,16 +172,55 @@ def to_text(board: Board) -> str:
     return "\n".join(lines)
 
 
-def to_markdown(board: Board) -> str:
+def to_markdown(board: Board, links: bool = False, max_chars: int | None = None) -> str:
+    """The table in markdown, best values in bold. ``links``: each run cell links to the run's page in the MLflow
+    UI (for the experiment's description). ``max_chars``: rows past that length are left out, and their count
+    said."""
     head = _header(board)
-    lines = [f"# {board.experiment} leaderboard", "", " ".join(_legend(board)).replace("marked.", "in bold."), "",
-             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]  # fmt: skip
-    for r in board.rows:
-        cells = [(f"**{t}**" if best else t).replace("|", "\\|") for t, best in _cells(board, r)]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"MLflow: {board.uri}, experiment `{board.experiment}`; updated "
-              f"{time.strftime('%Y-%m-%d %H:%M:%S')}."]  # fmt: skip
-    return "\n".join(lines) + "\n"
+    top = [f"# {board.experiment} leaderboard", "", " ".join(_legend(board)).replace("marked.", "in bold."), "",
+           "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]  # fmt: skip
+    rows = ["| " + " | ".join((f"**{t}**" if best else t).replace("|", "\\|") for t, best in _cells(board, r, links))
+            + " |" for r in board.rows]  # fmt: skip
+    tail = ["", f"MLflow: {board.uri}, experiment `{board.experiment}`; updated "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')} by `loom leaderboard {board.benchmark.name}`."]  # fmt: skip
+    kept = rows
+    if max_chars is not None:
+        budget = max_chars - len("\n".join(top + tail)) - 200  # room for the line that counts what is left out
+        kept = []
+        for r in rows:
+            if budget - len(r) - 1 < 0:
+                break
+            kept.append(r)
+            budget -= len(r) + 1
+    if len(kept) < len(rows):
+        tail.insert(1, f"{len(rows) - len(kept)} more row(s) do not fit here: `loom leaderboard "
+                       f"{board.benchmark.name}` prints them all.")
+    return "\n".join(top + kept + tail) + "\n"
+
+
+def summary(board: Board, leaders: int = 3) -> str:
+    """One markdown paragraph with the standings: the first ``leaders`` rows with every column's value, best first
+    (what the MLflow UI shows of the experiment's description before it is opened)."""
+    if not board.rows:
+        return f"**Leaderboard** of {board.benchmark.title}: no finished evaluation yet."
+    mixed = len({r.tiny for r in board.rows}) > 1  # else one remark for all rows, after the standings
+    parts = []
+    for i, r in enumerate(board.rows[:leaders], 1):
+        vals = ", ".join(f"{c.label} {c.arrow} " + (f"**{_fmt(c, r.values[c.metric])}**" if c.metric in r.best
+                                                   else _fmt(c, r.values[c.metric])) for c in board.columns)
+        parts.append(f"{i}. **{r.model}**: {vals}" + (" (tiny-random features)" if mixed and r.tiny else ""))
+    rest = len(board.rows) - len(parts)
+    more = f"; {rest} more in the table below" if rest > 0 else "; the table below"
+    tiny = (" All rows used tiny-random feature networks: smoke-test numbers."
+            if board.rows[0].tiny and not mixed else "")
+    return "**Leaderboard** (best first): " + "; ".join(parts) + more + "." + tiny
+
+
+def description(board: Board) -> str:
+    """The experiment's description: :func:`summary`, then the markdown table with each run linked, within
+    MLflow's limit on an experiment tag."""
+    head = summary(board) + "\n\n"
+    return head + to_markdown(board, links=True, max_chars=MAX_DESCRIPTION_CHARS - len(head))
 
 
 def to_html(board: Board) -> str:
@@ -211,30 +259,21 @@ tr.tiny td {{ color: #888; }}
 
 
 def log(board: Board, out: str | None = None) -> str:
-    """Write ``leaderboard.md`` and ``leaderboard.html`` (into ``out`` when given) and log them to the experiment's
-    ``leaderboard`` run, created on first use and updated after; returns its run id."""
+    """Make the leaderboard the description of the benchmark's experiment (:func:`description`, shown by the MLflow
+    UI above the runs), tag the experiment as model training (:func:`loom.platform.tracking.ensure_experiment`),
+    and write ``leaderboard.md`` and ``leaderboard.html`` into ``out`` when given; returns the experiment id."""
     import mlflow
 
+    from loom.platform.tracking import NOTE_TAG, ensure_experiment
+
     client = mlflow.MlflowClient(tracking_uri=board.uri)
-    exp = client.get_experiment_by_name(board.experiment)
-    found = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{LEADERBOARD_RUN}'",
-                               order_by=["attributes.start_time ASC"])  # fmt: skip
-    found = [r for r in found if r.data.tags.get("loom.kind") == "leaderboard"]
-    if found:
-        rid = found[0].info.run_id
-    else:
-        rid = client.create_run(exp.experiment_id, run_name=LEADERBOARD_RUN,
-                                tags={"loom.kind": "leaderboard", "loom.benchmark": board.benchmark.name,
-                                      "mlflow.note.content": "The benchmark's leaderboard (artifacts leaderboard.md, "
-                                      "leaderboard.html), replaced by every `loom leaderboard`."}).info.run_id
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = out or tmp
-        os.makedirs(folder, exist_ok=True)
+    exp_id = ensure_experiment(board.uri, board.experiment)
+    client.set_experiment_tag(exp_id, NOTE_TAG, description(board))
+    client.set_experiment_tag(exp_id, "loom.leaderboard.updated", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    client.set_experiment_tag(exp_id, "loom.leaderboard.rows", str(len(board.rows)))
+    if out:
+        os.makedirs(out, exist_ok=True)
         for name, text in (("leaderboard.md", to_markdown(board)), ("leaderboard.html", to_html(board))):
-            with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            with open(os.path.join(out, name), "w", encoding="utf-8") as f:
                 f.write(text)
-            client.log_artifact(rid, os.path.join(folder, name))
-    client.set_tag(rid, "loom.leaderboard.updated", time.strftime("%Y-%m-%dT%H:%M:%S"))
-    client.set_tag(rid, "loom.leaderboard.rows", str(len(board.rows)))
-    client.set_terminated(rid, "FINISHED")
-    return rid
+    return exp_id

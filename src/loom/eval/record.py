@@ -8,13 +8,18 @@ pred | gt samples). The MLflow run, created when the evaluation has finished (no
   ``data`` (the ground truth), ``items``, ``code.loom_version``, ``code.git_sha``, ``features`` (``real`` or
   ``tiny-random``) and ``features.<network>`` (its files and their sha256, or ``tiny-random(seed=0)``), and the
   whole config flattened under ``config.``;
-- tags: ``loom.kind=eval``, ``loom.benchmark``, ``loom.model``, ``loom.features``;
+- tags: ``loom.kind=eval``, ``loom.benchmark``, ``loom.model``, ``loom.features``; for an evaluation of a training
+  run folder (``--run``), the training's MLflow run as ``loom.training_run_id``, ``loom.training_experiment_id`` and
+  ``loom.training_tracking_uri`` (read from the folder's ``mlflow_run.json``), and a link to it at the top of the
+  run's description (the training run sits in another experiment, so MLflow's own parent-run tag, which nests runs
+  of one experiment, does not fit);
 - metrics: the benchmark's (:data:`loom.eval.benchmarks.BENCHMARKS`) and counts (``items``, ``failed``);
 - artifacts: ``items.json`` through ``MlflowClient.log_table`` (shown as a table in the UI), ``items.csv`` and the
   other tables, ``metrics.json``, ``config.yaml``, ``media/``.
 
 The tracking URI is resolved as for training (:func:`loom.platform.tracking.resolve_uri`): ``tracking.uri``, else
-``$MLFLOW_TRACKING_URI``, else the SQLite file ``mlflow.db`` beside the output folder.
+``$MLFLOW_TRACKING_URI``, else the SQLite file ``mlflow.db`` in ``$LOOM_HOME`` or the working directory, wherever
+``out`` is.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loom.platform import config as cfgmod
-from loom.platform.tracking import TrackingSettings, ensure_experiment, flatten, resolve_uri
+from loom.platform.tracking import (NOTE_TAG, RUN_RECORD, TrackingSettings, ensure_experiment, flatten,
+                                   read_run_record, resolve_uri, run_link, ui_url)
 
 
 @dataclass
@@ -93,20 +99,40 @@ def run_params(ev: Evaluation, features_params: dict[str, str], code: dict[str, 
     return params
 
 
+def training_lineage(run_folder: str, uri: str) -> tuple[dict[str, str], str | None]:
+    """The tags and the description line that name the training run behind ``run_folder`` (its
+    ``mlflow_run.json``): a link when it is in the same tracking store as the evaluation, else the store named.
+    ``({}, None)`` when the folder records no run."""
+    rec = read_run_record(run_folder) if run_folder else None
+    if rec is None:
+        return {}, None
+    tags = {"loom.training_run_id": rec["run_id"], "loom.training_experiment_id": str(rec.get("experiment_id", "")),
+            "loom.training_tracking_uri": str(rec.get("tracking_uri", ""))}
+    name = f"`{rec.get('experiment', '?')}` / `{rec['run_id']}`"
+    if rec.get("tracking_uri") == uri and rec.get("experiment_id"):
+        line = f"Evaluates the model of training run [{name}]({run_link(rec['run_id'], rec['experiment_id'])})."
+    else:
+        line = f"Evaluates the model of training run {name} in the tracking store {rec.get('tracking_uri', '?')}."
+    return tags, line
+
+
 def log_evaluation(ev: Evaluation, tracking: TrackingSettings, params: dict[str, str]) -> tuple[str, str, str]:
     """The MLflow run of a finished evaluation: (tracking uri, experiment id, run id)."""
     import mlflow
     import pandas as pd
     from mlflow.entities import Metric, Param
 
-    uri = resolve_uri(tracking, ev.out)
+    uri = resolve_uri(tracking)
     experiment = tracking.experiment
     exp_id = ensure_experiment(uri, experiment)
     client = mlflow.MlflowClient(tracking_uri=uri)
     tags = {"loom.kind": "eval", "loom.benchmark": ev.benchmark, "loom.model": ev.model,
             "loom.features": params.get("features", "-")}
-    if ev.notes:
-        tags["mlflow.note.content"] = "\n".join(ev.notes)
+    lineage, line = training_lineage(getattr(ev.config, "run", "") or "", uri)
+    tags.update(lineage)
+    note = ([line] if line else []) + ev.notes
+    if note:
+        tags[NOTE_TAG] = "\n\n".join(note)
     run = client.create_run(exp_id, run_name=tracking.run_name or ev.model, tags=tags)
     rid = run.info.run_id
     try:
@@ -152,6 +178,12 @@ def finish(ev: Evaluation, tracking: TrackingSettings, features) -> dict[str, An
     print(f"outputs:  {ev.out} (items.csv, metrics.json, media/)")
     if res["run_id"]:
         print(f"mlflow:   run {res['run_id']} in experiment {bench.experiment!r} ({res['uri']})")
+        print(f"ui:       {ui_url(res['uri'], res['experiment_id'], res['run_id'])}")
+        run = getattr(ev.config, "run", "") or ""
+        if run:
+            trained = training_lineage(run, res["uri"])[0].get("loom.training_run_id")
+            print(f"trained:  MLflow run {trained} (tag loom.training_run_id)" if trained else
+                  f"trained:  {run} records no MLflow run ({RUN_RECORD}): the evaluation names only the folder")
     if features.tiny and features.provenance:
         print(f"WARNING: {TINY_WARNING}")
     return res

@@ -59,7 +59,9 @@ Shapes::
     -> velocity   like latents
 
 No Ray, Lightning, DeepSpeed or torch.distributed here: this is a single-device module. Sharding intent is
-declared in ``_no_split_modules``.
+declared in ``_no_split_modules`` (dual and single blocks, spatiotemporal layers) and applied by
+``loom.training.launch.apply_sharding_intent``: gradient checkpointing of those blocks, and under ZeRO-3 each block
+gathered whole.
 """
 
 from __future__ import annotations
@@ -81,8 +83,8 @@ from diffusers.models.transformers.transformer_flux import (
 )
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.checkpoint import checkpoint
 
+from loom.models.checkpointing import checkpoint_blocks, is_checkpointed, uncheckpoint_blocks
 from loom.models.folder import CONFIG_NAME, WEIGHTS_NAME, read_folder, save_folder  # noqa: F401
 ST_PREFIX = "spatiotemporal_layers."
 ATTENTION_BACKENDS = {
@@ -274,7 +276,6 @@ class Shape4DDiT(nn.Module):
         self.spatiotemporal_layers = nn.ModuleList(
             SpatioTemporalLayer(dim, heads, head_dim, config.temporal, config.st_image_tokens, config.rope_theta)
             for _ in range(n_st))
-        self.gradient_checkpointing = False
         self.set_attention_backend(config.attention_backend)
 
     @property
@@ -295,11 +296,16 @@ class Shape4DDiT(nn.Module):
         self.config = dataclasses.replace(self.config, attention_backend=backend)
 
     def enable_gradient_checkpointing(self) -> None:
-        """Recompute each block and spatiotemporal layer in backward instead of keeping its activations."""
-        self.gradient_checkpointing = True
+        """Recompute each block and spatiotemporal layer (``_no_split_modules``) in backward instead of keeping its
+        activations (`loom.models.checkpointing`, the mechanism training applies too)."""
+        checkpoint_blocks(self)
 
     def disable_gradient_checkpointing(self) -> None:
-        self.gradient_checkpointing = False
+        uncheckpoint_blocks(self)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return any(is_checkpointed(m) for m in self.modules())
 
     def freeze_base(self) -> None:
         """Freeze everything but the spatiotemporal layers (3.2: only they are trained)."""
@@ -314,11 +320,6 @@ class Shape4DDiT(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def _run(self, fn, *args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
-
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         single_frame = latents.ndim == 3
         x = latents[:, None] if single_frame else latents  # (B, T, Q, C)
@@ -332,9 +333,9 @@ class Shape4DDiT(nn.Module):
         context = self.context_embedder(img.reshape(b * t, img.shape[2], img.shape[3]).to(dtype))  # (B*T, L, D)
         blocks = list(self.transformer_blocks) + list(self.single_transformer_blocks)
         for i, block in enumerate(blocks):
-            context, hidden = self._run(block, hidden, context, temb_frames)
+            context, hidden = block(hidden, context, temb_frames)
             if len(self.spatiotemporal_layers):
-                context, hidden = self._run(self.spatiotemporal_layers[i], hidden, context, temb, t)
+                context, hidden = self.spatiotemporal_layers[i](hidden, context, temb, t)
         hidden = self.norm_out(hidden, temb_frames)
         out = self.proj_out(hidden).reshape(b, t, q, c).to(latents.dtype)  # (B, T, Q, C)
         return out[:, 0] if single_frame else out

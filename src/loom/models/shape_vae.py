@@ -53,7 +53,8 @@ Shapes::
 
 A 4D sample (T frames) is encoded as a batch of T shapes: ``surface[t]`` with ``queries[t]``.
 
-No Ray, Lightning, DeepSpeed or torch.distributed here: this is a single-device module.
+No Ray, Lightning, DeepSpeed or torch.distributed here: this is a single-device module. Sharding intent is
+declared in ``_no_split_modules`` and applied by ``loom.training.launch.apply_sharding_intent``.
 """
 
 from __future__ import annotations
@@ -228,6 +229,8 @@ class VAEOutput(NamedTuple):
 
 class ShapeVAE(nn.Module):
     """VecSet VAE: ``encode(surface, queries)`` -> latents, ``decode(latents, points)`` -> truncated SDF."""
+
+    _no_split_modules = ["Block"]  # the attention blocks (cross and self): each gathered whole under ZeRO-3
 
     def __init__(self, config: ShapeVAEConfig | None = None):
         super().__init__()

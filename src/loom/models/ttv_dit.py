@@ -52,7 +52,8 @@ Shapes (latent space; Wan VAE: T' = 1 + (T - 1) / 4, H' = H / 8, W' = W / 8)::
     -> velocity (B, 16, T', H', W')
 
 No Ray, Lightning, DeepSpeed or torch.distributed here: this is a single-device module. Sharding intent is
-declared in ``_no_split_modules``.
+declared in ``_no_split_modules`` (the Wan blocks) and applied by ``loom.training.launch.apply_sharding_intent``:
+gradient checkpointing of those blocks, and under ZeRO-3 each block gathered whole.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ import os
 import torch
 from torch import nn
 
+from loom.models.checkpointing import checkpoint_blocks, uncheckpoint_blocks
 from loom.models.geometry_fusion import GeometryFusion
 
 TEXT_TOKENS = 512  # diffusers' WanAttnProcessor hard-codes this split between image and text tokens
@@ -268,7 +270,12 @@ class TTVDiT(nn.Module):
         self.fusion.save_pretrained(os.path.join(path, FUSION_SUBDIR))
 
     def enable_gradient_checkpointing(self) -> None:
-        self.transformer.enable_gradient_checkpointing()
+        """Recompute each block named in ``_no_split_modules`` in backward (`loom.models.checkpointing`, the
+        mechanism training applies too; not diffusers' own flag, which would checkpoint a second time)."""
+        checkpoint_blocks(self)
+
+    def disable_gradient_checkpointing(self) -> None:
+        uncheckpoint_blocks(self)
 
     # ------------------------------------------------------------------ LoRA
 

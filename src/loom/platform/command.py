@@ -5,7 +5,8 @@ config the same way::
         -> --help-config (every field) | --print-config (the resolved YAML) | run
 
 ``--config`` accepts the ``config.yaml`` a job writes beside its outputs, so a run can be replayed; ``--set`` goes
-on top of it.
+on top of it. Each command also names a valid ``--set`` example for its help, and what Ctrl-C keeps for its job kind
+(``loom.cli`` prints it); the parser's defaults ``job_class`` and ``set_example`` let tests check every command.
 """
 
 from __future__ import annotations
@@ -16,12 +17,18 @@ from typing import Any
 from loom.platform import config as cfgmod
 
 
-def add_job_args(p: argparse.ArgumentParser, job_cls: type, example: str | None = None) -> None:
+def add_job_args(p: argparse.ArgumentParser, job_cls: type, example: str | None = None,
+                 interrupted: str | None = None) -> None:
     """The arguments every job command takes. ``example``: a valid ``--set`` for this command's help text (default:
-    the first leaf field of ``job_cls`` with its default value)."""
+    the first numeric leaf field of ``job_cls`` with its default value; tests resolve every command's example).
+    ``interrupted``: what Ctrl-C leaves behind for this job kind and how to go on, ``{out}`` being the job's output
+    folder (printed by ``loom`` on KeyboardInterrupt)."""
     names = sorted(cfgmod.recipes(job_cls))
     if example is None:
         example = default_example(job_cls)
+    p.set_defaults(job_class=job_cls, set_example=example)
+    if interrupted:
+        p.set_defaults(interrupted=interrupted)
     p.add_argument("--recipe", default=None, help=f"named recipe: {', '.join(names)} (default: default)")
     p.add_argument("--config", dest="config_file", metavar="FILE",
                    help="start from this YAML config instead of a recipe (e.g. the config.yaml a job wrote)")
@@ -54,7 +61,15 @@ def base_config(job_cls: type, args: argparse.Namespace) -> Any:
 def resolve_config(job_cls: type, args: argparse.Namespace, **direct: Any) -> Any:
     """The config a command runs with: the base (recipe or file), then the command's own flags (``direct``:
     dotted field -> value, None = not given), then each ``--set`` in order."""
-    cfg = base_config(job_cls, args)
+    cfg = apply_overrides(base_config(job_cls, args), args, **direct)
+    # main() names this folder if the job is interrupted ("finished shards are kept in <out>")
+    args.job_out = getattr(cfg, "out", None)
+    return cfg
+
+
+def apply_overrides(cfg: Any, args: argparse.Namespace, **direct: Any) -> Any:
+    """``cfg`` with the command's own flags (``direct``: dotted field -> value, None = not given), then each
+    ``--set`` in order."""
     overrides = [(k, v) for k, v in direct.items() if v is not None]
     overrides += cfgmod.parse_set(getattr(args, "overrides", []) or [])
     for key, value in overrides:

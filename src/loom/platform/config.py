@@ -11,8 +11,10 @@ fields (torchtitan's config registry). ``resolve(JobClass, recipe, overrides)`` 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -24,7 +26,32 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A config value or key was refused. The message names the dotted field and says what is allowed."""
+    """A config value or key was refused. The message names the dotted field and says what is allowed.
+
+    ``field`` is the name the error is about. A section's ``__post_init__`` only knows its own field names
+    (``require(..., "devices", ...)``); :func:`override` and :func:`from_dict` know where the section sits and
+    qualify the name (``trainer.devices``), so the error names what the user typed."""
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.field = field if field is not None else _leading_field(message)
+
+    def qualified(self, prefix: str) -> ConfigError:
+        """This error named from the root: ``prefix`` (``"trainer."``) before a bare field name. A name that is
+        dotted already (a section that wrote ``ray.workers`` itself) is left as it is."""
+        name = self.field
+        if not prefix or not name or "." in name.split("[")[0]:
+            return self
+        full = prefix + name
+        msg = str(self)
+        msg = prefix + msg if msg.startswith(name) else f"{full}: {msg}"
+        return ConfigError(msg, field=full)
+
+
+def _leading_field(message: str) -> str | None:
+    """The field a hand-written message starts with (``"prompt='x' is invalid ..."`` -> ``prompt``)."""
+    m = re.match(r"([A-Za-z_][\w.]*(?:\[\d+\])?)(?==)", message)
+    return m.group(1) if m else None
 
 
 def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING, **kw) -> Any:
@@ -43,7 +70,7 @@ def config(cls: type[T]) -> type[T]:
 def require(cond: bool, name: str, value: Any, what: str) -> None:
     """Validation helper for ``__post_init__``: raise ConfigError naming the field if ``cond`` is false."""
     if not cond:
-        raise ConfigError(f"{name}={value!r} is invalid: {what}")
+        raise ConfigError(f"{name}={value!r} is invalid: {what}", field=name)
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -122,10 +149,14 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; known: {sorted(names)}")
+        hints_ = "; ".join(unknown_key_hint(cls, prefix + k, prefix, data[k]) for k in unknown)
+        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}: {hints_}",
+                          field=prefix + unknown[0])
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     try:
         return cls(**kwargs)
+    except ConfigError as e:
+        raise e.qualified(prefix) from None
     except TypeError as e:
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
 
@@ -149,16 +180,99 @@ def override(cfg: T, key: str, value: Any, _prefix: str = "") -> T:
     full = _prefix + head
     names = {f.name: f for f in dataclasses.fields(cfg)}
     if head not in names:
-        raise ConfigError(f"unknown config key {_prefix + key!r}: {type(cfg).__name__} has {sorted(names)}")
+        raise ConfigError(f"unknown config key {_prefix + key!r}: "
+                          f"{unknown_key_hint(type(cfg), _prefix + key, _prefix)}", field=_prefix + key)
     tp = _hints(type(cfg))[head]
     if rest:
         sub = getattr(cfg, head)
         if not dataclasses.is_dataclass(sub):
-            raise ConfigError(f"{_prefix + key!r}: {full} is a value, not a section")
+            raise ConfigError(f"{_prefix + key!r}: {full} is a value, not a section", field=_prefix + key)
         new = override(sub, rest, value, _prefix=full + ".")
     else:
         new = _coerce(value, tp, full)
-    return dataclasses.replace(cfg, **{head: new})
+    try:
+        return dataclasses.replace(cfg, **{head: new})
+    except ConfigError as e:  # the section's own validation knows only its bare field names
+        raise e.qualified(_prefix) from None
+
+
+# Keys renamed by the restructure of issue 15 (one ``ray`` section for every job). Old config.yaml files and old
+# habits get "X was renamed Y" instead of a bare "unknown key". A section entry renames every key under it.
+RENAMED = {
+    "cluster": "ray",
+    "parallel": "ray",
+    "launch.ray_address": "ray.address",
+    "launch.num_workers": "ray.workers",
+    "launch.use_gpu": "ray.gpus_per_worker",
+    "launch.cpus_per_worker": "ray.cpus_per_worker",
+    "launch.max_failures": "trainer.max_failures",
+}
+_RENAME_NOTES = {"launch.use_gpu": " (a number of GPUs per worker: use_gpu=true is ray.gpus_per_worker=1)"}
+
+
+def renamed(key: str) -> str | None:
+    """The new name of an old dotted key (``cluster.workers`` -> ``ray.workers``), or None."""
+    if key in RENAMED:
+        return RENAMED[key]
+    head, _, rest = key.partition(".")
+    if head in RENAMED and "." not in RENAMED[head]:
+        return RENAMED[head] + ("." + rest if rest else "")
+    return None
+
+
+def dotted_names(cls: type, prefix: str = "") -> list[str]:
+    """Every section and leaf of ``cls`` by its dotted name (``trainer``, ``trainer.devices``, ...)."""
+    out = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        out.append(prefix + f.name)
+        if _is_config(hints[f.name]):
+            out += dotted_names(hints[f.name], prefix + f.name + ".")
+    return out
+
+
+def suggest(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+    """Close matches of the dotted ``word`` among ``candidates``: a field of the same section with a similar name
+    (difflib on the last part, so a shared ``trainer.`` does not make every field look close), the same field in
+    another section (``devices`` -> ``trainer.devices``), then a similar whole name (``orbt.frames``)."""
+    candidates = list(candidates)
+    parent, _, tail = word.rpartition(".")
+    siblings = {c.rpartition(".")[2]: c for c in candidates if c.rpartition(".")[0] == parent}
+    close = [siblings[t] for t in difflib.get_close_matches(tail, list(siblings), n=n, cutoff=0.6)]
+    same_tail = [c for c in candidates if c != word and c.rpartition(".")[2] == tail]
+    whole = difflib.get_close_matches(word, candidates, n=n, cutoff=0.8)
+    return list(dict.fromkeys(close + same_tail + whole))[:n]
+
+
+def unknown_key_hint(cls: type, key: str, prefix: str = "", value: Any = None) -> str:
+    """What to say about the unknown dotted ``key`` met in the section ``cls`` (at ``prefix``): its new name if
+    it was renamed, else the closest known names, else the section's fields."""
+    if not prefix:
+        known = set(dotted_names(cls))
+        olds = [key] if renamed(key) or not isinstance(value, dict) else [f"{key}.{k}" for k in value]
+        moves = [(old, renamed(old)) for old in olds]
+        moves = [(old, new) for old, new in moves if new and new.split(".")[0] in known]
+        if moves:
+            return ", ".join(f"{old!r} was renamed {new!r}{_RENAME_NOTES.get(old, '')}" for old, new in moves)
+    close = suggest(key, dotted_names(cls, prefix))
+    if close:
+        return "did you mean " + " or ".join(repr(c) for c in close) + "?"
+    return f"{prefix.rstrip('.') or cls.__name__} has {sorted(f.name for f in dataclasses.fields(cls))}"
+
+
+def diff(a: Any, b: Any) -> list[tuple[str, Any, Any]]:
+    """(dotted field, value in ``a``, value in ``b``) for every leaf where two configs of one class differ."""
+    out: list[tuple[str, Any, Any]] = []
+
+    def walk(x: Any, y: Any, prefix: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in dict.fromkeys([*x, *y]):
+                walk(x.get(k), y.get(k), f"{prefix}{k}.")
+        elif x != y:
+            out.append((prefix.rstrip("."), x, y))
+
+    walk(to_dict(a), to_dict(b), "")
+    return out
 
 
 def parse_set(items: Iterable[str]) -> list[tuple[str, Any]]:
@@ -249,5 +363,8 @@ def load_yaml(job_cls: type[T], path: str) -> T:
         raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of config fields, got {type(data).__name__}")
-    return from_dict(job_cls, data)
+    try:
+        return from_dict(job_cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}", field=e.field) from None
 

@@ -104,7 +104,9 @@ def load_or_write_plan(spec: JobSpec) -> list[dict]:
     doc = {"kind": spec.kind, "config_hash": spec.config_hash, "shards": plan}
     if storage.exists(url):
         old = storage.read_json(url)
-        if old.get("config_hash") != spec.config_hash or old.get("shards") != plan:
+        # Compared by what the shards hold (which task of which asset goes where), not by the task parameters'
+        # layout: a folder planned by an earlier Loom whose parameters were spelled differently still resumes.
+        if old.get("config_hash") != spec.config_hash or _layout(old.get("shards") or []) != _layout(plan):
             what = "config" if old.get("config_hash") != spec.config_hash else "asset list"
             raise RuntimeError(
                 f"{spec.out} already holds a {old.get('kind')} job with a different {what} (plan.json). "
@@ -113,6 +115,11 @@ def load_or_write_plan(spec: JobSpec) -> list[dict]:
         return plan
     storage.write_json(url, doc)
     return plan
+
+
+def _layout(plan: list[dict]) -> list[tuple[str, list[tuple[str, str | None]]]]:
+    """(shard name, [(task key, asset sha256)]) of a plan: what a rerun must agree on."""
+    return [(s["name"], [(t["key"], (t.get("asset") or {}).get("sha256")) for t in s["tasks"]]) for s in plan]
 
 
 class ShardWorker:

@@ -6,7 +6,9 @@ worker, not per asset) and runs tasks sent over a pipe. If a task exceeds its ti
 child dies, the task becomes a failure row naming the exit signal and the tail of the child's log, and the next
 task gets a fresh child.
 
-The child's stdout/stderr (Blender is chatty) go to a log file, not to the job's console.
+The child's stdout/stderr (Blender is chatty) go to a log file, not to the job's console. A failure reason quotes
+the log lines of its own task only: the parent notes where the log ends when it sends a task, and the child flushes
+its output when a task ends, so lines of earlier tasks of the same child never reach a later task's reason.
 """
 
 from __future__ import annotations
@@ -35,6 +37,19 @@ def _blender_path(p: str) -> bool:
     return "/scripts" in p and ("/bpy/" in p or "/blender/" in p)
 
 
+def _flush_output() -> None:
+    """Write this task's buffered output to the log now: Python's, and the C library's (Blender prints with printf,
+    fully buffered when stdout is a file), so that none of it lands among the next task's lines."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # no C library to flush (not Linux/macOS): Python's output was flushed
+        pass
+
+
 def _serve(conn, entry: str, log_path: str, env: dict[str, str], preload: tuple[str, ...] = ()) -> None:
     """Child main loop: receive params, call entry(params), send ("ok", result) or ("err", kind, message)."""
     # A spawned child starts with its parent's sys.path. If the parent imported bpy, that holds Blender's
@@ -61,11 +76,13 @@ def _serve(conn, entry: str, log_path: str, env: dict[str, str], preload: tuple[
         if params is None:
             return
         try:
-            conn.send(("ok", fn(params)))
+            result = ("ok", fn(params))
         except TaskError as e:
-            conn.send(("err", type(e).__name__, str(e)))
+            result = ("err", type(e).__name__, str(e))
         except Exception as e:  # noqa: BLE001 - an unexpected bug in one task must not end the worker
-            conn.send(("err", type(e).__name__, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"))
+            result = ("err", type(e).__name__, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}")
+        _flush_output()  # before the parent sends the next task and notes where that one's lines start
+        conn.send(result)
 
 
 class Sandbox:
@@ -82,6 +99,7 @@ class Sandbox:
         self._proc: mp.Process | None = None
         self._conn = None
         self.log_path = ""
+        self._task_log_start = 0  # where the current task's lines start in the log
         self.starts = 0
 
     def start(self) -> None:
@@ -106,17 +124,27 @@ class Sandbox:
             self.close()
             raise RuntimeError(msg[1])
 
-    def _log_tail(self, n: int = 15) -> str:
+    def _log_size(self) -> int:
         try:
-            with open(self.log_path, errors="replace") as f:
-                return "".join(f.readlines()[-n:]).strip()
+            return os.path.getsize(self.log_path)
+        except OSError:
+            return 0
+
+    def _log_tail(self, n: int = 15) -> str:
+        """The last ``n`` log lines written since the current task was sent (never an earlier task's)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._task_log_start)
+                lines = f.read().decode(errors="replace").splitlines()
         except OSError:
             return ""
+        return "\n".join(lines[-n:]).strip()
 
     def run(self, params: dict[str, Any], timeout: float) -> Any:
         """Result of ``entry(params)``; raises TaskError (incl. TaskTimeout, WorkerCrashed) for a failed task."""
         if self._proc is None or not self._proc.is_alive():
             self._start()
+        self._task_log_start = self._log_size()
         t0 = time.monotonic()
         try:
             self._conn.send(params)
@@ -125,7 +153,9 @@ class Sandbox:
             ready = True  # fall through to recv, which reports the crash
         if not ready:
             self.close(kill=True)
-            raise TaskTimeout(f"timed out after {timeout:.0f} s (raise render.timeout_s for big meshes)")
+            tail = self._log_tail()
+            raise TaskTimeout(f"timed out after {timeout:.0f} s (raise render.timeout_s for big meshes)"
+                              + (f"; last log lines:\n{tail}" if tail else ""))
         try:
             msg = self._conn.recv()
         except (EOFError, OSError):

@@ -27,8 +27,8 @@ Design choices (why):
 - **The render shows exactly the returned vertices**: every root object is parented under one empty whose matrix is
   set per frame to ``normalization @ translate(-offset_t)``; after setting it the evaluated vertices are read again
   and compared with the returned ones (max error reported in ``info["render_vertex_error"]``).
-- **Camera**: one fixed OpenCV camera (``look_at``) at ``distance`` from the origin, at ``azimuth`` (about +Z, from
-  +X) and ``elevation``; its horizontal FOV is fitted with ``fit_fov`` over the vertices of ALL frames with margin
+- **Camera** (``params["camera"]``): one fixed OpenCV camera (``look_at``) at ``distance`` from the origin, at
+  ``azimuth`` (about +Z, from +X) and ``elevation``; its horizontal FOV is fitted with ``fit_fov`` over the vertices of ALL frames with margin
   ``1/fill - 1``, so on the tightest side the sequence spans ``fill`` of the half-frame and the object keeps one
   scale over the video.
 - **Video**: Cycles colour renders (film transparent, the asset's materials, the HDRI world like ``render_ttv``),
@@ -64,10 +64,12 @@ from loom.render.common import (
 )
 
 DEFAULTS = {
-    "frames": 16, "width": 256, "height": 256, "azimuth": 0.0, "elevation": math.radians(15.0), "fill": 0.85,
-    "half_extent": 0.5, "distance": 2.5, "hdri_strength": 1.0, "hdri_rotation": 0.0, "samples": 16, "denoise": False,
+    "frames": 16, "width": 256, "height": 256, "half_extent": 0.5, "samples": 16, "denoise": False,
     "threads": 0, "seed": 0, "engine": "CYCLES", "device": "CPU",
 }
+# The nested sections as the 4D job writes them (``loom.corpora.shape4d.Task4D``), which leaves ``distance`` at 2.5.
+CAMERA_DEFAULTS = {"azimuth": 0.0, "elevation": math.radians(15.0), "fill": 0.85, "distance": 2.5}
+LIGHTING_DEFAULTS = {"strength": 1.0, "rotation": 0.0}
 # Relative (to the sequence's extent) vertex displacement below which the animation counts as not moving anything.
 MIN_MOTION = 1e-6
 
@@ -83,17 +85,19 @@ def extract_sequence(params: dict) -> dict:
     import bpy  # only here: importing this module must work without bpy
 
     p = {**DEFAULTS, **params}
+    camera = {**CAMERA_DEFAULTS, **params.get("camera", {})}
+    light = {**LIGHTING_DEFAULTS, **params.get("lighting", {})}
     timings: dict[str, float] = {}
     warnings: list[str] = []
     asset = Path(p["asset_path"])
     workdir = Path(p["workdir"])
     width, height, frames = int(p["width"]), int(p["height"]), int(p["frames"])
     half = float(p["half_extent"])
-    fill = float(p["fill"])
+    fill = float(camera["fill"])
     if frames < 1:
         raise ValueError(f"params['frames'] must be >= 1, got {frames}")
     if not 0.0 < fill <= 1.0:
-        raise ValueError(f"params['fill'] must be in (0, 1], got {fill}")
+        raise ValueError(f"params['camera']['fill'] must be in (0, 1], got {fill}")
     if half <= 0:
         raise ValueError(f"params['half_extent'] must be > 0, got {half}")
 
@@ -158,17 +162,17 @@ def extract_sequence(params: dict) -> dict:
     # ---- scene + render ------------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
     root = parent_roots_under_empty(bpy, "loom_sequence_root")
-    distance = float(p["distance"])
-    az, el = float(p["azimuth"]), float(p["elevation"])
+    distance = float(camera["distance"])
+    az, el = float(camera["azimuth"]), float(camera["elevation"])
     eye = distance * np.array([math.cos(el) * math.cos(az), math.cos(el) * math.sin(az), math.sin(el)])
     c2w = look_at(eye)
     if distance <= math.sqrt(3.0) * half:
-        raise ValueError(f"params['distance'] {distance} puts the camera inside the unit box (half extent {half})")
+        raise ValueError(f"params['camera']['distance'] {distance} puts the camera inside the unit box (half extent {half})")
     fov_x = fit_fov(fov_fit_points(verts.reshape(-1, 3), int(p["seed"])), c2w, width, height, 1.0 / fill - 1.0)
     K = intrinsics(fov_x, width, height)
     cam = _make_fixed_camera(bpy, scene, fov_x, distance, math.sqrt(3.0) * half)
     cam.matrix_world = to_matrix(opencv_to_blender(c2w))
-    make_world(bpy, scene, p["hdri_path"], float(p["hdri_strength"]), float(p["hdri_rotation"]))
+    make_world(bpy, scene, p["hdri_path"], float(light["strength"]), float(light["rotation"]))
     common_render_settings(bpy, scene, p, width, height, warnings)
     color_pass_settings(bpy, scene, p, warnings)
 

@@ -24,6 +24,11 @@ SUPPORTED_FORMATS = (".glb", ".gltf", ".obj", ".fbx", ".ply", ".stl", ".blend")
 MAX_ABS_COORD = 1e6
 
 
+# A triangle whose sine of the angle between two edges is at most this is degenerate (collinear or repeated
+# vertices): well above float32 rounding of collinear points, far below any face a modeller would make.
+DEGENERATE_SINE = 1e-6
+
+
 # Points used to fit the field of view: all vertices up to this count, else a subsample plus support points.
 FOV_FIT_MAX_POINTS = 20000
 
@@ -39,7 +44,8 @@ def reset_blender(bpy) -> None:
 
 def import_asset(bpy, asset: Path) -> list:
     """Import ``asset`` into the empty scene; return its mesh objects. Lights and cameras from the file are deleted and
-    other renderable non-mesh objects are hidden from render."""
+    other renderable non-mesh objects are hidden from render. Refuses (TaskError) a file whose faces all have zero
+    area (`check_surface`): it would render as an empty image, not fail."""
     ext = asset.suffix.lower()
     if ext not in SUPPORTED_FORMATS:
         raise TaskError(
@@ -82,7 +88,47 @@ def import_asset(bpy, asset: Path) -> list:
             bpy.data.objects.remove(obj, do_unlink=True)
         elif obj.type not in ("MESH", "EMPTY", "ARMATURE"):
             obj.hide_render = True  # curves, text, volumes, ...: not in the normalised bounds
-    return [o for o in scene.objects if o.type == "MESH" and not o.hide_render]
+    mesh_objects = [o for o in scene.objects if o.type == "MESH" and not o.hide_render]
+    check_surface(bpy, asset, mesh_objects)
+    return mesh_objects
+
+
+def check_surface(bpy, asset: Path, mesh_objects: list) -> None:
+    """Refuse meshes that have faces but no face with area (every triangle has repeated or collinear vertices, in
+    world space after modifiers): Cycles renders them as an empty image, which would become a sample of nothing.
+    Files without any face, and files with non-finite coordinates, are left to the renderers' own checks ("no faces",
+    "non-finite"), which name those faults. Stops at the first object that has a real face."""
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    faces = 0
+    for obj in mesh_objects:
+        ev = obj.evaluated_get(depsgraph)
+        me = ev.to_mesh()
+        try:
+            if len(me.polygons) == 0:
+                continue
+            faces += len(me.polygons)
+            me.calc_loop_triangles()
+            co = np.empty(len(me.vertices) * 3, np.float32)
+            me.vertices.foreach_get("co", co)
+            tri = np.empty(len(me.loop_triangles) * 3, np.int32)
+            me.loop_triangles.foreach_get("vertices", tri)
+            m = np.array(ev.matrix_world, dtype=np.float64)
+        finally:
+            ev.to_mesh_clear()
+        v = co.reshape(-1, 3).astype(np.float64) @ m[:3, :3].T + m[:3, 3]
+        if not np.isfinite(v).all():
+            return  # the non-finite check names this fault
+        t = v[tri.reshape(-1, 3)]
+        e1, e2 = t[:, 1] - t[:, 0], t[:, 2] - t[:, 0]
+        twice_area = np.linalg.norm(np.cross(e1, e2), axis=1)
+        if (twice_area > DEGENERATE_SINE * np.linalg.norm(e1, axis=1) * np.linalg.norm(e2, axis=1)).any():
+            return
+    if faces:
+        raise TaskError(
+            f"{asset}: zero-area faces: all {faces} faces of its {len(mesh_objects)} mesh object(s) have zero area "
+            "(repeated or collinear vertices), so it would render as an empty image; the file is corrupt or "
+            "degenerate: re-export it with real surfaces"
+        )
 
 
 _NONFINITE_TEXT = {

@@ -1,7 +1,7 @@
 """A renderer stand-in with the exact keys, shapes and dtypes of the Blender backend, for fast tests of the path
 Ray Data -> sandbox -> shards -> reader (kubric's render mocks). It ray-casts an analytic sphere, so its passes
 are geometrically consistent (position == unprojected depth, unit normals facing the camera). The real backend is
-tested for real in tests/corpora/test_render_ttv.py.
+tested for real in tests/render/test_render_ttv.py.
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ def render_sphere(params: dict) -> dict:
     if head == b"FAIL!":
         raise TaskError(f"{path}: the mesh has no faces (fake backend)")
     n, w, h = params["frames"], params["width"], params["height"]
-    c2w = cam.orbit_c2w(n, params["radius"], params["height_z"])
+    orbit = params["orbit"]
+    c2w = cam.orbit_c2w(n, orbit["radius"], orbit["height"])
     sphere_pts = np.random.default_rng(0).standard_normal((4096, 3))
     sphere_pts *= SPHERE_RADIUS / np.linalg.norm(sphere_pts, axis=1, keepdims=True)
-    fov = cam.fit_fov(sphere_pts, c2w, w, h, params["fov_margin"])
+    fov = cam.fit_fov(sphere_pts, c2w, w, h, orbit["fov_margin"])
     K = cam.intrinsics(fov, w, h)
     out = {k: [] for k in ("rgb", "normal", "position", "depth", "mask")}
     light = np.array([0.3, -0.5, 0.8]) / np.linalg.norm([0.3, -0.5, 0.8])
@@ -113,10 +114,10 @@ def arm_sequence(params: dict) -> dict:
     seq = np.stack(seq)
     norm = sequence_normalization(seq, float(params.get("half_extent", 0.5)))
     seq = apply(norm, seq)
-    eye = 2.5 * np.array([np.cos(params["azimuth"]) * np.cos(params["elevation"]),
-                          np.sin(params["azimuth"]) * np.cos(params["elevation"]), np.sin(params["elevation"])])
+    az, el = params["camera"]["azimuth"], params["camera"]["elevation"]
+    eye = 2.5 * np.array([np.cos(az) * np.cos(el), np.sin(az) * np.cos(el), np.sin(el)])
     c2w = cam.look_at(eye)
-    fov = cam.fit_fov(seq.reshape(-1, 3), c2w[None], w, h, 1.0 / float(params.get("fill", 0.85)) - 1.0)
+    fov = cam.fit_fov(seq.reshape(-1, 3), c2w[None], w, h, 1.0 / float(params["camera"].get("fill", 0.85)) - 1.0)
     K = cam.intrinsics(fov, w, h)
     video = np.zeros((n, h, w, 4), np.uint8)
     for t in range(n):

@@ -1,10 +1,11 @@
 """Render a sequence of meshes from given cameras: the renders of predicted 4D shapes that ShapeGen4D's rendering
 metrics (Tab. 2) compare with the ground-truth video.
 
-``render_meshes(params)`` runs inside the sandboxed worker (it imports bpy). Per frame ``t`` it shows mesh ``t``
-(``vertices`` (V,3), ``faces`` (F,3), optional per-vertex ``colors`` (V,3) sRGB in [0,1]) and renders it with
-Cycles from the OpenCV camera ``K[t]``, ``c2w[t]`` (the conventions of the 4D shards: pixel centres at u+0.5,
-camera looking along +z, world +Z up) at ``width`` x ``height``, film transparent.
+``render_meshes(params)`` runs inside the sandboxed worker (it imports bpy) that
+:class:`loom.corpora.meshes.MeshRenderer` starts. Per frame ``t`` it shows mesh ``t`` (``vertices`` (V,3),
+``faces`` (F,3), optional per-vertex ``colors`` (V,3) sRGB in [0,1]) and renders it with Cycles from the OpenCV
+camera ``K[t]``, ``c2w[t]`` (the conventions of the 4D shards: pixel centres at u+0.5, camera looking along +z,
+world +Z up) at ``width`` x ``height``, film transparent.
 
 Shading (``params["shading"]``):
 

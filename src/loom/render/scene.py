@@ -17,14 +17,15 @@ Passes per frame (why: see ``ttv.py``; same exact-geometry recipe):
   normal, ignoring smooth shading and normal maps) to a diffuse BSDF; with no light the Combined pass is exactly that
   emission, so the face normals needed for creases come out of the same render. Depth is camera-space z of
   the Position pass (``world_to_camera``), so ``position == unproject_depth(depth, K, c2w)`` by construction.
-- **Colour pass**: the scene's own materials, environment light (``hdri_path``; a uniform grey world if none),
+- **Colour pass**: the scene's own materials, environment light (``hdri_path``, with ``params["lighting"]``'s
+  ``strength`` and ``rotation``; a uniform grey world if none),
   requested samples/denoising, composited over ``background`` and sRGB-encoded as in ``ttv.py``.
 - **Camera**: horizontal sensor fit, ``angle_x = 2 atan(W / (2 fx))``; a principal point off the image centre maps
   to ``shift_x = (W/2 - cx) / W`` and ``shift_y = (cy - H/2) / W`` (Blender's shifts are fractions of the fitted,
   here horizontal, sensor size). Square pixels (``fx == fy``) are required.
 
 Edge maps, ``edges`` (T,H,W,4) bool in the order ``EDGE_KINDS`` = silhouette, crease, boundary, intersection.
-Two methods:
+``params["edges"]`` holds ``method``, ``crease_angle_deg`` and ``line_width_px``. Two methods:
 
 - ``"gbuffer"`` (**default**): from the exact per-pixel passes, comparing each pixel with its right and lower
   neighbour. Two neighbouring surface pixels are *continuous* when each one's 3D point lies within
@@ -112,15 +113,16 @@ def render_scene(params: dict) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     K, c2w = check_cameras(params["K"], params["c2w"], width, height)
     frames = len(K)
-    method = str(params.get("edges_method", "gbuffer"))
+    edges = params.get("edges", {})
+    method = str(edges.get("method", "gbuffer"))
     if method not in EDGE_METHODS:
-        raise ValueError(f"params['edges_method'] must be one of {EDGE_METHODS}, got {method!r}")
-    crease_deg = float(params.get("crease_angle_deg", DEFAULT_CREASE_ANGLE_DEG))
+        raise ValueError(f"params['edges']['method'] must be one of {EDGE_METHODS}, got {method!r}")
+    crease_deg = float(edges.get("crease_angle_deg", DEFAULT_CREASE_ANGLE_DEG))
     if not 0.0 < crease_deg < 180.0:
-        raise ValueError(f"params['crease_angle_deg'] must be in (0, 180), got {crease_deg}")
-    line_width = float(params.get("line_width_px", 1.0))
+        raise ValueError(f"params['edges']['crease_angle_deg'] must be in (0, 180), got {crease_deg}")
+    line_width = float(edges.get("line_width_px", 1.0))
     if line_width < 1.0:
-        raise ValueError(f"params['line_width_px'] must be >= 1, got {line_width}")
+        raise ValueError(f"params['edges']['line_width_px'] must be >= 1, got {line_width}")
 
     # ---- import --------------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -143,12 +145,11 @@ def render_scene(params: dict) -> dict:
     t0 = time.perf_counter()
     scene = bpy.context.scene
     cam_obj = make_camera_covering(bpy, scene, verts, c2w)
-    hdri = params.get("hdri_path")
+    hdri, light = params.get("hdri_path"), params.get("lighting", {})
     if hdri:
-        make_world(bpy, scene, str(hdri), float(params.get("hdri_strength", 1.0)),
-                   float(params.get("hdri_rotation", 0.0)))
+        make_world(bpy, scene, str(hdri), float(light.get("strength", 1.0)), float(light.get("rotation", 0.0)))
     else:
-        _grey_world(bpy, scene, float(params.get("hdri_strength", 1.0)))
+        _grey_world(bpy, scene, float(light.get("strength", 1.0)))
     params = {"samples": 16, **params}
     common_render_settings(bpy, scene, params, width, height, warnings)
     timings["scene"] = time.perf_counter() - t0

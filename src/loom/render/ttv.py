@@ -33,7 +33,7 @@ Design choices (why):
   radians about world +Z (positive = counter-clockwise seen from above), i.e. the lookup vector is rotated by minus
   that angle.
 
-Measured precision (64x64, 4 frames, Blender 5.0.1, CPU, tests/corpora/test_render_ttv.py): inside the mask
+Measured precision (64x64, 4 frames, Blender 5.0.1, CPU, tests/render/test_render_ttv.py): inside the mask
 ``|position - unproject_depth(depth, K, c2w)|`` is at most ~3e-5 (median ~1.7e-5) for an object in the unit sphere
 seen from distance ~2.6, and every position projects to within 1e-3 px of its pixel centre: what remains is the
 offset of Cycles' single sample inside the 0.01 px box filter plus float32 storage. Normals are unit to ~1e-7.
@@ -93,6 +93,9 @@ from loom.render.common import to_srgb8 as _to_srgb8
 
 def render_ttv(params: dict) -> dict:
     """Render one turntable video of ``params["asset_path"]``. See the module docstring and the Loom SPEC, section 1.
+    Reads ``params["orbit"]`` (``radius``, ``height``: camera height z, ``fov_margin``), ``params["lighting"]``
+    (``strength``, ``rotation``) with the map at ``params["hdri_path"]``, and the flat render settings
+    (``loom.corpora.base.RenderTask``).
 
     Returns ``rgb`` (T,H,W,3) uint8, ``normal`` (T,H,W,3) float32 world space, ``position`` (T,H,W,3) float32 world,
     ``depth`` (T,H,W) float32 camera-space z, ``mask`` (T,H,W) bool, ``K`` (T,3,3) float32, ``c2w`` (T,4,4) float32
@@ -129,14 +132,16 @@ def render_ttv(params: dict) -> dict:
     _apply_world_transform(bpy, normalization)
     verts = verts_world @ normalization[:3, :3].T + normalization[:3, 3]
 
-    c2w = orbit_c2w(frames, float(params["radius"]), float(params["height_z"]))
+    orbit, light = params["orbit"], params["lighting"]
+    radius, height_z = float(orbit["radius"]), float(orbit["height"])
+    c2w = orbit_c2w(frames, radius, height_z)
     fov_x = fit_fov(_fov_fit_points(verts, int(params.get("seed", 0))), c2w, width, height,
-                    float(params["fov_margin"]))
+                    float(orbit["fov_margin"]))
     K = intrinsics(fov_x, width, height)
 
     scene = bpy.context.scene
-    cam_obj = _make_camera(bpy, scene, fov_x, float(params["radius"]), float(params["height_z"]))
-    _make_world(bpy, scene, params["hdri_path"], float(params["hdri_strength"]), float(params["hdri_rotation"]))
+    cam_obj = _make_camera(bpy, scene, fov_x, radius, height_z)
+    _make_world(bpy, scene, params["hdri_path"], float(light["strength"]), float(light["rotation"]))
     _common_render_settings(bpy, scene, params, width, height, warnings)
     timings["scene"] = time.perf_counter() - t0
 

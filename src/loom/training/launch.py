@@ -19,6 +19,7 @@ optimizer state.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import sys
@@ -29,7 +30,7 @@ import torch
 
 from loom.platform.config import config, field, require
 from loom.platform.ray import RaySettings, forwarded_env, init_ray
-from loom.platform.tracking import TrackingSettings, ensure_experiment, resolve_uri
+from loom.platform.tracking import TrackingSettings, ensure_experiment, resolve_uri, write_run_record
 
 CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"
@@ -66,6 +67,21 @@ class TrainerSettings:
         require(self.accumulate >= 1, "accumulate", self.accumulate, "must be >= 1")
         require(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "must be >= 1")
         require(self.log_every >= 1, "log_every", self.log_every, "must be >= 1")
+
+
+# The one list of config fields that may differ between a run's own config (<out>/config.yaml) and the config it is
+# resumed with (`loom train ... --resume`): how long it trains, how it reports and checkpoints, and where Ray runs it;
+# never what it learns from or how. The world size (trainer.devices, trainer.num_nodes, ray.workers,
+# ray.gpus_per_worker) stays: DeepSpeed's ZeRO checkpoints are partitioned per rank. ``out`` may change because a
+# run folder may be moved. MLflow records these fields as tags, updated on every resume; every other field is a
+# param, logged once, equal to the config (LoomModule.on_fit_start). A ``section.*`` entry allows a whole section.
+RESUMABLE = ("out", "trainer.max_steps", "trainer.progress", "trainer.log_every", "trainer.checkpoint_every",
+             "trainer.keep_checkpoints", "trainer.max_failures", "ray.address", "ray.cpus_per_worker")
+
+
+def resumable(name: str) -> bool:
+    """Whether the dotted config field ``name`` may change on resume (see :data:`RESUMABLE`)."""
+    return any(name == f or (f.endswith(".*") and name.startswith(f[:-1])) for f in RESUMABLE)
 
 
 def train_ray() -> RaySettings:
@@ -147,6 +163,51 @@ def make_strategy(t: TrainerSettings, on_gpu: bool, ray: bool = False):
     return "auto"
 
 
+def sharded_networks(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The networks inside ``module`` that declare their blocks in ``_no_split_modules``, by name; the outermost
+    only (the diffusers transformer inside the video DiT declares its own, which the DiT's declaration covers).
+    Networks kept outside the module tree (the frozen VAEs and encoders) are not trained and not sharded."""
+    found: dict[str, torch.nn.Module] = {}
+    for name, m in module.named_modules():
+        if not getattr(type(m), "_no_split_modules", None):
+            continue
+        if any(name.startswith(f"{outer}.") or not outer for outer in found):
+            continue
+        found[name] = m
+    return found
+
+
+def apply_sharding_intent(module: torch.nn.Module, t: TrainerSettings) -> dict[str, list[str]]:
+    """The one place where the networks' sharding intent becomes training behaviour: for every network in
+    ``module`` that declares ``_no_split_modules``, its blocks (those classes) are
+
+    - checkpointed when ``trainer.gradient_checkpointing`` is on (recomputed in backward;
+      `loom.models.checkpointing`), and
+    - registered as ZeRO-3 leaf modules under ``trainer.strategy=deepspeed`` with ``trainer.zero_stage=3``, so that
+      DeepSpeed gathers a block's parameters as one unit when the block starts instead of module by module inside
+      it (fewer, larger all-gathers; the prefetcher sees whole blocks).
+
+    Called by :func:`fit` on the built module before DeepSpeed wraps it. Returns {network name: block classes}."""
+    from loom.models.checkpointing import block_class_name, checkpoint_blocks, declared_blocks
+
+    networks = sharded_networks(module)
+    if t.gradient_checkpointing and not networks:
+        raise ValueError(f"trainer.gradient_checkpointing=true, but no network in {type(module).__name__} declares "
+                         "_no_split_modules, so there are no blocks to recompute: leave it off for this model")
+    zero3 = t.strategy == "deepspeed" and t.zero_stage == 3
+    applied: dict[str, list[str]] = {}
+    for name, network in networks.items():
+        blocks = checkpoint_blocks(network) if t.gradient_checkpointing else declared_blocks(network)
+        # by exact class name, as declared: isinstance would also take undeclared subclasses of a block class
+        names = sorted({block_class_name(b) for b in blocks})
+        if zero3:
+            from deepspeed.utils import set_z3_leaf_modules
+
+            set_z3_leaf_modules(network, names)
+        applied[name or type(network).__name__] = names
+    return applied
+
+
 def checkpoint_dir(out: str) -> str:
     return os.path.join(out, CHECKPOINTS)
 
@@ -174,7 +235,7 @@ def build_trainer(t: TrainerSettings, tracking: TrackingSettings, out: str, *, r
     on_gpu = t.accelerator == "gpu" or (t.accelerator == "auto" and torch.cuda.is_available())
     if on_gpu and not torch.cuda.is_available():
         raise RuntimeError("trainer.accelerator=gpu but CUDA is not available here: use trainer.accelerator=cpu")
-    require(not t.precision.startswith("16") or on_gpu, "precision", t.precision, "float16 needs a GPU")
+    require(not t.precision.startswith("16") or on_gpu, "trainer.precision", t.precision, "float16 needs a GPU")
     ckpt = ModelCheckpoint(dirpath=checkpoint_dir(out), filename="step-{step:07d}",
                            every_n_train_steps=t.checkpoint_every, save_top_k=t.keep_checkpoints, monitor="step",
                            mode="max", save_last=True, auto_insert_metric_name=False)
@@ -182,13 +243,14 @@ def build_trainer(t: TrainerSettings, tracking: TrackingSettings, out: str, *, r
     if tracking.enabled:
         from lightning.pytorch.loggers import MLFlowLogger
 
-        uri = resolve_uri(tracking, out)
+        uri = resolve_uri(tracking)
         # Only the launching process creates the database and experiment (SQLite migrations from several
         # processes at once collide); Lightning's extra local ranks have LOCAL_RANK set, Ray workers `ray`.
         if not ray and int(os.environ.get("LOCAL_RANK", "0")) == 0:
             ensure_experiment(uri, tracking.experiment)
         logger = MLFlowLogger(experiment_name=tracking.experiment, tracking_uri=uri, run_id=run_id,
                               run_name=tracking.run_name or os.path.basename(os.path.abspath(out)), log_model=False)
+        callbacks = [*(callbacks or []), _run_record_callback(out, uri, tracking.experiment)]
     kw: dict[str, Any] = {}
     if ray:
         from ray.train.lightning import RayLightningEnvironment
@@ -205,6 +267,23 @@ def build_trainer(t: TrainerSettings, tracking: TrackingSettings, out: str, *, r
         gradient_clip_val=(t.grad_clip or None) if t.strategy != "deepspeed" else None,
         accumulate_grad_batches=t.accumulate, use_distributed_sampler=False, num_sanity_val_steps=0,
         limit_val_batches=0, default_root_dir=out, deterministic=False, **kw)
+
+
+def _run_record_callback(out: str, uri: str, experiment: str):
+    """On rank 0, once the MLflow run exists: say where it is, and record it in ``<out>/mlflow_run.json`` so that an
+    evaluation of this run folder can name the training run (lineage in the MLflow UI)."""
+    from lightning.pytorch.callbacks import Callback
+
+    class RunRecord(Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            if not trainer.is_global_zero or not trainer.logger:
+                return
+            run_id, experiment_id = trainer.logger.run_id, trainer.logger.experiment_id
+            write_run_record(out, uri, experiment, experiment_id, run_id)
+            print(f"mlflow:   logging to run {run_id} in experiment {experiment!r} ({uri})", file=sys.stderr,
+                  flush=True)
+
+    return RunRecord()
 
 
 def check_resume(out: str, resume: bool) -> str | None:
@@ -226,6 +305,7 @@ def fit(make: Callable[[], tuple[Any, Any]], t: TrainerSettings, tracking: Track
     ``restart``: a Ray Train worker group restarted after a failure continues from the last checkpoint, if any
     (the driver checked ``resume`` once, before the first start)."""
     module, data = make()
+    apply_sharding_intent(module, t)
     ckpt = last_checkpoint(out) if restart else check_resume(out, resume)
     run_id = read_run_id(ckpt) if ckpt else None
     # Under Ray Train the cluster environment is Ray's (ranks from the Train context); Ray's prepare_trainer() is
@@ -262,7 +342,9 @@ def run(make: Callable[[], tuple[Any, Any]], t: TrainerSettings, tracking: Track
     out = os.path.abspath(out)
     check_resume(out, resume)
     if tracking.enabled:
-        ensure_experiment(resolve_uri(tracking, out), tracking.experiment)
+        # Resolved here, once: the default store follows the working directory, which Ray workers do not share.
+        tracking = dataclasses.replace(tracking, uri=resolve_uri(tracking))
+        ensure_experiment(tracking.uri, tracking.experiment)
 
     # Workers of an existing cluster do not inherit the driver's environment: pass on what Loom and its storage
     # read (credentials, tracking server, thread counts, test hooks).
@@ -275,7 +357,7 @@ def run(make: Callable[[], tuple[Any, Any]], t: TrainerSettings, tracking: Track
     trainer = TorchTrainer(
         loop, train_loop_config={"env": env},
         scaling_config=ScalingConfig(num_workers=launch.workers, use_gpu=launch.gpus_per_worker > 0,
-                                     resources_per_worker={"CPU": ray.cpus_per_worker,
+                                     resources_per_worker={"CPU": launch.cpus_per_worker,
                                                            **({"GPU": launch.gpus_per_worker}
                                                               if launch.gpus_per_worker > 0 else {})}),
         torch_config=TorchConfig(backend="nccl" if launch.gpus_per_worker > 0 else "gloo"),
@@ -289,4 +371,4 @@ def run(make: Callable[[], tuple[Any, Any]], t: TrainerSettings, tracking: Track
     ckpt = last_checkpoint(out)
     run_id = read_run_id(ckpt) if ckpt else None
     print(f"trained on {launch.workers} Ray Train worker(s): checkpoints {checkpoint_dir(out)}"
-          + (f", MLflow run {run_id} ({resolve_uri(tracking, out)})" if run_id else ""), file=sys.stderr)
+          + (f", MLflow run {run_id} ({resolve_uri(tracking)})" if run_id else ""), file=sys.stderr)

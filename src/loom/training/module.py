@@ -3,7 +3,8 @@
 - the data: a :class:`TrainBatches` over a ``LoomLoader`` (exact, rank-split), epoch after epoch;
 - checkpoints: the data position, RNG states, the MLflow run id and the config beside Lightning's state
   (``checkpoint["loom"]``); loading is not strict because frozen weights are left out of checkpoints;
-- MLflow: the resolved config as params at fit start (a resumed run keeps its first values), the loss as the
+- MLflow: the resolved config at fit start: the fields that may change on resume (``loom.training.launch.
+  RESUMABLE``) as tags, updated on every resume, the rest as params (equal to the config), the loss as the
   mean over all ranks' real samples (padding repeats excluded), artifacts from rank 0;
 - ZeRO-3: :meth:`gathered` collects the trainable parameters on every rank before rank 0 saves them;
 - ``LOOM_FAIL_AT_STEP`` (with ``LOOM_FAIL_RANK``, ``LOOM_FAIL_ONCE``): a crash injection the resume tests use.
@@ -15,6 +16,7 @@ Subclasses implement ``make_loader()``, ``training_step`` (calling :meth:`take_d
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Any
 
@@ -24,6 +26,9 @@ import torch
 
 from loom.platform.config import to_dict
 from loom.platform.tracking import flatten
+from loom.training.launch import resumable
+
+log = logging.getLogger(__name__)
 
 
 class TrainBatches:
@@ -115,8 +120,18 @@ class LoomModule(L.LightningModule):
             return
         client = self.logger.experiment
         existing = client.get_run(run_id).data.params
-        params = {**flatten(to_dict(self.cfg)), **self.context_params()}
-        for k, v in params.items():  # a resumed run keeps its first values (MLflow refuses changed params)
+        flat = flatten(to_dict(self.cfg))
+        # Fields that may change on --resume (max_steps, ...) are tags, set again on every (re)start; the rest are
+        # params, logged once: `loom train --resume` refuses a change to them, so they stay what the config says.
+        for k, v in flat.items():
+            if resumable(k):
+                client.set_tag(run_id, k, v)
+        params = {**{k: v for k, v in flat.items() if not resumable(k)}, **self.context_params()}
+        changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
+        if changed:  # only a resume that bypassed the command's check (train() called directly) gets here
+            log.warning("MLflow run %s keeps its first values of %s; this resume's config differs there", run_id,
+                        ", ".join(changed))
+        for k, v in params.items():
             if k not in existing:
                 client.log_param(run_id, k, v)
         cfg_path = os.path.join(self.cfg.out, "config.yaml")

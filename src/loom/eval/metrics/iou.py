@@ -16,6 +16,13 @@ edge or vertex, where a crossing could be counted twice. The same occupancy from
 (pcu's fast winding number) agrees to within a few boundary cells (tested) but takes ~3 s for 128^3 here. Parity
 needs a closed surface: meshes whose edges are not each shared by an even number of faces are refused
 (``check_watertight=False`` skips the check for closed meshes with duplicated vertices).
+
+Ground truth without a mesh: Loom's 4D shards hold oriented surface samples, not the mesh they came from, so
+:func:`occupancy_from_oriented_points` estimates the ground truth's occupancy from them (a cell centre is inside
+when its distance-weighted signed distance to the tangent planes of its 8 nearest samples is negative), and
+:func:`mesh_samples_iou` compares a closed mesh with such samples. Against the exact occupancy of the mesh the
+samples came from this agrees to IoU > 0.99 at 128^3 with 32,768 samples, every differing cell within 2 cells of
+the surface (tested on a sphere, a box and a thin plate), which bounds what a perfect prediction can score.
 """
 
 from __future__ import annotations
@@ -124,3 +131,61 @@ def volume_iou(mesh_pred, mesh_gt, *, resolution: int = 128, bounds=(-1.0, 1.0),
     if union == 0:
         raise ValueError(f"both meshes occupy no cell of the {resolution}^3 grid (smaller than a cell?)")
     return np.count_nonzero(a & b) / union
+
+
+def occupancy_from_oriented_points(points, normals, *, resolution: int, bounds: tuple[float, float],
+                                   k: int = 8) -> np.ndarray:  # fmt: skip
+    """Boolean occupancy (R,R,R), indexed [ix, iy, iz], of the cell centres ``lo + (i + 0.5)(hi - lo)/R`` of the
+    cube ``bounds``, from surface samples with outward unit normals: a centre ``x`` is inside when the signed
+    distances to the tangent planes of its ``k`` nearest samples, ``(x - p) . n``, weighted by ``1 / |x - p|^2``,
+    sum to a negative number (Hoppe et al. 1992's tangent-plane distance, averaged). A majority vote of the signs
+    instead fails beside edges (a point just off the extension of a face sees that face's samples as "inside") and
+    inside thin parts: IoU 0.68 against 0.996 for a 0.06-thick plate, 32,768 samples, 128^3.
+
+    Coarse to fine: blocks of 4^3 cells whose centre is farther from every sample than the block's half diagonal
+    plus twice the samples' typical spacing hold no surface, and take their centre's value; only the cells of the
+    other blocks are tested one by one."""
+    from scipy.spatial import cKDTree
+
+    pts, nrm = np.asarray(points, np.float64), np.asarray(normals, np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 3 or nrm.shape != pts.shape or len(pts) < k:
+        raise ValueError(f"expected points and normals (N,3) with N >= {k}, got {pts.shape} and {nrm.shape}")
+    lo, hi = float(bounds[0]), float(bounds[1])
+    r = int(resolution)
+    h = (hi - lo) / r
+    tree = cKDTree(pts)
+
+    def inside(q: np.ndarray) -> np.ndarray:
+        d, idx = tree.query(q, k=k, workers=-1)
+        d, idx = d.reshape(len(q), k), idx.reshape(len(q), k)
+        side = np.einsum("nkd,nkd->nk", q[:, None, :] - pts[idx], nrm[idx])  # signed tangent-plane distances
+        return (side / np.maximum(d, 1e-12) ** 2).sum(1) < 0
+
+    b = 4 if r % 4 == 0 else 1
+    nb = r // b
+    bc = lo + (np.stack(np.meshgrid(*[np.arange(nb)] * 3, indexing="ij"), -1).reshape(-1, 3) * b + b / 2) * h
+    spacing = float(np.median(tree.query(pts, k=2, workers=-1)[0][:, 1]))
+    d, _ = tree.query(bc, k=1, workers=-1)
+    near = d <= np.sqrt(3) * b / 2 * h + 2 * spacing
+    occ = np.repeat(inside(bc), b**3).reshape(nb, nb, nb, b, b, b)  # (block xyz, cell xyz in block)
+    blocks = np.argwhere(near.reshape(nb, nb, nb))
+    if len(blocks):
+        off = np.stack(np.meshgrid(*[np.arange(b)] * 3, indexing="ij"), -1).reshape(-1, 3)
+        cells = (blocks[:, None, :] * b + off[None]).reshape(-1, 3)
+        vals = inside(lo + (cells + 0.5) * h).reshape(len(blocks), b, b, b)
+        occ[blocks[:, 0], blocks[:, 1], blocks[:, 2]] = vals
+    return occ.transpose(0, 3, 1, 4, 2, 5).reshape(r, r, r)
+
+
+def mesh_samples_iou(vertices, faces, points, normals, *, resolution: int = 128,
+                     check_watertight: bool = True) -> float:  # fmt: skip
+    """IoU of a closed mesh's exact occupancy (:func:`occupancy_grid`) and the occupancy that
+    :func:`occupancy_from_oriented_points` estimates from oriented surface samples ``points``, ``normals`` (N,3),
+    on a ``resolution^3`` grid over the smallest cube that holds both (1% margin); 0 when neither fills a cell."""
+    v, f = _mesh((vertices, faces), "mesh")
+    g = np.asarray(points, np.float64)
+    lo, hi, centre = _joint_cube(v, g)
+    a = occupancy_grid(v - centre, f, resolution=resolution, bounds=(lo, hi), check_watertight=check_watertight)
+    b = occupancy_from_oriented_points(g - centre, normals, resolution=resolution, bounds=(lo, hi))
+    union = np.count_nonzero(a | b)
+    return np.count_nonzero(a & b) / union if union else 0.0

@@ -43,6 +43,11 @@ class Similarity:
         p = np.asarray(points, np.float64)
         return self.scale * p @ self.rotation.T + self.translation
 
+    @property
+    def azimuth_deg(self) -> float:
+        """The rotation's angle about the up axis (Z) in degrees, in (-180, 180]: the grid search's azimuth."""
+        return float(np.degrees(np.arctan2(self.rotation[1, 0], self.rotation[0, 0])))
+
 
 @dataclass(frozen=True)
 class SequenceRegistration:

@@ -1,5 +1,6 @@
 """``loom train ttv`` for real: Lightning + DeepSpeed ZeRO on CPU (gloo), MLflow in SQLite, Ray Train, on a tiny
-random DiT and VAE over fake-rendered turntable shards. The command runs in subprocesses, as a user runs it."""
+random DiT and VAE over fake-rendered turntable shards. The command runs in subprocesses, as a user runs it.
+(The shared conditioning and sampler: tests/models/test_ttv.py; generation from a run: tests/inference/.)"""
 
 import os
 import subprocess
@@ -9,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from loom.datasets.transforms import frame_transform
 from loom.platform import config as cfgmod
 from loom.training import ttv
+from loom.training.ttv.data import partial_known
 from tests.training.corpus import make_ttv_corpus
 
 pytest.importorskip("lightning")
@@ -33,7 +36,8 @@ def loom_train(out, data, *sets, env=None, resume=False, check=True):
         cmd += ["--set", s]
     if resume:
         cmd.append("--resume")
-    e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    # the default MLflow store, in $LOOM_HOME: beside the run, where runs() reads it
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "LOOM_HOME": os.path.dirname(out), **(env or {})}
     e.pop("MLFLOW_TRACKING_URI", None)
     p = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=600)
     if check and p.returncode != 0:
@@ -69,22 +73,14 @@ def test_partial_known_is_one_side_of_a_plane_and_mask_marks_the_rest():
     rgb = torch.rand(2, 3, 8, 8, 3) * 2 - 1
     pos = torch.rand(2, 3, 8, 8, 3) * 2 - 1
     mask = torch.ones(2, 3, 8, 8, dtype=torch.bool)
-    known, gen = ttv.partial_known(rgb, pos, mask, 1.0, g)
+    known, gen = partial_known(rgb, pos, mask, 1.0, g)
     assert known.shape == gen.shape == (2, 3, 3, 8, 8)
     kept = gen[:, 0] < 0  # (B,T,H,W): given content
     assert kept.any() and (~kept).any()
     assert torch.equal(known.permute(0, 2, 3, 4, 1)[kept], rgb[kept])
     assert torch.all(known.permute(0, 2, 3, 4, 1)[~kept] == 0)
-    none, gen0 = ttv.partial_known(rgb, pos, mask, 0.0, g)
+    none, gen0 = partial_known(rgb, pos, mask, 0.0, g)
     assert torch.all(none == 0) and torch.all(gen0 == 1)
-
-
-def test_pad_tokens_pads_cuts_and_refuses_other_widths():
-    out = ttv.pad_tokens([torch.ones(3, 4), torch.ones(9, 4)], 5, 4, 2)
-    assert out.shape == (2, 5, 4) and out[0, :3].eq(1).all() and out[0, 3:].eq(0).all() and out[1].eq(1).all()
-    assert ttv.pad_tokens(None, 5, 4, 2).eq(0).all()
-    with pytest.raises(ValueError, match="width"):
-        ttv.pad_tokens([torch.ones(3, 7)], 5, 4, 1)
 
 
 def fixed_loss(module, batch, seeds=range(6)):
@@ -105,7 +101,7 @@ def fixed_loss(module, batch, seeds=range(6)):
 @pytest.mark.integration
 def test_tiny_run_loss_falls_and_lora_loads_without_deepspeed(corpus, tmp_path):
     from loom.datasets.loader import LoomLoader
-    from loom.training.ttv_module import TTVModule
+    from loom.training.ttv.module import TTVModule
 
     out = str(tmp_path / "run")
     two = str(tmp_path / "two")
@@ -113,7 +109,7 @@ def test_tiny_run_loss_falls_and_lora_loads_without_deepspeed(corpus, tmp_path):
     loom_train(out, two, "trainer.max_steps=40", "trainer.checkpoint_every=40", "data.batch_size=2",
                "optim.lr=3e-3", "data.known_prob=0")
     cfg = cfgmod.resolve(ttv.TrainTTVJob, "tiny", [("data.source", two), ("data.known_prob", "0")])
-    batch = next(iter(LoomLoader(two, 2, shuffle=False, transform=ttv.train_transform(cfg.data))))
+    batch = next(iter(LoomLoader(two, 2, shuffle=False, transform=frame_transform(cfg.data.frames, cfg.data.size))))
     fresh = TTVModule(cfg)
     before = fixed_loss(fresh, batch)
     trained = TTVModule(cfg)

@@ -1,0 +1,280 @@
+"""The turntable-video model line (TAPESTRY, sections 3.1, 3.2 and 4.1): what training (`loom.training.ttv`) and
+inference (`loom.inference.ttv`) share, so neither imports the other.
+
+- ``ModelSettings`` (the ``model`` section of a ``loom train ttv`` config) and the builders of the networks it
+  names: the LoRA'd video DiT (`build_dit`), the frozen video VAE (`build_vae`) and the optional frozen umT5 / CLIP
+  encoders (`build_encoders`). Local folders only; ``tiny`` builds random test models.
+- The video VAE's input conventions, defined once for the latent cache, training and generation: which frames a
+  causal VAE of ``1 + 4k`` frames takes (`vae_frame_indices`), pixels and geometry passes -> [-1, 1]
+  (`vae_input`) and back (`unit_to_uint8`, `latents_to_uint8`); the default prompt (`DEFAULT_PROMPT`).
+- `Conditioner`: a batch (pixel or latent shards) -> the DiT's inputs; `sample_latents`: the few-step sampler.
+
+Conditioning of one sample (shapes for the Wan VAE: T' = 1 + (T - 1) / 4, H' = H / 8, W' = W / 8)::
+
+    rgb, normal, position (B,T,H,W,3), mask (B,T,H,W)  ->  frames 1 + 4k  ->  [-1, 1] (`vae_input`)
+      known video, inpainting-mask video (B,3,T,H,W): given by the caller (training draws partial textures),
+        else nothing known (zeros; mask +1 everywhere: generate every pixel)
+      -> VAE: x0 = rgb latent (B,C,T',H',W'); geometry = [normal, position, known, mask] latents (B,4C,T',H',W')
+      -> reference = x0's first latent frame, zeros after it (B,C,T',H',W')
+      -> text (B, text_len, D_text): cached embeddings, else umT5 of the prompt template, else zeros
+      -> image (B, L_img, D_img): cached embeddings, else CLIP of the first rgb frame, else zeros
+
+Latent shards (``loom cache latents``) carry x0 and the normal / position latents already; their known and mask
+latents are those of the constant "nothing known" videos.
+
+No Lightning, DeepSpeed, Ray or torch.distributed here; torch is imported inside functions, so the config classes
+load with the core dependencies alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
+
+from loom.platform.config import config, field, require
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+TINY = "tiny"
+DEFAULT_PROMPT = "a 360-degree turntable video of a 3D object"
+PASSES = ("rgb", "normal", "position")
+
+
+@config
+class ModelSettings:
+    transformer: str = field("", help="local folder of a diffusers WanTransformer3DModel in the Wan2.1-Fun-Control "
+                             "layout (<Wan2.1-Fun-V1.1-1.3B-Control>/transformer), or 'tiny' (random, tests)")
+    vae: str = field("", help="local folder of a diffusers AutoencoderKLWan (<checkpoint>/vae), or 'tiny'")
+    fusion: str = field("", help="local folder of a saved geometry fusion module (empty: fresh initialisation)")
+    lora_rank: int = field(128, help="LoRA rank on every linear layer of the DiT blocks")
+    lora_alpha: float = field(0.0, help="LoRA alpha (0 = the rank, i.e. scale 1)")
+    text_encoder: str = field("", help="local umT5 folder (<Wan checkpoint>/text_encoder, tokenizer beside it): "
+                              "encode prompts on the fly when the shards hold no text_embed")
+    image_encoder: str = field("", help="local CLIP vision folder (<Wan I2V checkpoint>/image_encoder): encode the "
+                               "first frame on the fly when the shards hold no image_embed")
+    dtype: Literal["float32", "bfloat16"] = field("float32", help="dtype of the frozen VAE and encoders")
+    compile: bool = field(False, help="torch.compile the repeated DiT blocks (diffusers compile_repeated_blocks; "
+                          "GPUs: ~1.4x a step at the Wan 1.3B shape, after ~30 s of compiling)")
+
+    def __post_init__(self):
+        require(self.lora_rank >= 1, "lora_rank", self.lora_rank, "must be >= 1")
+
+
+# --------------------------------------------------------------------------------------------- builders
+
+
+def build_dit(m: ModelSettings, seed: int):
+    """The video DiT with a LoRA adapter of ``m.lora_rank`` on its blocks (trained weights: ``dit.load_lora``)."""
+    from loom.models.ttv_dit import TTVDiT
+
+    if m.transformer == TINY:
+        dit = TTVDiT.tiny(seed=seed)
+    else:
+        if not m.transformer:
+            raise FileNotFoundError("model.transformer is not set: pass --set model.transformer=DIR (a local "
+                                    "Wan2.1-Fun-Control transformer folder) or use --recipe tiny")
+        dit = TTVDiT.from_pretrained(m.transformer, m.fusion or None)
+    dit.add_lora(rank=m.lora_rank, alpha=m.lora_alpha or None)
+    return dit
+
+
+def build_vae(m: ModelSettings, seed: int):
+    """The frozen video VAE (`loom.models.video_vae.VideoVAE`)."""
+    from loom.models.video_vae import build_tiny_vae, load_video_vae
+
+    if m.vae == TINY:
+        return build_tiny_vae(seed)
+    if not m.vae:
+        raise FileNotFoundError("model.vae is not set: pass --set model.vae=DIR (a local AutoencoderKLWan folder, "
+                                "<Wan2.1 checkpoint>/vae) or use --recipe tiny")
+    return load_video_vae(m.vae, m.dtype)
+
+
+def build_encoders(m: ModelSettings) -> dict:
+    """The optional frozen text (umT5) and image (CLIP) encoders, from local folders: ``{"text", "image"}``, each
+    None when not configured."""
+    enc: dict = {"text": None, "image": None}
+    if m.text_encoder:
+        from loom.models.text_encoder import load_text_encoder
+
+        enc["text"] = load_text_encoder(m.text_encoder, m.dtype)
+    if m.image_encoder:
+        from loom.models.image_encoder import load_image_encoder
+
+        enc["image"] = load_image_encoder(m.image_encoder, m.dtype)
+    return enc
+
+
+# --------------------------------------------------------------------------------- VAE input conventions
+
+
+def vae_frame_indices(t: int, policy: str = "trim", r: int = 4) -> list[int]:
+    """Indices of the frames of a ``t``-frame video fed to a causal video VAE that takes ``1 + r*k`` frames:
+    ``trim`` drops the last frames, ``pad`` repeats the last one, ``exact`` refuses other lengths."""
+    if t < 1:
+        raise ValueError("sample has no frames")
+    if (t - 1) % r == 0:
+        return list(range(t))
+    if policy == "trim":
+        return list(range(1 + r * ((t - 1) // r)))
+    if policy == "pad":
+        n = 1 + r * math.ceil((t - 1) / r)
+        return list(range(t)) + [t - 1] * (n - t)
+    raise ValueError(f"sample has {t} frames; frames=exact needs 1 + {r}k (set frames=trim or frames=pad)")
+
+
+def vae_input(name: str, x, position_radius: float = 1.0) -> torch.Tensor:
+    """One decoded pass (..., 3), numpy or torch, -> the VAE's input values, float32 in [-1, 1], same layout:
+    rgb ``uint8 / 127.5 - 1``; normals clipped to [-1, 1] (float16 storage can round just past 1); world positions
+    divided by ``position_radius`` (the unit sphere -> [-1, 1]) and clipped."""
+    import torch
+
+    x = torch.as_tensor(x)
+    if name == "rgb":
+        return x.float() / 127.5 - 1
+    if name == "normal":
+        return x.float().clamp(-1, 1)
+    if name == "position":
+        return (x.float() / position_radius).clamp(-1, 1)
+    raise ValueError(f"unknown pass {name!r}: use one of {list(PASSES)}")
+
+
+def unit_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of the rgb mapping of `vae_input`: [-1, 1] -> uint8 [0, 255], rounded and clipped."""
+    import torch
+
+    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def latents_to_uint8(vae, z: torch.Tensor) -> np.ndarray:
+    """Latents (B,C,T',H',W') -> decoded videos (B,T,H,W,3) uint8."""
+    x = vae.decode(z)  # (B,3,T,H,W) in [-1, 1]
+    return unit_to_uint8(x.permute(0, 2, 3, 4, 1)).numpy()
+
+
+# ------------------------------------------------------------------------------------------ conditioning
+
+
+def prompt_for(template: str, meta: dict) -> str:
+    """The prompt of a sample: ``template`` formatted with the sample's meta (``{uid}``, ...)."""
+    try:
+        return template.format(**meta)
+    except (KeyError, IndexError) as e:
+        raise ValueError(f"data.prompt={template!r} names {e}, which the sample's meta lacks (it has "
+                         f"{sorted(meta)})") from e
+
+
+def pad_tokens(embeds: list[torch.Tensor] | torch.Tensor | None, length: int, dim: int, b: int) -> torch.Tensor:
+    """Context tokens (B, length, dim): per-sample (L_i, dim) embeddings zero-padded / cut to ``length`` (Wan pads
+    umT5 output with zeros to 512), or zeros when there are none."""
+    import torch
+
+    out = torch.zeros(b, length, dim)
+    if embeds is None:
+        return out
+    for i, e in enumerate(embeds):
+        e = torch.as_tensor(e, dtype=torch.float32)
+        if e.shape[-1] != dim:
+            raise ValueError(f"cached embeddings have width {e.shape[-1]} but the DiT expects {dim}: the latent "
+                             "cache was made with another encoder than this model's")
+        out[i, : min(length, e.shape[0])] = e[:length]
+    return out
+
+
+# (rgb (B,T,H,W,3) in [-1, 1], world positions (B,T,H,W,3), object mask (B,T,H,W) bool)
+#   -> (known video, inpainting-mask video), both (B,3,T,H,W) in [-1, 1]
+KnownVideos = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], tuple["torch.Tensor", "torch.Tensor"]]
+
+
+class Conditioner:
+    """A batch -> the DiT's inputs ``{"x0", "geometry", "reference", "text"[, "image"]}`` (see the module
+    docstring). Holds the frozen VAE and encoders, and caches the latents of the constant videos."""
+
+    def __init__(self, vae, encoders: dict, *, position_radius: float, text_len: int, image_len: int, prompt: str):
+        self.vae = vae
+        self.encoders = encoders
+        self.position_radius = position_radius
+        self.text_len = text_len
+        self.image_len = image_len
+        self.prompt = prompt
+        self._const: dict = {}
+
+    def const_latent(self, kind: str, t: int, h: int, w: int) -> torch.Tensor:
+        """Latent (1,C,t,h,w) of the all-zeros known video (``kind="known"``) or of the all-generate mask video."""
+        import torch
+
+        key = (kind, t, h, w)
+        if key not in self._const:
+            f, s = self.vae.temporal_factor, self.vae.spatial_factor
+            x = torch.full((1, 3, 1 + f * (t - 1), h * s, w * s), 0.0 if kind == "known" else 1.0)
+            self._const[key] = self.vae.encode(x)
+        return self._const[key]
+
+    def __call__(self, batch: dict, dit, device, known: KnownVideos | None = None) -> dict[str, torch.Tensor]:
+        """``known`` draws the known and mask videos of a pixel batch; None: nothing known (generation)."""
+        import torch
+
+        if "rgb_latent" in batch:
+            x0 = batch["rgb_latent"].float()
+            b, _, t, h, w = x0.shape
+            geo = [batch["normal_latent"].float(), batch["position_latent"].float(),
+                   self.const_latent("known", t, h, w).expand(b, -1, -1, -1, -1),
+                   self.const_latent("mask", t, h, w).expand(b, -1, -1, -1, -1)]
+        else:
+            idx = vae_frame_indices(batch["rgb"].shape[1], "trim", self.vae.temporal_factor)
+            rgb = vae_input("rgb", batch["rgb"][:, idx])
+            normal = vae_input("normal", batch["normal"][:, idx])
+            pos = batch["position"][:, idx].float()
+            posn = vae_input("position", pos, self.position_radius)
+            if known is not None:
+                known_v, gen = known(rgb, pos, batch["mask"][:, idx].bool())
+            else:
+                known_v = torch.zeros_like(rgb).permute(0, 4, 1, 2, 3)
+                gen = torch.ones_like(known_v)
+            videos = torch.cat([rgb.permute(0, 4, 1, 2, 3), normal.permute(0, 4, 1, 2, 3),
+                                posn.permute(0, 4, 1, 2, 3), known_v, gen])  # (5B, 3, T, H, W)
+            z = self.vae.encode(videos)
+            b = rgb.shape[0]
+            x0, geo = z[:b], [z[b * i: b * (i + 1)] for i in range(1, 5)]
+        cond = {
+            "x0": x0.to(device),
+            "geometry": torch.cat(geo, 1).to(device),
+            "reference": dit.reference_latent(x0[:, :, :1], x0.shape[2]).to(device),
+            "text": pad_tokens(self.text(batch, b), self.text_len, dit.text_dim, b).to(device),
+        }
+        if dit.image_dim is not None:
+            img = batch.get("image_embed")
+            if img is None and self.encoders["image"] is not None and "rgb" in batch:
+                img = self.encoders["image"].encode(batch["rgb"][:, 0].numpy())
+            cond["image"] = (torch.as_tensor(img).float() if img is not None
+                             else torch.zeros(b, self.image_len, dit.image_dim)).to(device)
+        return cond
+
+    def text(self, batch: dict, b: int):
+        """Per-sample text embeddings: the batch's ``text_embed``, else umT5 of the prompt template, else None."""
+        if batch.get("text_embed") is not None:
+            return batch["text_embed"]
+        enc = self.encoders["text"]
+        if enc is None:
+            return None
+        metas = batch.get("meta") or [{}] * b
+        return enc.encode([prompt_for(self.prompt, m) for m in metas])
+
+
+def sample_latents(dit, cond: dict[str, torch.Tensor], steps: int, shift: float, seed: int = 0,
+                   device=None) -> torch.Tensor:
+    """Conditions of one or more samples -> latents (B,C,T',H',W') with the few-step Euler sampler; the noise is
+    drawn on the CPU from ``seed``, so a seed gives the same video on any device."""
+    import torch
+
+    from loom.models.flow import euler_sample
+
+    ref = cond["reference"]
+    device = ref.device if device is None else device
+    noise = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed)).to(ref)
+    kw = {k: v.to(device) for k, v in cond.items() if k not in ("x0", "rgb") and v is not None}
+    with torch.no_grad():
+        return euler_sample(lambda x, t: dit(x, t, **kw), noise.to(device), steps, shift)

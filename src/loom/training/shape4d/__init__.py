@@ -1,0 +1,70 @@
+"""``loom train shape4d``: the spatiotemporal layers of ShapeGen4D's 4D shape DiT (sections 3.2 and 5.1) on Loom's
+4D shards, on the video DiT's machinery (Lightning + DeepSpeed + Ray Train + MLflow + exact resume:
+:mod:`loom.training.launch`, :class:`loom.training.module.LoomModule`). ``config`` holds the job and its recipes,
+``data`` the loader, ``module`` the Lightning module; what ``loom generate 4d`` shares with it (the networks'
+builders, the layer files, the sampler call, mesh files) is :mod:`loom.models.shape4d`, and the sampling of a
+finished run is :mod:`loom.inference.shape4d`. The shape VAE it encodes with is trained by :mod:`loom.training.vae`.
+
+Data flow of one step::
+
+    LoomLoader -> per sample: data.frames evenly spread frames (0 = all; the paper's ablations use 8 of 16)
+      -> frozen shape VAE (model.vae): surface[t], queries[t] -> posterior mean -> x0 (B,T,Q,C) x latent_scale
+      -> frozen DINOv2 (model.image_encoder): video[t] -> image tokens (B,T,L,D_img)
+      -> shape4d_flow.training_inputs: ONE sigma per sequence, noise shared by all frames (flow.shared_noise),
+         both from (seed, step, sample key)  ->  x_sigma, timestep, velocity target
+      -> Shape4DDiT (frozen base + trainable spatiotemporal layers)(x_sigma, timestep, image tokens) -> v
+      -> loss = |v - (noise - x0)|^2
+
+The base DiT comes from ``model.base`` (a local ``Shape4DDiT.save_pretrained`` folder of the base, saved with
+``spatiotemporal=False``), gets fresh zero-initialised spatiotemporal layers and is frozen (``freeze_base``): only
+those layers train and only they are saved (``OUT/spatiotemporal``). The frozen VAE and DINOv2 live outside the
+module tree, so DeepSpeed neither wraps, casts nor checkpoints them. A digest of the base weights is taken when the
+run starts and when it ends and written beside the layers: ``loom generate 4d`` refuses a base folder that has
+changed since.
+
+Ablations (Table 3) by config: ``model.temporal=1d`` (1D temporal attention), ``model.st_image_tokens=false``
+(without image hidden states), ``flow.shared_noise=false`` (independent noise), ``flow.shift=1`` (no sampling
+time shift); "w/o aligned latents" is a VAE trained and used with ``data.queries=fps``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+from loom.training.shape4d.config import TrainShape4DJob
+from loom.training.vae.config import absolute_path
+
+__all__ = ["TrainShape4DJob", "absolute_paths", "train"]
+
+
+def make_shape4d(cfg: TrainShape4DJob):
+    """(module, None): the module brings its own train iterable. Module-level so Ray can pickle it."""
+    import torch
+
+    from loom.training.shape4d.module import Shape4DModule
+
+    torch.manual_seed(cfg.trainer.seed)
+    return Shape4DModule(cfg), None
+
+
+def absolute_paths(cfg: TrainShape4DJob) -> TrainShape4DJob:
+    """Local paths made absolute: Ray Train workers (and a resumed run) may start in another directory."""
+    r, m = dataclasses.replace, cfg.model
+    model = r(m, base=absolute_path(m.base), vae=absolute_path(m.vae), image_encoder=absolute_path(m.image_encoder))
+    return r(cfg, out=absolute_path(cfg.out), data=r(cfg.data, source=absolute_path(cfg.data.source)), model=model)
+
+
+def train(cfg: TrainShape4DJob, *, resume: bool = False) -> None:
+    """Write the resolved config beside the run, then train here or on Ray Train (``ray.address``)."""
+    from loom.platform import config as cfgmod
+    from loom.training import launch
+
+    if not isinstance(cfg, TrainShape4DJob):
+        raise TypeError(f"loom.training.shape4d.train() takes a TrainShape4DJob, not {type(cfg).__name__}")
+    cfg = absolute_paths(cfg)
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "config.yaml"), "w") as f:
+        f.write(cfgmod.dump_yaml(cfg))
+    launch.run(functools.partial(make_shape4d, cfg), cfg.trainer, cfg.tracking, cfg.ray, cfg.out, resume=resume)

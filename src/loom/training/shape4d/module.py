@@ -1,0 +1,134 @@
+"""The Lightning module of ``loom train shape4d`` (data flow, configs and ablations: :mod:`loom.training.shape4d`;
+checkpoints, data position and MLflow: :class:`loom.training.module.LoomModule`). The networks are built, checked,
+sampled and saved by :mod:`loom.models.shape4d`, which ``loom generate 4d`` uses without Lightning."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from loom.models.flow import FlowMatching, sample_generator
+from loom.models.shape4d import (base_digest, build_base_dit, build_frozen_vae, build_image_encoder,
+                                 check_compatible, sample_latents, save_spatiotemporal, write_mesh_sequence)
+from loom.models.shape4d_flow import training_inputs
+from loom.training.module import LoomModule
+from loom.training.shape4d.config import TrainShape4DJob
+from loom.training.shape4d.data import as_tensor, make_shape4d_loader
+from loom.training.vae.module import adamw_with_warmup, samples_here
+
+
+class Shape4DModule(LoomModule):
+    """The spatiotemporal DiT's training step (frozen base, frozen VAE and DINOv2), optimizer and sample mesh
+    sequences."""
+
+    def __init__(self, cfg: TrainShape4DJob):
+        super().__init__(cfg)
+        m, seed = cfg.model, cfg.trainer.seed
+        self.dit = build_base_dit(m, seed)
+        # trainer.gradient_checkpointing (and ZeRO-3 leaves) are applied by launch.apply_sharding_intent
+        # Frozen networks are kept outside the module tree: DeepSpeed must not wrap, shard or cast them, and
+        # checkpoints must not carry them.
+        self._vae = [build_frozen_vae(m, seed)]
+        self._image = [build_image_encoder(m, seed)]
+        check_compatible(self.dit, self.vae, self.image)
+        self.flow = FlowMatching(shift=cfg.flow.train_shift, density=cfg.flow.density)
+        # DeepSpeed casts the whole module (the frozen base too) to bf16: compare the base in that dtype.
+        self.digest_dtype = "bfloat16" if cfg.trainer.precision.startswith("bf16") else "float32"
+        self.base_digest_start = base_digest(self.dit, self.digest_dtype)
+        self._sample_cond: tuple[torch.Tensor, int] | None = None  # first sequence's image tokens, latents/frame
+
+    @property
+    def vae(self):
+        return self._vae[0]
+
+    @property
+    def image(self):
+        return self._image[0]
+
+    def make_loader(self):
+        return make_shape4d_loader(self.cfg.data, self.cfg.trainer.seed)
+
+    def setup(self, stage: str) -> None:
+        dev = self.device if self.device.type != "cpu" else "cpu"
+        self.vae.to(dev)
+        self.image.to(dev)
+
+    def context_params(self) -> dict[str, str]:
+        m = self.cfg.model
+        return {"context": f"latents: frozen VAE posterior mean ({m.vae}); image: DINOv2 ({m.image_encoder}); "
+                           f"base frozen ({m.base})"}
+
+    # ------------------------------------------------------------------ step
+
+    @torch.no_grad()
+    def condition(self, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Batch -> (x0 (B,T,Q,C) float32 or None without surfaces, image tokens (B,T,L,D) float32), on the
+        module's device."""
+        dev = self.device
+        image = self.image.encode(batch["video"]).to(dev)  # (B, T, L, D)
+        if "surface" not in batch:
+            return None, image
+        surface, queries = as_tensor(batch["surface"]).float(), as_tensor(batch["queries"]).float()
+        b, t = surface.shape[:2]
+        s, q = surface.flatten(0, 1), queries.flatten(0, 1)
+        chunk = self.cfg.model.vae_chunk
+        lat = [self.vae.encode(s[i: i + chunk], q[i: i + chunk], sample=False)[0].to(dev)
+               for i in range(0, b * t, chunk)]
+        x0 = torch.cat(lat).view(b, t, *lat[0].shape[1:]) * self.cfg.model.latent_scale
+        return x0, image
+
+    def training_step(self, batch: dict, batch_idx: int):
+        self.take_data_state(batch)
+        c = self.cfg
+        x0, image = self.condition(batch)
+        if self._sample_cond is None:
+            self._sample_cond = (image[:1].detach().cpu(), x0.shape[2])
+        g = [sample_generator(c.trainer.seed, self.global_step, k) for k in batch["__key__"]]
+        x_t, t, target, _ = training_inputs(x0, g, self.flow, shared=c.flow.shared_noise)
+        pred = self.dit(x_t, t, image)
+        per = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+        return self.log_loss(per, batch)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        every = self.cfg.flow.sample_every
+        if every and self.global_step % every == 0 and 0 < self.global_step < self.trainer.max_steps:
+            self.log_sample(f"step-{self.global_step:07d}")
+
+    # ------------------------------------------------------------------ samples and the end
+
+    def log_sample(self, name: str) -> None:
+        if self._sample_cond is None or not samples_here(self):
+            return
+        image, q = self._sample_cond
+        c = self.cfg
+        z = sample_latents(self.dit, image.to(self.device), c.flow, q, c.model.latent_scale)
+        if self.global_rank == 0:
+            folder = os.path.join(c.out, "samples", name)
+            write_mesh_sequence(self.vae, z[0].cpu(), folder, c.flow.mesh_resolution)
+            self.log_artifacts(folder, f"samples/{name}")
+
+    def on_train_end(self) -> None:
+        self.log_sample(f"step-{self.global_step:07d}")
+        path = os.path.join(self.cfg.out, "spatiotemporal")
+        with self.gathered(self.dit.parameters()):  # all of them: the base's digest too
+            if self.global_rank == 0:
+                end = base_digest(self.dit, self.digest_dtype)
+                info = {"base": self.cfg.model.base, "digest_dtype": self.digest_dtype,
+                        "base_digest_start": self.base_digest_start, "base_digest_end": end,
+                        "latents_per_frame": self._sample_cond[1] if self._sample_cond else None,
+                        "step": self.global_step}
+                save_spatiotemporal(self.dit, path, info)
+                if end != self.base_digest_start:
+                    print("WARNING: the frozen base changed during training (digest differs): report this",
+                          file=sys.stderr)
+        self.log_artifacts(path, "spatiotemporal")
+        if self.global_rank == 0:
+            if self.run_id():
+                print(f"mlflow:   run {self.run_id()} ({self.logger._tracking_uri})", file=sys.stderr)
+            print(f"layers:   {path}  (loom generate 4d --run {self.cfg.out} --data VIDEO)", file=sys.stderr)
+
+    def configure_optimizers(self):
+        return adamw_with_warmup([p for p in self.dit.parameters() if p.requires_grad], self.cfg.optim,
+                                 "spatiotemporal")

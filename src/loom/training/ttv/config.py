@@ -1,0 +1,102 @@
+"""The root config of ``loom train ttv`` (`TrainTTVJob`), its sections and its named recipes. The ``model`` section
+(`loom.models.ttv.ModelSettings`) lives with the model line, because generation reads it from a run's config.yaml
+too."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Literal
+
+from loom.models.ttv import DEFAULT_PROMPT, TINY, ModelSettings
+from loom.platform.config import config, field, recipe, require
+from loom.platform.ray import RaySettings
+from loom.platform.tracking import TrackingSettings
+from loom.training.launch import TrainerSettings, train_ray
+
+
+@config
+class DataSettings:
+    source: str = field("out/ttv", help="Loom output folder or fsspec URL: turntable shards (pixels) or latent "
+                        "shards from `loom cache latents`")
+    batch_size: int = field(1, help="samples per rank per step")
+    frames: int = field(0, help="frames per sample, 1 + 4k (0 = all, trimmed to 1 + 4k); pixels only")
+    size: int = field(0, help="resize frames to size x size (multiple of 16; 0 = as rendered); pixels only")
+    num_workers: int = field(0, help="loader worker processes per rank")
+    prefetch: int = field(2, help="batches a background thread reads ahead of the step (num_workers=0; 0 = off)")
+    known_prob: float = field(0.5, help="probability of a partial-texture known video (pixels only)")
+    position_radius: float = field(1.0, help="positions are divided by this before the VAE (unit sphere -> 1)")
+    text_len: int = field(512, help="text tokens per sample (embeddings zero-padded to it; Wan: 512)")
+    prompt: str = field(DEFAULT_PROMPT, help="prompt template for the text encoder when the shards hold no text "
+                        "embeddings (fields of the sample's meta, e.g. {uid})")
+    image_len: int = field(257, help="image tokens when no image embeddings are cached (CLIP ViT-H/14: 257)")
+
+    def __post_init__(self):
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        require(self.frames == 0 or (self.frames - 1) % 4 == 0, "frames", self.frames, "must be 0 or 1 + 4k")
+        require(self.size % 16 == 0, "size", self.size, "must be a multiple of 16 (VAE 8x, patch 2x)")
+        require(0.0 <= self.known_prob <= 1.0, "known_prob", self.known_prob, "must be in [0, 1]")
+        require(self.text_len >= 1, "text_len", self.text_len, "must be >= 1")
+
+
+@config
+class OptimSettings:
+    lr: float = field(1e-4, help="base learning rate (LoRA A matrices)")
+    lora_plus_ratio: float = field(4.0, help="LoRA+: B matrices and the fusion module learn this much faster")
+    weight_decay: float = field(0.0, help="AdamW weight decay")
+    warmup_steps: int = field(0, help="linear warm-up steps, then constant")
+
+    def __post_init__(self):
+        require(self.lr > 0, "lr", self.lr, "must be > 0")
+        require(self.lora_plus_ratio > 0, "lora_plus_ratio", self.lora_plus_ratio, "must be > 0")
+
+
+@config
+class FlowSettings:
+    shift: float = field(5.0, help="time shift of training and sampling sigmas (Wan 480p: 5)")
+    density: Literal["uniform", "logit_normal"] = field("uniform", help="density of training sigmas before the shift")
+    sample_steps: int = field(4, help="Euler steps of the sampler (TAPESTRY: 4)")
+    sample_every: int = field(0, help="log a sample video to MLflow every N steps (0 = at the end only)")
+
+
+@config
+class TrainTTVJob:
+    out: str = field("out/ttv-train", help="run folder: config.yaml, checkpoints/, lora/, samples/")
+    data: DataSettings = field(default_factory=DataSettings, help="training data")
+    model: ModelSettings = field(default_factory=ModelSettings, help="networks")
+    optim: OptimSettings = field(default_factory=OptimSettings, help="optimizer")
+    flow: FlowSettings = field(default_factory=FlowSettings, help="flow matching and sampling")
+    trainer: TrainerSettings = field(default_factory=TrainerSettings, help="Lightning / DeepSpeed")
+    tracking: TrackingSettings = field(default_factory=TrackingSettings, help="MLflow")
+    ray: RaySettings = field(default_factory=train_ray, help="Ray Train (multi-node): ray.address set = "
+                           "ray.workers ranks with ray.cpus_per_worker / ray.gpus_per_worker each")
+
+
+@recipe(TrainTTVJob, "default", help="Wan2.1-Fun-1.3B-Control from local folders, LoRA r128, bf16, ZeRO-2 on GPUs")
+def _default() -> TrainTTVJob:
+    return TrainTTVJob(trainer=TrainerSettings(precision="bf16-mixed", gradient_checkpointing=True,
+                                               checkpoint_every=500, log_every=10),
+                       model=ModelSettings(dtype="bfloat16"))
+
+
+@recipe(TrainTTVJob, "tiny", help="random tiny DiT and VAE on CPU: a few steps on fresh shards (demo, tests)")
+def _tiny() -> TrainTTVJob:
+    return TrainTTVJob(
+        data=DataSettings(frames=5, size=32, text_len=512, image_len=4),
+        model=ModelSettings(transformer=TINY, vae=TINY, lora_rank=4),
+        optim=OptimSettings(lr=1e-3),
+        trainer=TrainerSettings(max_steps=8, accelerator="cpu", checkpoint_every=4, log_every=1),
+        flow=FlowSettings(sample_steps=2))
+
+
+def _abs(path: str) -> str:
+    return path if not path or path == TINY or "://" in path else os.path.abspath(path)
+
+
+def absolute_paths(cfg: TrainTTVJob) -> TrainTTVJob:
+    """Local paths made absolute: Ray Train workers (and a resumed run) may start in another directory."""
+    m = cfg.model
+    return dataclasses.replace(
+        cfg, out=_abs(cfg.out), data=dataclasses.replace(cfg.data, source=_abs(cfg.data.source)),
+        model=dataclasses.replace(m, transformer=_abs(m.transformer), vae=_abs(m.vae), fusion=_abs(m.fusion),
+                                  text_encoder=_abs(m.text_encoder), image_encoder=_abs(m.image_encoder)))
