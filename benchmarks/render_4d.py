@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         plain = run_plain(jobs, args.cores, os.path.join(tmp, "plain"))
         print(f"  plain loop  {plain['sequences']} sequences in {plain['wall_s']:.1f} s", flush=True)
 
-        from loom.platform.jobs import init_ray
+        from loom.platform.ray import init_ray
 
         t = time.monotonic()
         init_ray(cfg.ray, announce=False)

@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import bpy  # noqa: F401 - fails early with a clear message when bpy is missing
 
-        from loom.platform.jobs import init_ray
+        from loom.platform.ray import init_ray
 
         # Warm the page cache for both sides (bpy is ~1 GB of shared libraries).
         subprocess.run([sys.executable, "-c", "import bpy"], capture_output=True, check=True)

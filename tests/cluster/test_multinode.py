@@ -44,7 +44,7 @@ def test_render_job_survives_a_lost_worker_node(two_nodes, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LOOM_FAKE_DELAY_S": "0.5"}
     p = subprocess.Popen([*LOOM, "render", "ttv", "--assets", str(assets), "--out", out, "--recipe", "smoke",
                           "--set", "render.backend=fake", "--set", "shards.samples_per_shard=1",
-                          "--set", f"ray.address={ray.address}", "--no-progress"],
+                          "--set", f"ray.address={cluster.address}", "--no-progress"],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = time.time()
     while len(glob.glob(os.path.join(out, "shards", "*.json"))) < 2 and time.time() - t0 < 300:
@@ -77,7 +77,7 @@ def test_ray_train_on_two_nodes_continues_after_a_worker_is_killed(two_nodes, tm
     make_ttv_corpus(data, samples=4, frames=5, size=32)
     sets = ["trainer.max_steps=5", "trainer.checkpoint_every=2", "trainer.progress=false", "ray.workers=2"]
 
-    def train(out, extra_env=None, address=ray.address):
+    def train(out, extra_env=None, address=cluster.address):
         cmd = [*LOOM, "train", "ttv", "--recipe", "tiny", "--data", data, "--out", out,
                "--set", f"ray.address={address}"]
         for s in sets:

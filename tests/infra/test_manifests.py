@@ -309,7 +309,7 @@ def test_rayjob_entrypoints_are_valid_loom_commands():
             assert config["out"].startswith("s3://") and config["ray"]["address"] == "auto"
         else:
             assert config["data"]["source"].startswith("s3://") and config["ray"]["address"] == "auto"
-            assert config["launch"]["use_gpu"] is True
+            assert config["ray"]["gpus_per_worker"] >= 1
             assert config["out"].startswith("/runs/"), "training --out must be on the shared loom-runs volume"
             group = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
             gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])

@@ -154,10 +154,12 @@ def test_fit_applies_the_intent_before_training(tmp_path, monkeypatch):
     seen = {}
 
     class FakeTrainer:
-        def fit(self, module, train_dataloaders=None, ckpt_path=None):
+        def fit(self, module, train_dataloaders=None, ckpt_path=None, weights_only=None):
+            seen["weights_only"] = weights_only
             seen["checkpointed"] = [n for n, m in module.named_modules() if is_checkpointed(m)]
 
     monkeypatch.setattr(launch, "build_trainer", lambda *a, **k: FakeTrainer())
     t = TrainerSettings(gradient_checkpointing=True, strategy="ddp")
     launch.fit(lambda: (Holder(TTVDiT.tiny()), []), t, TrackingSettings(enabled=False), str(tmp_path))
     assert seen["checkpointed"] == ["dit.transformer.blocks.0", "dit.transformer.blocks.1"]
+    assert seen["weights_only"] is True  # Lightning reads its own checkpoint files with weights_only=True

@@ -19,14 +19,18 @@ optimizer state.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
+import pickle
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+
+if TYPE_CHECKING:  # torch is imported where it is used: `loom --help` builds every job's parser
+    import torch
 
 from loom.platform.config import config, field, require
 from loom.platform.ray import RaySettings, forwarded_env, init_ray
@@ -96,6 +100,8 @@ def uses_ray_train(r: RaySettings) -> bool:
 
 
 def _deepspeed_strategy_class():
+    import torch
+
     from lightning.fabric.utilities.seed import reset_seed
     from lightning.pytorch.accelerators import CUDAAccelerator
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
@@ -167,6 +173,8 @@ def sharded_networks(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """The networks inside ``module`` that declare their blocks in ``_no_split_modules``, by name; the outermost
     only (the diffusers transformer inside the video DiT declares its own, which the DiT's declaration covers).
     Networks kept outside the module tree (the frozen VAEs and encoders) are not trained and not sharded."""
+    import torch
+
     found: dict[str, torch.nn.Module] = {}
     for name, m in module.named_modules():
         if not getattr(type(m), "_no_split_modules", None):
@@ -225,6 +233,8 @@ def build_trainer(t: TrainerSettings, tracking: TrackingSettings, out: str, *, r
     """A Lightning ``Trainer`` from the settings. ``ray``: running inside a Ray Train worker (Ray's cluster
     environment, one device per worker)."""
     import logging
+
+    import torch
 
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -311,7 +321,8 @@ def fit(make: Callable[[], tuple[Any, Any]], t: TrainerSettings, tracking: Track
     # Under Ray Train the cluster environment is Ray's (ranks from the Train context); Ray's prepare_trainer() is
     # not called because it only admits Ray's own strategy classes, whose DeepSpeed one refuses CPUs.
     trainer = build_trainer(t, tracking, out, run_id=run_id, ray=ray)
-    trainer.fit(module, train_dataloaders=data, ckpt_path=ckpt)
+    with safe_checkpoint_loading():
+        trainer.fit(module, train_dataloaders=data, ckpt_path=ckpt, weights_only=True)
     return trainer, module
 
 
@@ -323,8 +334,72 @@ def read_run_id(ckpt: str) -> str | None:
         if not found:
             return None
         path = found[0]
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = safe_load(path)
     return (state.get("loom") or {}).get("mlflow_run_id")
+
+
+def checkpoint_safe_globals() -> list:
+    """What a Loom training checkpoint holds besides tensors and plain containers: the numpy RNG state Loom saves,
+    and DeepSpeed's ZeRO optimizer state (its loss scaler, stage enum and fragment addresses). Plain data classes:
+    unpickling them sets attributes and calls nothing else."""
+    import numpy as np
+
+    allowed: list = [np.ndarray, np.dtype]
+    try:  # where numpy's array reconstructor lives: numpy.core (1.x) or numpy._core (2.x)
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct
+    allowed.append(_reconstruct)
+    allowed += [type(np.dtype(t)) for t in ("uint32", "uint8", "int64", "float32", "float64", "bool")]
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed += [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    except ImportError:  # DeepSpeed is optional for strategy=ddp
+        pass
+    return allowed
+
+
+def safe_load(path: str, map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` admitting only :func:`checkpoint_safe_globals`: a run folder on a shared
+    volume cannot run code on whoever resumes from it (DeepSpeed's own loader would unpickle anything)."""
+    import torch
+
+    with torch.serialization.safe_globals(checkpoint_safe_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise RuntimeError(
+                f"checkpoint {path} holds objects other than tensors and the training state Loom writes, so it is not "
+                f"loaded (unpickling it could run code). It was not written by this Loom's training, or was changed; "
+                f"resume from a checkpoint you made. Details: {str(e).splitlines()[-1][:300]}") from None
+
+
+@contextlib.contextmanager
+def safe_checkpoint_loading():
+    """Within it, DeepSpeed reads checkpoint files through :func:`safe_load` (Lightning's own files are read with
+    ``weights_only=True`` by ``Trainer.fit(weights_only=True)`` under the same allowed classes)."""
+    import torch
+
+    try:
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    except ImportError:
+        TorchCheckpointEngine = None
+    original = TorchCheckpointEngine.load if TorchCheckpointEngine is not None else None
+
+    def load(self, path, map_location=None):
+        return safe_load(path, map_location)
+
+    if TorchCheckpointEngine is not None:
+        TorchCheckpointEngine.load = load
+    try:
+        with torch.serialization.safe_globals(checkpoint_safe_globals()):
+            yield
+    finally:
+        if TorchCheckpointEngine is not None:
+            TorchCheckpointEngine.load = original
 
 
 def run(make: Callable[[], tuple[Any, Any]], t: TrainerSettings, tracking: TrackingSettings, launch: RaySettings,
