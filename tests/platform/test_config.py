@@ -170,3 +170,17 @@ def test_diff_names_each_changed_leaf():
     b = c.override(c.override(a, "orbit.frames", 9), "render.samples", 3)
     assert sorted(c.diff(a, b)) == [("orbit.frames", a.orbit.frames, 9), ("render.samples", a.render.samples, 3)]
     assert c.diff(a, a) == []
+
+
+def test_help_config_shows_the_defaults_each_job_gives_its_sections():
+    """One RaySettings class, three defaults: --help-config shows the one the job really starts from."""
+    from loom.corpora.ttv import RenderTTVJob
+    from loom.eval.bench_ttv import EvalTTVJob
+    from loom.training.ttv import TrainTTVJob
+
+    def workers(job_cls):
+        (row,) = [d for n, d, _ in c.describe(job_cls) if n == "ray.workers"]
+        return row
+
+    assert (workers(RenderTTVJob), workers(EvalTTVJob), workers(TrainTTVJob)) == ("0", "1", "2")
+    assert c.resolve(TrainTTVJob).ray.workers == 2

@@ -9,7 +9,7 @@ from loom.corpora.base import job_spec
 from loom.corpora.scene import RenderSceneJob
 from loom.corpora.shape4d import Render4DJob
 from loom.corpora.ttv import RenderTTVJob
-from loom.platform.command import add_job_args, help_config, print_config, resolve_config
+from loom.platform.command import add_job_args, run_job_command
 
 
 # kind -> (its root config class, a loom.corpora.base.RenderJob; help; extra options {flag: (config field, help)})
@@ -27,17 +27,25 @@ JOBS = {
 }
 
 
+def print_summary(summary, out: str) -> None:
+    """The end of a render or cache job: counts, the first failures and where the rest are."""
+    print(summary.line())
+    for f in summary.failures[:20]:
+        print(f"  failed {f['key']}: {f['reason'].splitlines()[0]}")
+    if summary.failed > 20:
+        print(f"  ... {summary.failed - 20} more in {out}/failures.jsonl")
+
+
 def cmd_render(args: argparse.Namespace) -> int:
+    _, _, extra = JOBS[args.kind]
+    direct = {fld: getattr(args, flag.lstrip("-")) for flag, (fld, _) in extra.items()}
+    return run_job_command(args, lambda cfg: render_corpus(cfg, args), out=args.out, **direct)
+
+
+def render_corpus(cfg, args: argparse.Namespace) -> None:
     from loom.corpora.assets import resolve_source
     from loom.platform.jobs import estimate, run_job
 
-    job_cls, _, extra = JOBS[args.kind]
-    if args.help_config:
-        return help_config(job_cls)
-    direct = {fld: getattr(args, flag.lstrip("-")) for flag, (fld, _) in extra.items()}
-    cfg = resolve_config(job_cls, args, out=args.out, **direct)
-    if args.print_config:
-        return print_config(cfg)
     source = getattr(cfg, cfg.SOURCE)
     records = resolve_source(source)
     if getattr(cfg, "limit", None):
@@ -48,15 +56,11 @@ def cmd_render(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"plan for {len(records)} asset(s) -> {len(spec.tasks)} task(s) -> {cfg.out}")
         print(estimate(spec, calibrate=not args.no_calibrate).report())
-        return 0
+        return
     print(f"rendering {len(spec.tasks)} {args.kind} sample(s) of {len(records)} asset(s) into {cfg.out}",
           file=sys.stderr)
     summary = run_job(spec, progress=not args.no_progress, retry_failed=args.retry_failed)
-    print(summary.line())
-    for f in summary.failures[:20]:
-        print(f"  failed {f['key']}: {f['reason'].splitlines()[0]}")
-    if summary.failed > 20:
-        print(f"  ... {summary.failed - 20} more in {cfg.out}/failures.jsonl")
+    print_summary(summary, cfg.out)
     unsupported = [r.path for r in records if not r.supported]  # named on every run, reruns included
     if unsupported:
         print(f"  not rendered: {len(unsupported)} file(s) of mesh formats Loom does not import, convert them to "
@@ -66,7 +70,6 @@ def cmd_render(args: argparse.Namespace) -> int:
         print(f"  warning {w['key']}: {'; '.join(w['warnings'])}")
     print(f"shards:   {cfg.out}/shards  (manifest {cfg.out}/manifest.json)")
     print(f"look:     loom shards inspect {cfg.out}    verify: loom shards verify {cfg.out}")
-    return 0
 
 
 def cmd_assets_list(args: argparse.Namespace) -> int:
@@ -116,30 +119,25 @@ def register(sub) -> None:
 
 
 def cmd_cache_latents(args) -> int:
-    from loom.corpora.latents import CacheLatentsJob, job_spec, run_cache
+    return run_job_command(args, lambda cfg: cache_latents(cfg, args), source=args.source, out=args.out,
+                           vae=args.vae, text_encoder=args.text_encoder, image_encoder=args.image_encoder,
+                           captions=args.captions)
 
-    if args.help_config:
-        return help_config(CacheLatentsJob)
-    cfg = resolve_config(CacheLatentsJob, args, source=args.source, out=args.out, vae=args.vae,
-                   text_encoder=args.text_encoder, image_encoder=args.image_encoder, captions=args.captions)
-    if args.print_config:
-        return print_config(cfg)
+
+def cache_latents(cfg, args) -> None:
+    from loom.corpora.latents import job_spec, run_cache
+
     spec = job_spec(cfg)
     n = sum(len(t.asset["keys"]) for t in spec.tasks)
     if args.dry_run:
         print(f"plan: {n} sample(s) in {len(spec.tasks)} source shard(s) of {cfg.source} -> {cfg.out}")
-        return 0
+        return
     extra = "".join(f", the {what} encoder in {d}" for what, d in (("text", cfg.text_encoder),
                                                                     ("image", cfg.image_encoder)) if d)
     print(f"encoding {n} sample(s) of {cfg.source} with the VAE in {cfg.vae}{extra} into {cfg.out}", file=sys.stderr)
     summary = run_cache(spec, progress=not args.no_progress, retry_failed=args.retry_failed)
-    print(summary.line())
-    for f in summary.failures[:20]:
-        print(f"  failed {f['key']}: {f['reason'].splitlines()[0]}")
-    if summary.failed > 20:
-        print(f"  ... {summary.failed - 20} more in {cfg.out}/failures.jsonl")
+    print_summary(summary, cfg.out)
     print(f"shards:   {cfg.out}/shards  (manifest {cfg.out}/manifest.json)")
-    return 0
 
 
 def register_cache(sub) -> None:

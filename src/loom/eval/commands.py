@@ -47,17 +47,11 @@ def _job(name: str):
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from loom.platform.command import help_config, print_config, resolve_config
+    from loom.platform.command import run_job_command
 
-    mod, job_cls = _job(args.benchmark)
-    if args.help_config:
-        return help_config(job_cls)
+    mod, _ = _job(args.benchmark)
     direct = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _) in _FLAGS[args.benchmark].items()}
-    cfg = resolve_config(job_cls, args, out=args.out, model=args.model, **direct)
-    if args.print_config:
-        return print_config(cfg)
-    mod.evaluate(cfg)
-    return 0
+    return run_job_command(args, mod.evaluate, out=args.out, model=args.model, **direct)
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:

@@ -66,34 +66,18 @@ class Shape4DRun:
         return write_mesh_sequence(self.vae, latents, out_dir, resolution or self.flow.mesh_resolution)
 
 
-def _section(doc: dict, name: str, cls: type):
-    from loom.platform import config as cfgmod
-
-    section = doc.get(name) or {}
-    if not isinstance(section, dict):
-        raise ValueError(f"config.yaml: {name} should be a mapping of settings, got {section!r}")
-    return cfgmod.from_dict(cls, section, prefix=f"{name}.")
-
-
 def load_run(run: str) -> tuple[Shape4DRun, dict]:
     """A finished ``loom train shape4d`` run folder -> (its networks with the trained spatiotemporal layers, the
     layers' loom.json), built from the run's own config.yaml (base, VAE and DINOv2 folders as trained). Refuses a
     base folder whose weights are no longer those the layers were trained on."""
-    import yaml
-
+    from loom.inference.run import config_section, read_run_config
     from loom.models.shape4d import (base_digest, build_base_dit, build_frozen_vae, build_image_encoder,
                                      check_compatible, load_spatiotemporal)
 
-    cfg_path, layers = os.path.join(run, "config.yaml"), os.path.join(run, "spatiotemporal")
-    for p in (cfg_path, layers):
-        if not os.path.exists(p):
-            raise FileNotFoundError(f"{p} does not exist: is {run!r} a finished `loom train shape4d` run folder?")
-    with open(cfg_path) as f:
-        doc = yaml.safe_load(f)
-    if not isinstance(doc, dict):
-        raise ValueError(f"{cfg_path} is not a job config (a mapping of sections): is {run!r} a `loom train "
-                         "shape4d` run folder?")
-    model, flow = _section(doc, "model", Shape4DModelSettings), _section(doc, "flow", Shape4DFlowSettings)
+    doc, cfg_path = read_run_config(run, "spatiotemporal", "loom train shape4d")
+    layers = os.path.join(run, "spatiotemporal")
+    model = config_section(doc, "model", Shape4DModelSettings, cfg_path)
+    flow = config_section(doc, "flow", Shape4DFlowSettings, cfg_path)
     data, trainer = doc.get("data") or {}, doc.get("trainer") or {}
     seed = int(trainer.get("seed", 0))  # tiny networks are rebuilt from the seed they were trained with
     dit = build_base_dit(model, seed)

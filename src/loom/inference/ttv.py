@@ -94,19 +94,11 @@ def _read_fields(raw: dict, path: str) -> dict[str, Any]:
 def load_run(run: str, *, steps: int | None = None) -> TTVRun:
     """A trained run folder (``loom train ttv --out RUN``) -> its networks with the trained LoRA and fusion
     weights, built from the run's own config.yaml; ``steps`` overrides the run's ``flow.sample_steps``."""
-    import yaml
+    from loom.inference.run import config_section, read_run_config
 
-    from loom.platform.config import from_dict
-
-    cfg_path, lora = os.path.join(run, "config.yaml"), os.path.join(run, "lora")
-    for p in (cfg_path, lora):
-        if not os.path.exists(p):
-            raise FileNotFoundError(f"{p} does not exist: is {run!r} a finished `loom train ttv` run folder?")
-    with open(cfg_path) as f:
-        raw = yaml.safe_load(f)
-    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
-        raise ValueError(f"{cfg_path} has no model section: is it the config.yaml of a `loom train ttv` run?")
-    model = from_dict(ModelSettings, raw["model"], prefix="model.")
+    raw, cfg_path = read_run_config(run, "lora", "loom train ttv")
+    lora = os.path.join(run, "lora")
+    model = config_section(raw, "model", ModelSettings, cfg_path, required=True)
     f = _read_fields(raw, cfg_path)
     seed = int(f["trainer.seed"])
     dit = build_dit(model, seed)

@@ -12,20 +12,18 @@ on top of it. Each command also names a valid ``--set`` example for its help, an
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 from loom.platform import config as cfgmod
 
 
-def add_job_args(p: argparse.ArgumentParser, job_cls: type, example: str | None = None,
-                 interrupted: str | None = None) -> None:
-    """The arguments every job command takes. ``example``: a valid ``--set`` for this command's help text (default:
-    the first numeric leaf field of ``job_cls`` with its default value; tests resolve every command's example).
+def add_job_args(p: argparse.ArgumentParser, job_cls: type, example: str, interrupted: str | None = None) -> None:
+    """The arguments every job command takes. ``example``: a valid ``--set`` for this command's help text (tests
+    resolve every command's example).
     ``interrupted``: what Ctrl-C leaves behind for this job kind and how to go on, ``{out}`` being the job's output
     folder (printed by ``loom`` on KeyboardInterrupt)."""
     names = sorted(cfgmod.recipes(job_cls))
-    if example is None:
-        example = default_example(job_cls)
     p.set_defaults(job_class=job_cls, set_example=example)
     if interrupted:
         p.set_defaults(interrupted=interrupted)
@@ -36,15 +34,6 @@ def add_job_args(p: argparse.ArgumentParser, job_cls: type, example: str | None 
                    help=f"override a config field, e.g. --set {example} (repeatable; see --help-config)")
     p.add_argument("--help-config", action="store_true", help="list every config field with default and help")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-
-
-def default_example(job_cls: type) -> str:
-    """``dotted.field=value`` for the first leaf field that is a number (a valid ``--set`` for ``job_cls``)."""
-    for name, default, _ in cfgmod.describe(job_cls):
-        if default.lstrip("-").replace(".", "", 1).isdigit():
-            return f"{name}={default}"
-    name, default, _ = cfgmod.describe(job_cls)[0]
-    return f"{name}={default}"
 
 
 def base_config(job_cls: type, args: argparse.Namespace) -> Any:
@@ -75,6 +64,23 @@ def apply_overrides(cfg: Any, args: argparse.Namespace, **direct: Any) -> Any:
     for key, value in overrides:
         cfg = cfgmod.override(cfg, key, value)
     return cfg
+
+
+def run_job_command(args: argparse.Namespace, job: Callable[[Any], Any], /, *,
+                    adjust: Callable[[Any], Any] | None = None, **direct: Any) -> int:
+    """The one job command, after parsing: ``--help-config``; or resolve the config (:func:`resolve_config` with the
+    command's own flags ``direct``, then ``adjust``, e.g. ``--resume``'s check against the run's config) and
+    ``--print-config`` it, or run ``job`` on it. ``args.job_class`` is set by :func:`add_job_args`; ``job`` is
+    positional-only because ``direct`` may name a config field ``run`` (eval's --run)."""
+    if args.help_config:
+        return help_config(args.job_class)
+    cfg = resolve_config(args.job_class, args, **direct)
+    if adjust is not None:
+        cfg = adjust(cfg)
+    if args.print_config:
+        return print_config(cfg)
+    job(cfg)
+    return 0
 
 
 def help_config(job_cls: type) -> int:

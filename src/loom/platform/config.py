@@ -299,21 +299,24 @@ def config_hash(cfg: Any, exclude: Iterable[str] = ()) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted name, default, help) for every leaf field: the source of ``--help-config``."""
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str]]:
+    """(dotted name, default, help) for every leaf field: the source of ``--help-config``. A section's defaults are
+    those of the instance its parent makes (``ray`` defaults to 2 workers in training, 1 in evaluation)."""
     rows = []
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if _is_config(tp):
-            rows += describe(tp, prefix + f.name + ".")
-            continue
-        if f.default is not dataclasses.MISSING:
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         else:
             default = "(required)"
+        if _is_config(tp):
+            rows += describe(tp, prefix + f.name + ".", default if isinstance(default, tp) else None)
+            continue
         rows.append((prefix + f.name, json.dumps(to_dict(default)), f.metadata.get("help", "")))
     return rows
 

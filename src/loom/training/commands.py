@@ -67,18 +67,12 @@ def resume_config(job_cls: type, args: argparse.Namespace, wanted: Any) -> Any:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from loom.platform.command import help_config, print_config, resolve_config
+    from loom.platform.command import run_job_command
 
     mod, job_cls = jobs()[args.model]
-    if args.help_config:
-        return help_config(job_cls)
-    cfg = resolve_config(job_cls, args, out=args.out, **{"data.source": args.data})
-    if args.resume:
-        cfg = resume_config(job_cls, args, cfg)
-    if args.print_config:
-        return print_config(cfg)
-    mod.train(cfg, resume=args.resume)
-    return 0
+    return run_job_command(args, lambda cfg: mod.train(cfg, resume=args.resume),
+                           adjust=(lambda cfg: resume_config(job_cls, args, cfg)) if args.resume else None,
+                           out=args.out, **{"data.source": args.data})
 
 
 # --set examples shown in each command's help (tests resolve each against its job)

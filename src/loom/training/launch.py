@@ -94,6 +94,12 @@ def train_ray() -> RaySettings:
     return RaySettings(workers=2)
 
 
+def ray_field() -> Any:
+    """The ``ray`` section of every training job (one declaration, one help text)."""
+    return field(default_factory=train_ray, help="Ray Train (multi-node): ray.address set = ray.workers ranks with "
+                 "ray.cpus_per_worker / ray.gpus_per_worker each")
+
+
 def uses_ray_train(r: RaySettings) -> bool:
     """Training runs on Ray Train when ``ray.address`` names a Ray ('local', 'auto', 'ray://...')."""
     return bool(r.address)

@@ -8,7 +8,7 @@ from loom.models.shape4d import TINY, Shape4DFlowSettings, Shape4DModelSettings
 from loom.platform.config import config, field, recipe, require
 from loom.platform.ray import RaySettings
 from loom.platform.tracking import TrackingSettings
-from loom.training.launch import TrainerSettings, train_ray
+from loom.training.launch import TrainerSettings, ray_field
 from loom.training.vae.config import OptimSettings
 
 __all__ = ["Shape4DDataSettings", "Shape4DFlowSettings", "Shape4DModelSettings", "Shape4DOptimSettings",
@@ -44,8 +44,7 @@ class TrainShape4DJob:
     flow: Shape4DFlowSettings = field(default_factory=Shape4DFlowSettings, help="flow matching and sampling")
     trainer: TrainerSettings = field(default_factory=TrainerSettings, help="Lightning / DeepSpeed")
     tracking: TrackingSettings = field(default_factory=TrackingSettings, help="MLflow")
-    ray: RaySettings = field(default_factory=train_ray, help="Ray Train (multi-node): ray.address set = "
-                           "ray.workers ranks with ray.cpus_per_worker / ray.gpus_per_worker each")
+    ray: RaySettings = ray_field()
 
 
 @recipe(TrainShape4DJob, "default", help="paper shape: a pretrained base from local folders, 16 frames x 1,024 "

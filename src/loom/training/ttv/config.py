@@ -12,7 +12,7 @@ from loom.models.ttv import DEFAULT_PROMPT, TINY, ModelSettings
 from loom.platform.config import config, field, recipe, require
 from loom.platform.ray import RaySettings
 from loom.platform.tracking import TrackingSettings
-from loom.training.launch import TrainerSettings, train_ray
+from loom.training.launch import TrainerSettings, ray_field
 
 
 @config
@@ -68,8 +68,7 @@ class TrainTTVJob:
     flow: FlowSettings = field(default_factory=FlowSettings, help="flow matching and sampling")
     trainer: TrainerSettings = field(default_factory=TrainerSettings, help="Lightning / DeepSpeed")
     tracking: TrackingSettings = field(default_factory=TrackingSettings, help="MLflow")
-    ray: RaySettings = field(default_factory=train_ray, help="Ray Train (multi-node): ray.address set = "
-                           "ray.workers ranks with ray.cpus_per_worker / ray.gpus_per_worker each")
+    ray: RaySettings = ray_field()
 
 
 @recipe(TrainTTVJob, "default", help="Wan2.1-Fun-1.3B-Control from local folders, LoRA r128, bf16, ZeRO-2 on GPUs")

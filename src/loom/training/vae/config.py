@@ -9,7 +9,7 @@ from typing import Literal
 from loom.platform.config import config, field, recipe, require
 from loom.platform.ray import RaySettings
 from loom.platform.tracking import TrackingSettings
-from loom.training.launch import TrainerSettings, train_ray
+from loom.training.launch import TrainerSettings, ray_field
 
 TINY = "tiny"
 
@@ -81,8 +81,7 @@ class TrainVAEJob:
     sample: MeshSampleSettings = field(default_factory=MeshSampleSettings, help="sample meshes in MLflow")
     trainer: TrainerSettings = field(default_factory=TrainerSettings, help="Lightning / DeepSpeed")
     tracking: TrackingSettings = field(default_factory=TrackingSettings, help="MLflow")
-    ray: RaySettings = field(default_factory=train_ray, help="Ray Train (multi-node): ray.address set = "
-                           "ray.workers ranks with ray.cpus_per_worker / ray.gpus_per_worker each")
+    ray: RaySettings = ray_field()
 
     def __post_init__(self):
         require(not self.trainer.gradient_checkpointing, "trainer.gradient_checkpointing", True,
