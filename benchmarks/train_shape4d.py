@@ -7,6 +7,8 @@ time, peak memory, FLOPs and (on a GPU) model FLOPs utilisation, and the ratios 
     python benchmarks/train_shape4d.py --shape paper --attention flash --batch 4
 
 Shapes:
+- ``smoke``: width 32, 1 dual + 1 single block, 4 frames x 16 latents: seconds on a CPU; checks that every code
+  path runs (``benchmarks/gpu_check.sh --cpu-smoke``), measures nothing.
 - ``cpu``: width 256 (4 heads x 64), 2 dual + 4 single blocks, 8 frames x 128 latents of 16 channels, 65 image
   tokens of width 128 per frame: small enough for 2 CPU cores, same code paths.
 - ``paper``: 16 frames x 1,024 latents of 64 channels, the Step1X-3D width 1280 (20 heads x 64) with 12 dual +
@@ -48,6 +50,12 @@ from loom.models.shape4d_dit import Shape4DDiT, Shape4DDiTConfig  # noqa: E402
 from loom.models.shape4d_flow import training_inputs  # noqa: E402
 
 SHAPES = {
+    "smoke": {"model": dict(latent_channels=8, image_dim=32, num_attention_heads=2, attention_head_dim=16,
+                            num_dual_blocks=1, num_single_blocks=1, timestep_channels=32),
+              "frames": 4, "latents": 16, "tokens": 5,
+              "vae": dict(latent_channels=8, width=32, heads=2, encoder_layers=1, decoder_layers=1),
+              "surface": 256, "dino": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                           intermediate_size=64, image_size=28)},
     "cpu": {"model": dict(latent_channels=16, image_dim=128, num_attention_heads=4, attention_head_dim=64,
                           num_dual_blocks=2, num_single_blocks=4),
             "frames": 8, "latents": 128, "tokens": 65,
@@ -64,7 +72,8 @@ def build(shape: dict, device: torch.device, variant: str, attention: str):
     torch.manual_seed(0)
     cfg = Shape4DDiTConfig(**shape["model"], num_latents=shape["latents"], spatiotemporal=variant == "4d",
                            attention_backend=attention)
-    dit = Shape4DDiT(cfg)
+    with torch.device(device):  # random weights drawn where they will live (2.19 B of them at the paper's shape)
+        dit = Shape4DDiT(cfg)
     if variant == "4d":
         dit.freeze_base()
     dit.enable_gradient_checkpointing()
@@ -193,8 +202,9 @@ def measure_encoders(shape: dict, device, args) -> dict:
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     torch.manual_seed(0)
-    vae = ShapeVAE(ShapeVAEConfig(**shape["vae"])).to(device, dtype).eval()
-    dino = Dinov2Model(Dinov2Config(patch_size=14, **shape["dino"])).to(device, dtype).eval()
+    with torch.device(device):
+        vae = ShapeVAE(ShapeVAEConfig(**shape["vae"])).to(device, dtype).eval()
+        dino = Dinov2Model(Dinov2Config(patch_size=14, **shape["dino"])).to(device, dtype).eval()
     n = args.batch * shape["frames"]
     surface = torch.randn(n, shape["surface"], 6, device=device)
     queries = torch.randn(n, shape["latents"], 3, device=device)
@@ -202,9 +212,13 @@ def measure_encoders(shape: dict, device, args) -> dict:
     pixels = torch.randn(n, 3, size, size, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
 
+    # A VAE with Step1X-3D's sharp-edge branch also encodes a sharp-edge point set: here one as large as the surface's.
+    sharp = getattr(vae.config, "sharp_edges", False)
+
     def run():
         for i in range(0, n, 16):  # model.vae_chunk
-            vae.encode(surface[i: i + 16], queries[i: i + 16], sample=False)
+            kw = {"sharp_surface": surface[i: i + 16]} if sharp else {}
+            vae.encode(surface[i: i + 16], queries[i: i + 16], sample=False, **kw)
         dino(pixel_values=pixels)
 
     run()
@@ -264,7 +278,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": args.shape, "device": str(device), "batch": args.batch, "results": results,
-                       **enc}, f, indent=1)
+                       "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                       "torch": torch.__version__, "attention": args.attention, **enc}, f, indent=1)
     return 0
 
 

@@ -297,6 +297,17 @@ def test_encoder_dirs_captions_and_hash(tmp_path):
             latents.job_spec(c.resolve(latents.CacheLatentsJob, "default", base + [(key, str(tmp_path / match))]))
 
 
+def test_digest_of_a_released_pth_is_its_content(tmp_path):
+    # A released Wan encoder is one .pth file (resolve_text_dirs returns the file): its bytes, not a folder walk,
+    # must key the cache, or new weights under the same name would reuse stale latents.
+    pth = tmp_path / "models_t5_umt5-xxl-enc-bf16.pth"
+    pth.write_bytes(b"weights one")
+    first = latents.dir_digest(str(pth))
+    assert first == latents.dir_digest(str(pth))
+    pth.write_bytes(b"weights two")
+    assert latents.dir_digest(str(pth))["weights_sha256"] != first["weights_sha256"]
+
+
 @pytest.mark.integration
 def test_cache_job_with_text_and_image_encoders(ray_local, tmp_path):
     from loom.models.image_encoder import load_image_encoder

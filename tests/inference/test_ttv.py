@@ -2,6 +2,7 @@
 (config.yaml + lora/) with trained (here: random) LoRA and fusion weights, loaded from safetensors and sampled
 exactly as the training module would sample it."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -61,6 +62,7 @@ def test_generation_matches_the_training_modules_sampler(corpus, tmp_path):
     """What inference generates is what the Lightning module of the same run would: same conditions (nothing
     known), same latents."""
     pytest.importorskip("lightning")
+    from loom.models import ttv as ttv_models
     from loom.training.ttv.module import TTVModule
 
     run, _ = make_run(tmp_path, corpus)
@@ -71,6 +73,7 @@ def test_generation_matches_the_training_modules_sampler(corpus, tmp_path):
 
     cfg = cfgmod.load_yaml(TrainTTVJob, os.path.join(run, "config.yaml"))
     cfg = cfgmod.override(cfg, "data.known_prob", 0.0)
+    cfg = dataclasses.replace(cfg, cond=ttv_models.NO_DROPS)  # frame 0 as the reference, nothing dropped
     module = TTVModule(cfg)
     module.dit.load_lora(os.path.join(run, "lora"))
     module.dit.eval()

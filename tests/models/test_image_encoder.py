@@ -1,7 +1,12 @@
 """The frozen CLIP vision wrapper against a direct run the way diffusers' WanImageToVideoPipeline.encode_image does it
-(image processor, then ``hidden_states[-2]``), on a tiny random CLIPVisionModel."""
+(image processor, then ``hidden_states[-2]``), on a tiny random CLIPVisionModel; and the released Wan layout
+(``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth``) against golden outputs of VideoX-Fun's own CLIPModel at a
+tiny size (tests/fixtures/wan_encoders, made by its make_fixtures.py)."""
 
+import json
+import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -12,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 from loom.models import image_encoder as ie  # noqa: E402
 from tests.models.contract import FrozenEncoderContract  # noqa: E402
 
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "wan_encoders")
 TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
              "image_size": 32, "patch_size": 8, "projection_dim": 16}
 
@@ -99,6 +105,126 @@ def test_checkpoint_layout_projection_and_errors(tmp_path):
         ie.load_image_encoder(str(root), image_processor=str(other))
     with pytest.raises(ValueError, match="uint8"):
         enc.encode(images().astype(np.float32))
+
+
+def golden():
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(FIXTURES, "golden.safetensors"))
+
+
+def released_state_dict() -> dict:
+    return torch.load(os.path.join(FIXTURES, ie.RELEASED_FILE), weights_only=True)
+
+
+def wan_clip_vision_shapes(dim, mlp, layers, patch, size, out) -> dict:
+    """The visual keys and shapes of Wan's open-clip ViT (wan/modules/clip.py VisionTransformer, pool 'token',
+    pre_norm), as meta tensors."""
+    shapes = {"visual.patch_embedding.weight": (dim, 3, patch, patch), "visual.cls_embedding": (1, 1, dim),
+              "visual.pos_embedding": (1, (size // patch) ** 2 + 1, dim), "visual.head": (dim, out)}
+    for n in ("pre_norm", "post_norm"):
+        shapes |= {f"visual.{n}.weight": (dim,), f"visual.{n}.bias": (dim,)}
+    for i in range(layers):
+        b = f"visual.transformer.{i}."
+        for n, w in (("norm1", (dim,)), ("norm2", (dim,)), ("attn.to_qkv", (3 * dim, dim)), ("attn.proj", (dim, dim)),
+                     ("mlp.0", (mlp, dim)), ("mlp.2", (dim, mlp))):
+            shapes |= {b + n + ".weight": w, b + n + ".bias": (w[0],)}
+    return {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+
+
+@pytest.mark.parametrize("form", ["root", "pth"])
+def test_released_pth_matches_upstream_videox_fun(form):
+    """The tiny released-layout file through Loom's reader gives what VideoX-Fun's CLIPModel gave (PIL -> to_tensor ->
+    [-1, 1] -> bicubic squash to the model's size -> CLIP mean/std -> the first N-1 blocks): so its use_31_block is
+    transformers' hidden_states[-2]."""
+    gold = golden()
+    pth = os.path.join(FIXTURES, ie.RELEASED_FILE)
+    enc_path, proc = ie.resolve_image_dirs(FIXTURES if form == "root" else pth)
+    assert os.path.samefile(enc_path, pth) and proc is None
+    enc = ie.load_image_encoder(FIXTURES if form == "root" else pth)
+    assert (enc.dim, enc.tokens, enc.image_size, enc.resize) == (80, 17, 16, "squash")
+    assert "VideoX-Fun" in enc.preprocessing and not any(p.requires_grad for p in enc.parameters())
+    images = gold["images"].numpy()  # (2, 24, 40, 3): not square, so squash and crop differ
+    z = enc.encode(images)
+    assert z.shape == (2, 17, 80) and z.dtype == torch.float32
+    torch.testing.assert_close(z, gold["image"], rtol=1e-5, atol=1e-5)
+    # What would fail: the last layer instead of the penultimate one, or diffusers' crop instead of the squash.
+    with torch.no_grad():
+        px = enc.preprocess(images)
+        last = enc.model(pixel_values=px, output_hidden_states=True).hidden_states[-1]
+    assert (last - gold["image"]).abs().max() > 0.1
+    crop = ie.ImageEncoder(enc.model).preprocess(images)
+    assert (crop - px).abs().max() > 0.1
+
+
+def test_released_pth_weights_and_bf16():
+    """The visual tower lands unchanged where the mapping says (to_qkv split in q, k, v; head transposed into the
+    projection); the text tower is in the file and skipped; bfloat16 loads and stays close to upstream."""
+    sd = released_state_dict()
+    assert any(k.startswith("textual.") for k in sd) and "log_scale" in sd
+    m = ie.load_image_encoder(FIXTURES).model
+    vm, att = m.vision_model, m.vision_model.encoder.layers[1].self_attn
+    qkv, qkv_b = sd["visual.transformer.1.attn.to_qkv.weight"], sd["visual.transformer.1.attn.to_qkv.bias"]
+    pairs = [(sd["visual.cls_embedding"][0, 0], vm.embeddings.class_embedding),
+             (sd["visual.pos_embedding"][0], vm.embeddings.position_embedding.weight),
+             (sd["visual.pre_norm.bias"], vm.pre_layrnorm.bias),
+             (sd["visual.post_norm.weight"], vm.post_layernorm.weight),
+             (qkv[:80], att.q_proj.weight), (qkv[80:160], att.k_proj.weight), (qkv[160:], att.v_proj.weight),
+             (qkv_b[80:160], att.k_proj.bias), (sd["visual.transformer.1.attn.proj.weight"], att.out_proj.weight),
+             (sd["visual.transformer.1.norm2.weight"], vm.encoder.layers[1].layer_norm2.weight),
+             (sd["visual.transformer.1.mlp.2.bias"], vm.encoder.layers[1].mlp.fc2.bias),
+             (sd["visual.head"].t(), m.visual_projection.weight)]
+    for i, (want, got) in enumerate(pairs):
+        assert torch.equal(got, want), i
+    assert (m.config.hidden_act, m.config.num_attention_heads, m.config.layer_norm_eps) == ("gelu", 1, 1e-5)
+    bf = ie.load_image_encoder(FIXTURES, dtype="bfloat16")
+    assert bf.dtype == torch.bfloat16
+    gold = golden()
+    z = bf.encode(gold["images"].numpy())
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z, gold["image"], rtol=0.05, atol=0.1)
+
+
+def test_vit_h_config_from_the_released_shapes():
+    """ViT-H/14's shapes (meta tensors: no memory) give Wan's CLIP: width 1280, 16 heads, 32 layers, mlp 5120, patch
+    14, 224 px, 257 tokens; and the shape builder agrees with the fixture file's visual keys."""
+    tiny = {k: tuple(v.shape) for k, v in released_state_dict().items() if k.startswith("visual.")}
+    assert {k: tuple(v.shape) for k, v in wan_clip_vision_shapes(80, 32, 2, 4, 16, 16).items()} == tiny
+    cfg, hf = ie.clip_vision_from_wan(wan_clip_vision_shapes(1280, 5120, 32, 14, 224, 1024))
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers, cfg.intermediate_size, cfg.patch_size,
+            cfg.image_size, cfg.projection_dim) == (1280, 16, 32, 5120, 14, 224, 1024)
+    assert hf["vision_model.embeddings.position_embedding.weight"].shape == (257, 1280)
+
+
+def test_released_pth_refuses_what_is_not_wan_clip(tmp_path):
+    sd = released_state_dict()
+    with pytest.raises(ValueError, match=r"lacks 1 weight.*visual\.transformer\.1"):
+        ie.clip_vision_from_wan({k: v for k, v in sd.items() if k != "visual.transformer.1.norm2.bias"})
+    with pytest.raises(ValueError, match="visual.patch_embedding.bias"):  # open-clip with pre_norm has no bias
+        ie.clip_vision_from_wan(sd | {"visual.patch_embedding.bias": torch.zeros(80)})
+    with pytest.raises(ValueError, match=r"disagree.*visual\.transformer\.0\.mlp\.2\.weight"):
+        ie.clip_vision_from_wan(sd | {"visual.transformer.0.mlp.2.weight": torch.zeros(80, 40)})
+    with pytest.raises(ValueError, match="80 features per head"):
+        ie.clip_vision_from_wan(wan_clip_vision_shapes(96, 32, 2, 4, 16, 16))
+    with pytest.raises(ValueError, match="numbered"):
+        ie.clip_vision_from_wan({k.replace("transformer.1.", "transformer.2."): v for k, v in sd.items()})
+    # The umT5 file passed as the CLIP: named as not a CLIP in Wan's layout.
+    with pytest.raises(ValueError, match="no 'visual.patch_embedding.weight'"):
+        ie.load_image_encoder(os.path.join(FIXTURES, "models_t5_umt5-xxl-enc-bf16.pth"))
+    # The .pth route preprocesses in code: a processor folder is refused, not ignored.
+    with pytest.raises(ValueError, match="leave image_processor unset"):
+        ie.resolve_image_dirs(FIXTURES, str(tmp_path))
+    (tmp_path / "clip.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="not a .pth"):
+        ie.load_image_encoder(str(tmp_path / "clip.bin"))
+    # A released root without the CLIP file (a T2V release) still has the DiT's config.json: say what is missing.
+    root = tmp_path / "t2v"
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel"}))
+    with pytest.raises(FileNotFoundError, match=ie.RELEASED_FILE.replace(".", r"\.")):
+        ie.load_image_encoder(str(root))
+    shutil.copy(os.path.join(FIXTURES, ie.RELEASED_FILE), root)
+    assert ie.load_image_encoder(str(root)).tokens == 17
 
 
 class TestImageEncoderContract(FrozenEncoderContract):

@@ -1,7 +1,10 @@
-"""Contract tests of the VecSet shape VAE (ShapeGen4D 3.1) on tiny configs, farthest point sampling, and marching
-cubes against an analytic sphere."""
+"""Contract tests of the shape VAE (ShapeGen4D 3.1: Step1X-3D's released VAE) on tiny configs, golden-output parity
+with Step1X-3D's own implementation (tests/fixtures/step1x3d_vae), the released key layout, farthest point sampling,
+and marching cubes against an analytic sphere."""
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -22,6 +25,7 @@ from tests.models.contract import BlocksContract
 
 B, S, Q, M = 2, 64, 8, 20
 RADIUS = 0.3
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "step1x3d_vae")
 
 
 def _sphere_surface(n: int, g: torch.Generator, radius: float = RADIUS) -> torch.Tensor:
@@ -96,21 +100,25 @@ def test_decode_in_chunks_equals_decode_at_once():
     torch.testing.assert_close(vae.decode(z, pts, chunk=7), vae.decode(z, pts), atol=1e-6, rtol=1e-6)
 
 
-def test_output_is_in_units_of_tau():
-    """The network predicts sdf / tau: the same weights with twice the tau give twice the SDF."""
+def test_output_is_in_units_of_tau_and_negative_inside():
+    """The network predicts Step1X-3D's TSDF / tau, positive inside; decode gives -tau x that (Loom's SDF, negative
+    inside): the same weights with twice the tau give twice the SDF."""
     vae = ShapeVAE.tiny()
     big = ShapeVAE(ShapeVAEConfig.tiny(tau=0.1))
     big.load_state_dict(vae.state_dict())
     z = torch.randn(B, Q, 8, generator=torch.Generator().manual_seed(0))
     pts = _inputs()["points"]
     torch.testing.assert_close(big.decode(z, pts), 2 * vae.decode(z, pts))
+    raw = vae.query_tsdf(vae.decode_features(z), pts)
+    torch.testing.assert_close(vae.decode(z, pts), -0.05 * raw)
 
 
 def test_backward_reaches_the_encoder():
     vae = ShapeVAE.tiny()
     out = vae(**_inputs(), generator=torch.Generator().manual_seed(0))
     vae_loss(out.sdf, torch.zeros_like(out.sdf), out.kl)["loss"].backward()
-    assert any(p.grad.abs().sum() > 0 for p in vae.encoder_layers.parameters())
+    assert any(p.grad.abs().sum() > 0 for p in vae.encoder.self_attn.parameters())
+    assert vae.encoder.input_proj.weight.grad.abs().sum() > 0
 
 
 def test_save_load_round_trip(tmp_path):
@@ -145,9 +153,12 @@ def test_config_validation_and_sizes():
         ShapeVAEConfig(width=30, heads=4)
     with pytest.raises(ValueError, match="tau"):
         ShapeVAEConfig(tau=0.0)
+    with pytest.raises(ValueError, match="num_latents=15 must be even"):
+        ShapeVAEConfig(num_latents=15)
     paper = ShapeVAEConfig.paper()
-    assert (paper.width, paper.heads, paper.encoder_layers, paper.decoder_layers, paper.latent_channels) == (
-        1024, 16, 8, 16, 64)
+    assert (paper.width, paper.heads, paper.encoder_layers, paper.decoder_layers, paper.latent_channels,
+            paper.num_latents, paper.sharp_edges, paper.num_freqs, paper.include_pi, paper.qkv_bias,
+            paper.qk_norm) == (768, 12, 8, 16, 64, 2048, True, 8, False, False, False)
 
 
 def test_input_validation():
@@ -161,6 +172,13 @@ def test_input_validation():
         vae.decode(torch.zeros(B, Q, 5), x["points"])
     with pytest.raises(ValueError, match="one shape's latents"):
         vae.extract_mesh(torch.zeros(2, Q, 8), resolution=4)
+    with pytest.raises(ValueError, match="no sharp-edge branch"):
+        vae.encode(x["surface"], x["queries"], sharp_surface=x["surface"])
+    sharp = ShapeVAE.tiny(sharp_edges=True)
+    with pytest.raises(ValueError, match="pass sharp_surface"):
+        sharp.encode(x["surface"], x["queries"])
+    with pytest.raises(ValueError, match="sharp_surface must be"):
+        sharp.encode(x["surface"], x["queries"], sharp_surface=x["surface"][..., :3])
 
 
 def test_kl_and_loss():
@@ -174,6 +192,146 @@ def test_kl_and_loss():
     torch.testing.assert_close(out["loss"], torch.tensor(0.04 + 0.1 * 0.5))
     with pytest.raises(ValueError, match="same shape"):
         vae_loss(pred, target[:, :2], shifted.kl())
+
+
+# ---------------------------------------------------------------------------------------------------- sharp edges
+
+
+def _sharp_inputs(seed: int = 0) -> dict:
+    """_inputs plus sharp-edge points (a ring around the sphere, normals pointing out) and FPS queries among them."""
+    g = torch.Generator().manual_seed(seed + 100)
+    angle = torch.rand(B, S, generator=g) * 2 * torch.pi
+    ring = torch.stack([angle.cos(), angle.sin(), torch.zeros_like(angle)], dim=-1)  # (B, S, 3)
+    sharp = torch.cat([RADIUS * ring, ring], dim=-1)
+    return dict(_inputs(seed), sharp_surface=sharp, sharp_queries=fps_queries(sharp, 4, backend="torch"))
+
+
+def test_sharp_branch_latents_and_attention():
+    """Latents are the surface queries' then the sharp queries'; every latent (surface queries' too) sees the
+    sharp-edge points, and without sharp queries the latents are the aligned queries' alone."""
+    vae = ShapeVAE.tiny(sharp_edges=True)
+    x = _sharp_inputs()
+    z, post = vae.encode(x["surface"], x["queries"], sample=False, sharp_surface=x["sharp_surface"],
+                         sharp_queries=x["sharp_queries"])
+    assert z.shape == post.mean.shape == (B, Q + 4, 8)
+    moved = dict(x, sharp_surface=x["sharp_surface"] * torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, -1.0]) + torch.tensor(
+        [0.0, 0.0, 0.05, 0.0, 0.0, 0.0]))
+    z_moved, _ = vae.encode(moved["surface"], moved["queries"], sample=False, sharp_surface=moved["sharp_surface"],
+                            sharp_queries=x["sharp_queries"])
+    assert ((z_moved - z)[:, :Q].abs().amax(-1) > 1e-4).all()  # each surface-query latent changed
+    aligned, _ = vae.encode(x["surface"], x["queries"], sample=False, sharp_surface=x["sharp_surface"])
+    assert aligned.shape == (B, Q, 8)
+    perm = torch.randperm(Q, generator=torch.Generator().manual_seed(0))
+    permuted, _ = vae.encode(x["surface"], x["queries"][:, perm], sample=False, sharp_surface=x["sharp_surface"])
+    torch.testing.assert_close(permuted, aligned[:, perm], atol=1e-5, rtol=1e-5)
+    out = vae(x["surface"], x["queries"], x["points"], sample=False, sharp_surface=x["sharp_surface"])
+    assert out.sdf.shape == (B, M) and torch.isfinite(out.sdf).all()
+
+
+def test_queries_without_normals_take_their_nearest_surface_normal():
+    """A query that is a surface point embeds exactly as that point (upstream's FPS tokens); one off the samples
+    takes its nearest sample's normal."""
+    vae = ShapeVAE.tiny(sharp_edges=True)
+    x = _sharp_inputs()
+    idx = torch.tensor([[3, 17, 40], [0, 63, 5]])
+    with_normals = torch.gather(x["surface"], 1, idx[..., None].expand(-1, -1, 6))  # (B, 3, 6)
+    a, _ = vae.encode(x["surface"], with_normals, sample=False, sharp_surface=x["sharp_surface"])
+    b, _ = vae.encode(x["surface"], with_normals[..., :3], sample=False, sharp_surface=x["sharp_surface"])
+    assert torch.equal(a, b)
+    nudged = with_normals[..., :3] * 1.001
+    c, _ = vae.encode(x["surface"], nudged, sample=False, sharp_surface=x["sharp_surface"])
+    d, _ = vae.encode(x["surface"], torch.cat([nudged, with_normals[..., 3:]], -1), sample=False,
+                      sharp_surface=x["sharp_surface"])
+    torch.testing.assert_close(c, d)
+    e, _ = vae.encode(x["surface"], torch.cat([nudged, -with_normals[..., 3:]], -1), sample=False,
+                      sharp_surface=x["sharp_surface"])
+    assert not torch.allclose(c, e, atol=1e-3)  # the normal is part of the query token
+
+
+# ---------------------------------------------------------------------------------------------------- upstream
+
+
+def _golden(name: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(FIXTURES, name, "golden.safetensors"))
+
+
+@pytest.mark.parametrize("name,folder", [("tiny", ""), ("variant", "vae")])
+def test_parity_with_step1x3d(name, folder):
+    """The tiny checkpoints Step1X-3D's own MichelangeloAutoencoder wrote load through Loom's loader (the release
+    folder or its vae/ folder) and give upstream's latents, posterior, KL, decoded tokens and TSDF (fp32)."""
+    g = _golden(name)
+    vae = ShapeVAE.from_pretrained(os.path.join(FIXTURES, name, folder))
+    surface = g["surface"]
+    queries = torch.gather(surface, 1, g["query_index"][..., None].expand(-1, -1, 6))  # upstream's FPS picks
+    kw = {}
+    if "sharp_surface" in g:
+        sharp = g["sharp_surface"]
+        kw = dict(sharp_surface=sharp, sharp_queries=torch.gather(sharp, 1, g["sharp_query_index"][..., None].expand(
+            -1, -1, 6)))
+    assert vae.config.sharp_edges == ("sharp_surface" in g)
+    with torch.no_grad():
+        z, post = vae.encode(surface, queries, sample=False, **kw)
+        features = vae.decode_features(z)
+        tsdf = vae.query_tsdf(features, g["points"], chunk=7)
+        sdf = vae.decode(z, g["points"])
+    close = dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(z, g["latents"], **close)
+    torch.testing.assert_close(post.mean, g["mean"], **close)
+    torch.testing.assert_close(post.logvar, g["logvar"], **close)
+    torch.testing.assert_close(post.kl(), g["kl"], **close)
+    torch.testing.assert_close(features, g["features"], **close)
+    torch.testing.assert_close(tsdf, g["tsdf"], **close)
+    torch.testing.assert_close(sdf, -vae.config.tau * g["tsdf"], **close)
+    assert g["tsdf"].abs().max() > 1.0  # outputs far from zero: the comparison can fail
+
+
+def test_released_size_has_the_released_keys_and_shapes():
+    """The full-size model (built on the meta device from the config that loads the release) has exactly the
+    state-dict keys and shapes of Step1X-3D's MichelangeloAutoencoder at that size (released_keys.json)."""
+    with open(os.path.join(FIXTURES, "released_keys.json")) as f:
+        doc = json.load(f)
+    config = ShapeVAEConfig.from_step1x3d(doc["shape_model"])
+    assert config == ShapeVAEConfig.paper()
+    with torch.device("meta"):
+        vae = ShapeVAE(config)
+    assert {k: list(v.shape) for k, v in vae.state_dict().items()} == doc["keys"]
+    assert sum(p.numel() for p in vae.parameters()) == doc["parameters"] == 191_591_553
+
+
+def test_step1x3d_config_fields():
+    """Missing fields mean upstream's defaults; options Loom does not build are refused by name."""
+    c = ShapeVAEConfig.from_step1x3d({"point_feats": 3, "use_downsample": True, "width": 64, "heads": 4})
+    assert (c.include_pi, c.qkv_bias, c.qk_norm, c.ln_post, c.sharp_edges, c.num_latents, c.latent_channels) == (
+        True, True, False, False, True, 256, 64)
+    with pytest.raises(ValueError, match="use_downsample=False is not supported"):
+        ShapeVAEConfig.from_step1x3d({"point_feats": 3})
+    with pytest.raises(ValueError, match="point_feats=0"):
+        ShapeVAEConfig.from_step1x3d({"use_downsample": True})
+    with pytest.raises(ValueError, match=r"unknown Step1X-3D VAE config fields \['depth'\]"):
+        ShapeVAEConfig.from_step1x3d({"depth": 3})
+
+
+def test_released_folder_with_a_missing_or_foreign_key_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "release" / "vae"
+    shutil.copytree(os.path.join(FIXTURES, "tiny", "vae"), folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    save_file({k: v for k, v in state.items() if k != "encoder.cross_attn_sharp.ln_2.bias"}, weights)
+    with pytest.raises(ValueError, match=r"missing \['encoder.cross_attn_sharp.ln_2.bias'\]"):
+        ShapeVAE.from_pretrained(tmp_path / "release")
+    save_file({**state, "encoder.query": torch.zeros(16, 32)}, weights)
+    with pytest.raises(ValueError, match=r"unexpected \['encoder.query'\]"):
+        ShapeVAE.from_pretrained(folder)
+    # a Loom folder of the same network round-trips with the same keys
+    save_file(state, weights)
+    vae = ShapeVAE.from_pretrained(folder)
+    vae.save_pretrained(tmp_path / "loom")
+    assert set(load_file(tmp_path / "loom" / "model.safetensors")) == set(state)
+    assert ShapeVAE.from_pretrained(tmp_path / "loom").config == vae.config
 
 
 # ---------------------------------------------------------------------------------------------------- FPS

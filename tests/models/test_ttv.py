@@ -126,3 +126,49 @@ def test_sampler_is_a_function_of_the_seed(parts):
     assert not torch.equal(a, ttv.sample_latents(dit, c, steps=2, shift=5.0, seed=1))
     video = ttv.latents_to_uint8(cond.vae, a)
     assert video.shape == (1, 5, 16, 16, 3) and video.dtype == np.uint8
+
+
+def test_generation_feeds_frame_zero_as_start_image_and_a_zero_ref_latent(parts):
+    dit, cond = parts
+    assert dit.has_ref_conv  # the tiny model has Wan2.1-Fun-V1.1's reference path
+    c = cond(pixel_batch(), dit, "cpu")
+    assert c["ref_latent"].shape == (2, 16, 1, 2, 2) and c["ref_latent"].eq(0).all()
+
+
+def _gens(b, seed):
+    return [torch.Generator().manual_seed(seed * 100 + i) for i in range(b)]
+
+
+def test_training_draws_put_the_reference_in_exactly_one_slot(parts):
+    dit, cond = parts
+    batch = pixel_batch(b=8, t=9)  # 9 frames -> 3 latent frames
+    never_drop = ttv.ConditionSettings(ref_first=0.5, drop_reference=0, drop_geometry=0, drop_image=0, drop_text=0)
+    c = cond(batch, dit, "cpu", draws=(never_drop, _gens(8, 0)))
+    start = c["reference"][:, :, 0].flatten(1).abs().sum(1) > 0
+    ref = c["ref_latent"].flatten(1).abs().sum(1) > 0
+    assert torch.equal(start, ~ref)  # one slot or the other, never both, never neither
+    assert 0 < int(start.sum()) < 8  # both kinds occur at ref_first = 0.5 over 8 samples
+    assert torch.equal(c["reference"][start, :, 0], c["x0"][start, :, 0])
+    # a ref_conv input is one other frame encoded alone: frame k of the (trimmed) video, k >= 1
+    i = int((~start).nonzero()[0])
+    alone = [cond.vae.encode(ttv.vae_input("rgb", batch["rgb"][i:i + 1, k]).permute(0, 3, 1, 2)[:, :, None])
+             for k in range(1, 9)]
+    assert any(torch.allclose(c["ref_latent"][i:i + 1], a, atol=1e-5) for a in alone)
+    # the same generators give the same draws (exact resume)
+    again = cond(batch, dit, "cpu", draws=(never_drop, _gens(8, 0)))
+    assert all(torch.equal(c[k], again[k]) for k in c)
+
+
+def test_training_draws_drop_each_condition_with_its_probability(parts):
+    dit, cond = parts
+    batch = pixel_batch(b=4, t=5)
+    drop_all = ttv.ConditionSettings(ref_first=1.0, drop_reference=1, drop_geometry=1, drop_image=1, drop_text=1)
+    c = cond(batch, dit, "cpu", draws=(drop_all, _gens(4, 1)))
+    for k in ("reference", "ref_latent", "geometry", "text", "image"):
+        assert c[k].eq(0).all(), k
+    keep = ttv.ConditionSettings(ref_first=1.0, drop_reference=0, drop_geometry=0, drop_image=0, drop_text=0)
+    kept = cond(batch, dit, "cpu", draws=(keep, _gens(4, 1)))
+    plain = cond(batch, dit, "cpu")
+    assert all(torch.equal(kept[k], plain[k]) for k in plain)  # ref_first=1 and no drops = generation's inputs
+    with pytest.raises(ValueError, match="drop_text"):
+        ttv.ConditionSettings(drop_text=1.5)

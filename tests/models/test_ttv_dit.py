@@ -12,9 +12,9 @@ from tests.models.contract import BlocksContract, FrozenPartsContract
 B, T, H, W = 1, 3, 8, 8
 
 
-def _inputs(image: bool = True, seed: int = 0, text_tokens: int = TEXT_TOKENS) -> dict:
+def _inputs(image: bool = True, seed: int = 0, text_tokens: int = TEXT_TOKENS, ref: bool = True) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return dict(
+    inputs = dict(
         x_t=torch.randn(B, 16, T, H, W, generator=g),
         timestep=torch.tensor([700.0]),
         geometry=torch.randn(B, 64, T, H, W, generator=g),
@@ -22,6 +22,9 @@ def _inputs(image: bool = True, seed: int = 0, text_tokens: int = TEXT_TOKENS) -
         text=torch.randn(B, text_tokens, 32, generator=g),
         image=torch.randn(B, 7, 32, generator=g) if image else None,
     )
+    if ref:  # V1.1's reference-frame latent (TTVDiT.tiny has ref_conv unless ref_conv=False)
+        inputs["ref_latent"] = torch.randn(B, 16, 1, H, W, generator=g)
+    return inputs
 
 
 def _randomize(params, seed: int, scale: float = 0.1) -> None:
@@ -43,11 +46,13 @@ def _lora_layer_names(transformer: nn.Module) -> set[str]:
 
 
 @pytest.mark.parametrize("image", [True, False])
-def test_forward_shape_and_dtype(image):
-    model = TTVDiT.tiny(image=image)
+@pytest.mark.parametrize("ref_conv", [True, False])
+def test_forward_shape_and_dtype(image, ref_conv):
+    model = TTVDiT.tiny(image=image, ref_conv=ref_conv)
     assert (model.latent_channels, model.text_dim, model.patch_size) == (16, 32, (1, 2, 2))
     assert model.image_dim == (32 if image else None)
-    out = model(**_inputs(image=image))
+    assert model.has_ref_conv == ref_conv and model.ref_channels == (16 if ref_conv else None)
+    out = model(**_inputs(image=image, ref=ref_conv))
     assert out.shape == (B, 16, T, H, W) and out.dtype == torch.float32
     assert torch.isfinite(out).all()
 
@@ -57,6 +62,28 @@ def test_image_tokens_reach_the_output():
     inputs = _inputs()
     other = dict(inputs, image=inputs["image"] + 1.0)
     assert not torch.allclose(model(**inputs), model(**other))
+
+
+def test_the_reference_frame_reaches_the_output_and_none_means_zeros():
+    model = TTVDiT.tiny()
+    inputs = _inputs()
+    with torch.no_grad():
+        out = model(**inputs)
+        assert not torch.allclose(out, model(**dict(inputs, ref_latent=inputs["ref_latent"] + 1.0)), atol=1e-4)
+        zeros = model(**dict(inputs, ref_latent=torch.zeros_like(inputs["ref_latent"])))
+        torch.testing.assert_close(model(**dict(inputs, ref_latent=None)), zeros, atol=0, rtol=0)
+        # The reference tokens take latent frame 0 and shift the video's RoPE positions: not the model without them.
+        plain = TTVDiT.tiny(ref_conv=False)
+        assert not torch.allclose(plain(**_inputs(ref=False)), zeros, atol=1e-4)
+
+
+def test_ref_conv_is_frozen_and_not_adapted():
+    model = TTVDiT.tiny()
+    model.add_lora(rank=4)
+    assert not any(p.requires_grad for p in model.transformer.ref_conv.parameters())
+    assert not any("ref_conv" in n for n in _lora_layer_names(model.transformer))
+    model(**_inputs()).square().mean().backward()
+    assert model.transformer.ref_conv.weight.grad is None
 
 
 def test_bf16_model_returns_the_input_dtype():
@@ -169,12 +196,19 @@ def test_lora_plus_param_groups():
     assert all(".lora_B." in n or n.startswith("fusion.") for n in fast)
 
 
-def test_lora_file_loads_in_plain_diffusers(tmp_path):
+@pytest.mark.parametrize("ref_conv", [False, True])
+def test_lora_file_loads_in_plain_diffusers(tmp_path, ref_conv):
+    """Plain diffusers' WanTransformer3DModel for the model without ref_conv; the same LoRA calls on
+    WanFunTransformer3DModel (diffusers' class plus ref_conv, which plain diffusers cannot run) for V1.1."""
     from diffusers import WanTransformer3DModel
     from diffusers.loaders import WanLoraLoaderMixin
     from safetensors.torch import load_file
 
-    model = TTVDiT.tiny(seed=7)
+    from loom.models.wan_fun import WanFunTransformer3DModel
+
+    if ref_conv:
+        WanTransformer3DModel = WanFunTransformer3DModel  # noqa: N806
+    model = TTVDiT.tiny(seed=7, ref_conv=ref_conv)
     model.save_pretrained(str(tmp_path / "base"))
     model.add_lora(rank=4, alpha=8)  # alpha != rank: the file must carry the scaling
     _randomize_lora_and_fusion(model)
@@ -183,10 +217,12 @@ def test_lora_file_loads_in_plain_diffusers(tmp_path):
     assert all(k.startswith("transformer.blocks.") and (".lora_A.weight" in k or ".lora_B.weight" in k) for k in keys)
     assert (tmp_path / "lora" / "fusion" / "model.safetensors").is_file()
 
-    inputs = _inputs()
+    inputs = _inputs(ref=ref_conv)
     hidden = torch.cat([inputs["x_t"], model.fusion(inputs["geometry"]), inputs["reference"]], dim=1)
     kwargs = dict(timestep=inputs["timestep"], encoder_hidden_states=inputs["text"],
                   encoder_hidden_states_image=inputs["image"], return_dict=False)
+    if ref_conv:
+        kwargs["ref_latent"] = inputs["ref_latent"][:, :, 0]
     with torch.no_grad():
         expected = model.transformer(hidden, **kwargs)[0]
         # The model's own loader, as a user of plain diffusers calls it. Without weight_name diffusers looks for
@@ -254,6 +290,10 @@ def test_bad_inputs_are_refused():
         model(**dict(_inputs(), geometry=torch.zeros(B, 48, T, H, W)))
     with pytest.raises(ValueError, match="timestep must be"):
         model(**dict(_inputs(), timestep=torch.tensor(700.0)))
+    with pytest.raises(ValueError, match=r"ref_latent must be \(1, 16, 1, 8, 8\)"):
+        model(**dict(_inputs(), ref_latent=torch.zeros(B, 16, 2, H, W)))
+    with pytest.raises(ValueError, match="no ref_conv"):
+        TTVDiT.tiny(ref_conv=False)(**_inputs())
 
 
 class TestTTVDiTContract(FrozenPartsContract, BlocksContract):

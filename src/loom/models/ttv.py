@@ -15,9 +15,22 @@ Conditioning of one sample (shapes for the Wan VAE: T' = 1 + (T - 1) / 4, H' = H
       known video, inpainting-mask video (B,3,T,H,W): given by the caller (training draws partial textures),
         else nothing known (zeros; mask +1 everywhere: generate every pixel)
       -> VAE: x0 = rgb latent (B,C,T',H',W'); geometry = [normal, position, known, mask] latents (B,4C,T',H',W')
-      -> reference = x0's first latent frame, zeros after it (B,C,T',H',W')
+      -> reference = x0's first latent frame, zeros after it (B,C,T',H',W')      (the start-image slot)
+      -> ref_latent = zeros (B,C,1,H',W')                  (Wan2.1-Fun-V1.1's ref_conv slot; models that have it)
       -> text (B, text_len, D_text): cached embeddings, else umT5 of the prompt template, else zeros
       -> image (B, L_img, D_img): cached embeddings, else CLIP of the first rgb frame, else zeros
+
+Training draws (`ConditionSettings`, given to the Conditioner with per-sample generators) follow VideoX-Fun's
+Wan2.1-Fun-V1.1-Control recipe where TAPESTRY is silent (``scripts/wan2.1_fun/train_control.py`` at VideoX-Fun
+804a4258, ``--train_mode=control_ref --control_ref_image=random``): the reference frame is frame 0 with probability
+``ref_first`` (0.4), else a uniform other frame; frame 0 fills the start-image slot, any other frame is encoded alone
+into ``ref_latent`` (the two slots never both hold it), and CLIP sees that same frame. Each slot is then zeroed with
+probability 0.1, as are the geometry latents (VideoX-Fun's control dropout) and the CLIP tokens; the text is
+dropped with probability 0.1 too. TAPESTRY (3.1) only says the reference is the first frame, which is what
+generation feeds (``ref_latent`` zeros, as VideoX-Fun's pipeline without a reference image); ``ref_first=1`` trains
+exactly that. Latent shards hold no single-frame latents but frame 0's (the causal VAE encodes it alone), so with
+them the reference is always frame 0. A dropped text is zeros, not umT5 of "" as in VideoX-Fun: latent-cache
+training has no text encoder at hand.
 
 Latent shards (``loom cache latents``) carry x0 and the normal / position latents already; their known and mask
 latents are those of the constant "nothing known" videos.
@@ -33,6 +46,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 from loom.platform.config import config, field, require
+from loom.platform.hub import resolve_model_path
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,22 +59,49 @@ PASSES = ("rgb", "normal", "position")
 
 @config
 class ModelSettings:
-    transformer: str = field("", help="local folder of a diffusers WanTransformer3DModel in the Wan2.1-Fun-Control "
-                             "layout (<Wan2.1-Fun-V1.1-1.3B-Control>/transformer), or 'tiny' (random, tests)")
-    vae: str = field("", help="local folder of a diffusers AutoencoderKLWan (<checkpoint>/vae), or 'tiny'")
+    transformer: str = field("", help="the Wan2.1-Fun(-V1.1)-Control transformer: the release folder as published "
+                             "(alibaba-pai/Wan2.1-Fun-V1.1-1.3B-Control or -14B-Control: a local path, or that repo id "
+                             "found in the local Hugging Face cache), a diffusers WanTransformer3DModel folder, or "
+                             "'tiny' (random, tests)")
+    vae: str = field("", help="the Wan2.1 VAE: the release folder or its Wan2.1_VAE.pth (path or ORG/NAME[/FILE] in "
+                     "the Hugging Face cache), a diffusers AutoencoderKLWan folder, or 'tiny'")
     fusion: str = field("", help="local folder of a saved geometry fusion module (empty: fresh initialisation)")
     lora_rank: int = field(128, help="LoRA rank on every linear layer of the DiT blocks")
     lora_alpha: float = field(0.0, help="LoRA alpha (0 = the rank, i.e. scale 1)")
-    text_encoder: str = field("", help="local umT5 folder (<Wan checkpoint>/text_encoder, tokenizer beside it): "
-                              "encode prompts on the fly when the shards hold no text_embed")
-    image_encoder: str = field("", help="local CLIP vision folder (<Wan I2V checkpoint>/image_encoder): encode the "
-                               "first frame on the fly when the shards hold no image_embed")
-    dtype: Literal["float32", "bfloat16"] = field("float32", help="dtype of the frozen VAE and encoders")
+    text_encoder: str = field("", help="umT5, to encode prompts on the fly when the shards hold no text_embed: the "
+                              "release folder (models_t5_umt5-xxl-enc-bf16.pth + google/umt5-xxl/), that .pth, or a "
+                              "transformers folder; a local path or a repo id in the Hugging Face cache")
+    image_encoder: str = field("", help="CLIP vision, to encode the reference frame on the fly when the shards hold no "
+                               "image_embed: the release folder (models_clip_open-clip-xlm-roberta-large-vit-huge-"
+                               "14.pth), that .pth, or a transformers folder; a local path or a Hugging Face repo id")
+    dtype: Literal["float32", "bfloat16"] = field("float32", help="dtype of the frozen DiT base, VAE and encoders "
+                                                  "(the LoRA and the fusion module train in float32)")
     compile: bool = field(False, help="torch.compile the repeated DiT blocks (diffusers compile_repeated_blocks; "
                           "GPUs: ~1.4x a step at the Wan 1.3B shape, after ~30 s of compiling)")
 
     def __post_init__(self):
         require(self.lora_rank >= 1, "lora_rank", self.lora_rank, "must be >= 1")
+
+
+@config
+class ConditionSettings:
+    """Training-time draws of the conditions (see the module docstring: VideoX-Fun's V1.1 recipe)."""
+
+    ref_first: float = field(0.4, help="probability that the reference frame is frame 0 (start-image slot); else a "
+                             "uniform other frame goes to ref_conv (VideoX-Fun: 0.4; TAPESTRY's generation: 1)")
+    drop_reference: float = field(0.1, help="probability of zeroing the start-image slot / ref_conv input")
+    drop_geometry: float = field(0.1, help="probability of zeroing the geometry latents (VideoX-Fun's control "
+                                 "dropout)")
+    drop_image: float = field(0.1, help="probability of zeroing the CLIP tokens")
+    drop_text: float = field(0.1, help="probability of zeroing the text embeddings (VideoX-Fun: the empty prompt)")
+
+    def __post_init__(self):
+        for name in ("ref_first", "drop_reference", "drop_geometry", "drop_image", "drop_text"):
+            v = getattr(self, name)
+            require(0.0 <= v <= 1.0, name, v, "must be a probability in [0, 1]")
+
+
+NO_DROPS = ConditionSettings(ref_first=1.0, drop_reference=0.0, drop_geometry=0.0, drop_image=0.0, drop_text=0.0)
 
 
 # --------------------------------------------------------------------------------------------- builders
@@ -76,7 +117,15 @@ def build_dit(m: ModelSettings, seed: int):
         if not m.transformer:
             raise FileNotFoundError("model.transformer is not set: pass --set model.transformer=DIR (a local "
                                     "Wan2.1-Fun-Control transformer folder) or use --recipe tiny")
-        dit = TTVDiT.from_pretrained(m.transformer, m.fusion or None)
+        import torch
+
+        from loom.models.video_vae import DTYPES
+
+        # The frozen base in model.dtype (a bf16 release stays memory-mapped: the 14B would need 64 GB a rank in
+        # float32); the trained fusion module in float32, as the LoRA adapters peft adds.
+        dit = TTVDiT.from_pretrained(resolve_model_path(m.transformer, "model.transformer"), m.fusion or None,
+                                     torch_dtype=DTYPES[m.dtype])
+        dit.fusion.to(torch.float32)
     dit.add_lora(rank=m.lora_rank, alpha=m.lora_alpha or None)
     return dit
 
@@ -90,7 +139,7 @@ def build_vae(m: ModelSettings, seed: int):
     if not m.vae:
         raise FileNotFoundError("model.vae is not set: pass --set model.vae=DIR (a local AutoencoderKLWan folder, "
                                 "<Wan2.1 checkpoint>/vae) or use --recipe tiny")
-    return load_video_vae(m.vae, m.dtype)
+    return load_video_vae(resolve_model_path(m.vae, "model.vae"), m.dtype)
 
 
 def build_encoders(m: ModelSettings) -> dict:
@@ -100,11 +149,11 @@ def build_encoders(m: ModelSettings) -> dict:
     if m.text_encoder:
         from loom.models.text_encoder import load_text_encoder
 
-        enc["text"] = load_text_encoder(m.text_encoder, m.dtype)
+        enc["text"] = load_text_encoder(resolve_model_path(m.text_encoder, "model.text_encoder"), m.dtype)
     if m.image_encoder:
         from loom.models.image_encoder import load_image_encoder
 
-        enc["image"] = load_image_encoder(m.image_encoder, m.dtype)
+        enc["image"] = load_image_encoder(resolve_model_path(m.image_encoder, "model.image_encoder"), m.dtype)
     return enc
 
 
@@ -213,16 +262,22 @@ class Conditioner:
             self._const[key] = self.vae.encode(x)
         return self._const[key]
 
-    def __call__(self, batch: dict, dit, device, known: KnownVideos | None = None) -> dict[str, torch.Tensor]:
-        """``known`` draws the known and mask videos of a pixel batch; None: nothing known (generation)."""
+    def __call__(self, batch: dict, dit, device, known: KnownVideos | None = None,
+                 draws: tuple[ConditionSettings, list[torch.Generator]] | None = None) -> dict[str, torch.Tensor]:
+        """``known`` draws the known and mask videos of a pixel batch; None: nothing known (generation). ``draws``
+        (settings, one generator per sample) makes the training draws of the module docstring; None: frame 0 is
+        the reference and nothing is dropped (generation)."""
         import torch
 
-        if "rgb_latent" in batch:
+        settings, gens = draws if draws is not None else (NO_DROPS, None)
+        pixels = "rgb_latent" not in batch
+        if not pixels:
             x0 = batch["rgb_latent"].float()
             b, _, t, h, w = x0.shape
             geo = [batch["normal_latent"].float(), batch["position_latent"].float(),
                    self.const_latent("known", t, h, w).expand(b, -1, -1, -1, -1),
                    self.const_latent("mask", t, h, w).expand(b, -1, -1, -1, -1)]
+            idx = [0]  # latent shards: frame 0 is the only frame whose lone latent is at hand
         else:
             idx = vae_frame_indices(batch["rgb"].shape[1], "trim", self.vae.temporal_factor)
             rgb = vae_input("rgb", batch["rgb"][:, idx])
@@ -239,18 +294,38 @@ class Conditioner:
             z = self.vae.encode(videos)
             b = rgb.shape[0]
             x0, geo = z[:b], [z[b * i: b * (i + 1)] for i in range(1, 5)]
+        # Per sample: the reference frame k (an index into idx) and which conditions survive.
+        u = (torch.stack([torch.rand(6, generator=g) for g in gens]) if gens is not None
+             else torch.ones(b, 6))  # (B, 6): ones draw frame 0 and keep everything
+        n = len(idx)
+        k = torch.where((u[:, 0] < settings.ref_first) | (n == 1) | (gens is None), 0,
+                        1 + (u[:, 1] * (n - 1)).long().clamp(max=max(n - 2, 0)))  # (B,)
+        keep_ref, keep_geo, keep_img, keep_text = (u[:, 2:] >= torch.tensor(
+            [settings.drop_reference, settings.drop_geometry, settings.drop_image, settings.drop_text])).T.float()
+        first = x0[:, :, :1] * ((k == 0).float() * keep_ref).view(b, 1, 1, 1, 1)
+        geometry = torch.cat(geo, 1) * keep_geo.view(b, 1, 1, 1, 1)
         cond = {
             "x0": x0.to(device),
-            "geometry": torch.cat(geo, 1).to(device),
-            "reference": dit.reference_latent(x0[:, :, :1], x0.shape[2]).to(device),
-            "text": pad_tokens(self.text(batch, b), self.text_len, dit.text_dim, b).to(device),
+            "geometry": geometry.to(device),
+            "reference": dit.reference_latent(first, x0.shape[2]).to(device),
+            "text": (pad_tokens(self.text(batch, b), self.text_len, dit.text_dim, b)
+                     * keep_text.view(b, 1, 1)).to(device),
         }
+        if getattr(dit, "has_ref_conv", False):
+            ref = torch.zeros_like(x0[:, :, :1])  # (B, C, 1, H', W')
+            other = (k != 0).nonzero().flatten().tolist()
+            if other:  # frames other than 0, each encoded alone (pixels only: n > 1)
+                frames = torch.stack([rgb[i, idx_k] for i, idx_k in zip(other, k[other].tolist())])  # (n,H,W,3)
+                ref[other] = self.vae.encode(frames.permute(0, 3, 1, 2)[:, :, None]).to(ref)
+            cond["ref_latent"] = (ref * keep_ref.view(b, 1, 1, 1, 1)).to(device)
         if dit.image_dim is not None:
             img = batch.get("image_embed")
-            if img is None and self.encoders["image"] is not None and "rgb" in batch:
-                img = self.encoders["image"].encode(batch["rgb"][:, 0].numpy())
-            cond["image"] = (torch.as_tensor(img).float() if img is not None
-                             else torch.zeros(b, self.image_len, dit.image_dim)).to(device)
+            if img is None and self.encoders["image"] is not None and pixels:
+                chosen = torch.stack([batch["rgb"][i, idx[int(k[i])]] for i in range(b)])  # (B, H, W, 3) uint8
+                img = self.encoders["image"].encode(chosen.numpy())
+            img = (torch.as_tensor(img).float() if img is not None
+                   else torch.zeros(b, self.image_len, dit.image_dim))
+            cond["image"] = (img * keep_img.view(b, 1, 1)).to(device)
         return cond
 
     def text(self, batch: dict, b: int):

@@ -6,9 +6,19 @@ beside it, not here.
 
 Design choices:
 
-- The transformer is diffusers' own ``WanTransformer3DModel``, loaded with ``from_pretrained(local_dir)``, so a
-  Wan2.1-Fun-Control checkpoint in the diffusers layout and the tiny random test models load the same way.
-  Nothing is downloaded.
+- The transformer is `loom.models.wan_fun.WanFunTransformer3DModel`: diffusers' own ``WanTransformer3DModel`` plus
+  Wan2.1-Fun-V1.1's ``ref_conv`` reference path. `from_pretrained` reads VideoX-Fun's release folder as published
+  (``alibaba-pai/Wan2.1-Fun-V1.1-1.3B-Control`` or ``-14B-Control``: original Wan key names, converted by diffusers'
+  own converter, strictly, ``ref_conv`` included) or a diffusers-layout folder (a plain ``WanTransformer3DModel``, or
+  one `save_pretrained` wrote), so the release, a converted checkpoint and the tiny random test models load the same
+  way. Nothing is downloaded.
+- V1.1 reference frame (`forward`'s ``ref_latent``, (B, 16, 1, H', W'): ONE frame's latent): ``ref_conv`` turns it
+  into tokens placed before the video tokens as latent frame 0 (RoPE over T' + 1 frames), removed after the head
+  (see `loom.models.wan_fun`). None means zeros, as VideoX-Fun's pipeline feeds without a reference image. It is a
+  different slot from ``reference`` (the start-image channels below): VideoX-Fun's V1.1 training
+  (``scripts/wan2.1_fun/train_control.py``) puts a first-frame reference in the start-image slot and zeros in
+  ``ref_latent``, and a reference drawn from another frame in ``ref_latent`` with zeros in the start-image slot.
+  ``ref_conv`` lies outside the blocks: frozen with the rest of the transformer, never LoRA-adapted.
 - Fun-Control layout: the patch embedding takes ``in_channels = 3 * out_channels`` (48 = 3 x 16) channels,
   concatenated in VideoX-Fun's order: noisy latent, control latent, start-image latent. TAPESTRY puts its
   geometry latent (`GeometryFusion` output) in the control slot and the reference-frame latent in the
@@ -47,6 +57,7 @@ Shapes (latent space; Wan VAE: T' = 1 + (T - 1) / 4, H' = H / 8, W' = W / 8)::
     timestep   (B,)                      t = 1000 * sigma (Wan convention), float
     geometry   (B, 64, T', H', W')       normal, position, known video, mask latents (GeometryFusion input)
     reference  (B, 16, T', H', W')       first frame's latent, then zeros (`reference_latent`)
+    ref_latent (B, 16, 1, H', W') | None V1.1 reference-frame latent for ref_conv (models with ref_conv only)
     text       (B, 512, text_dim)        umT5 embeddings, padded to 512 tokens (any length without image branch)
     image      (B, L_img, image_dim)     CLIP embeddings of the first frame (257 tokens for Wan), or None
     -> velocity (B, 16, T', H', W')
@@ -103,9 +114,8 @@ def tiny_transformer_config(**overrides) -> dict:
 def _check_fun_control_config(config, source: str) -> None:
     in_channels, out_channels = config.get("in_channels"), config.get("out_channels")
     if in_channels is None or out_channels is None:
-        raise ValueError(f"{source}: the transformer config has no in_channels/out_channels: is it a diffusers "
-                         f"WanTransformer3DModel config (class {config.get('_class_name')!r})? Convert original Wan or "
-                         "VideoX-Fun checkpoints (in_dim/out_dim) to the diffusers layout first")
+        raise ValueError(f"{source}: the transformer config has no in_channels/out_channels: is it a Wan "
+                         f"transformer config (class {config.get('_class_name')!r})?")
     if in_channels != 3 * out_channels:
         raise ValueError(f"{source}: the transformer has in_channels={in_channels}, out_channels={out_channels}; the "
                          f"Fun-Control layout needs in_channels = 3 * out_channels = {3 * out_channels} (noisy latent, "
@@ -139,29 +149,43 @@ class TTVDiT(nn.Module):
         self.image_dim = None if cfg.image_dim is None else int(cfg.image_dim)
         self.patch_size = tuple(int(p) for p in cfg.patch_size)
         self.rope_max_seq_len = int(cfg.rope_max_seq_len)
+        # A plain diffusers WanTransformer3DModel (no reference path) is accepted too.
+        self.ref_channels = None if cfg.get("ref_channels") is None else int(cfg["ref_channels"])
+        if self.ref_channels is not None and getattr(transformer, "ref_conv", None) is None:
+            raise ValueError(f"{type(transformer).__name__} has ref_channels={self.ref_channels} but no ref_conv")
         if fusion.out_channels != self.latent_channels:
             raise ValueError(f"fusion.out_channels={fusion.out_channels} must equal the transformer's latent "
                              f"channels ({self.latent_channels}): the fused latent fills the control slot")
 
+    @property
+    def has_ref_conv(self) -> bool:
+        """Whether the transformer has V1.1's reference path (then `forward` takes ``ref_latent``)."""
+        return self.ref_channels is not None
+
     # ------------------------------------------------------------------ forward
 
     def forward(self, x_t: torch.Tensor, timestep: torch.Tensor, geometry: torch.Tensor, reference: torch.Tensor,
-                text: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_inputs(x_t, timestep, geometry, reference, text, image)
+                text: torch.Tensor, image: torch.Tensor | None = None,
+                ref_latent: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_inputs(x_t, timestep, geometry, reference, text, image, ref_latent)
         fusion_dtype = next(self.fusion.parameters()).dtype
         dtype = self.transformer.patch_embedding.weight.dtype  # not ModelMixin.dtype: some modules stay fp32
         fused = self.fusion(geometry.to(fusion_dtype))  # (B, 16, T, H, W)
         hidden = torch.cat([x_t.to(dtype), fused.to(dtype), reference.to(dtype)], dim=1)  # (B, 48, T, H, W)
+        extra = {}
+        if self.has_ref_conv:  # None: zeros, inside the transformer
+            extra["ref_latent"] = None if ref_latent is None else ref_latent[:, :, 0].to(dtype)  # (B, 16, H, W)
         out = self.transformer(
             hidden,
             timestep=timestep,
             encoder_hidden_states=text.to(dtype),  # (B, L, text_dim)
             encoder_hidden_states_image=None if image is None else image.to(dtype),  # (B, L_img, image_dim)
             return_dict=False,
+            **extra,
         )[0]  # (B, 16, T, H, W)
         return out.to(x_t.dtype)
 
-    def _check_inputs(self, x_t, timestep, geometry, reference, text, image) -> None:
+    def _check_inputs(self, x_t, timestep, geometry, reference, text, image, ref_latent=None) -> None:
         c = self.latent_channels
         if x_t.ndim != 5 or x_t.shape[1] != c:
             raise ValueError(f"x_t must be (B, {c}, T, H, W), got {tuple(x_t.shape)}")
@@ -172,6 +196,12 @@ class TTVDiT(nn.Module):
         if tuple(reference.shape) != (b, c, t, h, w):
             raise ValueError(f"reference must be {(b, c, t, h, w)} like x_t (see TTVDiT.reference_latent), "
                              f"got {tuple(reference.shape)}")
+        if ref_latent is not None:
+            if not self.has_ref_conv:
+                raise ValueError("this transformer has no ref_conv (not a Wan2.1-Fun-V1.1 model): pass ref_latent=None")
+            if tuple(ref_latent.shape) != (b, self.ref_channels, 1, h, w):
+                raise ValueError(f"ref_latent must be {(b, self.ref_channels, 1, h, w)} (one reference frame's "
+                                 f"latent), got {tuple(ref_latent.shape)}")
         if tuple(timestep.shape) != (b,):
             raise ValueError(f"timestep must be ({b},), one t = 1000 * sigma per sample, got {tuple(timestep.shape)}")
         pt, ph, pw = self.patch_size
@@ -210,10 +240,10 @@ class TTVDiT(nn.Module):
     # ------------------------------------------------------------------ building, saving, loading
 
     @classmethod
-    def tiny(cls, seed: int = 0, image: bool = True, **overrides) -> TTVDiT:
-        """A tiny random model (`tiny_transformer_config` + a 32-wide fusion), the same for the same seed; the
-        global RNG is left as it was."""
-        from diffusers import WanTransformer3DModel
+    def tiny(cls, seed: int = 0, image: bool = True, ref_conv: bool = True, **overrides) -> TTVDiT:
+        """A tiny random model (`tiny_transformer_config` + a 32-wide fusion; V1.1's ``ref_conv`` unless
+        ``ref_conv=False``), the same for the same seed; the global RNG is left as it was."""
+        from loom.models.wan_fun import WanFunTransformer3DModel
 
         if not image:
             if overrides.get("image_dim") is not None:
@@ -223,34 +253,28 @@ class TTVDiT(nn.Module):
         c = config["out_channels"]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            transformer = WanTransformer3DModel(**config)
+            transformer = WanFunTransformer3DModel(**config, ref_channels=c if ref_conv else None)
             fusion = GeometryFusion(in_channels=4 * c, out_channels=c, hidden=32, blocks=2)
         return cls(transformer, fusion)
 
     @classmethod
     def from_pretrained(cls, transformer_dir: str, fusion_dir: str | None = None,
                         torch_dtype: torch.dtype = torch.float32) -> TTVDiT:
-        """Load a diffusers ``WanTransformer3DModel`` folder and, from ``fusion_dir``, a saved `GeometryFusion`
-        (a fresh one, which starts as a copy of the normal latent, when ``fusion_dir`` is None). Both are cast to
-        ``torch_dtype``. Local directories only."""
+        """Load the transformer from ``transformer_dir``: VideoX-Fun's Wan2.1-Fun(-V1.1)-Control release folder as
+        published (original Wan names; see `loom.models.wan_fun`) or a diffusers-layout folder; and, from
+        ``fusion_dir``, a saved `GeometryFusion` (a fresh one, which starts as a copy of the normal latent, when
+        ``fusion_dir`` is None). Both are cast to ``torch_dtype``. Local directories only."""
+        from loom.models.wan_fun import load_wan_fun_transformer
+
         transformer_dir = os.fspath(transformer_dir)
         if not os.path.isdir(transformer_dir):
             raise FileNotFoundError(
-                f"transformer directory {transformer_dir!r} does not exist: point it at a local diffusers "
-                "WanTransformer3DModel folder (config.json + diffusion_pytorch_model*.safetensors), e.g. the "
-                "'transformer' folder of Wan2.1-Fun-Control in the diffusers layout. Nothing is downloaded at run "
-                "time: copy the checkpoint there first")
-        config_path = os.path.join(transformer_dir, "config.json")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"transformer directory {transformer_dir!r} has no config.json: is it a diffusers "
-                                    "WanTransformer3DModel folder? (for a full pipeline checkpoint, pass its "
-                                    "'transformer' subfolder)")
-        with open(config_path) as f:
-            _check_fun_control_config(json.load(f), transformer_dir)  # before reading gigabytes of weights
-        from diffusers import WanTransformer3DModel
-
-        transformer = WanTransformer3DModel.from_pretrained(transformer_dir, torch_dtype=torch_dtype,
-                                                            local_files_only=True)
+                f"transformer directory {transformer_dir!r} does not exist: point it at the local Wan2.1-Fun-V1.1 "
+                "Control release folder (e.g. a download of alibaba-pai/Wan2.1-Fun-V1.1-1.3B-Control: config.json + "
+                "diffusion_pytorch_model.safetensors) or at a diffusers WanTransformer3DModel folder. Nothing is "
+                "downloaded at run time: copy the checkpoint there first")
+        # The Fun-Control check runs on the config, before gigabytes of weights are read.
+        transformer = load_wan_fun_transformer(transformer_dir, torch_dtype, check=_check_fun_control_config)
         c = int(transformer.config.out_channels)
         if fusion_dir is None:
             fusion = GeometryFusion(in_channels=4 * c, out_channels=c)

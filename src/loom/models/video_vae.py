@@ -3,8 +3,10 @@
 
 Design choices:
 
-- The network is diffusers' own ``AutoencoderKLWan``, loaded with ``from_pretrained(local_dir)``, so the real
-  Wan2.1 VAE (``<checkpoint>/vae``) and tiny random test VAEs load the same way. Nothing is downloaded.
+- The network is diffusers' own ``AutoencoderKLWan``. `load_video_vae` reads the Wan2.1 VAE as released
+  (``Wan2.1_VAE.pth``, the file or the Wan2.1-Fun release folder holding it: original Wan keys, renamed by diffusers'
+  own converter and loaded strictly, see `loom.models.wan_fun.load_wan_vae_checkpoint`) or a diffusers folder
+  (``<checkpoint>/vae``, tiny random test VAEs), so all load the same way. Nothing is downloaded.
 - Frozen: ``eval()``, ``requires_grad_(False)``, encoding under ``torch.inference_mode``.
 - Deterministic latents: the posterior mode (its mean), not a sample, so a cache is a pure function of
   (video, weights). The DiT's flow-matching noise supplies the randomness.
@@ -133,17 +135,25 @@ def build_tiny_vae(seed: int = 0, z_dim: int = 16) -> VideoVAE:
 
 
 def load_video_vae(path: str, dtype: str = "float32", device: str = "cpu") -> VideoVAE:
-    """Load the ``AutoencoderKLWan`` saved in the local directory ``path`` (a diffusers ``save_pretrained`` folder:
-    config.json + weights; for a full Wan checkpoint pass its ``vae`` subfolder)."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"video VAE directory {path!r} does not exist: point 'vae' at a local diffusers "
-                                "AutoencoderKLWan folder (config.json + diffusion_pytorch_model.safetensors), e.g. "
-                                "<Wan2.1 checkpoint>/vae")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"video VAE directory {path!r} has no config.json: is it a diffusers "
-                                "AutoencoderKLWan folder? (for a full Wan checkpoint, use its 'vae' subfolder)")
+    """Load the Wan video VAE at the local ``path``: the Wan2.1 VAE as released (``Wan2.1_VAE.pth``, or the
+    Wan2.1-Fun release folder holding it) or a diffusers ``AutoencoderKLWan`` folder (config.json + weights; for a
+    diffusers pipeline checkpoint pass its ``vae`` subfolder)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"video VAE {path!r} does not exist: point 'vae' at the local Wan2.1-Fun release "
+                                "folder (it holds Wan2.1_VAE.pth), at Wan2.1_VAE.pth itself, or at a diffusers "
+                                "AutoencoderKLWan folder (config.json + diffusion_pytorch_model.safetensors)")
+    from loom.models.wan_fun import find_wan_vae_checkpoint, load_wan_vae_checkpoint
+
+    # The .pth first: the release folder also has a config.json, the transformer's.
+    if find_wan_vae_checkpoint(path) is not None:
+        return VideoVAE(load_wan_vae_checkpoint(path, DTYPES[dtype])).to(device)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"video VAE {path!r} holds neither Wan2.1_VAE.pth nor a config.json: pass the "
+                                "Wan2.1-Fun release folder, the .pth file, or a diffusers AutoencoderKLWan folder (for "
+                                "a full diffusers Wan checkpoint, its 'vae' subfolder)")
     from diffusers import AutoencoderKLWan  # imported here: only jobs that encode need diffusers
 
     vae = AutoencoderKLWan.from_pretrained(path, torch_dtype=DTYPES[dtype], low_cpu_mem_usage=False)

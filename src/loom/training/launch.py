@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
-import pickle
 import os
 import sys
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:  # torch is imported where it is used: `loom --help` builds every job's parser
     import torch
 
+from loom.platform.checkpoints import checkpoint_safe_globals, safe_load
 from loom.platform.config import config, field, require
 from loom.platform.ray import RaySettings, forwarded_env, init_ray
 from loom.platform.tracking import TrackingSettings, ensure_experiment, resolve_uri, write_run_record
@@ -342,45 +342,6 @@ def read_run_id(ckpt: str) -> str | None:
         path = found[0]
     state = safe_load(path)
     return (state.get("loom") or {}).get("mlflow_run_id")
-
-
-def checkpoint_safe_globals() -> list:
-    """What a Loom training checkpoint holds besides tensors and plain containers: the numpy RNG state Loom saves,
-    and DeepSpeed's ZeRO optimizer state (its loss scaler, stage enum and fragment addresses). Plain data classes:
-    unpickling them sets attributes and calls nothing else."""
-    import numpy as np
-
-    allowed: list = [np.ndarray, np.dtype]
-    try:  # where numpy's array reconstructor lives: numpy.core (1.x) or numpy._core (2.x)
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:
-        from numpy.core.multiarray import _reconstruct
-    allowed.append(_reconstruct)
-    allowed += [type(np.dtype(t)) for t in ("uint32", "uint8", "int64", "float32", "float64", "bool")]
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-
-        allowed += [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-    except ImportError:  # DeepSpeed is optional for strategy=ddp
-        pass
-    return allowed
-
-
-def safe_load(path: str, map_location: Any = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` admitting only :func:`checkpoint_safe_globals`: a run folder on a shared
-    volume cannot run code on whoever resumes from it (DeepSpeed's own loader would unpickle anything)."""
-    import torch
-
-    with torch.serialization.safe_globals(checkpoint_safe_globals()):
-        try:
-            return torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise RuntimeError(
-                f"checkpoint {path} holds objects other than tensors and the training state Loom writes, so it is not "
-                f"loaded (unpickling it could run code). It was not written by this Loom's training, or was changed; "
-                f"resume from a checkpoint you made. Details: {str(e).splitlines()[-1][:300]}") from None
 
 
 @contextlib.contextmanager

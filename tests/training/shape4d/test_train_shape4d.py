@@ -44,8 +44,10 @@ def test_recipes_load_and_paths_become_absolute():
     for name in cfgmod.recipes(shape4d.TrainShape4DJob):
         cfg = cfgmod.resolve(shape4d.TrainShape4DJob, name, [])
         assert cfgmod.from_dict(shape4d.TrainShape4DJob, cfgmod.to_dict(cfg)) == cfg  # config.yaml reads back
-    a = shape4d.absolute_paths(tiny("out=rel/run", "model.vae=rel/vae"))
+    a = shape4d.absolute_paths(tiny("out=rel/run", "model.vae=./rel/vae"))
     assert os.path.isabs(a.out) and os.path.isabs(a.model.vae) and a.model.base == "tiny"
+    # a model name that is no local path but a Hugging Face repo id stays one (found in the local cache later)
+    assert shape4d.absolute_paths(tiny("model.vae=stepfun-ai/Step1X-3D")).model.vae == "stepfun-ai/Step1X-3D"
     assert shape4d.absolute_paths(tiny("data.source=s3://b/x")).data.source == "s3://b/x"
     with pytest.raises(cfgmod.ConfigError, match="temporal"):
         tiny("model.temporal=2d")

@@ -224,7 +224,13 @@ def test_latent_shards_encoders_on_the_fly_and_generate(corpus, tmp_path):
 
         videos.append(decode_video(open(out, "rb").read()))
     assert videos[0].shape == (5, 32, 32, 3)
-    assert np.array_equal(videos[0], videos[1]) and not np.array_equal(videos[0], videos[2])
+    # The generated frames are a function of the seed; the mp4 around them is not bit-stable across processes
+    # (libx264's rate control came out differently after other native libraries were loaded), so the same seed is
+    # compared up to codec noise, well below what another seed changes.
+    def gap(a, b):
+        return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+    assert gap(videos[0], videos[1]) < 1.0 < 2.0 < gap(videos[0], videos[2])
     p = subprocess.run([LOOM, "generate", "ttv", "--run", on_latents, "--data", corpus, "--prompt", "x", "--out",
                         str(tmp_path / "x.mp4")], capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode != 0 and "text encoder" in p.stderr

@@ -41,7 +41,7 @@ def test_recipes_load_and_paths_become_absolute():
     for name in cfgmod.recipes(vae_line.TrainVAEJob):
         cfg = cfgmod.resolve(vae_line.TrainVAEJob, name, [])
         assert cfgmod.from_dict(vae_line.TrainVAEJob, cfgmod.to_dict(cfg)) == cfg  # config.yaml reads back
-    a = vae_line.absolute_paths(tiny("out=rel/run", "model.init=rel/vae"))
+    a = vae_line.absolute_paths(tiny("out=rel/run", "model.init=./rel/vae"))
     assert os.path.isabs(a.out) and os.path.isabs(a.model.init) and os.path.isabs(a.data.source)
     v = vae_line.absolute_paths(tiny("data.source=s3://b/x"))
     assert v.data.source == "s3://b/x" and v.model.init == ""

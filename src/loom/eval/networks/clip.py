@@ -2,7 +2,8 @@
 
 Registry entry ``clip`` of :mod:`loom.eval.weights`: a transformers folder (``save_pretrained`` of a
 ``CLIPModel``, its tokenizer and its ``preprocessor_config.json``), by default ``openai/clip-vit-large-patch14``
-(torchmetrics' default for CLIPScore). No registry package ships CLIP weights, so the folder is placed by hand.
+(torchmetrics' default for CLIPScore): the folder in the weights directory, else that repo's snapshot in the local
+Hugging Face cache (``hf download`` leaves exactly such a folder). No registry package ships CLIP weights.
 
 Image preprocessing is CLIPImageProcessor's, done in torch on the float input instead of through PIL: images
 (N,3,H,W) in [0,1] -> resize so the shortest side is ``size`` (bicubic, antialiased; skipped when it already is) ->
@@ -96,7 +97,7 @@ def load_folder(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
 
 
 def load(root: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> CLIPFeatures:
-    """The CLIP of the weights directory (registry entry ``clip``)."""
+    """The CLIP of registry entry ``clip``: the weights directory's folder, else the Hugging Face cache's snapshot."""
     from loom.eval.weights import resolve
 
     (path,) = resolve("clip", root)

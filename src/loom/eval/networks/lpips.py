@@ -6,9 +6,10 @@ difference, a learned non-negative 1x1 "lin" head, spatial mean, sum over taps.
 
 Weights (registry entries ``lpips-alex`` / ``lpips-vgg`` of :mod:`loom.eval.weights`): the backbone is
 torchvision's ImageNet file (``alexnet-owt-7be5be79.pth`` / ``vgg16-397923af.pth``), read from the weights
-directory (torchvision itself is not used: it does not work here, and it would download); the lin heads are the
+directory or, when it is not there, from the torch hub cache where torchvision keeps it (``$TORCH_HOME/hub/
+checkpoints``; torchvision itself is not used: it does not work here, and it would download); the lin heads are the
 ``lpips`` v0.1 files that torchmetrics ships (``lpips_models/{alex,vgg}.pth``), found in the weights directory or
-in the installed torchmetrics.
+in the installed torchmetrics. :func:`loom.eval.weights.resolve` picks the place; ``loom weights`` names it.
 
 Input: two image batches (N,3,H,W) in [0,1]; they are mapped to [-1,1] (``2x - 1``) and then through LPIPS'
 scaling layer (shift [-.030,-.088,-.188], scale [.458,.448,.450]), exactly as ``lpips.LPIPS(normalize=True)``.
@@ -112,7 +113,8 @@ class LPIPSNetwork(nn.Module):
 
 
 def load(net: str = "alex", root: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
-    """The real LPIPS (ImageNet backbone + v0.1 heads) from the weights directory (checked)."""
+    """The real LPIPS (ImageNet backbone + v0.1 heads) from where :func:`loom.eval.weights.resolve` finds them
+    (weights directory, installed torchmetrics, torch hub cache), checked."""
     from loom.eval.weights import resolve
 
     backbone, heads = resolve(_BACKBONE_FILE[net], root)

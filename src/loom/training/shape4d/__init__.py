@@ -34,7 +34,7 @@ import functools
 import os
 
 from loom.training.shape4d.config import TrainShape4DJob
-from loom.training.vae.config import absolute_path
+from loom.training.vae.config import absolute_model, absolute_path
 
 __all__ = ["TrainShape4DJob", "absolute_paths", "train"]
 
@@ -52,7 +52,7 @@ def make_shape4d(cfg: TrainShape4DJob):
 def absolute_paths(cfg: TrainShape4DJob) -> TrainShape4DJob:
     """Local paths made absolute: Ray Train workers (and a resumed run) may start in another directory."""
     r, m = dataclasses.replace, cfg.model
-    model = r(m, base=absolute_path(m.base), vae=absolute_path(m.vae), image_encoder=absolute_path(m.image_encoder))
+    model = r(m, base=absolute_model(m.base), vae=absolute_model(m.vae), image_encoder=absolute_model(m.image_encoder))
     return r(cfg, out=absolute_path(cfg.out), data=r(cfg.data, source=absolute_path(cfg.data.source)), model=model)
 
 

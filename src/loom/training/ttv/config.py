@@ -8,8 +8,9 @@ import dataclasses
 import os
 from typing import Literal
 
-from loom.models.ttv import DEFAULT_PROMPT, TINY, ModelSettings
+from loom.models.ttv import DEFAULT_PROMPT, TINY, ConditionSettings, ModelSettings
 from loom.platform.config import config, field, recipe, require
+from loom.platform.hub import absolute_model_name
 from loom.platform.ray import RaySettings
 from loom.platform.tracking import TrackingSettings
 from loom.training.launch import TrainerSettings, ray_field
@@ -64,6 +65,8 @@ class TrainTTVJob:
     out: str = field("out/ttv-train", help="run folder: config.yaml, checkpoints/, lora/, samples/")
     data: DataSettings = field(default_factory=DataSettings, help="training data")
     model: ModelSettings = field(default_factory=ModelSettings, help="networks")
+    cond: ConditionSettings = field(default_factory=ConditionSettings, help="training draws of the conditions: "
+                                    "reference frame and dropouts (VideoX-Fun's V1.1 recipe; loom.models.ttv)")
     optim: OptimSettings = field(default_factory=OptimSettings, help="optimizer")
     flow: FlowSettings = field(default_factory=FlowSettings, help="flow matching and sampling")
     trainer: TrainerSettings = field(default_factory=TrainerSettings, help="Lightning / DeepSpeed")
@@ -71,11 +74,17 @@ class TrainTTVJob:
     ray: RaySettings = ray_field()
 
 
-@recipe(TrainTTVJob, "default", help="Wan2.1-Fun-1.3B-Control from local folders, LoRA r128, bf16, ZeRO-2 on GPUs")
+# The releases as published: a local folder, or these repo ids found in the local Hugging Face cache.
+WAN_FUN_1_3B = "alibaba-pai/Wan2.1-Fun-V1.1-1.3B-Control"
+WAN_FUN_14B = "alibaba-pai/Wan2.1-Fun-V1.1-14B-Control"
+
+
+@recipe(TrainTTVJob, "default", help=f"{WAN_FUN_1_3B} as released (local Hugging Face cache, or set model.transformer "
+        "and model.vae to its folder), LoRA r128, bf16, ZeRO-2 on GPUs")
 def _default() -> TrainTTVJob:
     return TrainTTVJob(trainer=TrainerSettings(precision="bf16-mixed", gradient_checkpointing=True,
                                                checkpoint_every=500, log_every=10),
-                       model=ModelSettings(dtype="bfloat16"))
+                       model=ModelSettings(transformer=WAN_FUN_1_3B, vae=WAN_FUN_1_3B, dtype="bfloat16"))
 
 
 @recipe(TrainTTVJob, "tiny", help="random tiny DiT and VAE on CPU: a few steps on fresh shards (demo, tests)")
@@ -88,8 +97,35 @@ def _tiny() -> TrainTTVJob:
         flow=FlowSettings(sample_steps=2))
 
 
+@recipe(TrainTTVJob, "wan14b", help="Wan2.1-Fun-V1.1-14B-Control, LoRA r128, bf16, ZeRO-3 over 8 GPUs a node: "
+        "~33 GiB a GPU at 81 frames of 480x832 (benchmarks/memory_14b.py)")
+def _wan14b() -> TrainTTVJob:
+    """The default recipe with the 14B's sharding. ZeRO-3 partitions the frozen bf16 base (32.8 GB) and the LoRA's
+    optimizer state over the ranks and gathers one block at a time (the blocks are ZeRO-3 leaf modules,
+    `loom.training.launch.apply_sharding_intent`). No offload: on 80 GB GPUs it is not needed, and parameter
+    offload would move the whole base over PCIe three times a step (forward, recomputation, backward)."""
+    d = _default()
+    return dataclasses.replace(d, trainer=dataclasses.replace(d.trainer, zero_stage=3, devices=8),
+                               model=dataclasses.replace(d.model, transformer=WAN_FUN_14B, vae=WAN_FUN_14B))
+
+
+@recipe(TrainTTVJob, "wan14b-offload", help="wan14b with the optimizer state and the parameters in host memory "
+        "(ZeRO-3 offload): ~28 GiB a GPU, ~63 GiB of host memory a node of 8 (benchmarks/memory_14b.py)")
+def _wan14b_offload() -> TrainTTVJob:
+    """For GPUs that cannot hold wan14b's ~33 GiB: activations (~25 GiB with checkpointing) stay on the GPU, so
+    offload saves ~5 GiB a GPU. DeepSpeed still places the whole bf16 module (32 GB) on each GPU once at start-up,
+    before partitioning it, so GPUs under ~36 GB do not work either way."""
+    w = _wan14b()
+    return dataclasses.replace(w, trainer=dataclasses.replace(w.trainer, offload=True))
+
+
 def _abs(path: str) -> str:
     return path if not path or path == TINY or "://" in path else os.path.abspath(path)
+
+
+def _abs_model(name: str) -> str:
+    """A local model path made absolute; a Hugging Face repo id (not a local path) kept as it is."""
+    return name if not name or name == TINY else absolute_model_name(name)
 
 
 def absolute_paths(cfg: TrainTTVJob) -> TrainTTVJob:
@@ -97,5 +133,6 @@ def absolute_paths(cfg: TrainTTVJob) -> TrainTTVJob:
     m = cfg.model
     return dataclasses.replace(
         cfg, out=_abs(cfg.out), data=dataclasses.replace(cfg.data, source=_abs(cfg.data.source)),
-        model=dataclasses.replace(m, transformer=_abs(m.transformer), vae=_abs(m.vae), fusion=_abs(m.fusion),
-                                  text_encoder=_abs(m.text_encoder), image_encoder=_abs(m.image_encoder)))
+        model=dataclasses.replace(m, transformer=_abs_model(m.transformer), vae=_abs_model(m.vae),
+                                  fusion=_abs(m.fusion), text_encoder=_abs_model(m.text_encoder),
+                                  image_encoder=_abs_model(m.image_encoder)))

@@ -47,10 +47,10 @@ class TTVModule(LoomModule):
         self.vae.to(self.device if self.device.type != "cpu" else "cpu")
 
     def condition(self, batch: dict, g: list[torch.Generator]) -> dict[str, torch.Tensor]:
-        """Batch -> the DiT's inputs: x0 (B,C,T',H',W') and the conditions, with partial textures drawn from the
-        per-sample generators ``g``."""
+        """Batch -> the DiT's inputs: x0 (B,C,T',H',W') and the conditions, with partial textures, the reference
+        frame and the condition dropouts drawn from the per-sample generators ``g``."""
         known = functools.partial(partial_known, prob=self.cfg.data.known_prob, generators=g)
-        return self.conditioner(batch, self.dit, self.device, known=known)
+        return self.conditioner(batch, self.dit, self.device, known=known, draws=(self.cfg.cond, g))
 
     def context_params(self) -> dict[str, str]:
         m = self.cfg.model
@@ -64,8 +64,10 @@ class TTVModule(LoomModule):
         g = [sample_generator(self.cfg.trainer.seed, self.global_step, k) for k in batch["__key__"]]
         with torch.no_grad():
             cond = self.condition(batch, g)
-        if self._sample_cond is None:
-            self._sample_cond = {k: v[:1].detach().cpu() for k, v in cond.items()}
+            if self._sample_cond is None:  # the sample videos get generation's inputs: no draws, nothing known
+                first = {k: v[:1] if isinstance(v, (list, tuple, torch.Tensor)) else v for k, v in batch.items()}
+                self._sample_cond = {k: v[:1].detach().cpu()
+                                     for k, v in self.conditioner(first, self.dit, self.device).items()}
         x0 = cond.pop("x0")
         x_t, t, target, _ = self.flow.draw(x0, g)
         pred = self.dit(x_t, t, **cond)

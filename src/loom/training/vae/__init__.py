@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import os
 
-from loom.training.vae.config import TrainVAEJob, absolute_path
+from loom.training.vae.config import TrainVAEJob, absolute_model, absolute_path
 
 __all__ = ["TrainVAEJob", "absolute_paths", "train"]
 
@@ -45,7 +45,7 @@ def absolute_paths(cfg: TrainVAEJob) -> TrainVAEJob:
     """Local paths made absolute: Ray Train workers (and a resumed run) may start in another directory."""
     r = dataclasses.replace
     return r(cfg, out=absolute_path(cfg.out), data=r(cfg.data, source=absolute_path(cfg.data.source)),
-             model=r(cfg.model, init=absolute_path(cfg.model.init)))
+             model=r(cfg.model, init=absolute_model(cfg.model.init)))
 
 
 def train(cfg: TrainVAEJob, *, resume: bool = False) -> None:

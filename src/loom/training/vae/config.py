@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
+from loom.platform.hub import absolute_model_name
 from loom.platform.config import config, field, recipe, require
 from loom.platform.ray import RaySettings
 from loom.platform.tracking import TrackingSettings
@@ -107,3 +108,8 @@ def absolute_path(path: str) -> str:
     """A local path made absolute (Ray Train workers and a resumed run may start in another directory); empty,
     ``tiny`` and URLs stay as they are."""
     return path if not path or path == TINY or "://" in path else os.path.abspath(path)
+
+
+def absolute_model(name: str) -> str:
+    """A local model path made absolute; a Hugging Face repo id (not a local path) kept as it is."""
+    return name if not name or name == TINY else absolute_model_name(name)

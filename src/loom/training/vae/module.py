@@ -43,7 +43,9 @@ def build_vae(m: VAEModelSettings, seed: int):
     from loom.models.shape_vae import ShapeVAE, ShapeVAEConfig
 
     if m.init:
-        vae = ShapeVAE.from_pretrained(m.init)
+        from loom.platform.hub import resolve_model_path
+
+        vae = ShapeVAE.from_pretrained(resolve_model_path(m.init, "model.init"))
         check_truncation(m.tau, vae.config.tau, f"the VAE in model.init={m.init!r}")
         return vae
     cfg = (ShapeVAEConfig.tiny if m.size == TINY else ShapeVAEConfig.paper)(tau=m.tau)
