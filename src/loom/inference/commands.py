@@ -25,6 +25,17 @@ def _cmd_generate_4d(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate_3d(args: argparse.Namespace) -> int:
+    from loom.inference.shape4d import generate_3d
+
+    done = generate_3d(args.image, args.base, args.out, vae=args.vae, image_encoder=args.image_encoder,
+                       steps=args.steps, seed=args.seed, resolution=args.resolution, latents=args.latents,
+                       guidance_scale=args.guidance, foreground_ratio=args.foreground_ratio)
+    print(f"mesh:     {done.path} ({done.vertices} vertices, {done.faces} faces)")
+    print(f"models:   base {done.base}, vae {done.vae}, image encoder {done.image_encoder}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from loom.inference.export import export_ttv
 
@@ -74,6 +85,29 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--out", default="out/generated-4d", help="output folder: frame_000.obj, frame_001.obj, ...")
     p.set_defaults(func=_cmd_generate_4d)
+
+    p = gen.add_parser("3d", help="a mesh from one image with the base shape model alone (Step1X-3D as released, "
+                       "no spatiotemporal layers): the check that its weights loaded right")
+    p.add_argument("--image", required=True, help="image of the object: RGBA with a transparent background (framed "
+                   "as Step1X-3D does), or RGB already on white")
+    p.add_argument("--base", required=True, help="the base: the released Step1X-3D-Geometry-1300m folder (local, or "
+                   "a cached Hugging Face id such as stepfun-ai/Step1X-3D/Step1X-3D-Geometry-1300m), a Shape4DDiT "
+                   "base folder, or 'tiny' (random, tests)")
+    p.add_argument("--vae", help="shape VAE folder or cached Hugging Face id (default: BASE/vae; tiny with --base "
+                   "tiny)")
+    p.add_argument("--image-encoder", help="DINOv2 folder or cached Hugging Face id (default: the one BASE/"
+                   "visual_encoder names; tiny with --base tiny)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: 50)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance against zero image tokens "
+                   "(default: 7.5, Step1X-3D's; 1 = off)")
+    p.add_argument("--latents", type=int, help="shape latents to draw (default: the VAE's num_latents, 2,048 for "
+                   "the release)")
+    p.add_argument("--foreground-ratio", type=float, default=0.9, help="scale an RGBA image's object to this "
+                   "fraction of the frame, as Step1X-3D does (0 = leave the image as it is)")
+    p.add_argument("--resolution", type=int, help="marching-cubes grid (default: 128; Step1X-3D uses 384)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--out", default="out/generated-3d.glb", help="output mesh: .glb, .obj or .ply")
+    p.set_defaults(func=_cmd_generate_3d)
 
     exp = sub.add_parser("export", help="a trained run as a model folder (LoRA, fusion, model card), logged to MLflow "
                          "as the run's model").add_subparsers(dest="model", metavar="MODEL")

@@ -1,5 +1,7 @@
 """``loom generate 4d``: a mesh sequence from a conditioning video with a finished ``loom train shape4d`` run,
-without Lightning (also the generator of ``loom eval 4d --run``).
+without Lightning (also the generator of ``loom eval 4d --run``); ``loom generate 3d``: one mesh from one image with
+the base model alone (`generate_3d`: the released Step1X-3D folder, or tiny), the check that its weights loaded
+right.
 
 A run folder holds ``config.yaml`` (the job's resolved config) and ``spatiotemporal/`` (the trained layers as
 safetensors, `loom.models.shape4d.save_spatiotemporal`); the base DiT, the shape VAE and DINOv2 come from the
@@ -144,3 +146,212 @@ def generate_4d(run: str, data: str, out: str, *, key: str | None = None, frames
     q = latents or info.get("latents_per_frame") or model.dit.config.num_latents
     z = model.generate(image, q, seed=seed, steps=steps, shift=shift, guidance_scale=guidance_scale)
     return model.meshes(z[0].cpu(), out, resolution)
+
+
+# ============================================================================================== loom generate 3d
+
+MESH_EXTS = (".glb", ".obj", ".ply")
+# Step1X-3D's pipeline defaults (`Step1X3DGeometryPipeline.__call__`): classifier-free guidance against zero image
+# tokens at 7.5, and the object scaled to fill 90 % of the image before DINOv2 sees it.
+STEP1X3D_GUIDANCE = 7.5
+STEP1X3D_FOREGROUND = 0.9
+# The release's image-encoder folder (Step1X-3D's own ``Dinov2Encoder`` wrapper, not a transformers folder) and the
+# config fields in it that name the DINOv2 it wraps (frozen in training: the Hub checkpoint's weights).
+RELEASE_IMAGE_ENCODER = "visual_encoder"
+RELEASE_DINO_FIELDS = ("pretrained_dino_name_or_path", "dino_type")
+
+
+@dataclasses.dataclass(frozen=True)
+class Generated3D:
+    """What ``loom generate 3d`` wrote: the mesh file and its size, and the folders the three networks came from."""
+
+    path: str
+    vertices: int
+    faces: int
+    base: str
+    vae: str
+    image_encoder: str
+
+
+def read_image(path: str) -> np.ndarray:
+    """An image file -> (H, W, 4) uint8 RGBA (straight alpha) or (H, W, 3) uint8 RGB (no alpha channel: taken as
+    the object already on a white background, as Step1X-3D's preprocessing leaves it; nothing removes a
+    background here)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--image {path!r} does not exist: pass an image file of the object "
+                                f"({', '.join(IMAGE_EXTS)}; RGBA with the background transparent, or RGB on white)")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+            return np.array(im.convert("RGBA" if alpha else "RGB"))  # a writable copy for torch
+    except UnidentifiedImageError as e:
+        raise ValueError(f"--image {path!r} is not an image PIL can read: {e}") from e
+
+
+def frame_object(image: np.ndarray, ratio: float = STEP1X3D_FOREGROUND) -> np.ndarray:
+    """Step1X-3D's framing of an RGBA image: the alpha's bounding box scaled (aspect kept) to fill ``ratio`` of the
+    image, centred, then padded to a square with transparency; (S, S, 4) uint8. RGB images, images with no
+    transparent pixel, a blank alpha and ``ratio`` 0 are returned as they are (ImageFeatures then centre-crops)."""
+    if not ratio or image.shape[-1] != 4 or image[..., 3].min() == 255 or not image[..., 3].any():
+        return image
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    rows, cols = np.nonzero(image[..., 3])
+    y1, y2, x1, x2 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    scale = min(h * ratio / (y2 - y1), w * ratio / (x2 - x1))
+    size = (max(1, int((x2 - x1) * scale)), max(1, int((y2 - y1) * scale)))  # (W, H) for PIL
+    # PIL premultiplies RGBA while resampling, so transparent pixels' colours do not bleed into the object's edge.
+    obj = Image.fromarray(np.ascontiguousarray(image[y1:y2, x1:x2])).resize(size, Image.BICUBIC)
+    side = max(h, w)
+    canvas = np.zeros((side, side, 4), np.uint8)  # transparent
+    top, left = (side - size[1]) // 2, (side - size[0]) // 2
+    canvas[top: top + size[1], left: left + size[0]] = np.asarray(obj)
+    return canvas
+
+
+def _release_image_encoder(base: str) -> str:
+    """The image encoder a base folder supplies ('' for none): ``BASE/visual_encoder`` when it is a transformers
+    DINOv2 folder, else the Hub id its Step1X-3D ``Dinov2Encoder`` config names (found in the local cache)."""
+    import json
+
+    folder = os.path.join(base, RELEASE_IMAGE_ENCODER)
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg_path):
+        return ""
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if str(cfg.get("model_type", "")).startswith("dinov2"):
+        return folder
+    for name in RELEASE_DINO_FIELDS:
+        if cfg.get(name):
+            return str(cfg[name])
+    raise ValueError(f"{cfg_path} is neither a transformers DINOv2 config nor a Step1X-3D Dinov2Encoder config "
+                     f"naming its DINOv2 ({' or '.join(RELEASE_DINO_FIELDS)}): pass --image-encoder DIR")
+
+
+def resolve_3d_models(base: str, vae: str | None = None, image_encoder: str | None = None) -> Shape4DModelSettings:
+    """The ``model`` section for ``--base`` [``--vae``] [``--image-encoder``]: local paths (Hugging Face repo ids
+    resolved in the local cache), or ``tiny``. A released Step1X-3D folder (``Step1X-3D-Geometry-1300m``) supplies
+    its own VAE (``BASE/vae``) and DINOv2 (``BASE/visual_encoder``) unless they are given."""
+    from loom.models.shape4d import TINY
+    from loom.platform.hub import resolve_model_path
+
+    if not base:
+        raise FileNotFoundError("--base is empty: pass the released Step1X-3D folder (Step1X-3D-Geometry-1300m, "
+                                "local or a cached Hugging Face id such as stepfun-ai/Step1X-3D/"
+                                "Step1X-3D-Geometry-1300m), a Shape4DDiT base folder, or 'tiny'")
+    if base != TINY:
+        try:
+            base = resolve_model_path(base, "--base")
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e} (--base takes the released Step1X-3D-Geometry-1300m folder, a "
+                                    "Shape4DDiT base folder, or 'tiny')") from e
+        if not os.path.isdir(base):
+            raise FileNotFoundError(f"--base {base!r} is a file: pass the base model's folder (the released "
+                                    "Step1X-3D-Geometry-1300m folder or a Shape4DDiT base folder)")
+    if vae:
+        vae = vae if vae == TINY else resolve_model_path(vae, "--vae")
+    elif base == TINY:
+        vae = TINY
+    elif os.path.isdir(os.path.join(base, "vae")):
+        vae = os.path.join(base, "vae")
+    else:
+        raise FileNotFoundError(f"--vae is not given and --base {base!r} has no vae/ folder: pass --vae DIR (the "
+                                "released Step1X-3D vae/ folder or a `loom train vae` OUT/vae)")
+    if image_encoder:
+        image_encoder = image_encoder if image_encoder == TINY else resolve_model_path(image_encoder,
+                                                                                        "--image-encoder")
+    elif base == TINY:
+        image_encoder = TINY
+    else:
+        named = _release_image_encoder(base)
+        if not named:
+            raise FileNotFoundError(f"--image-encoder is not given and --base {base!r} has no {RELEASE_IMAGE_ENCODER}/"
+                                    "folder: pass --image-encoder DIR (a local DINOv2 folder, or a cached Hugging "
+                                    "Face id such as facebook/dinov2-with-registers-large)")
+        image_encoder = resolve_model_path(named, f"--image-encoder (named by {base}/{RELEASE_IMAGE_ENCODER})")
+    return Shape4DModelSettings(base=base, vae=vae, image_encoder=image_encoder)
+
+
+def build_base_alone(m: Shape4DModelSettings, seed: int = 0):
+    """The base DiT of ``m.base`` WITHOUT spatiotemporal layers (a 3D model: one frame), frozen, in eval mode.
+    `build_base_dit` would add 36 zero-initialised layers at full size (0.89 B parameters) that change nothing."""
+    from loom.models.shape4d import TINY
+    from loom.models.shape4d_dit import Shape4DDiT
+
+    variant = dict(spatiotemporal=False, attention_backend=m.attention_backend)
+    dit = Shape4DDiT.tiny(seed=seed, **variant) if m.base == TINY else Shape4DDiT.from_pretrained(m.base, **variant)
+    return dit.eval().requires_grad_(False)
+
+
+def write_mesh_atomic(path: str, vertices: np.ndarray, faces: np.ndarray) -> str:
+    """`write_mesh` to a temporary file beside ``path`` (same extension, so the same format), then renamed over it:
+    a reader never sees half a mesh, and a failed write leaves no file behind."""
+    from loom.models.shape4d import write_mesh
+
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}{os.path.splitext(name)[1]}")
+    try:
+        write_mesh(tmp, vertices, faces)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def generate_3d(image: str, base: str, out: str, *, vae: str | None = None, image_encoder: str | None = None,
+                steps: int | None = None, seed: int = 0, resolution: int | None = None, latents: int | None = None,
+                guidance_scale: float = STEP1X3D_GUIDANCE, foreground_ratio: float = STEP1X3D_FOREGROUND,
+                device: str | None = None) -> Generated3D:
+    """``loom generate 3d``: the base shape model ALONE, one image -> one mesh (the check that a base's weights
+    loaded right).
+
+    image -> `frame_object` -> DINOv2 tokens (1, 1, L, D) -> `sample_latents` (the 4D sampler with T = 1: time shift
+    sqrt(1) = 1, as the release's FlowMatchEuler; ``Shape4DFlowSettings`` defaults otherwise) -> latents (Q, C) ->
+    shape VAE + marching cubes over [-1.05, 1.05]^3 -> ``out`` (.glb, .obj or .ply), written atomically.
+    ``latents``: Q (default: the VAE's ``num_latents``, 2,048 for the release, as its pipeline draws);
+    ``resolution``: the marching-cubes grid (default ``flow.mesh_resolution``). Nothing is logged to MLflow."""
+    import torch
+
+    from loom.models.shape4d import Shape4DFlowSettings, build_frozen_vae, build_image_encoder, check_compatible
+
+    ext = os.path.splitext(out)[1].lower()
+    if ext not in MESH_EXTS:
+        raise ValueError(f"--out {out!r}: unknown mesh format {ext or '(no extension)'!r}; use one of "
+                         f"{', '.join(MESH_EXTS)}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps {steps} must be >= 1")
+    if resolution is not None and resolution < 2:
+        raise ValueError(f"--resolution {resolution} must be >= 2")
+    if latents is not None and latents < 1:
+        raise ValueError(f"--latents {latents} must be >= 1")
+    if not 0.0 <= foreground_ratio <= 1.0:
+        raise ValueError(f"foreground_ratio={foreground_ratio} must be in [0, 1] (0: no framing)")
+    pixels = frame_object(read_image(image), foreground_ratio)
+    model = resolve_3d_models(base, vae, image_encoder)
+    flow = Shape4DFlowSettings()
+    dit = build_base_alone(model, seed)
+    shape_vae, encoder = build_frozen_vae(model, seed), build_image_encoder(model, seed)
+    check_compatible(dit, shape_vae, encoder)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for net in (dit, shape_vae, encoder):
+        net.to(device)
+    with torch.no_grad():
+        tokens = encoder.encode(pixels[None, None])  # (1, 1, L, D)
+    from loom.models.shape4d import sample_latents
+
+    z = sample_latents(dit, tokens, flow, latents or shape_vae.config.num_latents, model.latent_scale, seed=seed,
+                       steps=steps, guidance_scale=guidance_scale)  # (1, 1, Q, C)
+    with torch.no_grad():
+        v, f = shape_vae.extract_mesh(z[0, 0], resolution=resolution or flow.mesh_resolution)
+    if len(f) == 0:
+        raise RuntimeError(f"the generated shape is empty (its SDF does not cross zero in the grid); nothing written "
+                           f"to {out}: check that --base, --vae and --image-encoder are the weights you meant")
+    write_mesh_atomic(out, v, f)
+    return Generated3D(path=out, vertices=len(v), faces=len(f), base=model.base, vae=model.vae,
+                       image_encoder=model.image_encoder)
