@@ -195,7 +195,7 @@ def measure(shape: dict, device, args) -> list[dict]:
 @torch.no_grad()
 def measure_encoders(shape: dict, device, args) -> dict:
     """The frozen encoders of one step: ShapeVAE posterior means of B*T frames, DINOv2 over B*T frames."""
-    from transformers import Dinov2Config, Dinov2Model
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
     from loom.models.shape_vae import ShapeVAE, ShapeVAEConfig
 
@@ -204,7 +204,9 @@ def measure_encoders(shape: dict, device, args) -> dict:
     torch.manual_seed(0)
     with torch.device(device):
         vae = ShapeVAE(ShapeVAEConfig(**shape["vae"])).to(device, dtype).eval()
-        dino = Dinov2Model(Dinov2Config(patch_size=14, **shape["dino"])).to(device, dtype).eval()
+        # Step1X-3D's encoder: DINOv2 with 4 registers (1,374 tokens through the blocks at 518 px, 1,370 out)
+        dino = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(patch_size=14, num_register_tokens=4,
+                                                                  **shape["dino"])).to(device, dtype).eval()
     n = args.batch * shape["frames"]
     surface = torch.randn(n, shape["surface"], 6, device=device)
     queries = torch.randn(n, shape["latents"], 3, device=device)

@@ -2,6 +2,7 @@
 4D flow-matching helpers (shared noise, training inputs, sampler)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from loom.models.flow import FlowMatching, sample_generator
 from loom.models.shape4d_dit import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     ST_PREFIX,
     ImageFeatures,
     SDPAProcessor,
@@ -22,6 +25,8 @@ from loom.models.shape4d_flow import default_shift, noise_4d, sample_4d, shared_
 from tests.models.contract import BlocksContract, FrozenPartsContract
 
 B, T, Q, C, L, D_IMG = 2, 3, 6, 8, 5, 24
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "step1x3d_dit")
+TINY_RELEASE = os.path.join(FIXTURES, "tiny", "transformer")
 
 
 def _inputs(seed: int = 0) -> dict:
@@ -152,6 +157,82 @@ def test_from_pretrained_errors(tmp_path, base_dir):
         Shape4DDiT.from_pretrained(base_dir, attention_head_dim=8)
     with pytest.raises(ValueError, match="unknown Shape4DDiTConfig fields"):
         Shape4DDiT.from_pretrained(base_dir, depth=3)
+
+
+# ---------------------------------------------------------------------------------------------------- Step1X-3D
+
+
+def _golden() -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(FIXTURES, "tiny", "golden.safetensors"))
+
+
+def test_velocity_matches_upstream_step1x3d():
+    """Golden parity with Step1X-3D's own FluxDenoiser (tests/fixtures/step1x3d_dit/make_fixtures.py): its tiny
+    released-layout folder loads strictly through Loom's loader and gives upstream's velocity, fp32."""
+    g = _golden()
+    model = Shape4DDiT.from_pretrained(TINY_RELEASE)
+    assert not model.config.spatiotemporal and model.config.timestep_channels is None  # a base, upstream's embed
+    out = model(g["latents"], g["timestep"], g["image_tokens"])
+    torch.testing.assert_close(out, g["velocity"], atol=1e-5, rtol=1e-5)
+    # the release root (the folder above transformer/) loads too, and a 4D model on it is still the base per frame
+    root = os.path.dirname(TINY_RELEASE)
+    ext = Shape4DDiT.from_pretrained(root, spatiotemporal=True)
+    assert len(ext.spatiotemporal_layers) == 4
+    x = g["latents"][:, None].expand(-1, 2, -1, -1)  # (B, 2, Q, C): two frames
+    img = g["image_tokens"][:, None].expand(-1, 2, -1, -1)
+    torch.testing.assert_close(ext(x, g["timestep"], img), g["velocity"][:, None].expand(-1, 2, -1, -1),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_released_folder_is_loaded_strictly(tmp_path):
+    """A key missing from, or added to, the released weights is refused, as is an option Loom does not build."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(os.path.join(TINY_RELEASE, "diffusion_pytorch_model.safetensors"))
+    config = json.loads(open(os.path.join(TINY_RELEASE, "config.json")).read())
+    for name, bad_state, bad_config, match in [
+        ("missing", {k: v for k, v in state.items() if "norm_added_q" not in k}, config, "missing"),
+        ("unexpected", {**state, "dit_model.pos_embed.weight": torch.zeros(1)}, config, "unexpected"),
+        ("projector", {**state, "proj_visual_condtion.1.weight": torch.zeros(1)}, config, "outside"),
+        ("label", state, {**config, "use_label_condition": True}, "use_label_condition"),
+        ("dims", state, {**config, "visual_condition_dim": 48}, "condition projector"),
+        ("field", state, {**config, "depth": 3}, "unknown Step1X-3D DiT config fields"),
+    ]:
+        folder = tmp_path / name / "transformer"
+        folder.mkdir(parents=True)
+        save_file(bad_state, folder / "diffusion_pytorch_model.safetensors")
+        (folder / "config.json").write_text(json.dumps(bad_config))
+        with pytest.raises(ValueError, match=match):
+            Shape4DDiT.from_pretrained(tmp_path / name)
+
+
+def test_saved_release_round_trips_through_loom_folders(tmp_path):
+    g = _golden()
+    model = Shape4DDiT.from_pretrained(TINY_RELEASE)
+    model.save_pretrained(tmp_path / "base")
+    loaded = Shape4DDiT.from_pretrained(tmp_path / "base")
+    assert loaded.config == model.config
+    assert torch.equal(loaded(g["latents"], g["timestep"], g["image_tokens"]),
+                       model(g["latents"], g["timestep"], g["image_tokens"]))
+
+
+def test_paper_config_has_exactly_the_released_keys():
+    """The paper's base, built on the meta device, has every key of the released Step1X-3D-Geometry-1300m DiT
+    (upstream's FluxDenoiser at full size, keys and shapes in released_keys.json) and no other."""
+    released = json.load(open(os.path.join(FIXTURES, "released_keys.json")))
+    want = {k[len("dit_model."):]: v for k, v in released["keys"].items()}
+    assert len(want) == len(released["keys"])  # every released key is under the wrapper's dit_model.
+    with torch.device("meta"):
+        model = Shape4DDiT(Shape4DDiTConfig.paper(spatiotemporal=False))
+    have = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert sorted(set(want) - set(have)) == [] and sorted(set(have) - set(want)) == []
+    assert have == want
+    assert sum(p.numel() for p in model.parameters()) == released["parameters"] == 1_316_287_808
+    # the released config.json fields map onto the paper's config
+    cfg = Shape4DDiTConfig.from_step1x3d({**released["denoiser_model"], "condition_dim": 1024})
+    assert cfg == Shape4DDiTConfig.paper(spatiotemporal=False)
 
 
 # ---------------------------------------------------------------------------------------------------- the extension
@@ -362,6 +443,45 @@ def test_image_features_shapes_alpha_and_loading(tmp_path):
         load_image_features(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="uint8"):
         enc.encode(video.astype(np.float32))
+
+
+def test_image_features_drop_the_register_tokens(tmp_path):
+    """DINOv2 with registers (the release's encoder): CLS + patch tokens, the registers dropped, as Step1X-3D's
+    Dinov2Encoder.encode_image; the folder loads through load_image_features."""
+    enc = ImageFeatures.tiny(num_register_tokens=4)
+    assert (enc.tokens, enc.registers) == (5, 4)
+    assert "4 register tokens dropped" in enc.preprocessing and "dropped" not in ImageFeatures.tiny().preprocessing
+    video = np.random.default_rng(2).integers(0, 256, size=(T, 28, 28, 4), dtype=np.uint8)
+    feats = enc.encode(video)
+    assert feats.shape == (T, 5, 24)
+    with torch.no_grad():
+        full = enc.model(pixel_values=enc.preprocess(video)).last_hidden_state  # (T, 1 + 4 + 4, D)
+    assert full.shape[1] == 9
+    torch.testing.assert_close(feats, torch.cat([full[:, :1], full[:, 5:]], 1))
+    enc.model.save_pretrained(tmp_path / "dino-reg")
+    torch.testing.assert_close(load_image_features(tmp_path / "dino-reg").encode(video), feats)
+
+
+def test_image_preprocessing_is_step1x3d_transform():
+    """Shorter side resized to the image size (bicubic, antialiased, the longer side truncated), centre crop with
+    rounded offsets, ImageNet normalisation, no clamping: torchvision's Resize/CenterCrop/Normalize as Step1X-3D
+    composes them, written out with torch ops."""
+    enc = ImageFeatures.tiny()  # 28 px
+    rng = np.random.default_rng(3)
+    frame = rng.integers(0, 256, size=(1, 40, 61, 3), dtype=np.uint8)
+    x = torch.from_numpy(frame).permute(0, 3, 1, 2).float() / 255
+    resized = torch.nn.functional.interpolate(x, size=(28, int(28 * 61 / 40)), mode="bicubic", align_corners=False,
+                                              antialias=True)  # (1, 3, 28, 42)
+    left = int(round((42 - 28) / 2.0))
+    want = (resized[..., left: left + 28] - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(enc.preprocess(frame), want)
+    assert enc.preprocess(frame.transpose(0, 2, 1, 3)).shape == (1, 3, 28, 28)  # portrait: the width is the side
+    # a frame already at the size is only normalised
+    small = frame[:, :28, :28]
+    torch.testing.assert_close(enc.preprocess(small), (torch.from_numpy(small).permute(0, 3, 1, 2).float() / 255
+                                                       - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+                               / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
 
 def test_image_features_condition_the_dit():

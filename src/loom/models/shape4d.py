@@ -103,8 +103,10 @@ def build_base_dit(m: Shape4DModelSettings, seed: int):
         dit = Shape4DDiT.tiny(seed=seed, **variant)
     else:
         if not m.base:
-            raise FileNotFoundError("model.base is not set: pass --set model.base=DIR (a local Shape4DDiT base "
-                                    "folder, saved with spatiotemporal=False) or use --recipe tiny")
+            raise FileNotFoundError("model.base is not set: pass --set model.base=DIR (the released "
+                                    "Step1X-3D-Geometry-1300m folder or its transformer/, local or in the Hugging "
+                                    "Face cache, or a Loom base folder saved with spatiotemporal=False) or use "
+                                    "--recipe tiny")
         dit = Shape4DDiT.from_pretrained(resolve_model_path(m.base, "model.base"), **variant)
     dit.freeze_base()
     return dit
@@ -135,8 +137,10 @@ def build_image_encoder(m: Shape4DModelSettings, seed: int):
     else:
         if not m.image_encoder:
             raise FileNotFoundError("model.image_encoder is not set: pass --set model.image_encoder=DIR (a local "
-                                    "DINOv2 folder, e.g. facebook/dinov2-large) or use --recipe tiny")
-        enc = load_image_features(resolve_model_path(m.image_encoder, "model.image_encoder"), m.dtype, image_size=m.image_size or None)
+                                    "DINOv2 folder, or facebook/dinov2-with-registers-large in the local Hugging "
+                                    "Face cache: Step1X-3D's) or use --recipe tiny")
+        enc = load_image_features(resolve_model_path(m.image_encoder, "model.image_encoder"), m.dtype,
+                                  image_size=m.image_size or None)
     return enc.eval().requires_grad_(False)
 
 

@@ -6,15 +6,25 @@ sampler live beside it in `loom.models.shape4d_flow`, not here.
 
 Design choices:
 
-- Base (3.2, "pretrained rectified-flow diffusion transformer"): Flux's layout (BlackForestLabs 2024) as
-  Step1X-3D and Hunyuan3D-2 use it for shapes. ``x_embedder`` maps latents (Q, C) to the width, ``context_embedder``
-  maps DINOv2 tokens (L, D_img) to the width; ``num_dual_blocks`` dual-stream blocks (MMDiT: the image tokens keep
-  their own stream and weights, attention is joint) then ``num_single_blocks`` single-stream blocks over the
-  concatenation ``[image, shape]``; ``AdaLayerNormContinuous`` + ``proj_out`` back to C. The blocks are diffusers'
-  own ``FluxTransformerBlock`` / ``FluxSingleTransformerBlock``. The timestep conditions every block through
-  AdaLN (Flux's sinusoidal ``Timesteps(256)`` + MLP); there is no pooled text vector and no guidance embedding.
-  The timestep is ``1000 * sigma`` (`loom.models.flow`). Shape tokens get no positional encoding: a VecSet is
-  a set, and where a token sits in it says nothing about where its query point lies.
+- Base (3.2, "pretrained rectified-flow diffusion transformer"): Step1X-3D's released geometry DiT
+  (``Step1X-3D-Geometry-1300m/transformer``, ``FluxDenoiser`` wrapping ``FluxTransformer1DModel`` in
+  ``step1x3d_geometry/models/transformers/flux_transformer_1d.py`` of stepfun-ai/Step1X-3D, commit 20b5de2), in its
+  own module names, so the released folder loads strictly (`from_pretrained`; its keys are ours with the wrapper's
+  ``dit_model.`` prefix). ``proj_in`` maps latents (Q, C) to the width, ``proj_cross_attention`` maps the DINOv2
+  tokens (L, D_img) to the width (no RMSNorm projector: the release has ``visual_condition_dim == condition_dim``);
+  ``num_dual_blocks`` dual-stream blocks (MMDiT: the image tokens keep their own stream and weights, attention is
+  joint over ``[image, shape]``) then ``num_single_blocks`` single-stream blocks over that concatenation;
+  ``AdaLayerNormContinuous`` + ``proj_out`` back to C, on the shape tokens only. The blocks are diffusers' own
+  ``FluxTransformerBlock`` / ``FluxSingleTransformerBlock``: upstream's copies (its ``models/attention.py`` and
+  ``FluxAttnProcessor2_0``) have the same parameter names and the same math (AdaLN-Zero modulation, per-head
+  RMSNorm q/k norms with eps 1e-6, joint attention with the image tokens first, tanh-GELU MLPs), which the golden
+  test checks. The timestep, unlike Flux's, is embedded as upstream does: ``time_embed`` = sinusoids of width
+  ``timestep_channels`` (= the width, 1280) in ``[sin, cos]`` order (``flip_sin_to_cos=False``, shift 0), then
+  ``time_proj`` = Linear(width, 4 width) -> exact GELU -> Linear(4 width, width); it conditions every block
+  through AdaLN. There is no pooled vector and no guidance embedding. The timestep is ``1000 * sigma``
+  (`loom.models.flow`; upstream trains on the scheduler's integer timesteps and samples with
+  FlowMatchEulerDiscreteScheduler's float ones, the target being ``noise - x0``). No positional encoding
+  (upstream passes ``image_rotary_emb=None``): a VecSet is a set.
 - Spatiotemporal layers (3.2, "Inserting spatiotemporal attention layers"): one `SpatioTemporalLayer` after
   EACH block (dual and single), a ``FluxSingleTransformerBlock`` itself ("mirror the base model's single-stream
   blocks") whose attention runs over the shape AND image tokens of ALL T frames of a sequence: the per-frame
@@ -38,18 +48,28 @@ Design choices:
   = 38,304 tokens) although it ran alone and was 1.4-1.7x faster there; "cudnn" exists for benchmarks that
   investigate it and is not used unless asked for. On CPU "auto" and "math" work; "flash" and "efficient" need
   kernels that the device has.
-- Sizes (`Shape4DDiTConfig.paper`, the default): width 1280 (20 heads x 64), 12 dual + 24 single blocks (so 36
-  spatiotemporal layers), 64 latent channels, 1,024 latents per frame, DINOv2-L image tokens (1,370 x 1,024 at
-  518 px). That base has 1.31 B parameters, about the size of the released Step1X-3D-Geometry-1300m; the 36
-  spatiotemporal layers add 0.89 B. ``num_latents`` is only the sampler's default; the network takes any Q.
-- Image features (`ImageFeatures`, `load_image_features`): transformers' ``Dinov2Model`` from a LOCAL folder,
-  frozen; ``last_hidden_state`` (final LayerNorm applied), CLS + patch tokens, as Step1X-3D / Hunyuan3D-2 feed
-  their DiTs; computed under ``no_grad`` (not ``inference_mode``, whose tensors autograd refuses). The shards'
-  RGBA frames are composited over white (the object's background in those models' preprocessing), centre-cropped
-  to a square, resized to the model's ``image_size`` and ImageNet-normalised.
-- Loading: `Shape4DDiT.from_pretrained(dir, spatiotemporal=True)` turns a saved base (no spatiotemporal layers)
-  into the 4D model with fresh, zero-initialised layers; every other mismatch is refused. Step1X-3D's released
-  weights use other parameter names; converting them is a key mapping onto this layout (not done here).
+- Sizes (`Shape4DDiTConfig.paper`, the default): the release's width 1280 (20 heads x 64), 12 dual + 24 single
+  blocks (so 36 spatiotemporal layers), 64 latent channels, DINOv2-L image tokens (1,370 x 1,024 at 518 px), and
+  the paper's 1,024 latents per frame (the release samples 2,048). That base is the released one, 1,316,287,808
+  parameters (tested against upstream's key list); the 36 spatiotemporal layers add 0.89 B. ``num_latents`` is
+  only the sampler's default; the network takes any Q.
+- Image features (`ImageFeatures`, `load_image_features`): DINOv2-with-registers-large at 518 px, as the
+  release (``configs/train-geometry-diffusion/step1x-3d-geometry-1300m.yaml``:
+  ``facebook/dinov2-with-registers-large``, ``image_size: 518``), transformers' ``Dinov2WithRegistersModel``
+  from a LOCAL folder, frozen;
+  ``last_hidden_state`` (final LayerNorm applied) with the register tokens dropped (upstream's
+  ``Dinov2Encoder.encode_image``): CLS + 37 x 37 patch tokens = 1,370 x 1,024. A plain ``Dinov2Model`` folder is
+  accepted too (it has no registers). Computed under ``no_grad`` (not ``inference_mode``, whose tensors autograd
+  refuses). Preprocessing is upstream's training path: the RGBA frame composited over white (its data module's
+  ``background_color``), then its ``transform_dino``: resize the shorter side to 518 (bicubic, antialiased), centre
+  crop 518 x 518, ImageNet normalisation (no clamping, as torchvision's float path). Upstream's data module also
+  re-frames each image around its alpha bounding box (foreground ratio 0.9, then 512 px); Loom leaves framing to the
+  renders (a per-frame re-framing would make the object's scale jitter across a sequence). The unconditional
+  tokens are zeros (upstream's ``zero_uncond_embeds``), as `loom.models.shape4d_flow` uses them.
+- Loading: `Shape4DDiT.from_pretrained(dir, spatiotemporal=True)` takes a released Step1X-3D folder (the
+  ``transformer/`` folder, or the release folder above it) or a folder `save_pretrained` wrote, and turns a base
+  (no spatiotemporal layers) into the 4D model with fresh, zero-initialised layers; every other mismatch between
+  weights and config is refused.
 
 Shapes::
 
@@ -99,6 +119,23 @@ TEMPORAL_MODES = ("full", "1d")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's normalisation
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# A released Step1X-3D DiT folder (``<release>/transformer/``): config.json (FluxDenoiser.Config) + these weights,
+# whose keys are ours under the FluxDenoiser wrapper's attribute name.
+RELEASED_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+RELEASED_PREFIX = "dit_model."
+# FluxDenoiser.Config (with BaseModule's ``weights``): every field with upstream's default, which is what a
+# config.json that leaves it out means.
+_STEP1X3D_DEFAULTS = dict(
+    weights=None, pretrained_model_name_or_path=None, input_channels=32, width=768, layers=12, num_single_layers=12,
+    num_heads=16, condition_dim=1024, multi_condition_type="in_context", use_visual_condition=False,
+    visual_condition_dim=1024, n_views=1, use_caption_condition=False, caption_condition_dim=1024,
+    use_label_condition=False, label_condition_dim=1024, identity_init=False)
+# upstream fields that would change the network into one Loom does not build: the value the release uses, and why
+_STEP1X3D_REQUIRED = dict(
+    multi_condition_type=("in_context", "conditions concatenated as tokens"),
+    use_visual_condition=(True, "conditioned on the image"),
+    use_caption_condition=(False, "no caption tokens (Loom conditions on DINOv2 image tokens only)"),
+    use_label_condition=(False, "no label tokens (the Step1X-3D-Geometry-Label-1300m model is not supported)"))
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -115,7 +152,7 @@ class Shape4DDiTConfig:
     attention_head_dim: int = 64  # width = heads * head_dim = 1280
     num_dual_blocks: int = 12
     num_single_blocks: int = 24
-    timestep_channels: int = 256  # Flux's sinusoidal timestep features
+    timestep_channels: int | None = None  # sinusoidal timestep features; None: the width (Step1X-3D's)
     spatiotemporal: bool = True  # False: the per-frame base model alone
     temporal: str = "full"  # "full": all tokens of all frames; "1d": each token index along time only
     st_image_tokens: bool = True  # image tokens take part in the spatiotemporal attention
@@ -125,7 +162,7 @@ class Shape4DDiTConfig:
     def __post_init__(self):
         for name in ("latent_channels", "num_latents", "image_dim", "num_attention_heads", "attention_head_dim",
                      "timestep_channels"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"Shape4DDiTConfig.{name}={getattr(self, name)} must be >= 1")
         for name in ("num_dual_blocks", "num_single_blocks"):
             if getattr(self, name) < 0:
@@ -133,7 +170,7 @@ class Shape4DDiTConfig:
         if self.attention_head_dim % 2:
             raise ValueError(f"Shape4DDiTConfig.attention_head_dim={self.attention_head_dim} must be even (RoPE "
                              "rotates pairs of channels)")
-        if self.timestep_channels % 2:
+        if self.timestep_channels is not None and self.timestep_channels % 2:
             raise ValueError(f"Shape4DDiTConfig.timestep_channels={self.timestep_channels} must be even")
         if self.temporal not in TEMPORAL_MODES:
             raise ValueError(f"Shape4DDiTConfig.temporal={self.temporal!r}: use one of {TEMPORAL_MODES}")
@@ -147,10 +184,14 @@ class Shape4DDiTConfig:
     def width(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 
+    @property
+    def time_channels(self) -> int:
+        return self.timestep_channels or self.width
+
     @classmethod
     def paper(cls, **overrides) -> Shape4DDiTConfig:
         """16 frames x 1,024 latents, width 1280, 12 dual + 24 single blocks, DINOv2-L tokens (benchmarks only:
-        2.19 B parameters, a 1.31 B base and 0.89 B in the 36 spatiotemporal layers)."""
+        2.20 B parameters: the released 1.32 B base and 0.89 B in the 36 spatiotemporal layers)."""
         return cls(**overrides)
 
     @classmethod
@@ -170,6 +211,32 @@ class Shape4DDiTConfig:
         if unknown:
             raise ValueError(f"{source}: unknown Shape4DDiTConfig fields {unknown}; known: {sorted(names)}")
         return cls(**d)
+
+    @classmethod
+    def from_step1x3d(cls, d: dict, source: str = "config", **overrides) -> Shape4DDiTConfig:
+        """The base config of a Step1X-3D ``FluxDenoiser`` config.json (``<release>/transformer/config.json``; missing
+        fields take upstream's defaults), without spatiotemporal layers; ``overrides`` set Loom's own fields.
+        Options that change the network into one Loom does not build are refused."""
+        unknown = sorted(set(d) - set(_STEP1X3D_DEFAULTS))
+        if unknown:
+            raise ValueError(f"{source}: unknown Step1X-3D DiT config fields {unknown}: is it a FluxDenoiser "
+                             "config.json (Step1X-3D-Geometry-1300m/transformer/config.json)?")
+        full = {**_STEP1X3D_DEFAULTS, **d}
+        for name, (want, what) in _STEP1X3D_REQUIRED.items():
+            if full[name] != want:
+                raise ValueError(f"{source}: {name}={full[name]!r} is not supported; Loom builds the released "
+                                 f"network, {name}={want!r} ({what})")
+        if full["visual_condition_dim"] != full["condition_dim"]:
+            raise ValueError(f"{source}: visual_condition_dim={full['visual_condition_dim']} != condition_dim="
+                             f"{full['condition_dim']} (an RMSNorm + Linear condition projector) is not supported: "
+                             "the release feeds DINOv2 tokens straight to proj_cross_attention")
+        if full["width"] % full["num_heads"]:
+            raise ValueError(f"{source}: width={full['width']} is not divisible by num_heads={full['num_heads']}")
+        base = dict(latent_channels=full["input_channels"], image_dim=full["condition_dim"],
+                    num_attention_heads=full["num_heads"], attention_head_dim=full["width"] // full["num_heads"],
+                    num_dual_blocks=full["layers"], num_single_blocks=full["num_single_layers"],
+                    timestep_channels=None, spatiotemporal=False)
+        return cls.from_dict({**base, **overrides}, source=source)
 
 
 # ---------------------------------------------------------------------------------------------------- attention
@@ -262,10 +329,13 @@ class Shape4DDiT(nn.Module):
         super().__init__()
         self.config = config = config or Shape4DDiTConfig()
         dim, heads, head_dim = config.width, config.num_attention_heads, config.attention_head_dim
-        self.time_proj = Timesteps(config.timestep_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
-        self.time_embed = TimestepEmbedding(config.timestep_channels, dim)
-        self.x_embedder = nn.Linear(config.latent_channels, dim)
-        self.context_embedder = nn.Linear(config.image_dim, dim)
+        # Upstream's names (FluxTransformer1DModel) and layout: ``time_embed`` holds the (weightless) sinusoids and
+        # ``time_proj`` the MLP, the other way round from diffusers' Flux; the MLP's hidden width is 4x and its
+        # activation the exact GELU.
+        self.time_embed = Timesteps(config.time_channels, flip_sin_to_cos=False, downscale_freq_shift=0)
+        self.time_proj = TimestepEmbedding(config.time_channels, 4 * dim, act_fn="gelu", out_dim=dim)
+        self.proj_in = nn.Linear(config.latent_channels, dim)
+        self.proj_cross_attention = nn.Linear(config.image_dim, dim)
         self.transformer_blocks = nn.ModuleList(
             FluxTransformerBlock(dim, heads, head_dim) for _ in range(config.num_dual_blocks))
         self.single_transformer_blocks = nn.ModuleList(
@@ -280,11 +350,11 @@ class Shape4DDiT(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.x_embedder.weight.dtype
+        return self.proj_in.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.x_embedder.weight.device
+        return self.proj_in.weight.device
 
     def set_attention_backend(self, backend: str) -> None:
         """Use the SDPA kernels of ``backend`` (see `ATTENTION_BACKENDS`) in every block from now on."""
@@ -327,10 +397,10 @@ class Shape4DDiT(nn.Module):
         self._check_inputs(x, timestep, img, single_frame)
         b, t, q, c = x.shape
         dtype = self.dtype
-        temb = self.time_embed(self.time_proj(timestep.to(self.device)).to(dtype))  # (B, D)
+        temb = self.time_proj(self.time_embed(timestep.to(self.device)).to(dtype))  # (B, D)
         temb_frames = temb.repeat_interleave(t, 0)  # (B*T, D): the base sees each frame as its own shape
-        hidden = self.x_embedder(x.reshape(b * t, q, c).to(dtype))  # (B*T, Q, D)
-        context = self.context_embedder(img.reshape(b * t, img.shape[2], img.shape[3]).to(dtype))  # (B*T, L, D)
+        hidden = self.proj_in(x.reshape(b * t, q, c).to(dtype))  # (B*T, Q, D)
+        context = self.proj_cross_attention(img.reshape(b * t, img.shape[2], img.shape[3]).to(dtype))  # (B*T, L, D)
         blocks = list(self.transformer_blocks) + list(self.single_transformer_blocks)
         for i, block in enumerate(blocks):
             context, hidden = block(hidden, context, temb_frames)
@@ -371,12 +441,30 @@ class Shape4DDiT(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, torch_dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu", **overrides) -> Shape4DDiT:
-        """Load what `save_pretrained` wrote from a local directory, with config ``overrides``. Loading a base
-        (saved with ``spatiotemporal=False``) with ``spatiotemporal=True`` adds fresh zero-initialised
-        spatiotemporal layers (the start of 4D training); ``spatiotemporal=False`` on a 4D checkpoint drops them.
-        Any other mismatch between weights and config is an error."""
-        raw, state = read_folder(path, cls.__name__, "shape DiT")
-        saved = Shape4DDiTConfig.from_dict(raw, source=os.path.join(path, CONFIG_NAME))
+        """Load, from a local directory, a released Step1X-3D DiT (its ``transformer/`` folder: ``config.json`` +
+        ``diffusion_pytorch_model.safetensors``, or the release folder above it, ``Step1X-3D-Geometry-1300m``) or
+        what `save_pretrained` wrote, with config ``overrides``. Loading a base (the release, or a folder saved with
+        ``spatiotemporal=False``) with ``spatiotemporal=True`` adds fresh zero-initialised spatiotemporal layers
+        (the start of 4D training); ``spatiotemporal=False`` on a 4D checkpoint drops them. Any other mismatch
+        between weights and config (a key missing, unexpected or of another shape) is an error."""
+        path = os.fspath(path)
+        released = _released_folder(path)
+        if released is None:
+            raw, state = read_folder(path, cls.__name__, "shape DiT")
+            saved = Shape4DDiTConfig.from_dict(raw, source=os.path.join(path, CONFIG_NAME))
+        else:
+            from safetensors.torch import load_file
+
+            source = os.path.join(released, CONFIG_NAME)
+            with open(source) as f:
+                saved = Shape4DDiTConfig.from_step1x3d(json.load(f), source=source)
+            raw_state = load_file(os.path.join(released, RELEASED_WEIGHTS_NAME))
+            foreign = sorted(k for k in raw_state if not k.startswith(RELEASED_PREFIX))
+            if foreign:
+                raise ValueError(f"{released!r}: weights outside the FluxDenoiser's {RELEASED_PREFIX!r} "
+                                 f"({len(foreign)}, e.g. {foreign[:4]}): a condition projector or another model?")
+            state = {k[len(RELEASED_PREFIX):]: v for k, v in raw_state.items()}
+            path = released
         config = Shape4DDiTConfig.from_dict({**saved.to_dict(), **overrides}, source="overrides")
         with torch.random.fork_rng(devices=[]):  # fresh layers: only their zero output matters, keep RNG intact
             model = cls(config)
@@ -394,12 +482,24 @@ class Shape4DDiT(nn.Module):
         return model.to(device=device, dtype=torch_dtype)
 
 
+def _released_folder(path: str) -> str | None:
+    """The released-layout DiT folder at ``path`` or ``path/transformer`` (config.json +
+    diffusion_pytorch_model.safetensors), or None (a Loom folder, or nothing: `read_folder` says what is wrong)."""
+    if os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
+        return None
+    for folder in (path, os.path.join(path, "transformer")):
+        if all(os.path.isfile(os.path.join(folder, n)) for n in (CONFIG_NAME, RELEASED_WEIGHTS_NAME)):
+            return folder
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------- image features
 
 
 class ImageFeatures(nn.Module):
-    """A frozen DINOv2 giving ``last_hidden_state`` (CLS + patch tokens) per frame. Build with
-    `load_image_features` (local folder) or `tiny` (random, for tests)."""
+    """A frozen DINOv2 (with registers, or plain) giving ``last_hidden_state`` without the register tokens (CLS +
+    patch tokens) per frame, preprocessed as Step1X-3D does. Build with `load_image_features` (local folder) or
+    `tiny` (random, for tests)."""
 
     def __init__(self, model: nn.Module, image_size: int | None = None, background: float = 1.0):
         super().__init__()
@@ -413,7 +513,8 @@ class ImageFeatures(nn.Module):
             raise ValueError(f"background={background} must be a grey level in [0, 1]")
         self.background = background
         self.dim = int(cfg.hidden_size)
-        self.tokens = (self.image_size // patch) ** 2 + 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
+        self.registers = int(getattr(cfg, "num_register_tokens", 0) or 0)  # dropped from the output
+        self.tokens = (self.image_size // patch) ** 2 + 1
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -425,6 +526,14 @@ class ImageFeatures(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    @property
+    def preprocessing(self) -> str:
+        """What `encode` does to a frame and which tokens it keeps, for caches to record beside the features."""
+        grey = round(self.background * 255)
+        return (f"Step1X-3D transform_dino: alpha over ({grey}, {grey}, {grey}), bicubic antialiased shortest edge "
+                f"{self.image_size}, centre crop, ImageNet mean/std, no clamp; last_hidden_state CLS + patch tokens"
+                f"{f' ({self.registers} register tokens dropped)' if self.registers else ''}")
+
     def preprocess(self, frames) -> torch.Tensor:
         """(N, H, W, 3 or 4) uint8 (straight alpha) -> (N, 3, S, S) normalised pixels."""
         a = frames.cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
@@ -434,13 +543,16 @@ class ImageFeatures(nn.Module):
         if x.shape[1] == 4:
             alpha = x[:, 3:]
             x = x[:, :3] * alpha + self.background * (1.0 - alpha)
+        # Step1X-3D's transform_dino: torchvision Resize(S, bicubic, antialias) (shorter side to S, the longer
+        # one truncated to int(S * long / short)), CenterCrop(S) (offsets rounded), Normalize; float pixels are
+        # not clamped after the bicubic resize, as torchvision does not clamp them.
+        s = self.image_size
         h, w = x.shape[-2:]
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        x = x[..., top: top + side, left: left + side]
-        if side != self.image_size:
-            x = nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic",
-                                          align_corners=False, antialias=True).clamp(0.0, 1.0)
+        size = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
+        if size != (h, w):
+            x = nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+        top, left = int(round((size[0] - s) / 2.0)), int(round((size[1] - s) / 2.0))
+        x = x[..., top: top + s, left: left + s]
         return (x - self.mean) / self.std
 
     @torch.no_grad()  # not inference_mode: the features feed a DiT that is trained under autograd
@@ -451,33 +563,40 @@ class ImageFeatures(nn.Module):
             raise ValueError(f"frames must be (..., H, W, C) with at least one leading dimension, got {a.shape}")
         lead = a.shape[:-3]
         px = self.preprocess(a.reshape(-1, *a.shape[-3:])).to(device=self.device, dtype=self.dtype)
-        out = self.model(pixel_values=px).last_hidden_state.float()  # (N, L, D)
+        out = self.model(pixel_values=px).last_hidden_state.float()  # (N, 1 + R + P, D)
+        if self.registers:  # Step1X-3D's Dinov2Encoder.encode_image: CLS, then the patch tokens
+            out = torch.cat([out[:, :1], out[:, 1 + self.registers:]], dim=1)  # (N, 1 + P, D)
         return out.reshape(*lead, *out.shape[1:])
 
     @classmethod
-    def tiny(cls, seed: int = 0, hidden_size: int = 24, image_size: int = 28, **config) -> ImageFeatures:
-        """A random 1-layer DINOv2 (5 tokens of width 24 at 28 px by default)."""
-        from transformers import Dinov2Config, Dinov2Model
+    def tiny(cls, seed: int = 0, hidden_size: int = 24, image_size: int = 28, num_register_tokens: int = 0,
+             **config) -> ImageFeatures:
+        """A random 1-layer DINOv2 (5 tokens of width 24 at 28 px by default); with ``num_register_tokens`` > 0 the
+        with-registers variant (the release's kind), whose registers are dropped from the output."""
+        import transformers
 
-        cfg = Dinov2Config(**{**dict(hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=2 * hidden_size, image_size=image_size, patch_size=14),
-                              **config})
+        cfg = {**dict(hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=2 * hidden_size, image_size=image_size, patch_size=14), **config}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return cls(Dinov2Model(cfg))
+            if num_register_tokens:
+                return cls(transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
+                    num_register_tokens=num_register_tokens, **cfg)))
+            return cls(transformers.Dinov2Model(transformers.Dinov2Config(**cfg)))
 
 
 def load_image_features(path: str, dtype: str = "float32", device: str = "cpu", image_size: int | None = None,
                         background: float = 1.0) -> ImageFeatures:
-    """A frozen DINOv2 (``Dinov2Model`` or the with-registers variant) from a LOCAL transformers folder
-    (config.json + weights), e.g. facebook/dinov2-large copied to disk; ``image_size`` defaults to the config's
-    (518 for DINOv2-L: 1,370 tokens)."""
+    """A frozen DINOv2 from a LOCAL transformers folder (config.json + weights): Step1X-3D's
+    ``facebook/dinov2-with-registers-large`` (``Dinov2WithRegistersModel``; its 4 registers are dropped) copied to
+    disk, or a plain ``Dinov2Model``; ``image_size`` defaults to the config's (518 for both: 1,370 tokens)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"DINOv2 directory {path!r} does not exist: point it at a local transformers "
-                                "Dinov2Model folder (config.json + model.safetensors); nothing is downloaded")
+                                "Dinov2WithRegistersModel or Dinov2Model folder (config.json + model.safetensors), "
+                                "e.g. facebook/dinov2-with-registers-large; nothing is downloaded")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"DINOv2 directory {path!r} has no config.json: is it a transformers model folder?")
     with open(os.path.join(path, "config.json")) as f:
