@@ -51,11 +51,52 @@ def test_sample_contract_and_unit_box(corpus):
     assert len(meta["frame_times"]) == T and meta["seed"] and meta["asset_sha256"]
     h = cfg.sequence.half_extent
     assert np.abs(smp["queries"]).max() <= h + 1e-5  # the animated mesh of every frame fits the unit box
-    # The watertight surface lies slightly outside the original (about 0.02 at the smoke resolution of 5,000).
-    assert np.abs(smp["surface"][..., :3]).max() <= h + 0.03
+    assert h == 1.0 and meta["half_extent"] == h  # Step1X-3D's [-1, 1] box
+    # The watertight surface lies slightly outside the original (about 0.044 at the smoke resolution of 5,000).
+    assert np.abs(smp["surface"][..., :3]).max() <= h + 0.06
     n = smp["surface"][..., 3:]
     assert np.abs(np.linalg.norm(n, axis=-1) - 1).max() < 1e-4
     assert np.abs(smp["sdf"]).max() <= p.sdf_truncation + 1e-6
+    assert meta["sdf_truncation"] == p.sdf_truncation
+    # sharp-edge points: the fake arm is two boxes, so every frame has sharp edges and no fallback
+    sharp = smp["sharp_surface"]
+    assert sharp.shape == (T, p.sharp_points, 6) and sharp.dtype == np.float32
+    assert len(meta["sharp_edges"]) == T and min(meta["sharp_edges"]) > 0
+    assert np.abs(np.linalg.norm(sharp[..., 3:], axis=-1) - 1).max() < 1e-4
+    assert np.abs(sharp[..., :3]).max() <= h + 0.06
+
+
+def test_sharp_points_are_on_sharp_edges_of_the_watertight_surface(corpus):
+    """Sharp points lie on the surface sampled in the same frame (within the surface sampling spacing), and their
+    normals are not those of a flat face: on an edge of the boxy arm they are the mean of two face normals."""
+    cfg, spec, _ = corpus
+    [smp] = list(iter_samples(spec.out))
+    surf, sharp = smp["surface"][0], smp["sharp_surface"][0]
+    d = np.linalg.norm(sharp[:, None, :3] - surf[None, :, :3], axis=-1).min(1)
+    assert np.median(d) < 0.1
+    # a normal on an edge differs from the face normals of nearby surface points
+    near = np.linalg.norm(sharp[:, None, :3] - surf[None, :, :3], axis=-1).argmin(1)
+    cos = np.einsum("ij,ij->i", sharp[:, 3:], surf[near, 3:])
+    assert np.median(cos) < 0.999
+
+
+def test_no_sharp_points_when_off(ray_local, tmp_path):
+    """points.sharp_points=0 writes no sharp.npz (and no meta.sharp_edges); the reader refuses to hand out
+    'sharp_surface' from such samples, naming the setting."""
+    from loom.datasets import shape4d as schema
+
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    (assets / "arm.obj").write_text("# arm\n")
+    cfg = c.resolve(shape4d.Render4DJob, "smoke", c.parse_set(["render.backend=fake", f"out={tmp_path / 'out'}",
+                                                               "sequence.frames=2", "points.sharp_points=0"]))
+    spec = job_spec(cfg, resolve_source(str(assets)))
+    assert run_job(spec, progress=False).samples_done == 1
+    [smp] = list(iter_samples(spec.out))
+    assert "sharp_surface" not in smp and "sharp_edges" not in smp["meta"]
+    with pytest.raises(Exception, match="points.sharp_points"):
+        list(iter_samples(spec.out, keys=("surface", "sharp_surface")))
+    assert schema.SHARP not in schema.EXTS
 
 
 def test_queries_are_the_same_physical_points_in_every_frame(corpus):
@@ -87,6 +128,7 @@ def test_sdf_sign_matches_inside_test(corpus):
                   (np.abs(local[:, 2]) < 0.15)
         inside = in_upper | in_fore
         sdf = smp["sdf"][t]
-        clear = np.abs(sdf) > 0.02  # away from the surface, where the watertight offset does not matter
+        # clipped values only: farther than tau from the watertight surface, where its offset does not matter
+        clear = np.abs(sdf) >= smp["meta"]["sdf_truncation"] - 1e-6
         assert clear.sum() > 100
         assert ((sdf[clear] < 0) == inside[clear]).mean() > 0.99

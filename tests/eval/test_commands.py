@@ -262,8 +262,12 @@ def test_eval_texture_from_a_trained_run_scores_the_generated_views(ttv_case, tm
                       "--out", tmp_path / "out" / "folders", "--model", "folders", "--set", "limit=8")
     assert rc == 0, err
     _, _, runs = client_runs(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}", "bench/texture")
+    # against the second --run evaluation, whose views the folders hold (the H.264 file each generated video passes
+    # through is not bit-stable across the two generations in one process: libx264 rate control)
+    latest = json.load(open(out / "metrics.json"))["metrics"]
     for m in ("fid", "kid", "clip_s"):
-        assert runs["folders"].data.metrics[m] == pytest.approx(r.metrics[m], rel=1e-6)
+        assert runs["folders"].data.metrics[m] == pytest.approx(latest[m], rel=1e-6)
+        assert r.metrics[m] == pytest.approx(latest[m], rel=1e-2)
     os.makedirs(tmp_path / "mine" / "pred")
     open(tmp_path / "mine" / "pred" / "x.png", "w").close()
     rc, _, err = loom(capsys, "eval", "texture", "--recipe", "tiny", "--gt", ttv_case["gt"], "--run", run,

@@ -7,6 +7,10 @@ key               shape            dtype    meaning
 ================  ===============  =======  ===============================================================
 ``surface``       (T,S,6)          float32  points on the watertight mesh of each frame and their unit outward
                                             normals (xyz, nx ny nz); S = 32,768 by default
+``sharp_surface`` (T,S',6)         float32  OPTIONAL (``points.sharp_points`` > 0): sharp-edge salient points of
+                                            each frame's watertight mesh and their unit normals, sampled as
+                                            Dora/Step1X-3D do (:mod:`loom.geometry.sharp`); S' = 32,768 by
+                                            default; the input of the VAE's sharp branch (``sharp_surface=``)
 ``queries``       (T,Q,3)          float32  aligned query points: query i is the same physical point of the
                                             animated (original, non-watertight) mesh in every frame; Q = 1,024
 ``query_faces``   (Q,)             int64    triangle of the original mesh each query lies on
@@ -18,15 +22,23 @@ key               shape            dtype    meaning
 ``K``             (T,3,3)          float32  intrinsics (pixels, pixel centres at u+0.5)
 ``c2w``           (T,4,4)          float32  OpenCV camera-to-world (world +Z up)
 ``meta``          dict                      seed, uid, asset_sha256, frame_times, normalization,
-                                            root_offsets, animation, versions, config hash
+                                            root_offsets, animation, versions, config hash, half_extent,
+                                            sdf_truncation, and with sharp points ``sharp_edges`` (sharp edges
+                                            found per frame; 0 = that frame fell back to surface points)
 ================  ===============  =======  ===============================================================
 
-Coordinates: root motion removed, then one similarity for the whole sequence so every frame of the animated mesh
-lies in the box ``[-h, h]^3`` (``meta["half_extent"]``, 0.5 by default). The watertight surface (``surface``,
-``sdf``) lies slightly outside the original one: about 1/resolution of the box (0.011 at the default 20,000).
+Coordinates and units: root motion removed, then one similarity for the whole sequence so every frame of the
+animated mesh lies in the box ``[-h, h]^3`` (``meta["half_extent"]``). Corpora written since the Step1X-3D base use
+its frame, ``h = 1`` (Step1X-3D's shapes fill [-1, 1]^3, meshes are extracted in +-1.05), and truncate the signed
+distances at tau = 0.01 in those units (``meta["sdf_truncation"]``), so the released VAE reads them as they are;
+older corpora have ``h = 0.5`` and tau = 0.05 (no ``sdf_truncation`` in their meta: see the job's config.yaml).
+All lengths (positions, sdf, tau) are in the units of that box. The watertight surface (``surface``,
+``sharp_surface``, ``sdf``) lies slightly outside the original one: about 1/resolution of the box side (0.022 for
+h = 1 at the default 20,000).
 
 On disk: ``surface.npz``, ``queries.npz``, ``sdf.npz`` (float32, zip-compressed numpy), ``video.mkv`` (FFV1
-lossless with alpha), ``camera.npz``, ``meta.json``.
+lossless with alpha), ``camera.npz``, ``meta.json``, and with sharp points ``sharp.npz`` (float32; absent in
+corpora written with ``points.sharp_points=0`` and in older ones).
 """
 
 from __future__ import annotations
@@ -41,6 +53,12 @@ from loom.datasets.codecs import decode_video, encode_video, iter_decoded, npz, 
 
 KIND = "4d"
 EXTS = ("surface.npz", "queries.npz", "sdf.npz", "video.mkv", "camera.npz", "meta.json")
+# Optional members: present only when the job wrote them.
+SHARP = "sharp.npz"
+# What to tell a reader that needs sharp-edge points from shards without them.
+SHARP_MISSING = ("4D sample has no 'sharp_surface' (sharp-edge points, the input of the Step1X-3D VAE's sharp "
+                 "branch): its corpus was written with points.sharp_points=0 or before they existed. Re-render it "
+                 "with `loom render 4d --set points.sharp_points=32768` (the default recipe writes them)")
 
 
 def check_arrays(a: dict[str, np.ndarray]) -> None:
@@ -60,6 +78,12 @@ def check_arrays(a: dict[str, np.ndarray]) -> None:
             raise ValueError(f"array {k!r} has shape {a[k].shape}, expected {shape}")
         if np.issubdtype(a[k].dtype, np.floating) and not np.isfinite(a[k]).all():
             raise ValueError(f"array {k!r} contains NaN or inf")
+    if "sharp_surface" in a:
+        sh = a["sharp_surface"].shape
+        if len(sh) != 3 or sh[0] != t or sh[2] != 6:
+            raise ValueError(f"array 'sharp_surface' has shape {sh}, expected ({t}, S', 6)")
+        if not np.isfinite(a["sharp_surface"]).all():
+            raise ValueError("array 'sharp_surface' contains NaN or inf")
     if a["video"].dtype != np.uint8:
         raise ValueError(f"video must be uint8, got {a['video'].dtype}")
 
@@ -67,6 +91,7 @@ def check_arrays(a: dict[str, np.ndarray]) -> None:
 def encode_sample(a: dict[str, np.ndarray], meta: dict[str, Any]) -> dict[str, bytes]:
     check_arrays(a)
     ext, video = encode_video(a["video"], "ffv1", name="video")
+    sharp = {SHARP: npz(sharp_surface=a["sharp_surface"].astype(np.float32))} if "sharp_surface" in a else {}
     return {
         "surface.npz": npz(surface=a["surface"].astype(np.float32)),
         "queries.npz": npz(queries=a["queries"].astype(np.float32), faces=a["query_faces"].astype(np.int64),
@@ -75,6 +100,7 @@ def encode_sample(a: dict[str, np.ndarray], meta: dict[str, Any]) -> dict[str, b
         ext: video,
         "camera.npz": npz(K=a["K"].astype(np.float32), c2w=a["c2w"].astype(np.float32)),
         "meta.json": json.dumps(meta, sort_keys=True).encode(),
+        **sharp,
     }
 
 
@@ -90,6 +116,10 @@ def decode_sample(files: dict[str, bytes], keys: tuple[str, ...] | None = None) 
     out: dict[str, Any] = {}
     if need("surface"):
         out["surface"] = unnpz(files["surface.npz"])["surface"]
+    if keys and "sharp_surface" in keys and SHARP not in files:
+        raise ValueError(SHARP_MISSING)
+    if SHARP in files and (want is None or "sharp_surface" in want):
+        out["sharp_surface"] = unnpz(files[SHARP])["sharp_surface"]
     if need("queries", "query_faces", "query_bary"):
         q = unnpz(files["queries.npz"])
         out["queries"], out["query_faces"], out["query_bary"] = q["queries"], q["faces"], q["bary"]

@@ -183,7 +183,7 @@ class ShapeVAEConfig:
     @classmethod
     def tiny(cls, **overrides) -> ShapeVAEConfig:
         """A ~50k-parameter model for tests. Without the sharp branch by default, so it encodes shards that have no
-        sharp-edge points; ``tiny(sharp_edges=True)`` has it. tau = 0.05, the shards' default truncation."""
+        sharp-edge points; ``tiny(sharp_edges=True)`` has it. tau = 0.05, the smoke corpora's wide band."""
         return cls(**{**dict(latent_channels=8, width=32, heads=2, encoder_layers=1, decoder_layers=1, num_freqs=6,
                              num_latents=16, sharp_edges=False, tau=0.05), **overrides})
 

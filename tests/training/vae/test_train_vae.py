@@ -56,16 +56,18 @@ def test_truncation_is_checked_against_the_corpus_meta_and_batches(corpus):
 
     assert vae_data.corpus_truncation(corpus) == pytest.approx(0.05)
     cfg = tiny(f"data.source={corpus}", "model.tau=0.1")
-    with pytest.raises(ValueError, match=r"model.tau=0.1 .* at 0.05"):
+    with pytest.raises(ValueError, match=r"model.tau=0.1 .* at 0.05"):  # shards truncated tighter than tau
         VAEModule(cfg).make_loader()
+    VAEModule(tiny(f"data.source={corpus}", "model.tau=0.05")).make_loader()
+    VAEModule(tiny(f"data.source={corpus}")).make_loader()  # tau 0.01 <= 0.05: the step clips the targets
     sdf = torch.from_numpy(first_batch(cfg)["sdf"])
     vae_data.check_batch_truncation(0.05, sdf, None)
+    vae_data.check_batch_truncation(0.02, sdf, None)  # values beyond the model's tau are clipped to it
     with pytest.raises(ValueError, match="model.tau=0.1"):  # clipped values pile up at 0.05
         vae_data.check_batch_truncation(0.1, sdf, None)
-    with pytest.raises(ValueError, match="up to 0.05|at 0.05"):  # values beyond the model's tau
-        vae_data.check_batch_truncation(0.02, sdf, None)
     with pytest.raises(ValueError, match="meta sdf_truncation"):
-        vae_data.check_batch_truncation(0.05, sdf, [{"uid": "a", "sdf_truncation": 0.1}])
+        vae_data.check_batch_truncation(0.05, sdf, [{"uid": "a", "sdf_truncation": 0.02}])
+    vae_data.check_batch_truncation(0.01, sdf, [{"uid": "a", "sdf_truncation": 0.05}])
     assert vae_data.batch_truncation(torch.linspace(-0.04, 0.04, 1000)) is None  # nothing clipped
 
 
@@ -103,6 +105,7 @@ def test_tiny_vae_run_loss_falls_and_the_saved_vae_reconstructs_better(corpus, v
     first, last = np.mean([v for _, v in hist[:3]]), np.mean([v for _, v in hist[-3:]])
     assert last < 0.5 * first, hist
     assert r.data.params["model.size"] == "tiny" and r.data.params["data.truncation"] == "0.05"
+    assert r.data.params["model.tau"] == "0.01"  # the paper's tau, the targets clipped from the corpus' 0.05
     assert {"samples", "vae", "config.yaml"} <= {a.path for a in c.list_artifacts(run_id)}
     assert sorted(os.listdir(os.path.join(vae_run, "samples"))) == [f"step-00000{s}.obj" for s in (10, 20, 30)]
 
@@ -114,7 +117,8 @@ def test_tiny_vae_run_loss_falls_and_the_saved_vae_reconstructs_better(corpus, v
     def error(vae):
         with torch.no_grad():
             z, post = vae.encode(surface, queries, sample=False)
-            return vae_loss(vae.decode(z, points), sdf, post.kl(), tau=0.05)["sdf"].item()
+            tau = vae.config.tau
+            return vae_loss(vae.decode(z, points), sdf.clamp(-tau, tau), post.kl(), tau=tau)["sdf"].item()
 
     trained = ShapeVAE.from_pretrained(os.path.join(vae_run, "vae"))
     assert error(trained) < 0.5 * error(build_vae(cfg.model, 0))

@@ -8,16 +8,18 @@ finished run is :mod:`loom.inference.shape4d`. The shape VAE it encodes with is 
 Data flow of one step::
 
     LoomLoader -> per sample: data.frames evenly spread frames (0 = all; the paper's ablations use 8 of 16)
-      -> frozen shape VAE (model.vae): surface[t], queries[t] -> posterior mean -> x0 (B,T,Q,C) x latent_scale
+      -> frozen shape VAE (model.vae): surface[t], queries[t] [, sharp_surface[t] for Step1X-3D's sharp branch; no
+         sharp queries: the aligned queries are all the latents] -> posterior mean -> x0 (B,T,Q,C) x latent_scale
       -> frozen DINOv2 (model.image_encoder): video[t] -> image tokens (B,T,L,D_img)
       -> shape4d_flow.training_inputs: ONE sigma per sequence, noise shared by all frames (flow.shared_noise),
          both from (seed, step, sample key)  ->  x_sigma, timestep, velocity target
       -> Shape4DDiT (frozen base + trainable spatiotemporal layers)(x_sigma, timestep, image tokens) -> v
       -> loss = |v - (noise - x0)|^2
 
-The base DiT comes from ``model.base`` (a local ``Shape4DDiT.save_pretrained`` folder of the base, saved with
-``spatiotemporal=False``), gets fresh zero-initialised spatiotemporal layers and is frozen (``freeze_base``): only
-those layers train and only they are saved (``OUT/spatiotemporal``). The frozen VAE and DINOv2 live outside the
+The base DiT comes from ``model.base`` (the released Step1X-3D-Geometry-1300m folder or its ``transformer/``, or a
+``Shape4DDiT.save_pretrained`` folder of a base saved with ``spatiotemporal=False``), gets fresh zero-initialised
+spatiotemporal layers and is frozen (``freeze_base``): only those layers train and only they are saved
+(``OUT/spatiotemporal``). The frozen VAE and DINOv2 live outside the
 module tree, so DeepSpeed neither wraps, casts nor checkpoints them. A digest of the base weights is taken when the
 run starts and when it ends and written beside the layers: ``loom generate 4d`` refuses a base folder that has
 changed since.

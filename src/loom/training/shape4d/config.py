@@ -21,6 +21,8 @@ class Shape4DDataSettings:
     batch_size: int = field(4, help="sequences per rank per step (paper: 64 on 16 GPUs)")
     frames: int = field(0, help="evenly spread frames per sequence (0 = all; paper: 16, ablations: 8)")
     surface_points: int = field(0, help="random surface points per frame fed to the frozen VAE (0 = all)")
+    sharp_points: int = field(0, help="random sharp-edge points per frame fed to the frozen VAE's sharp branch "
+                              "(0 = all; only for a VAE with sharp edges)")
     num_workers: int = field(0, help="loader worker processes per rank")
     prefetch: int = field(2, help="batches a background thread reads ahead of the step (num_workers=0; 0 = off)")
 
@@ -28,6 +30,7 @@ class Shape4DDataSettings:
         require(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
         require(self.frames >= 0, "data.frames", self.frames, "must be >= 0 (0 = all)")
         require(self.surface_points >= 0, "data.surface_points", self.surface_points, "must be >= 0 (0 = all)")
+        require(self.sharp_points >= 0, "data.sharp_points", self.sharp_points, "must be >= 0 (0 = all)")
 
 
 @config

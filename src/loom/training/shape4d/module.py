@@ -15,7 +15,8 @@ from loom.models.shape4d import (base_digest, build_base_dit, build_frozen_vae, 
 from loom.models.shape4d_flow import training_inputs
 from loom.training.module import LoomModule
 from loom.training.shape4d.config import TrainShape4DJob
-from loom.training.shape4d.data import as_tensor, make_shape4d_loader
+from loom.training.shape4d.data import encoder_inputs, make_shape4d_loader
+from loom.training.vae.data import check_box, check_sharp_points
 from loom.training.vae.module import adamw_with_warmup, samples_here
 
 
@@ -48,7 +49,9 @@ class Shape4DModule(LoomModule):
         return self._image[0]
 
     def make_loader(self):
-        return make_shape4d_loader(self.cfg.data, self.cfg.trainer.seed)
+        d, sharp = self.cfg.data, self.vae.config.sharp_edges
+        check_sharp_points(sharp, d.source, f"the frozen VAE (model.vae={self.cfg.model.vae})")
+        return make_shape4d_loader(d, self.cfg.trainer.seed, sharp=sharp)
 
     def setup(self, stage: str) -> None:
         dev = self.device if self.device.type != "cpu" else "cpu"
@@ -70,11 +73,13 @@ class Shape4DModule(LoomModule):
         image = self.image.encode(batch["video"]).to(dev)  # (B, T, L, D)
         if "surface" not in batch:
             return None, image
-        surface, queries = as_tensor(batch["surface"]).float(), as_tensor(batch["queries"]).float()
-        b, t = surface.shape[:2]
-        s, q = surface.flatten(0, 1), queries.flatten(0, 1)
+        sharp = self.vae.config.sharp_edges
+        check_box(sharp, batch.get("meta"))
+        # 4D: the aligned queries are all the latents (uniform branch); the sharp points only feed cross_attn_sharp
+        inputs = encoder_inputs(batch, sharp)  # surface (B*T,S,6), queries (B*T,Q,3)[, sharp_surface (B*T,S',6)]
+        b, t = batch["queries"].shape[:2]
         chunk = self.cfg.model.vae_chunk
-        lat = [self.vae.encode(s[i: i + chunk], q[i: i + chunk], sample=False)[0].to(dev)
+        lat = [self.vae.encode(sample=False, **{k: v[i: i + chunk] for k, v in inputs.items()})[0].to(dev)
                for i in range(0, b * t, chunk)]
         x0 = torch.cat(lat).view(b, t, *lat[0].shape[1:]) * self.cfg.model.latent_scale
         return x0, image

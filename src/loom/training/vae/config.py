@@ -22,29 +22,35 @@ class VAEDataSettings:
                             "batch (batch_size x frames shapes)")
     frames: int = field(0, help="random frames per sample (0 = all)")
     surface_points: int = field(0, help="random surface points per frame fed to the encoder (0 = all)")
+    sharp_points: int = field(0, help="random sharp-edge points per frame fed to the encoder's sharp branch "
+                              "(0 = all; only for a VAE with sharp edges)")
     sdf_points: int = field(16384, help="random SDF samples per frame supervising the decoder (0 = all)")
     queries: Literal["aligned", "fps"] = field("aligned", help="aligned: the shards' aligned query points (4D, "
                                                "3.1); fps: farthest point samples of the surface (static shapes, "
                                                "3DShape2VecSet; the 'w/o aligned latents' ablation)")
-    num_queries: int = field(1024, help="queries per frame with data.queries=fps")
+    num_queries: int = field(1024, help="queries per frame with data.queries=fps; with a sharp-edge VAE half are "
+                             "FPS of the surface, half of the sharp-edge points (Step1X-3D: 2,048 latents)")
     num_workers: int = field(0, help="loader worker processes per rank")
     prefetch: int = field(2, help="batches a background thread reads ahead of the step (num_workers=0; 0 = off)")
 
     def __post_init__(self):
         require(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
-        for name in ("frames", "surface_points", "sdf_points"):
+        for name in ("frames", "surface_points", "sharp_points", "sdf_points"):
             require(getattr(self, name) >= 0, f"data.{name}", getattr(self, name), "must be >= 0 (0 = all)")
         require(self.num_queries >= 1, "data.num_queries", self.num_queries, "must be >= 1")
 
 
 @config
 class VAEModelSettings:
-    size: Literal["paper", "tiny"] = field("paper", help="a fresh ShapeVAE: paper (Hunyuan3D-2 sizes, 328 M) or "
-                                           "tiny (tests); ignored with model.init")
+    size: Literal["paper", "tiny"] = field("paper", help="a fresh ShapeVAE: paper (Step1X-3D's released "
+                                           "architecture, 191.6 M, sharp edges on) or tiny (tests, sharp edges off); "
+                                           "ignored with model.init")
     init: str = field("", help="local folder of a saved ShapeVAE (ShapeVAE.save_pretrained, e.g. a previous "
-                      "run's OUT/vae) to continue training from")
-    tau: float = field(0.05, help="SDF truncation the model predicts in units of: must equal the shards' "
-                       "points.sdf_truncation")
+                      "run's OUT/vae, or a released Step1X-3D folder) to continue training from")
+    sharp_edges: bool | None = field(None, help="a fresh ShapeVAE with Step1X-3D's sharp-edge branch (reads the "
+                                     "shards' sharp_surface); unset: the size's default; ignored with model.init")
+    tau: float = field(0.01, help="SDF truncation the model predicts in units of (Step1X-3D: 0.01 in its [-1, 1] "
+                       "box): the shards' points.sdf_truncation must be >= it; targets are clipped to it")
     kl_weight: float = field(1e-3, help="weight of the KL term (3DShape2VecSet: 1e-3)")
 
     def __post_init__(self):
@@ -89,7 +95,8 @@ class TrainVAEJob:
                 "is not supported by the shape VAE (its activations are small next to the DiT's): leave it off")
 
 
-@recipe(TrainVAEJob, "default", help="paper-sized ShapeVAE (width 1024, 8 + 16 layers), bf16, ZeRO-2 on GPUs")
+@recipe(TrainVAEJob, "default", help="Step1X-3D's VAE (width 768, 8 + 16 layers, sharp edges), bf16, ZeRO-2 on "
+        "GPUs")
 def _vae_default() -> TrainVAEJob:
     return TrainVAEJob(trainer=TrainerSettings(precision="bf16-mixed", checkpoint_every=1000, log_every=10))
 

@@ -15,8 +15,8 @@ from loom.models.shape4d import write_mesh
 from loom.models.shape_vae import vae_loss
 from loom.training.module import LoomModule
 from loom.training.vae.config import TINY, TrainVAEJob, VAEModelSettings
-from loom.training.vae.data import (as_tensor, check_batch_truncation, check_truncation, corpus_truncation,
-                                    make_vae_loader)
+from loom.training.vae.data import (as_tensor, check_batch_truncation, check_box, check_sharp_points,
+                                    check_truncation, corpus_truncation, encoder_inputs, make_vae_loader)
 
 
 def _warmup(step: int, warm: int) -> float:
@@ -39,7 +39,8 @@ def samples_here(module: LoomModule) -> bool:
 
 
 def build_vae(m: VAEModelSettings, seed: int):
-    """The trainable shape VAE: from ``model.init`` or fresh (``model.size``) with ``model.tau``."""
+    """The trainable shape VAE: from ``model.init`` or fresh (``model.size``, ``model.sharp_edges``) with
+    ``model.tau``."""
     from loom.models.shape_vae import ShapeVAE, ShapeVAEConfig
 
     if m.init:
@@ -48,7 +49,8 @@ def build_vae(m: VAEModelSettings, seed: int):
         vae = ShapeVAE.from_pretrained(resolve_model_path(m.init, "model.init"))
         check_truncation(m.tau, vae.config.tau, f"the VAE in model.init={m.init!r}")
         return vae
-    cfg = (ShapeVAEConfig.tiny if m.size == TINY else ShapeVAEConfig.paper)(tau=m.tau)
+    sharp = {} if m.sharp_edges is None else {"sharp_edges": m.sharp_edges}
+    cfg = (ShapeVAEConfig.tiny if m.size == TINY else ShapeVAEConfig.paper)(tau=m.tau, **sharp)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return ShapeVAE(cfg)
@@ -60,12 +62,13 @@ class VAEModule(LoomModule):
     def __init__(self, cfg: TrainVAEJob):
         super().__init__(cfg)
         self.vae = build_vae(cfg.model, cfg.trainer.seed)
-        self._sample: tuple[torch.Tensor, torch.Tensor] | None = None  # one training frame (surface, queries)
+        self._sample: dict[str, torch.Tensor] | None = None  # one training frame's encoder inputs
 
     def make_loader(self):
-        d = self.cfg.data
+        d, sharp = self.cfg.data, self.vae.config.sharp_edges
         check_truncation(self.cfg.model.tau, corpus_truncation(d.source), f"the 4D job that wrote {d.source}")
-        return make_vae_loader(d, self.cfg.trainer.seed)
+        check_sharp_points(sharp, d.source, "the VAE (model.size / model.init / model.sharp_edges)")
+        return make_vae_loader(d, self.cfg.trainer.seed, sharp=sharp)
 
     def context_params(self) -> dict[str, str]:
         found = corpus_truncation(self.cfg.data.source)
@@ -74,21 +77,23 @@ class VAEModule(LoomModule):
     def training_step(self, batch: dict, batch_idx: int):
         self.take_data_state(batch)
         c = self.cfg
-        surface, points, sdf = (as_tensor(batch[k]).float() for k in ("surface", "sdf_points", "sdf"))
-        queries = as_tensor(batch["queries"]).float()
+        points, sdf = (as_tensor(batch[k]).float() for k in ("sdf_points", "sdf"))
         check_batch_truncation(c.model.tau, sdf, batch.get("meta"))
-        b, t = surface.shape[:2]
-        if self._sample is None:
-            self._sample = (surface[0, :1].clone(), queries[0, :1].clone())
+        check_box(self.vae.config.sharp_edges, batch.get("meta"))
+        b, t = sdf.shape[:2]
         dev = self.device
-        _, post = self.vae.encode(surface.flatten(0, 1).to(dev), queries.flatten(0, 1).to(dev), sample=False)
+        inputs = {k: v.to(dev) for k, v in encoder_inputs(batch, self.vae.config.sharp_edges).items()}  # (B*T, ...)
+        if self._sample is None:
+            self._sample = {k: v[:1].detach().clone() for k, v in inputs.items()}
+        _, post = self.vae.encode(sample=False, **inputs)
         # eps per sample from (seed, step, key): N ranks with batch b draw what 1 rank with batch N*b draws
         g = [sample_generator(c.trainer.seed, self.global_step, k) for k in batch["__key__"]]
         eps = torch.stack([torch.randn((t, *post.mean.shape[1:]), generator=gi) for gi in g]).flatten(0, 1)
         latents = post.mean + post.std * eps.to(post.mean)  # (B*T, Q, C)
         pred = self.vae.decode(latents, points.flatten(0, 1).to(dev)).view(b, t, -1)  # (B, T, M)
         kl = post.kl().view(b, t)
-        target = sdf.to(dev)
+        # shards truncated at >= tau (checked) hold clip(sdf, tau) exactly; upstream clips its stored SDF the same way
+        target = sdf.to(dev).clamp(-c.model.tau, c.model.tau)
         parts = [vae_loss(pred[i], target[i], kl[i], c.model.kl_weight, c.model.tau) for i in range(b)]
         self.log("train/sdf", torch.stack([p["sdf"] for p in parts]).mean().detach(), on_step=True, on_epoch=False,
                  rank_zero_only=True)
@@ -109,8 +114,7 @@ class VAEModule(LoomModule):
         was = self.vae.training
         self.vae.eval()
         with torch.no_grad():
-            surface, queries = self._sample
-            latents, _ = self.vae.encode(surface.to(self.device), queries.to(self.device), sample=False)
+            latents, _ = self.vae.encode(sample=False, **{k: v.to(self.device) for k, v in self._sample.items()})
             v, f = self.vae.extract_mesh(latents, resolution=self.cfg.sample.resolution)
         self.vae.train(was)
         if self.global_rank == 0:
