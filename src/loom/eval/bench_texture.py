@@ -184,7 +184,7 @@ def views_part(cfg: EvalTextureJob, rank: int, parts: int) -> int:
     only the samples that the first ``limit`` views can come from are generated."""
     from loom.datasets.transforms import frame_transform
     from loom.datasets.ttv import iter_samples
-    from loom.eval.bench_ttv import RunGenerator
+    from loom.eval.bench_ttv import PRED_EXT, RunGenerator
     from loom.eval.benchmarks import read_video
 
     gen = RunGenerator(cfg.run, cfg.steps, cfg.seed)
@@ -196,11 +196,11 @@ def views_part(cfg: EvalTextureJob, rank: int, parts: int) -> int:
         if cfg.limit and per_sample and s["__index__"] * per_sample >= cfg.limit:
             break
         key = s["__key__"]
-        pred_v = read_video(gen(s, os.path.join(dirs["pred"], f"{key}.mp4")))
+        pred_v = read_video(gen(s, os.path.join(dirs["pred"], f"{key}.{PRED_EXT}")))
         gt_v = (transform({"rgb": s["rgb"]}, np.random.default_rng(0)) if transform is not None else s)["rgb"]
         for side, video in (("pred", pred_v), ("gt", gt_v)):
             _write_views(os.path.join(dirs[side], key), video)
-        os.remove(os.path.join(dirs["pred"], f"{key}.mp4"))
+        os.remove(os.path.join(dirs["pred"], f"{key}.{PRED_EXT}"))
         views += len(pred_v)
         print(f"generated {key}: {len(pred_v)} views", flush=True)
     return views

@@ -3,7 +3,8 @@
 Protocol. For every sample of the ground-truth turntable shards (``gt``, manifest order, the first ``limit``), the
 prediction is ``pred/<key>.mp4`` (or ``.mkv``, ``.webm``, ...) or, with ``run``, the video that the trained run
 generates from the sample's condition renders (normal, position, mask) and its first frame, as ``loom generate
-ttv`` does, written to ``<out>/pred/<key>.mp4`` and read back (so ``--pred <out>/pred`` gives the same numbers).
+ttv`` does, written losslessly to ``<out>/pred/<key>.mkv`` (FFV1) and read back (so ``--pred <out>/pred`` gives
+the same numbers).
 The prediction must have the ground truth's frame count and size: ``frames``/``size`` subsample and crop-resize the
 ground truth as training does (with ``run``: the run's ``data.frames``/``data.size``); any other mismatch is
 refused. Per item (video), over its frames:
@@ -78,10 +79,15 @@ def _tiny() -> EvalTTVJob:
     return EvalTTVJob(features=FeatureSettings(networks="tiny-random", device="cpu"))
 
 
+PRED_EXT = "mkv"  # a run's predictions: FFV1, lossless (see RunGenerator)
+
+
 class RunGenerator:
     """The predictions of a trained run: the run is loaded once (:func:`loom.inference.ttv.load_run`); each video is
-    made exactly as :func:`loom.inference.ttv.generate_ttv` makes it (condition batch, noise seed, decode, H.264
-    file)."""
+    made exactly as :func:`loom.inference.ttv.generate_ttv` makes it (condition batch, noise seed, decode) and written
+    LOSSLESSLY (FFV1 ``.mkv``), so the metrics score the model's frames: ``generate_ttv``'s H.264 file is for people,
+    and libx264's rate control is not bit-stable from one process state to another (the same frames came out as
+    different files after other work had run), which would move the numbers between two evaluations."""
 
     def __init__(self, run: str, steps: int, seed: int):
         from loom.inference.ttv import load_run
@@ -91,9 +97,14 @@ class RunGenerator:
         self.seed = seed
 
     def __call__(self, sample: dict[str, Any], path: str) -> str:
-        from loom.inference.ttv import condition_batch, write_video
+        from loom.datasets.codecs import encode_video
+        from loom.inference.ttv import condition_batch
 
-        return write_video(path, self.model.video(condition_batch(sample, self.transform), self.seed))
+        _, data = encode_video(self.model.video(condition_batch(sample, self.transform), self.seed), "ffv1")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
 
 
 def evaluate_part(cfg: EvalTTVJob, rank: int, parts: int) -> dict[str, Any]:
@@ -126,7 +137,7 @@ def evaluate_part(cfg: EvalTTVJob, rank: int, parts: int) -> dict[str, Any]:
         if cfg.limit and i >= cfg.limit:
             break
         if gen is not None:
-            path = os.path.join(pred_dir, f"{key}.mp4")
+            path = os.path.join(pred_dir, f"{key}.{PRED_EXT}")
             if not (done.has(key) and os.path.exists(path)):  # an earlier evaluation's, same run and settings
                 done.forget(key)
                 path = gen(s, path)
