@@ -68,11 +68,23 @@ def project_requirements(extras: tuple[str, ...]) -> list[Requirement]:
 
 
 def exact_pin(name: str, extras: tuple[str, ...] = ("render", "train", "eval", "dev")) -> str:
-    """The version pyproject pins `name` to with ==, the same in every extra that names it."""
-    pins = {str(s.version) for r in project_requirements(extras) if canonicalize_name(r.name) == canonicalize_name(name)
-            for s in r.specifier if s.operator == "=="}
-    assert len(pins) == 1, f"pyproject.toml pins {name} to {sorted(pins) or 'nothing'}, expected one == version"
-    return pins.pop()
+    """The version infra/constraints.txt pins `name` to (pyproject.toml holds ranges; a test of test_images checks
+    that each range admits its pin). `name` must be a requirement of `extras`."""
+    assert canonicalize_name(name) in {canonicalize_name(r.name) for r in project_requirements(extras)}, (
+        f"{name} is not a requirement of pyproject's {extras} extras")
+    return constraints()[canonicalize_name(name)]
+
+
+def constraints_python() -> str:
+    """The Python version constraints.txt was generated with (its header), the images' Python."""
+    return re.search(r"^# Python (\d+\.\d+\.\d+);", CONSTRAINTS.read_text(), re.M).group(1)
+
+
+def applies_to_constraints(req: Requirement) -> bool:
+    """Whether `req` applies on the constraints' Python (bpy differs by Python version: environment markers)."""
+    python = constraints_python()
+    env = {"python_version": python.rsplit(".", 1)[0], "python_full_version": python, "extra": ""}
+    return req.marker is None or req.marker.evaluate(env)
 
 
 def constraints() -> dict[str, str]:
