@@ -113,6 +113,9 @@ def test_the_python_312_run_has_no_blender_and_fails_on_other_skips_and_on_no_te
     assert all((ROOT / p).is_dir() for p in ignored), ignored
     for tier in ("tests/training", "tests/eval", "tests/inference", "tests/models", "tests/datasets"):
         assert tier not in ignored, f"the trainers' tests must run on 3.12: {tier}"
+    for node in (a.removeprefix("--deselect=") for a in pytest_line.split() if a.startswith("--deselect=")):
+        path, name = node.split("::")
+        assert f"def {name}(" in (ROOT / path).read_text(), f"--deselect {node}: no such test (renamed?)"
     assert "$rc -eq 5" in pytest_line and "exit 1" in pytest_line  # nothing collected is a failure
 
 

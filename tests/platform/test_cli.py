@@ -77,8 +77,8 @@ def test_unknown_environment_map_is_refused_before_any_work(tmp_path):
 from loom import cli  # noqa: E402
 from loom.platform import config as cfgmod  # noqa: E402
 
-JOB_COMMANDS = {("render", "ttv"), ("render", "4d"), ("render", "scene"), ("cache", "latents"), ("train", "ttv"),
-                ("train", "vae"), ("train", "shape4d"), ("eval", "ttv"), ("eval", "texture"), ("eval", "4d")}
+JOB_COMMANDS = {("render", "ttv"), ("render", "4d"), ("render", "scene"), ("cache", "latents"), ("cache", "4d"),
+                ("train", "ttv"), ("train", "vae"), ("train", "shape4d"), ("eval", "ttv"), ("eval", "texture"), ("eval", "4d")}
 
 
 def job_parsers():

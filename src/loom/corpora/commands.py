@@ -141,7 +141,7 @@ def cache_latents(cfg, args) -> None:
 
 
 def register_cache(sub) -> None:
-    """``loom cache latents``."""
+    """``loom cache latents`` (turntables, the video VAE) and ``loom cache 4d`` (4D corpora, the shape VAE)."""
     from loom.corpora.latents import CacheLatentsJob
 
     cache = sub.add_parser("cache", help="precompute model inputs (latents) from a corpus").add_subparsers(
@@ -163,3 +163,41 @@ def register_cache(sub) -> None:
     p.add_argument("--retry-failed", action="store_true", help="redo shards that recorded failures")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_cache_latents)
+
+    from loom.corpora.latents4d import Cache4DJob
+
+    p = cache.add_parser("4d", help="encode a 4D corpus with the frozen shape VAE and DINOv2 (ShapeGen4D's frozen "
+                         "encoders) into latent shards that `loom train shape4d` reads")
+    p.add_argument("--source", help="Loom output folder of a finished `loom render 4d` job (default from the recipe)")
+    p.add_argument("--out", help="output folder or fsspec URL (default from the recipe)")
+    p.add_argument("--vae", help="the shape VAE: the Step1X-3D-Geometry-1300m folder, a `loom train vae` OUT/vae, or "
+                   "'tiny'")
+    p.add_argument("--image-encoder", help="DINOv2 folder (facebook/dinov2-with-registers-large), or 'tiny'")
+    add_job_args(p, Cache4DJob, example="ray.workers=2",
+                 interrupted="finished latent shards in {out}/shards are kept: the same command encodes only the rest")
+    p.add_argument("--dry-run", action="store_true", help="check the encoders and source, print the plan, encode "
+                   "nothing")
+    p.add_argument("--retry-failed", action="store_true", help="redo shards that recorded failures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_cache_4d)
+
+
+def cmd_cache_4d(args) -> int:
+    return run_job_command(args, lambda cfg: cache_4d(cfg, args), source=args.source, out=args.out, vae=args.vae,
+                           image_encoder=args.image_encoder)
+
+
+def cache_4d(cfg, args) -> None:
+    from loom.corpora.latents4d import job_spec, run_cache
+
+    spec = job_spec(cfg)
+    n = sum(len(t.asset["keys"]) for t in spec.tasks)
+    if args.dry_run:
+        print(f"plan: {n} sequence(s) in {len(spec.tasks)} source shard(s) of {cfg.source} -> {cfg.out}")
+        return
+    print(f"encoding {n} sequence(s) of {cfg.source} with the shape VAE {cfg.vae} and DINOv2 {cfg.image_encoder} "
+          f"into {cfg.out}", file=sys.stderr)
+    summary = run_cache(spec, progress=not args.no_progress, retry_failed=args.retry_failed)
+    print_summary(summary, cfg.out)
+    print(f"shards:   {cfg.out}/shards  (manifest {cfg.out}/manifest.json)")
+    print(f"train:    loom train shape4d --set data.source={cfg.out} (model.vae and model.image_encoder as here)")

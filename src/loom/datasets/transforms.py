@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 FRAME_KEYS = frozenset({"rgb", "normal", "position", "depth", "mask", "K", "c2w", "object_id", "edges", "noise",
-                        "surface", "queries", "sdf_points", "sdf", "video"})
+                        "surface", "sharp_surface", "queries", "sdf_points", "sdf", "video", "shape_latent",
+                        "image_tokens"})
 PAIR_KEYS = frozenset({"flow_fwd", "flow_bwd", "occlusion_fwd", "occlusion_bwd"})
 IMAGE_KEYS = frozenset({"rgb", "video", "normal", "position", "depth", "mask", "object_id", "edges", "flow_fwd",
                         "flow_bwd", "flow_last_to_first", "occlusion_fwd", "occlusion_bwd"})
@@ -41,10 +42,11 @@ FLOW_KEYS = frozenset({"flow_fwd", "flow_bwd", "flow_last_to_first"})
 
 
 def _num_frames(sample: dict[str, Any]) -> int:
-    for k in ("K", "rgb", "video", "surface"):
+    for k in ("K", "rgb", "video", "surface", "shape_latent"):
         if k in sample:
             return int(np.shape(sample[k])[0])
-    raise ValueError(f"cannot tell the number of frames: none of K, rgb, video, surface in {sorted(sample)}")
+    raise ValueError(f"cannot tell the number of frames: none of K, rgb, video, surface, shape_latent in "
+                     f"{sorted(sample)}")
 
 
 def frame_indices(t: int, n: int, mode: str = "uniform", rng: np.random.Generator | None = None,

@@ -155,21 +155,41 @@ def check_compatible(dit, vae, image) -> None:
                          "model.image_encoder and model.base must belong together")
 
 
-def base_digest(dit, dtype: str = "float32") -> str:
-    """sha256 of the base's weights (everything but the spatiotemporal layers), in sorted key order, as ``dtype``."""
+def weights_digest(module, dtype: str = "float32", skip_prefix: str | None = None) -> str:
+    """sha256 of a module's weights in sorted key order, each cast to ``dtype`` (names and values, keys starting
+    with ``skip_prefix`` left out; the runs saved before this function existed hashed the same). Cast to bfloat16
+    it names a frozen encoder whatever dtype it was loaded in: float32 weights and the same weights loaded as
+    bfloat16 give one digest."""
     import hashlib
 
     import torch
 
-    from loom.models.shape4d_dit import ST_PREFIX
-
     h = hashlib.sha256()
-    for k, v in sorted(dit.state_dict().items()):
-        if k.startswith(ST_PREFIX):
+    for k, v in sorted(module.state_dict().items()):
+        if skip_prefix and k.startswith(skip_prefix):
             continue
         h.update(k.encode())
         h.update(v.detach().to(getattr(torch, dtype)).cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def base_digest(dit, dtype: str = "float32") -> str:
+    """sha256 of the base's weights (everything but the spatiotemporal layers), in sorted key order, as ``dtype``."""
+    from loom.models.shape4d_dit import ST_PREFIX
+
+    return weights_digest(dit, dtype, ST_PREFIX)
+
+
+def encoder_record(vae, image) -> dict:
+    """What names the frozen encoders whose outputs a 4D latent cache holds, so training can refuse a cache made
+    with other ones: the weights of each (bfloat16 digest: the dtype they ran in does not matter), the latents'
+    width and the image features' preprocessing, size and token count."""
+    return {"vae": {"class": type(vae).__name__, "weights_bf16_sha256": weights_digest(vae, "bfloat16"),
+                    "latent_channels": vae.config.latent_channels, "sharp_edges": bool(vae.config.sharp_edges)},
+            "image_encoder": {"class": type(image.model).__name__,
+                              "weights_bf16_sha256": weights_digest(image.model, "bfloat16"), "dim": image.dim,
+                              "tokens": image.tokens, "image_size": image.image_size,
+                              "preprocessing": image.preprocessing}}
 
 
 # ============================================================================================== layer files

@@ -15,6 +15,7 @@ from loom.corpora.shape4d import process_sequence
 from loom.models.shape_vae import ShapeVAE
 from loom.platform import config as cfgmod
 from loom.training import vae as vae_line
+from loom.models import shape_inputs
 from loom.training.vae import data as vae_data
 from tests.training import corpus4d
 
@@ -67,25 +68,25 @@ def test_static_batches_split_fps_queries_between_surface_and_sharp_points(sharp
     for key, cloud in (("queries", "surface"), ("sharp_queries", "sharp_surface")):
         d = np.linalg.norm(b[key][:, :, :, None] - b[cloud][:, :, None, :, :3], axis=-1)
         assert d.min(-1).max() < 1e-6  # FPS of the points of that set
-    inputs = vae_data.encoder_inputs(b, sharp_edges=True)
+    inputs = shape_inputs.encoder_inputs(b, sharp_edges=True)
     assert {k: tuple(v.shape) for k, v in inputs.items()} == {
         "surface": (6, 256, 6), "queries": (6, 6, 3), "sharp_surface": (6, 40, 6), "sharp_queries": (6, 6, 3)}
     vae = ShapeVAE.tiny(sharp_edges=True, num_latents=12)
     latents, _ = vae.encode(sample=False, **inputs)
     assert latents.shape == (6, 12, vae.config.latent_channels)  # Q + Q' latents, upstream's 2 x 1,024 at size
     with pytest.raises(ValueError, match="even"):
-        vae_data.PointSubset(fps=7, sharp_fps=True)
+        shape_inputs.PointSubset(fps=7, sharp_fps=True)
 
 
 def test_aligned_batches_carry_sharp_points_but_no_sharp_queries(sharp_corpus):
     b = batch_of(tiny(f"data.source={sharp_corpus}"), sharp=True)
     assert b["sharp_surface"].shape == (2, 3, SHARP, 6) and "sharp_queries" not in b
-    inputs = vae_data.encoder_inputs(b, sharp_edges=True)
+    inputs = shape_inputs.encoder_inputs(b, sharp_edges=True)
     assert set(inputs) == {"surface", "queries", "sharp_surface"}
     vae = ShapeVAE.tiny(sharp_edges=True)
     latents, _ = vae.encode(sample=False, **inputs)
     assert latents.shape[:2] == (6, 16)  # the aligned queries are all the latents
-    assert set(vae_data.encoder_inputs(b, sharp_edges=False)) == {"surface", "queries"}
+    assert set(shape_inputs.encoder_inputs(b, sharp_edges=False)) == {"surface", "queries"}
 
 
 def test_a_sharp_vae_is_refused_on_shards_without_sharp_points(plain_corpus, sharp_corpus):
@@ -95,7 +96,7 @@ def test_a_sharp_vae_is_refused_on_shards_without_sharp_points(plain_corpus, sha
     vae_data.check_sharp_points(True, sharp_corpus, "the VAE")
     b = batch_of(tiny(f"data.source={plain_corpus}"), sharp=False)
     with pytest.raises(ValueError, match="points.sharp_points"):
-        vae_data.encoder_inputs(b, sharp_edges=True)
+        shape_inputs.encoder_inputs(b, sharp_edges=True)
     with pytest.raises(Exception, match="points.sharp_points"):  # the reader, where no config.yaml says it
         batch_of(tiny(f"data.source={plain_corpus}"), sharp=True)
     from loom.training.vae.module import VAEModule
@@ -108,10 +109,10 @@ def test_a_sharp_vae_is_refused_on_shards_without_sharp_points(plain_corpus, sha
 
 
 def test_a_sharp_vae_is_refused_outside_the_step1x3d_box():
-    vae_data.check_box(True, [{"uid": "a", "half_extent": 1.0}])
-    vae_data.check_box(False, [{"uid": "a", "half_extent": 0.5}])
+    shape_inputs.check_box(True, [{"uid": "a", "half_extent": 1.0}])
+    shape_inputs.check_box(False, [{"uid": "a", "half_extent": 0.5}])
     with pytest.raises(ValueError, match=r"sequence.half_extent=1.0"):
-        vae_data.check_box(True, [{"uid": "a", "half_extent": 0.5}])
+        shape_inputs.check_box(True, [{"uid": "a", "half_extent": 0.5}])
 
 
 def test_recipes_match_their_shards():
@@ -120,6 +121,6 @@ def test_recipes_match_their_shards():
     paper, smoke = (cfgmod.resolve(job.Render4DJob, n, []) for n in ("default", "smoke"))
     assert tiny().model.tau == 0.01 <= smoke.points.sdf_truncation  # the tiny VAE reads smoke and default shards
     assert cfgmod.resolve(vae_line.TrainVAEJob, "default", []).model.tau == paper.points.sdf_truncation == 0.01
-    assert paper.sequence.half_extent == vae_data.VAE_HALF_EXTENT
+    assert paper.sequence.half_extent == shape_inputs.VAE_HALF_EXTENT
     assert paper.points.sharp_points == paper.points.surface == 32768
     assert 0 < smoke.points.sharp_points < 1000

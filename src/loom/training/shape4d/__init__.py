@@ -16,6 +16,9 @@ Data flow of one step::
       -> Shape4DDiT (frozen base + trainable spatiotemporal layers)(x_sigma, timestep, image tokens) -> v
       -> loss = |v - (noise - x0)|^2
 
+    or, from a `loom cache 4d` corpus (kind "latents4d"): shape_latent x latent_scale = x0, image_tokens = the
+    image tokens (the cache's encoders checked against model.vae and model.image_encoder first); same step after.
+
 The base DiT comes from ``model.base`` (the released Step1X-3D-Geometry-1300m folder or its ``transformer/``, or a
 ``Shape4DDiT.save_pretrained`` folder of a base saved with ``spatiotemporal=False``), gets fresh zero-initialised
 spatiotemporal layers and is frozen (``freeze_base``): only those layers train and only they are saved

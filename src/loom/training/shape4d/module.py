@@ -11,12 +11,14 @@ import torch
 
 from loom.models.flow import FlowMatching, sample_generator
 from loom.models.shape4d import (base_digest, build_base_dit, build_frozen_vae, build_image_encoder,
-                                 check_compatible, sample_latents, save_spatiotemporal, write_mesh_sequence)
+                                 check_compatible, encoder_record, sample_latents, save_spatiotemporal, write_mesh_sequence)
 from loom.models.shape4d_flow import training_inputs
 from loom.training.module import LoomModule
 from loom.training.shape4d.config import TrainShape4DJob
-from loom.training.shape4d.data import encoder_inputs, make_shape4d_loader
-from loom.training.vae.data import check_box, check_sharp_points
+from loom.training.shape4d.data import make_shape4d_loader, source_kind
+from loom.models.shape_inputs import as_tensor, encode_frames
+from loom.corpora.latents4d import KIND as CACHE_KIND, check_cache
+from loom.training.vae.data import check_sharp_points
 from loom.training.vae.module import adamw_with_warmup, samples_here
 
 
@@ -39,6 +41,9 @@ class Shape4DModule(LoomModule):
         self.digest_dtype = "bfloat16" if cfg.trainer.precision.startswith("bf16") else "float32"
         self.base_digest_start = base_digest(self.dit, self.digest_dtype)
         self._sample_cond: tuple[torch.Tensor, int] | None = None  # first sequence's image tokens, latents/frame
+        # A `loom cache 4d` corpus holds the frozen encoders' outputs: they are checked against this run's, not run.
+        self.cached = source_kind(cfg.data.source) == CACHE_KIND
+        self._expected: dict | None = None
 
     @property
     def vae(self):
@@ -50,13 +55,17 @@ class Shape4DModule(LoomModule):
 
     def make_loader(self):
         d, sharp = self.cfg.data, self.vae.config.sharp_edges
+        if self.cached:
+            self._expected = encoder_record(self.vae, self.image)
+            return make_shape4d_loader(d, self.cfg.trainer.seed, cached=True)
         check_sharp_points(sharp, d.source, f"the frozen VAE (model.vae={self.cfg.model.vae})")
         return make_shape4d_loader(d, self.cfg.trainer.seed, sharp=sharp)
 
     def setup(self, stage: str) -> None:
         dev = self.device if self.device.type != "cpu" else "cpu"
-        self.vae.to(dev)
-        self.image.to(dev)
+        self.vae.to(dev)  # decodes the sample meshes, and encodes frames without a cache
+        if not self.cached:
+            self.image.to(dev)
 
     def context_params(self) -> dict[str, str]:
         m = self.cfg.model
@@ -68,21 +77,16 @@ class Shape4DModule(LoomModule):
     @torch.no_grad()
     def condition(self, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Batch -> (x0 (B,T,Q,C) float32 or None without surfaces, image tokens (B,T,L,D) float32), on the
-        module's device."""
-        dev = self.device
+        module's device: encoded by the frozen VAE and DINOv2, or read from a `loom cache 4d` corpus."""
+        dev, scale = self.device, self.cfg.model.latent_scale
+        if "shape_latent" in batch:
+            check_cache(batch.get("meta"), self._expected, self.cfg.data.source)
+            return (as_tensor(batch["shape_latent"]).float().to(dev) * scale,
+                    as_tensor(batch["image_tokens"]).float().to(dev))
         image = self.image.encode(batch["video"]).to(dev)  # (B, T, L, D)
         if "surface" not in batch:
             return None, image
-        sharp = self.vae.config.sharp_edges
-        check_box(sharp, batch.get("meta"))
-        # 4D: the aligned queries are all the latents (uniform branch); the sharp points only feed cross_attn_sharp
-        inputs = encoder_inputs(batch, sharp)  # surface (B*T,S,6), queries (B*T,Q,3)[, sharp_surface (B*T,S',6)]
-        b, t = batch["queries"].shape[:2]
-        chunk = self.cfg.model.vae_chunk
-        lat = [self.vae.encode(sample=False, **{k: v[i: i + chunk] for k, v in inputs.items()})[0].to(dev)
-               for i in range(0, b * t, chunk)]
-        x0 = torch.cat(lat).view(b, t, *lat[0].shape[1:]) * self.cfg.model.latent_scale
-        return x0, image
+        return encode_frames(self.vae, batch, self.cfg.model.vae_chunk, dev) * scale, image
 
     def training_step(self, batch: dict, batch_idx: int):
         self.take_data_state(batch)

@@ -15,8 +15,9 @@ from loom.models.shape4d import write_mesh
 from loom.models.shape_vae import vae_loss
 from loom.training.module import LoomModule
 from loom.training.vae.config import TINY, TrainVAEJob, VAEModelSettings
-from loom.training.vae.data import (as_tensor, check_batch_truncation, check_box, check_sharp_points,
-                                    check_truncation, corpus_truncation, encoder_inputs, make_vae_loader)
+from loom.models.shape_inputs import as_tensor, check_box, encoder_inputs
+from loom.training.vae.data import (check_batch_truncation, check_sharp_points, check_truncation, corpus_truncation,
+                                    make_vae_loader)
 
 
 def _warmup(step: int, warm: int) -> float:
