@@ -36,6 +36,25 @@ def test_euler_with_the_exact_velocity_lands_on_the_data_for_any_step_count():
         assert torch.allclose(out, x0, atol=1e-5)
     sig = sampling_sigmas(4, 5.0)
     assert sig.shape == (5,) and sig[0] == 1 and sig[-1] == 0
+    for steps in (1, 3):
+        out = euler_sample(lambda x, t: noise - x0, noise, steps=steps, shift=4.0, schedule="flow_match_euler")
+        assert torch.allclose(out, x0, atol=1e-5)
+
+
+def test_the_flow_match_euler_schedule_is_diffusers_schedulers_at_shift_1():
+    """Step1X-3D samples with diffusers' FlowMatchEulerDiscreteScheduler (1,000 training steps, shift 1): the same
+    sigmas and timesteps, step for step; a shift is applied once, as training's."""
+    diffusers = pytest.importorskip("diffusers")
+    for steps in (1, 4, 50):
+        sched = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+        sched.set_timesteps(steps)
+        ours = sampling_sigmas(steps, 1.0, "flow_match_euler")
+        torch.testing.assert_close(ours, sched.sigmas.float(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(ours[:-1] * 1000, sched.timesteps.float(), atol=1e-3, rtol=0)
+    torch.testing.assert_close(sampling_sigmas(4, 3.0, "flow_match_euler"),
+                               shift_sigmas(sampling_sigmas(4, 1.0, "flow_match_euler"), 3.0))
+    with pytest.raises(ValueError, match="schedule"):
+        sampling_sigmas(4, 1.0, "cosine")
 
 
 def test_draws_are_a_function_of_seed_step_and_key():

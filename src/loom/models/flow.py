@@ -88,19 +88,29 @@ class FlowMatching:
         return torch.nn.functional.mse_loss(pred.float(), target.float())
 
 
-def sampling_sigmas(steps: int, shift: float = 5.0) -> torch.Tensor:
-    """The ``steps + 1`` sigmas of the Euler sampler, from 1 (noise) to 0 (data)."""
+def sampling_sigmas(steps: int, shift: float = 5.0, schedule: str = "uniform") -> torch.Tensor:
+    """The ``steps + 1`` sigmas of the Euler sampler, from 1 (noise) to 0 (data), shifted by ``shift``.
+    ``uniform``: ``steps`` equal steps of the unit interval. ``flow_match_euler``: diffusers'
+    ``FlowMatchEulerDiscreteScheduler.set_timesteps(steps)`` of a 1,000-step scheduler at shift 1 (what Step1X-3D's
+    pipeline runs): ``steps`` sigmas from 1 to 1/1000, then 0; a shift is then applied once (the scheduler's own
+    ``shift`` applies it to its training sigmas and again to these, which is not what ``shift`` means here)."""
     if steps < 1:
         raise ValueError(f"steps={steps}: must be >= 1")
-    return shift_sigmas(torch.linspace(1.0, 0.0, steps + 1), shift)
+    if schedule == "uniform":
+        base = torch.linspace(1.0, 0.0, steps + 1)
+    elif schedule == "flow_match_euler":
+        base = torch.cat([torch.linspace(1.0, 1.0 / NUM_TRAIN_TIMESTEPS, steps), torch.zeros(1)])
+    else:
+        raise ValueError(f"schedule={schedule!r}: use 'uniform' or 'flow_match_euler'")
+    return shift_sigmas(base, shift)
 
 
 @torch.no_grad()
 def euler_sample(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
-                 steps: int = 4, shift: float = 5.0) -> torch.Tensor:
-    """Integrate dx/dsigma = v from sigma = 1 to 0. ``velocity(x, timestep)`` gets timesteps ``(B,)`` in
-    [0, 1000] (with any conditioning bound in)."""
-    sigmas = sampling_sigmas(steps, shift).to(noise.device)
+                 steps: int = 4, shift: float = 5.0, schedule: str = "uniform") -> torch.Tensor:
+    """Integrate dx/dsigma = v from sigma = 1 to 0 over `sampling_sigmas`. ``velocity(x, timestep)`` gets
+    timesteps ``(B,)`` in [0, 1000] (with any conditioning bound in)."""
+    sigmas = sampling_sigmas(steps, shift, schedule).to(noise.device)
     x = noise
     for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
         t = torch.full((x.shape[0],), float(s) * NUM_TRAIN_TIMESTEPS, device=x.device)

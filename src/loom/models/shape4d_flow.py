@@ -95,7 +95,8 @@ def sample_4d(model, image_tokens: torch.Tensor, steps: int = 50, shift: float |
               guidance_scale: float = 1.0, uncond_image_tokens: torch.Tensor | None = None,
               noise: torch.Tensor | None = None) -> torch.Tensor:
     """Generate (B, T, Q, C) latents for per-frame image features (B, T, L, D_img) by Euler integration from
-    sigma = 1 to 0 over ``shift``-ed sigmas (default `default_shift` (T); 1 = no shift).
+    sigma = 1 to 0 over FlowMatchEuler's sigmas (`loom.models.flow.sampling_sigmas`), ``shift``-ed (default
+    `default_shift` (T); 1 = no shift).
 
     The noise is `noise_4d` (shared across frames unless ``shared=False``) from ``generator``, or ``noise`` when
     given. Q is ``num_latents`` or the model's ``config.num_latents``. With ``guidance_scale`` > 1, classifier-free
@@ -125,5 +126,6 @@ def sample_4d(model, image_tokens: torch.Tensor, steps: int = 50, shift: float |
         cond, free = both.chunk(2)
         return free + guidance_scale * (cond - free)
 
-    return euler_sample(velocity, noise.to(device), steps=steps, shift=shift)
+    # Step1X-3D samples its base with diffusers' FlowMatchEulerDiscreteScheduler: the same sigmas (at shift 1)
+    return euler_sample(velocity, noise.to(device), steps=steps, shift=shift, schedule="flow_match_euler")
 
