@@ -81,13 +81,16 @@ test: $(STAMP) $(WEIGHTS_STAMP) $(BROWSER_STAMP)
 # Python 3.12 without Blender: .venv312 with every extra but render (data is render without bpy), under the same
 # constraints, and the tests of what trainers install there: training, evaluation, inference, models, datasets,
 # platform. The data-job, render, cluster and infra tiers (no Blender needed for most, but nothing Python-specific; a
-# whole run on 3.12 takes ~35 min, PyPI's CUDA torch importing 3x slower than the CPU build) run in `make test` only.
-# A test may skip only for want of bpy or chromium (which `make test` installs when it can): any other skip fails the
+# whole run on 3.12 takes ~35 min, PyPI's CUDA torch importing 3x slower than the CPU build) run in `make test` only,
+# as do the two below. A test may skip only for want of bpy or chromium (which `make test` installs when it can): any other skip fails the
 # run (tests/conftest.py, --allow-skips), and so does collecting no tests. The wheels (CUDA torch and NVIDIA libraries,
 # ~3 GB: no CPU torch for 3.12 is reachable) are kept in $(WHEELS312), since pip's HTTP cache stores nothing
 # behind a proxy that drops the caching headers.
 NO_BLENDER_SKIPS ?= bpy|chromium
 PY312_IGNORE := tests/corpora tests/render tests/cluster tests/infra
+# Kill-and-resume of a training run: the slowest two (4.3 min on 3.12), restart logic with nothing Python-specific.
+PY312_DESELECT := tests/training/ttv/test_train_ttv.py::test_resume_after_a_kill_gives_the_losses_of_an_uninterrupted_run \
+	tests/training/shape4d/test_train_shape4d.py::test_shape4d_resume_after_a_kill_gives_the_losses_of_an_uninterrupted_run
 $(STAMP312): pyproject.toml infra/constraints.txt
 	$(call install-loom,$(VENV312),$(PYTHON312),EXTRAS312,$(WHEELS312))
 
@@ -95,7 +98,7 @@ $(WEIGHTS312_STAMP): $(STAMP312)
 	$(call install-weights,$(VENV312),$(WEIGHTS312_STAMP))
 
 test-py312: $(STAMP312) $(WEIGHTS312_STAMP)
-	$(VENV312)/bin/python -m pytest -q $(PY312_IGNORE:%=--ignore=%) --allow-skips '$(NO_BLENDER_SKIPS)'; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+	$(VENV312)/bin/python -m pytest -q $(PY312_IGNORE:%=--ignore=%) $(PY312_DESELECT:%=--deselect=%) --allow-skips '$(NO_BLENDER_SKIPS)'; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''

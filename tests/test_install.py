@@ -119,6 +119,17 @@ def test_the_python_312_run_has_no_blender_and_fails_on_other_skips_and_on_no_te
     assert "$rc -eq 5" in pytest_line and "exit 1" in pytest_line  # nothing collected is a failure
 
 
+def test_ci_runs_the_main_tests_then_the_python_312_run():
+    """`.ci/run` is the README's test command, then the Python 3.12 run (issue 16: so installing on 3.12 cannot
+    regress), with errors stopping it (set -e) and pyenv's 3.12 named when python3.12 is not on PATH."""
+    text = (ROOT / ".ci" / "run").read_text()
+    commands = [line.strip() for line in text.splitlines() if line.strip().startswith("make ")]
+    assert commands == ["make test", "make test-py312"], commands
+    assert "set -euo pipefail" in text and "PYENV_VERSION=3.12" in text
+    readme = (ROOT / "README.md").read_text()
+    assert "make test" in readme.split("\n## ")[0], "the README's first screen names the test command"
+
+
 def test_the_python_312_environment_is_ignored_by_git():
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
