@@ -66,6 +66,25 @@ def test_job_renders_writes_and_records_failures(ray_local, tmp_path):
             assert np.abs(pts[m_] - smp["position"][t][m_]).max() < 1e-3
 
 
+def test_albedo_pass_reaches_the_shards_and_is_another_config(ray_local, tmp_path):
+    assets = make_assets(tmp_path / "assets", good=1, bad=False)
+    spec = job(assets, str(tmp_path / "out"), "passes.albedo=true")
+    plain = job(assets, str(tmp_path / "x"))
+    assert spec.config_hash != plain.config_hash  # never mixed into a plain corpus
+    # with the section at its defaults the hash is what it was before the section existed: older corpora resume
+    from loom.platform.config import config_hash, from_dict
+
+    cfg = from_dict(ttv.RenderTTVJob, plain.config)
+    assert plain.config_hash == config_hash(cfg, exclude=ttv.RenderTTVJob.NON_SAMPLE_FIELDS + ("passes",))
+    run_job(spec, progress=False)
+    assert shards.verify(spec.out) == []
+    (smp,) = list(iter_samples(spec.out))
+    assert smp["albedo"].shape == smp["rgb"].shape and smp["albedo"].dtype == np.uint8
+    m = smp["mask"]
+    assert (smp["albedo"][~m] == smp["rgb"][~m]).all()  # the background, as rgb's
+    assert (smp["albedo"][m].astype(int) >= smp["rgb"][m]).all()  # the fake's unlit colour: never darker
+
+
 def test_rerun_does_no_new_work_and_redoes_partial_shards(ray_local, tmp_path):
     spec = job(make_assets(tmp_path / "assets", bad=False), str(tmp_path / "out"))
     run_job(spec, progress=False)

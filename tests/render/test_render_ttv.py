@@ -330,3 +330,56 @@ def test_same_seed_same_render_and_scene_reset_between_calls(tmp_path, env_map):
     b = render_ttv(p)
     for key in ("rgb", "position", "normal", "depth", "mask"):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def _grow(mask: np.ndarray, px: int) -> np.ndarray:
+    """(T,H,W) bool dilated by ``px`` pixels (8-neighbourhood)."""
+    out = mask.copy()
+    for _ in range(px):
+        m = out.copy()
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                m |= np.roll(out, (dy, dx), axis=(1, 2))
+        out = m
+    return out
+
+
+@pytest.mark.integration
+def test_albedo_pass_is_unlit_base_colour_over_background(tmp_path, env_map):
+    """The albedo pass (params["albedo"]): the textured bundled Suzanne under two lightings has the same albedo but a
+    different rgb; away from the silhouette it is exactly the background; a uniform material's albedo is its base
+    colour in sRGB; and switching it on leaves rgb unchanged (off: no ``albedo`` key)."""
+    pytest.importorskip("bpy")
+    from importlib.resources import files
+
+    from loom.render.common import srgb_encode
+    from loom.render.ttv import render_ttv
+
+    small = dict(width=32, height=32, frames=2)
+    suzi = files("loom") / "data" / "assets" / "suzi_checker.obj"
+    a = render_ttv(_params(suzi, env_map, tmp_path, albedo=True, **small))
+    b = render_ttv(_params(suzi, env_map, tmp_path, albedo=True, **small,
+                           lighting={"hdri": "env", "strength": 0.3, "rotation": 2.5}))
+    assert a["albedo"].shape == a["rgb"].shape and a["albedo"].dtype == np.uint8
+    mask = a["mask"]
+    assert np.abs(a["albedo"].astype(int) - b["albedo"]).max() <= 1  # lighting-independent
+    assert np.abs(a["rgb"].astype(int) - b["rgb"])[mask].mean() > 10  # while the lit colour changes
+    bg = [round(c * 255) for c in BACKGROUND]
+    assert (a["albedo"][~_grow(mask, 1)] == bg).all()  # anti-aliased silhouette pixels aside
+    assert (np.abs(a["albedo"][mask].astype(int) - bg).sum(-1) > 10).mean() > 0.9
+    off = render_ttv(_params(suzi, env_map, tmp_path, **small))
+    assert "albedo" not in off
+    np.testing.assert_array_equal(off["rgb"], a["rgb"])
+
+    # A uniform, non-glossy material (Ks 0: no specular layer above the diffuse one, see the render docstring).
+    kd = (0.8, 0.3, 0.1)
+    (tmp_path / "box.mtl").write_text(f"newmtl paint\nKd {kd[0]} {kd[1]} {kd[2]}\nKs 0 0 0\nillum 1\n")
+    corners = [(x, y, z) for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)]
+    quads = [(1, 2, 4, 3), (5, 7, 8, 6), (1, 5, 6, 2), (3, 4, 8, 7), (1, 3, 7, 5), (2, 6, 8, 4)]
+    lines = ["mtllib box.mtl", "usemtl paint"] + [f"v {x} {y} {z}" for x, y, z in corners]
+    (tmp_path / "box.obj").write_text("\n".join(lines + ["f " + " ".join(map(str, q)) for q in quads]) + "\n")
+    box = render_ttv(_params(tmp_path / "box.obj", env_map, tmp_path, albedo=True, **small))
+    inner = ~_grow(~box["mask"], 1)  # pixels whose whole footprint is on the box
+    assert inner.sum() > 100
+    expect = np.round(srgb_encode(np.array(kd)) * 255)
+    assert np.abs(box["albedo"][inner].astype(int) - expect).max() <= 1

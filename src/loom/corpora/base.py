@@ -169,9 +169,17 @@ def common_fields(cfg: RenderJob, asset: dict, variant: int, seed: int, rng: np.
     )
 
 
+def sample_config_hash(cfg: RenderJob) -> str:
+    """The hash of the settings that decide what a sample holds. A section added to a job later (``OPTIONAL``, e.g.
+    turntables' ``passes``) enters it only when set away from its defaults, so corpora begun before it existed keep
+    their hash and resume."""
+    optional = tuple(n for n in getattr(cfg, "OPTIONAL_SECTIONS", ()) if getattr(cfg, n) == type(getattr(cfg, n))())
+    return config_hash(cfg, exclude=cfg.NON_SAMPLE_FIELDS + optional)
+
+
 def build_tasks(cfg: RenderJob, records: list) -> list[Task]:
     """One task per (asset, lighting variant), keyed ``<uid>_v<variant>``."""
-    chash = config_hash(cfg, exclude=cfg.NON_SAMPLE_FIELDS)
+    chash = sample_config_hash(cfg)
     tasks = []
     for rec in records:
         a = rec.to_dict()
@@ -194,7 +202,7 @@ def job_spec(cfg: RenderJob, records: list) -> JobSpec:
         tasks=build_tasks(cfg, records),
         out=cfg.out,
         config=to_dict(cfg),
-        config_hash=config_hash(cfg, exclude=cfg.NON_SAMPLE_FIELDS),
+        config_hash=sample_config_hash(cfg),
         timeout_s=cfg.render.timeout_s,
         ray=cfg.ray,
         samples_per_shard=cfg.shards.samples_per_shard,

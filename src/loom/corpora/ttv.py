@@ -46,9 +46,17 @@ class OrbitSettings:
 
 
 @config
+class PassSettings:
+    albedo: bool = field(False, help="also write the unlit diffuse colour (Cycles' Diffuse Color pass: the material's "
+                         "base colour at the visible surface, sRGB over the background) as albedo.mkv (FFV1), for "
+                         "checking back-projection and training or scoring texturing against albedo")
+
+
+@config
 class RenderTTVJob(RenderJob):
     KIND: ClassVar[str] = "ttv"
     NON_SAMPLE_FIELDS: ClassVar[tuple[str, ...]] = ("assets", "out", "limit", "ray", "shards")
+    OPTIONAL_SECTIONS: ClassVar[tuple[str, ...]] = ("passes",)  # hashed only when set (corpora before it resume)
 
     assets: str = field("bundled", help="asset source: 'bundled', a folder/URL of meshes, a manifest, or "
                         "'objaverse:...' (see loom.corpora.assets)")
@@ -56,6 +64,7 @@ class RenderTTVJob(RenderJob):
     limit: int | None = field(None, help="render only the first N assets (after sorting)")
     orbit: OrbitSettings = field(default_factory=OrbitSettings, help="camera orbit")
     encode: EncodeSettings = field(default_factory=EncodeSettings, help="on-disk encoding")
+    passes: PassSettings = field(default_factory=PassSettings, help="optional passes beyond the default sample")
 
     def __post_init__(self):
         require(self.limit is None or self.limit >= 1, "limit", self.limit, "must be >= 1 or unset")
@@ -67,7 +76,7 @@ class RenderTTVJob(RenderJob):
         orbit = Orbit(radius=float(rng.uniform(*self.orbit.radius)), height=float(rng.uniform(*self.orbit.height)),
                       fov_margin=self.orbit.fov_margin)
         return TTVTask(**common_fields(self, asset, variant, seed, rng, chash, self.orbit.frames), orbit=orbit,
-                       rotation=rot.tolist(), rgb_codec=self.encode.rgb_codec)
+                       rotation=rot.tolist(), rgb_codec=self.encode.rgb_codec, albedo=self.passes.albedo)
 
 
 @recipe(RenderTTVJob, "default", help="the paper's settings: 61 frames, 4 lighting variants, 512x512")
@@ -112,6 +121,7 @@ class TTVTask(RenderTask):
     orbit: Orbit
     rotation: list  # 3x3 initial rotation of the asset
     rgb_codec: str
+    albedo: bool  # also render and store the unlit diffuse colour (albedo.mkv)
 
 
 def render(params: dict) -> dict:

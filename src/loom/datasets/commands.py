@@ -26,7 +26,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 # sample kind (meta.json "kind") -> (reader module loom.datasets.<name>, contact sheet function, what the sheet's
 # columns show)
 KINDS = {
-    "ttv": ("ttv", "contact_sheet", "rows: frames; columns: rgb, normal, position, depth, mask"),
+    "ttv": ("ttv", "contact_sheet", "rows: frames; columns: rgb, normal, position, depth, mask (+ albedo when present)"),
     "4d": ("shape4d", "contact_sheet_4d",
            "rows: frames; columns: video, aligned queries (colour = query index), surface points (colour = normal)"),
     "scene": ("scene", "contact_sheet_scene",

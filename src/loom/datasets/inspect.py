@@ -21,7 +21,8 @@ def describe_sample(sample: dict[str, Any]) -> list[str]:
 
 
 def contact_sheet(sample: dict[str, Any], max_frames: int = 6) -> np.ndarray:
-    """(rows = frames, columns = rgb | normal | position | depth | mask) uint8 image of one sample."""
+    """(rows = frames, columns = rgb | normal | position | depth | mask [| albedo]) uint8 image of one sample; the
+    albedo column only when the sample has one (``passes.albedo=true``)."""
     t = sample["rgb"].shape[0]
     idx = np.unique(np.linspace(0, t - 1, min(t, max_frames)).round().astype(int))
     mask = sample["mask"][idx]
@@ -37,7 +38,9 @@ def contact_sheet(sample: dict[str, Any], max_frames: int = 6) -> np.ndarray:
         np.repeat(d[..., None], 3, -1),
         np.repeat(mask[..., None].astype(np.float32), 3, -1),
     ]
-    grid = np.concatenate([np.concatenate(list(c), axis=0) for c in cols], axis=1)  # (rows*H, 5*W, 3)
+    if "albedo" in sample:
+        cols.append(sample["albedo"][idx].astype(np.float32) / 255.0)
+    grid = np.concatenate([np.concatenate(list(c), axis=0) for c in cols], axis=1)  # (rows*H, 5*W or 6*W, 3)
     return (np.clip(grid, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 

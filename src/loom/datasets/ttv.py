@@ -11,6 +11,10 @@ key            shape              dtype      meaning
 ``position``   (T,H,W,3)          float32    world coordinates of the surface point at the pixel centre, 0 outside
 ``depth``      (T,H,W)            float32    camera-space z (along the optical axis, world units), 0 outside
 ``mask``       (T,H,W)            bool       object coverage at the pixel centre
+``albedo``     (T,H,W,3)          uint8      optional (``passes.albedo=true``): unlit diffuse colour, i.e. Cycles'
+                                             Diffuse Color pass (the material's base colour at the visible surface),
+                                             sRGB, composited over the background with rgb's coverage; absent
+                                             when the job did not render it
 ``K``          (T,3,3)            float32    pinhole intrinsics in pixels, pixel centres at (u+0.5, v+0.5)
 ``c2w``        (T,4,4)            float32    OpenCV camera-to-world (x right, y down, z forward; world +Z up)
 ``meta``       dict                          seed, variant, uid, asset_sha256, loom/blender versions, config hash,
@@ -24,6 +28,8 @@ On disk (one WebDataset sample = these tar members, ``<key>.<ext>``):
 
 - ``rgb.mkv``: FFV1 (lossless) in Matroska, pixel format bgr0, or ``rgb.mp4`` (H.264 CRF 18, yuv444p) when
   ``encode.rgb_codec=h264``.
+- ``albedo.mkv`` (only with ``passes.albedo=true``): FFV1 (lossless) in Matroska, pixel format bgr0, whatever
+  ``encode.rgb_codec`` is: it is a reference for exact checks, so it is never lossy.
 - ``normal.npz``, ``position.npz``: float16 arrays (``np.savez_compressed``). Precision: float16 has a relative
   error of at most 2**-11, i.e. at most 4.9e-4 for coordinates inside the unit sphere.
 - ``depth.npz``: float32. ``mask.npz``: bool. ``camera.npz``: ``K`` and ``c2w`` float32.
@@ -56,8 +62,13 @@ def encode_sample(arrays: dict[str, np.ndarray], meta: dict[str, Any], rgb_codec
     check_arrays(arrays)
     # shards are data: colour at full resolution (yuv444p) when h264
     ext, video = encode_video(arrays["rgb"], rgb_codec, full_chroma=True)
+    optional = {}
+    if "albedo" in arrays:  # always lossless: a reference for exact checks, whatever rgb_codec is
+        albedo_ext, albedo_video = encode_video(arrays["albedo"], "ffv1", name="albedo")
+        optional[albedo_ext] = albedo_video
     return {
         ext: video,
+        **optional,
         "normal.npz": _npz(normal=arrays["normal"].astype(np.float16)),
         "position.npz": _npz(position=arrays["position"].astype(np.float16)),
         "depth.npz": _npz(depth=arrays["depth"].astype(np.float32)),
@@ -86,10 +97,14 @@ def check_arrays(a: dict[str, np.ndarray]) -> None:
             raise ValueError(f"array {k!r} has shape {a[k].shape} dtype {a[k].dtype}, expected {shape} {dt.__name__}")
         if np.issubdtype(a[k].dtype, np.floating) and not np.isfinite(a[k]).all():
             raise ValueError(f"array {k!r} contains NaN or inf")
+    if "albedo" in a and (a["albedo"].shape != (t, h, w, 3) or a["albedo"].dtype != np.uint8):
+        raise ValueError(f"array 'albedo' has shape {a['albedo'].shape} dtype {a['albedo'].dtype}, expected "
+                         f"{(t, h, w, 3)} uint8")
 
 
 def decode_sample(files: dict[str, bytes], keys: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """``{ext: bytes}`` -> the documented dict. ``keys`` limits decoding to some passes (e.g. ("rgb", "meta"))."""
+    """``{ext: bytes}`` -> the documented dict. ``keys`` limits decoding to some passes (e.g. ("rgb", "meta")).
+    ``albedo`` is decoded when the sample has it; asking for it (``keys``) from a sample without it is an error."""
     want = set(keys) if keys else None
     out: dict[str, Any] = {}
 
@@ -101,6 +116,11 @@ def decode_sample(files: dict[str, bytes], keys: tuple[str, ...] | None = None) 
         raise ValueError(f"sample lacks {missing}: not a complete turntable sample")
     if need("rgb"):
         out["rgb"] = decode_video(files["rgb.mkv"] if "rgb.mkv" in files else files["rgb.mp4"])
+    if "albedo.mkv" in files and need("albedo"):
+        out["albedo"] = decode_video(files["albedo.mkv"])
+    elif want is not None and "albedo" in want:
+        raise ValueError("sample has no albedo.mkv: its corpus was rendered without passes.albedo=true; rerender "
+                         "with it or do not ask for 'albedo'")
     for k in ("normal", "position", "depth", "mask"):
         if need(k):
             out[k] = _unnpz(files[f"{k}.npz"])[k].astype(np.float32 if k != "mask" else bool)

@@ -1,4 +1,5 @@
-"""``loom generate ...``: sample from a trained run; ``loom export ...``: a trained run as a model folder with a model
+"""``loom generate ...``: sample from a trained run; ``loom texture``: a textured asset from a mesh and turntable
+frames; ``loom export ...``: a trained run as a model folder with a model
 card, logged to MLflow as the run's model (no Lightning needed for either)."""
 
 from __future__ import annotations
@@ -55,7 +56,33 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_texture(args: argparse.Namespace) -> int:
+    from loom.inference.texture import texture_from_frames
+
+    done = texture_from_frames(args.mesh, args.frames, args.out, key=args.key, frames_pass=args.frames_pass,
+                               resolution=args.resolution)
+    print(f"texture:  {done.out}/texture.png  coverage {done.coverage:.1%} of the surface's texels seen "
+          f"(the rest filled in UV space)")
+    print(f"mesh:     {done.out}/mesh.glb  (and mesh.obj + mesh.mtl)")
+    if done.own_texture_psnr_db is not None:
+        print(f"check:    {done.own_texture_psnr_db:.1f} dB PSNR against the mesh's own texture over the seen texels")
+    print(f"report:   {done.out}/report.json")
+    return 0
+
+
 def register(sub) -> None:
+    p = sub.add_parser("texture", help="a textured asset from a mesh and turntable frames (TAPESTRY 3.2): "
+                       "back-projection into the mesh's UV layout")
+    p.add_argument("--mesh", required=True, help="the mesh (.glb/.gltf/.obj with a UV map, one mesh per file)")
+    p.add_argument("--frames", required=True, help="turntable shards of THIS mesh (`loom render ttv` output folder, "
+                   "a shard or a URL): the frames to project, with their depth, mask and cameras")
+    p.add_argument("--frames-pass", default="rgb", choices=["rgb", "albedo"], help="which pass to project (albedo: "
+                   "shards rendered with --set passes.albedo=true; the exact check of back-projection)")
+    p.add_argument("--key", help="sample key in --frames (default: the first sample of the mesh file's sha256)")
+    p.add_argument("--resolution", type=int, default=1024, help="texture size in texels (paper setting: 2048)")
+    p.add_argument("--out", default="out/texture", help="output folder")
+    p.set_defaults(func=_cmd_texture)
+
     gen = sub.add_parser("generate", help="sample from a trained model").add_subparsers(dest="model", metavar="MODEL")
     p = gen.add_parser("ttv", help="a turntable video from a mesh's condition renders, a reference image and a prompt")
     p.add_argument("--run", required=True, help="a finished `loom train ttv` run folder (config.yaml + lora/)")

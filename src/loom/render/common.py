@@ -379,9 +379,14 @@ def color_pass_settings(bpy, scene, params: dict, warnings: list[str]) -> None:
         scene.eevee.taa_render_samples = samples
     else:
         raise ValueError(f"params['engine'] must be 'CYCLES' or 'BLENDER_EEVEE', got {engine!r}")
+    # The albedo pass (params["albedo"], turntables only) is Cycles' Diffuse Color pass ("DiffCol"): the diffuse
+    # closures' colour at the first visible surface, unlit. It needs a multilayer EXR (a plain EXR holds Combined
+    # only); without it the colour pass writes exactly what it always did.
+    albedo = bool(params.get("albedo", False))
+    vl.use_pass_diffuse_color = albedo
     im = scene.render.image_settings
-    im.media_type = "IMAGE"
-    im.file_format = "OPEN_EXR"
+    im.media_type = "MULTI_LAYER_IMAGE" if albedo else "IMAGE"
+    im.file_format = "OPEN_EXR_MULTILAYER" if albedo else "OPEN_EXR"
     im.color_mode = "RGBA"
     im.color_depth = "16"  # half floats are plenty for an 8-bit result
     im.exr_codec = "NONE"
@@ -407,7 +412,9 @@ def render_sequence(bpy, scene, frames: int, set_camera, workdir: Path, prefix: 
 
 
 def read_exr(path: Path) -> dict[str, np.ndarray]:
-    """Read a geometry (multilayer) or colour EXR written above. Rows come top to bottom, as in the image."""
+    """Read a geometry (multilayer) or colour EXR written above. Rows come top to bottom, as in the image.
+    Geometry: ``position``, ``normal``, ``depth_z``, ``alpha``; colour: ``rgba`` (linear premultiplied), plus
+    ``diffcol`` (linear RGB, Cycles' Diffuse Color pass) when the colour pass was rendered with the albedo pass."""
     import OpenEXR
 
     with OpenEXR.File(str(path), separate_channels=True) as f:
@@ -425,6 +432,15 @@ def read_exr(path: Path) -> dict[str, np.ndarray]:
                 "normal": np.stack([get(f"{prefix}Normal.{a}") for a in "XYZ"], axis=-1),
                 "depth_z": get(f"{prefix}Depth.Z"),
                 "alpha": get(f"{prefix}Combined.A"),
+            }
+        # A colour pass with the albedo pass (multilayer). Blender 5.0 names the DiffCol pass "Diffuse Color" in
+        # the file; older versions wrote "DiffCol".
+        diff = next((n[: -len(".R")] for n in names if n.endswith(("Diffuse Color.R", "DiffCol.R"))), None)
+        if diff is not None:
+            prefix = diff[: diff.rindex(".") + 1] if "." in diff else ""
+            return {
+                "rgba": np.stack([get(f"{prefix}Combined.{c}") for c in "RGBA"], axis=-1),
+                "diffcol": np.stack([get(f"{diff}.{c}") for c in "RGB"], axis=-1),
             }
         return {"rgba": np.stack([get(c) for c in "RGBA"], axis=-1)}
 

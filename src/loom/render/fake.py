@@ -20,7 +20,8 @@ SPHERE_RADIUS = 0.8
 def render_sphere(params: dict) -> dict:
     """Same contract as ``loom.render.ttv.render_ttv``. Extra params for tests: ``fake_delay_s`` or the
     environment variable LOOM_FAKE_DELAY_S (sleep per frame) and asset files whose first bytes are ``CRASH`` /
-    ``FAIL!`` to simulate a native crash / a bad mesh."""
+    ``FAIL!`` to simulate a native crash / a bad mesh. With ``params["albedo"]`` it also returns ``albedo``: the
+    unlit checker colour (the ``rgb`` before shading) over the background."""
     path = params["asset_path"]
     if not os.path.exists(path):
         raise TaskError(f"asset file {path} does not exist")
@@ -37,7 +38,8 @@ def render_sphere(params: dict) -> dict:
     sphere_pts *= SPHERE_RADIUS / np.linalg.norm(sphere_pts, axis=1, keepdims=True)
     fov = cam.fit_fov(sphere_pts, c2w, w, h, orbit["fov_margin"])
     K = cam.intrinsics(fov, w, h)
-    out = {k: [] for k in ("rgb", "normal", "position", "depth", "mask")}
+    keys = ("rgb", "normal", "position", "depth", "mask") + (("albedo",) if params.get("albedo") else ())
+    out = {k: [] for k in keys}
     light = np.array([0.3, -0.5, 0.8]) / np.linalg.norm([0.3, -0.5, 0.8])
     bg = np.asarray(params.get("background", (1.0, 1.0, 1.0)))
     for m in c2w:
@@ -56,6 +58,8 @@ def render_sphere(params: dict) -> dict:
         albedo = 0.5 + 0.5 * np.sign(np.sin(8 * pos))  # a checker so motion is visible
         rgb = np.where(hit[..., None], shade * albedo, bg)
         out["rgb"].append((np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8))
+        if "albedo" in out:  # the unlit checker over the background, as the Blender backend's albedo pass
+            out["albedo"].append((np.clip(np.where(hit[..., None], albedo, bg), 0, 1) * 255 + 0.5).astype(np.uint8))
         out["normal"].append(nrm.astype(np.float32))
         out["position"].append(pos.astype(np.float32))
         out["depth"].append(s.astype(np.float32))

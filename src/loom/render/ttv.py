@@ -29,6 +29,23 @@ Design choices (why):
 - **Colour** is read as linear premultiplied RGBA (film transparent), composited in linear light over
   ``background`` (given as display, i.e. sRGB-encoded, values in 0..1), clipped to [0, 1] and encoded with the
   standard sRGB transfer function (the 'Standard' view transform, no AgX/Filmic tone mapping), then rounded to uint8.
+- **Albedo** (optional, ``params["albedo"]``): the colour pass also writes Cycles' Diffuse Color pass ("DiffCol";
+  Blender 5.0 names it "Diffuse Color" in the EXR): the weight of the material's diffuse closures at the first visible
+  surface as Cycles evaluates it, unlit, i.e. the base colour (whatever the material's nodes feed into it: the
+  base-colour texture sampled at that point, vertex colours, ...). For a Principled BSDF Cycles also scales that
+  weight by ``(1 - metallic) * (1 - transmission)`` (from Cycles' closure set-up, not measured here) and by the light
+  the dielectric specular layer above it does not reflect (1 - its Fresnel albedo, which grows towards grazing
+  angles): a metal's albedo is dark, a glossy dielectric's a few percent darker than its base colour. Measured (32x32
+  Cycles renders of a box): an OBJ material Kd (0.8, 0.3, 0.1) with Ks 0 gives exactly sRGB (231, 149, 89) on every
+  fully covered pixel (tests/render/test_render_ttv.py); with Ks 0.5, (227, 146, 87) on most of them and darker on
+  faces seen at grazing angles. It is read from the same EXR as the colour (multilayer then, half float) and averaged
+  over the same pixel-filter samples, background samples adding 0, so it is premultiplied by the same coverage: it is
+  composited with the colour pass's alpha over ``background`` in linear light, clipped and sRGB-encoded exactly as
+  ``rgb`` is (``to_srgb8``). It is not denoised (OIDN denoises only the combined pass) and needs no denoising: an
+  unlit colour has no light-path noise, only anti-aliasing at texel and silhouette edges. Rendering it does not change
+  ``rgb`` (tested: bit-identical). It does not depend on the lighting (tested: identical under two environment
+  strengths and rotations), except that with adaptive sampling a pixel's sample count follows the lit image's noise,
+  so anti-aliased edge pixels could in principle differ by a level between lightings.
 - **Environment light**: an Environment Texture node fed by a Mapping node; the map is rotated by ``hdri_rotation``
   radians about world +Z (positive = counter-clockwise seen from above), i.e. the lookup vector is rotated by minus
   that angle.
@@ -99,7 +116,8 @@ def render_ttv(params: dict) -> dict:
 
     Returns ``rgb`` (T,H,W,3) uint8, ``normal`` (T,H,W,3) float32 world space, ``position`` (T,H,W,3) float32 world,
     ``depth`` (T,H,W) float32 camera-space z, ``mask`` (T,H,W) bool, ``K`` (T,3,3) float32, ``c2w`` (T,4,4) float32
-    OpenCV camera-to-world, and ``info`` (normalization, fov_x, blender_version, warnings, timings, mesh).
+    OpenCV camera-to-world, and ``info`` (normalization, fov_x, blender_version, warnings, timings, mesh). With
+    ``params["albedo"]`` true, also ``albedo`` (T,H,W,3) uint8: the unlit diffuse colour, sRGB, over the background.
     Raises :class:`TaskError` for an asset that cannot produce a sample.
     """
     import bpy  # only here: `import loom.render.ttv` must work without bpy installed
@@ -108,6 +126,7 @@ def render_ttv(params: dict) -> dict:
     warnings: list[str] = []
     asset = Path(params["asset_path"])
     width, height, frames = int(params["width"]), int(params["height"]), int(params["frames"])
+    albedo = bool(params.get("albedo", False))
     workdir = Path(params["workdir"])
 
     # ---- import --------------------------------------------------------------------------------------------------
@@ -172,6 +191,8 @@ def render_ttv(params: dict) -> dict:
         "depth": np.empty((frames, height, width), np.float32),
         "mask": np.empty((frames, height, width), bool),
     }
+    if albedo:
+        out["albedo"] = np.empty((frames, height, width, 3), np.uint8)
     background = np.asarray(params.get("background", (1.0, 1.0, 1.0)), dtype=np.float32)
     for t in range(frames):
         g = _read_exr(geo_paths[t])
@@ -184,7 +205,12 @@ def render_ttv(params: dict) -> dict:
         out["position"][t] = pos
         out["normal"][t] = np.where(mask[..., None], nrm, 0.0)
         out["depth"][t] = np.where(mask, depth, 0.0)
-        out["rgb"][t] = _to_srgb8(_read_exr(rgb_paths[t])["rgba"], background)
+        c = _read_exr(rgb_paths[t])
+        out["rgb"][t] = _to_srgb8(c["rgba"], background)
+        if albedo:
+            # DiffCol is averaged over the same samples as the colour, background samples adding 0: premultiplied
+            # by the same coverage, so the colour's alpha composites it.
+            out["albedo"][t] = _to_srgb8(np.concatenate([c["diffcol"], c["rgba"][..., 3:]], axis=-1), background)
         for p in (geo_paths[t], rgb_paths[t]):
             p.unlink(missing_ok=True)
     timings["readback"] = time.perf_counter() - t0
