@@ -121,6 +121,35 @@ def test_loom_texture_brings_back_the_texture_in_the_meshs_own_layout(tmp_path, 
     assert conf.shape == (128, 128) and ((conf > 0) == (cov == 255)).all()
 
 
+def test_a_mesh_without_uvs_is_unwrapped_with_xatlas_and_textured(tmp_path):
+    """The cube as an OBJ without a UV map: xatlas makes the atlas, and each seen texel of it carries the colour of
+    its surface point (the function of the cube's own UVs at that point, which the frames show)."""
+    from loom.geometry import texture as tx
+    from loom.inference.texture import load_uv_mesh
+
+    v, f, uv = cube()
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    mesh = str(folder / "cube.obj")
+    with open(mesh, "w") as fh:
+        fh.writelines(f"v {x:.6f} {y:.6f} {z:.6f}\n" for x, y, z in v @ Y_UP_TO_Z_UP)
+        fh.writelines(f"f {a + 1} {b + 1} {c + 1}\n" for a, b, c in f)
+    frames = str(tmp_path / "frames")
+    write_turntable(mesh, frames)
+    out = str(tmp_path / "out")
+    r = texture_from_frames(mesh, frames, out, resolution=128)
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["uv"] == "xatlas" and report["own_texture_psnr_db"] is None and 0.75 < r.coverage < 0.9
+    um = load_uv_mesh(mesh, 128)  # the same atlas again (xatlas is deterministic)
+    s = tx.rasterise_uv(um.import_frame(), um.faces, um.uv, 128)
+    seen = np.asarray(Image.open(os.path.join(out, "coverage.png"))) == 255
+    face = s.face[seen]  # xatlas keeps the face order: face i of the atlas is face i of the file
+    own_uv = np.einsum("nk,nkd->nd", s.bary[seen], uv[f[face]])
+    got = np.asarray(Image.open(os.path.join(out, "texture.png")), float)[seen]
+    psnr = 10 * np.log10(255 ** 2 / ((got - albedo(own_uv)) ** 2).mean())
+    assert psnr >= 30, psnr
+
+
 def test_bad_input_is_refused_with_a_clear_message(tmp_path, cube_data):
     mesh, frames = cube_data
     other = tmp_path / "other.obj"

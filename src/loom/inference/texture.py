@@ -1,6 +1,7 @@
 """``loom texture``: a textured asset from a mesh and turntable frames (TAPESTRY 3.2). This module holds the
 model-free path, ``--frames``: GIVEN turntable frames (the shards of ``loom render ttv`` for the same mesh, with their
-depth, mask and cameras) are back-projected into the mesh's own UV layout (`loom.geometry.texture`), the seams are
+depth, mask and cameras) are back-projected into the mesh's own UV layout (`loom.geometry.texture`; a mesh without one, or a file of several meshes, is
+unwrapped into one atlas with xatlas first), the seams are
 dilated and the texels no frame saw are filled from their nearest seen texel (UV-space fill), and the result is
 written as a textured GLB and OBJ + MTL + PNG with the texture, confidence and coverage maps. The generative path
 (``--run``: generate the turntable video with a trained run, then 3D-aware inpainting stages) builds on this one and
@@ -8,7 +9,7 @@ is not written yet (issue 18).
 
 Data flow::
 
-    mesh file (.glb/.gltf/.obj with UVs) --trimesh--> vertices (file frame), faces, UVs, own texture (if any)
+    mesh file (.glb/.gltf/.obj) --trimesh--> vertices (file frame), faces, UVs (or xatlas's), own texture (if any)
         -> Blender's import frame (glTF and OBJ are Y-up: (x, y, z) -> (x, -z, y), as Blender's importers do)
         -> the turntable sample's meta["normalization"] (the render's similarity and rotation)  = the frames' world
     turntable sample (the one whose asset_sha256 is the mesh file's, or --key): rgb or albedo, depth, mask, K, c2w
@@ -50,15 +51,17 @@ class UVMesh:
     uv: np.ndarray  # (V,2) v up
     image: np.ndarray | None  # (H,W,3) uint8 sRGB base-colour texture, when the file has one
     sha256: str
+    unwrapped: bool = False  # the UVs are xatlas's (the file had none, or several meshes)
 
     def import_frame(self) -> np.ndarray:
         """(V,3) the vertices where Blender's importer puts them (before Loom's normalisation)."""
         return self.vertices @ Y_UP_TO_Z_UP.T
 
 
-def load_uv_mesh(path: str) -> UVMesh:
-    """The one textured (or UV-mapped) mesh of a .glb/.gltf/.obj file; a clear error for other formats, for files
-    without UVs and for files of several meshes (one atlas per asset is what is written)."""
+def load_uv_mesh(path: str, resolution: int = 1024) -> UVMesh:
+    """The mesh of a .glb/.gltf/.obj file with a UV atlas: its own UV map when the file is one UV-mapped mesh, else
+    (no UV map, or several meshes) every mesh joined in the file's world frame and unwrapped with xatlas into one
+    atlas packed for ``resolution`` texels (`unwrap`). A clear error for other formats and unreadable files."""
     import trimesh
 
     ext = os.path.splitext(path)[1].lower()
@@ -73,26 +76,42 @@ def load_uv_mesh(path: str) -> UVMesh:
         scene = trimesh.load(path, force="scene", process=False)
     except Exception as e:  # trimesh raises many types on malformed files
         raise ValueError(f"--mesh {path}: cannot be read ({type(e).__name__}: {e})") from None
-    geoms = [(name, g) for name, g in scene.geometry.items() if isinstance(g, trimesh.Trimesh) and len(g.faces)]
-    if len(geoms) != 1:
-        raise ValueError(f"--mesh {path} holds {len(geoms)} meshes; texturing writes one atlas per asset and takes a "
-                         "file of exactly one mesh (join them, e.g. in Blender, and export .glb)")
-    name, g = geoms[0]
-    uv = getattr(g.visual, "uv", None)
-    if uv is None or len(uv) != len(g.vertices):
-        raise ValueError(f"--mesh {path} has no UV map; unwrapping (xatlas) is not built yet: unwrap it (e.g. in "
-                         "Blender: Smart UV Project) and export .glb")
-    # the node's world transform (trimesh keeps glTF node transforms in the scene graph)
-    nodes = scene.graph.geometry_nodes.get(name) or []
-    m = scene.graph.get(nodes[0])[0] if nodes else np.eye(4)
-    verts = np.asarray(g.vertices, np.float64) @ m[:3, :3].T + m[:3, 3]
-    image = None
-    mat = getattr(g.visual, "material", None)
-    img = getattr(mat, "baseColorTexture", None) or getattr(mat, "image", None)
-    if img is not None:
-        image = np.asarray(img.convert("RGB"), np.uint8)
-    return UVMesh(path=path, vertices=verts, faces=np.asarray(g.faces, np.int64), uv=np.asarray(uv, np.float64),
-                  image=image, sha256=sha)
+    parts = []  # (vertices in the file's world frame, faces, the geometry)
+    for node in scene.graph.nodes_geometry:
+        m, name = scene.graph.get(node)
+        g = scene.geometry.get(name)
+        if isinstance(g, trimesh.Trimesh) and len(g.faces):
+            parts.append((np.asarray(g.vertices, np.float64) @ m[:3, :3].T + m[:3, 3], np.asarray(g.faces), g))
+    if not parts:
+        raise ValueError(f"--mesh {path} holds no triangle mesh")
+    if len(parts) == 1:
+        verts, faces, g = parts[0]
+        uv = getattr(g.visual, "uv", None)
+        if uv is not None and len(uv) == len(verts):
+            mat = getattr(g.visual, "material", None)
+            img = getattr(mat, "baseColorTexture", None) or getattr(mat, "image", None)
+            image = np.asarray(img.convert("RGB"), np.uint8) if img is not None else None
+            return UVMesh(path=path, vertices=verts, faces=np.asarray(faces, np.int64),
+                          uv=np.asarray(uv, np.float64), image=image, sha256=sha)
+    offsets = np.cumsum([0] + [len(v) for v, _, _ in parts])
+    verts = np.concatenate([v for v, _, _ in parts])
+    faces = np.concatenate([f + o for (_, f, _), o in zip(parts, offsets[:-1], strict=True)])
+    v, f, uv = unwrap(verts, faces, resolution)
+    return UVMesh(path=path, vertices=v, faces=f, uv=uv, image=None, sha256=sha, unwrapped=True)
+
+
+def unwrap(vertices: np.ndarray, faces: np.ndarray, resolution: int, padding: int = 4):
+    """(vertices (V',3), faces (F,3), uv (V',2)): a UV atlas by xatlas (vertices on chart seams duplicated), its
+    charts packed for a ``resolution``^2 texture with ``padding`` texels between them, so seam dilation has room."""
+    import xatlas
+
+    atlas = xatlas.Atlas()
+    atlas.add_mesh(np.ascontiguousarray(vertices, np.float32), np.ascontiguousarray(faces, np.uint32))
+    pack = xatlas.PackOptions()
+    pack.resolution, pack.padding = int(resolution), int(padding)
+    atlas.generate(pack_options=pack)
+    vmap, idx, uv = atlas[0]
+    return vertices[vmap], np.asarray(idx, np.int64), np.asarray(uv, np.float64)
 
 
 def find_sample(frames: str, mesh: UVMesh, key: str | None, frames_pass: str) -> dict[str, Any]:
@@ -190,7 +209,7 @@ def texture_from_frames(mesh_path: str, frames: str, out: str, key: str | None =
         raise ValueError(f"--frames-pass {frames_pass!r}: use one of {list(PASSES)}")
     if resolution < 16:
         raise ValueError(f"--resolution {resolution} must be >= 16")
-    mesh = load_uv_mesh(mesh_path)
+    mesh = load_uv_mesh(mesh_path, resolution)
     s = find_sample(frames, mesh, key, frames_pass)
     verts = world_vertices(mesh, s["meta"])
     align = check_alignment(verts, mesh.faces, s["position"], s["mask"])
@@ -223,6 +242,7 @@ def texture_from_frames(mesh_path: str, frames: str, out: str, key: str | None =
     report = {"mesh": os.path.abspath(mesh_path), "mesh_sha256": mesh.sha256, "frames": frames, "key": s["__key__"],
               "pass": frames_pass, "frames_used": int(len(s["K"])), "resolution": resolution, "coverage": cov,
               "alignment_median_distance": align, "own_texture_psnr_db": psnr,
+              "uv": "xatlas" if mesh.unwrapped else "the file's own",
               "fill": "seams dilated 8 texels, other unseen texels from their nearest seen texel"}
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2, sort_keys=True)
