@@ -99,8 +99,9 @@ def test_loom_texture_brings_back_the_texture_in_the_meshs_own_layout(tmp_path, 
 
     mesh, frames = cube_data
     out = str(tmp_path / "out")
-    p = loom("texture", "--mesh", mesh, "--frames", frames, "--out", out, "--resolution", "128")
-    assert "coverage" in p.stdout and "mesh.glb" in p.stdout
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = loom("texture", "--mesh", mesh, "--frames", frames, "--out", out, "--resolution", "128", "--tracking-uri", db)
+    assert "coverage" in p.stdout and "mesh.glb" in p.stdout and "mlflow:" in p.stdout
     report = json.load(open(os.path.join(out, "report.json")))
     # the orbit sees five faces, not the bottom one: 5/6 of the surface's texels
     assert 0.78 < report["coverage"] < 0.86, report["coverage"]
@@ -119,6 +120,18 @@ def test_loom_texture_brings_back_the_texture_in_the_meshs_own_layout(tmp_path, 
     assert os.path.isfile(os.path.join(out, "mesh.obj")) and os.path.isfile(os.path.join(out, "mesh.mtl"))
     conf = np.load(os.path.join(out, "confidence.npy"))
     assert conf.shape == (128, 128) and ((conf > 0) == (cov == 255)).all()
+    # one MLflow run: params, coverage per stage, seconds per stage, the outputs as artifacts
+    import mlflow
+
+    rec = json.load(open(os.path.join(out, "mlflow_run.json")))
+    client = mlflow.MlflowClient(tracking_uri=db)
+    run = client.get_run(rec["run_id"])
+    assert run.data.params["resolution"] == "128" and run.data.params["uv"] == "the file's own"
+    assert abs(run.data.metrics["coverage"] - report["coverage"]) < 1e-9 and "seconds/back_project" in run.data.metrics
+    assert run.data.tags["loom.kind"] == "texture" and run.info.status == "FINISHED"
+    assert {"texture.png", "mesh.glb", "report.json", "coverage.png"} <= {a.path for a in client.list_artifacts(
+        rec["run_id"])}
+    assert set(report["seconds"]) == {"mesh", "read_frames", "rasterise", "back_project", "fill", "write"}
 
 
 def test_a_mesh_without_uvs_is_unwrapped_with_xatlas_and_textured(tmp_path):

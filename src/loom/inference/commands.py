@@ -59,14 +59,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_texture(args: argparse.Namespace) -> int:
     from loom.inference.texture import texture_from_frames
 
+    from loom.platform.tracking import TrackingSettings
+
+    tracking = None if args.no_mlflow else TrackingSettings(uri=args.tracking_uri or "", experiment=args.experiment)
     done = texture_from_frames(args.mesh, args.frames, args.out, key=args.key, frames_pass=args.frames_pass,
-                               resolution=args.resolution)
+                               resolution=args.resolution, tracking=tracking)
     print(f"texture:  {done.out}/texture.png  coverage {done.coverage:.1%} of the surface's texels seen "
           f"(the rest filled in UV space)")
     print(f"mesh:     {done.out}/mesh.glb  (and mesh.obj + mesh.mtl)")
     if done.own_texture_psnr_db is not None:
         print(f"check:    {done.own_texture_psnr_db:.1f} dB PSNR against the mesh's own texture over the seen texels")
-    print(f"report:   {done.out}/report.json")
+    print(f"report:   {done.out}/report.json  ({', '.join(f'{k} {v:.1f} s' for k, v in done.seconds.items())})")
+    if done.run is not None:
+        from loom.platform.tracking import ui_hint
+
+        print(f"mlflow:   run {done.run[2]} ({done.run[0]})")
+        print(f"UI:       {ui_hint(*done.run)}")
     return 0
 
 
@@ -81,6 +89,10 @@ def register(sub) -> None:
     p.add_argument("--key", help="sample key in --frames (default: the first sample of the mesh file's sha256)")
     p.add_argument("--resolution", type=int, default=1024, help="texture size in texels (paper setting: 2048)")
     p.add_argument("--out", default="out/texture", help="output folder")
+    p.add_argument("--experiment", default="texture", help="MLflow experiment of the run")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db or "
+                   "$LOOM_HOME/mlflow.db)")
+    p.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
     p.set_defaults(func=_cmd_texture)
 
     gen = sub.add_parser("generate", help="sample from a trained model").add_subparsers(dest="model", metavar="MODEL")

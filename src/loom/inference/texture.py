@@ -196,11 +196,14 @@ class Textured:
     alignment: float
     own_texture_psnr_db: float | None
     files: list[str]
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    run: tuple[str, str, str] | None = None  # MLflow (uri, experiment id, run id)
 
 
 def texture_from_frames(mesh_path: str, frames: str, out: str, key: str | None = None, frames_pass: str = "rgb",
-                        resolution: int = 1024) -> Textured:
-    """The model-free path of ``loom texture`` (module docstring)."""
+                        resolution: int = 1024, tracking=None) -> Textured:
+    """The model-free path of ``loom texture`` (module docstring); ``tracking`` (a `TrackingSettings`) logs one
+    MLflow run (`log_run`), None logs nothing."""
     from PIL import Image
 
     from loom.geometry import texture as tx
@@ -209,15 +212,21 @@ def texture_from_frames(mesh_path: str, frames: str, out: str, key: str | None =
         raise ValueError(f"--frames-pass {frames_pass!r}: use one of {list(PASSES)}")
     if resolution < 16:
         raise ValueError(f"--resolution {resolution} must be >= 16")
+    clock = Clock()
     mesh = load_uv_mesh(mesh_path, resolution)
+    clock.lap("mesh")  # read, and unwrap with xatlas where needed
     s = find_sample(frames, mesh, key, frames_pass)
+    clock.lap("read_frames")
     verts = world_vertices(mesh, s["meta"])
     align = check_alignment(verts, mesh.faces, s["position"], s["mask"])
     surface = tx.rasterise_uv(verts, mesh.faces, mesh.uv, resolution)
+    clock.lap("rasterise")
     tex, conf = tx.back_project(surface, s[frames_pass], s["depth"], s["mask"], s["K"], s["c2w"])
     seen = conf > 0
     cov = tx.coverage(surface, conf)
+    clock.lap("back_project")
     final = fill_unseen(tex, seen, surface.covered)
+    clock.lap("fill")
     os.makedirs(out, exist_ok=True)
     files = []
 
@@ -239,15 +248,71 @@ def texture_from_frames(mesh_path: str, frames: str, out: str, key: str | None =
         own = np.asarray(Image.fromarray(mesh.image).resize((resolution, resolution), Image.BILINEAR), np.float64)
         err = ((tex[seen] - own[seen]) ** 2).mean() if seen.any() else None
         psnr = float(10 * np.log10(255.0 ** 2 / max(err, 1e-12))) if err is not None else None
+    clock.lap("write")
     report = {"mesh": os.path.abspath(mesh_path), "mesh_sha256": mesh.sha256, "frames": frames, "key": s["__key__"],
               "pass": frames_pass, "frames_used": int(len(s["K"])), "resolution": resolution, "coverage": cov,
               "alignment_median_distance": align, "own_texture_psnr_db": psnr,
               "uv": "xatlas" if mesh.unwrapped else "the file's own",
-              "fill": "seams dilated 8 texels, other unseen texels from their nearest seen texel"}
+              "fill": "seams dilated 8 texels, other unseen texels from their nearest seen texel",
+              "stages": [{"stage": 0, "source": "given frames", "coverage": cov}], "seconds": clock.laps}
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2, sort_keys=True)
     files.append(os.path.join(out, "report.json"))
-    return Textured(out=out, coverage=cov, alignment=align, own_texture_psnr_db=psnr, files=files)
+    run = log_run(out, report, files, tracking) if tracking is not None and tracking.enabled else None
+    return Textured(out=out, coverage=cov, alignment=align, own_texture_psnr_db=psnr, files=files,
+                    seconds=clock.laps, run=run)
+
+
+class Clock:
+    """Seconds per stage, for report.json, MLflow and benchmarks/texture.py."""
+
+    def __init__(self):
+        import time
+
+        self._time = time.monotonic
+        self._last = self._time()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = self._time()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self._last
+        self._last = now
+
+
+def log_run(out: str, report: dict, files: list[str], tracking) -> tuple[str, str, str]:
+    """One MLflow run in ``tracking.experiment`` (default "texture" for this command): params (mesh, its sha256,
+    frames, pass, resolution, UV source), metrics (coverage per stage, alignment, PSNR against the own texture,
+    seconds per stage) and the outputs as artifacts; ``OUT/mlflow_run.json`` names it. (uri, experiment id, run id)."""
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    from loom.platform.tracking import ensure_experiment, resolve_uri, write_run_record
+
+    uri = resolve_uri(tracking)
+    exp_id = ensure_experiment(uri, tracking.experiment)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    name = tracking.run_name or os.path.splitext(os.path.basename(report["mesh"]))[0]
+    run = client.create_run(exp_id, run_name=name, tags={"loom.kind": "texture", "loom.mesh_sha256":
+                                                         report["mesh_sha256"]})
+    rid = run.info.run_id
+    try:
+        now = run.info.start_time
+        params = {k: report[k] for k in ("mesh", "mesh_sha256", "frames", "key", "pass", "resolution", "uv",
+                                         "frames_used")}
+        metrics = [Metric("coverage", report["coverage"], now, st["stage"]) for st in report["stages"]]
+        metrics += [Metric("alignment_median_distance", report["alignment_median_distance"], now, 0)]
+        if report["own_texture_psnr_db"] is not None:
+            metrics.append(Metric("own_texture_psnr_db", report["own_texture_psnr_db"], now, 0))
+        metrics += [Metric(f"seconds/{k}", v, now, 0) for k, v in report["seconds"].items()]
+        client.log_batch(rid, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
+        for f in files:
+            client.log_artifact(rid, f)
+    except BaseException:
+        client.set_terminated(rid, "FAILED")
+        raise
+    client.set_terminated(rid, "FINISHED")
+    write_run_record(out, uri, tracking.experiment, exp_id, rid)
+    return uri, exp_id, rid
 
 
 def write_textured_mesh(mesh: UVMesh, texture: np.ndarray, out: str) -> list[str]:
