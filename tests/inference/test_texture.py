@@ -134,6 +134,66 @@ def test_loom_texture_brings_back_the_texture_in_the_meshs_own_layout(tmp_path, 
     assert set(report["seconds"]) == {"mesh", "read_frames", "rasterise", "back_project", "fill", "write"}
 
 
+class FrameEcho:
+    """A stand-in for a trained run (beside the real tiny run below): it "generates" the view's own rgb, so the
+    texture must come back exactly when the run's view of the sample (frame subsampling, resizing, K) is the view
+    the geometry is projected with."""
+
+    def __init__(self, frames, size):
+        from loom.datasets.transforms import frame_transform
+
+        self._t, self.size = frame_transform(frames, size), size
+
+    def transform(self):
+        return self._t
+
+    def video(self, batch, seed=0):
+        return batch["rgb"][0].numpy()
+
+
+def test_the_generative_stage_projects_with_the_runs_view_of_the_sample(tmp_path, cube_data, monkeypatch):
+    from loom.inference import texture as tex_mod
+    from loom.inference import ttv as ttv_inf
+
+    mesh, frames = cube_data
+    monkeypatch.setattr(ttv_inf, "load_run", lambda run, steps=None: FrameEcho(9, 96))
+    r = tex_mod.texture_from_run(mesh, "unused-run", str(tmp_path / "out"), frames=frames, resolution=128)
+    report = json.load(open(os.path.join(r.out, "report.json")))
+    assert report["pass"] == "generated" and report["frames_used"] == 9 and report["stages"][0]["stage"] == 1
+    assert r.own_texture_psnr_db >= 28, r  # 9 frames of 96 px: the cube's texture again
+    assert os.path.isfile(os.path.join(r.out, "generated.mp4")) and "generate" in r.seconds
+    # a view with the wrong geometry (frames reversed) no longer reproduces it: the check can fail
+    class Reversed(FrameEcho):
+        def video(self, batch, seed=0):
+            return batch["rgb"][0].numpy()[::-1].copy()
+
+    monkeypatch.setattr(ttv_inf, "load_run", lambda run, steps=None: Reversed(9, 96))
+    bad = tex_mod.texture_from_run(mesh, "unused-run", str(tmp_path / "bad"), frames=frames, resolution=128)
+    assert bad.own_texture_psnr_db < r.own_texture_psnr_db - 5
+
+
+def test_loom_texture_with_a_trained_tiny_run(tmp_path, cube_data):
+    """The real path: a `loom train ttv` run folder (tiny recipe, trained weights stood in by random ones) generates
+    the turntable from the cube's condition renders, and its video is back-projected."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    from tests.inference.test_ttv import make_run
+
+    mesh, frames = cube_data
+    run, _ = make_run(tmp_path, frames, **{"flow.sample_steps": 2})
+    out = str(tmp_path / "out")
+    p = loom("texture", "--mesh", mesh, "--run", run, "--frames", frames, "--out", out, "--resolution", "64",
+             "--no-mlflow")
+    assert "mlflow:" not in p.stdout and "generate" in p.stdout
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["pass"] == "generated" and report["run"] == os.path.abspath(run) and report["coverage"] > 0.3
+    tex = np.asarray(Image.open(os.path.join(out, "texture.png")))
+    assert tex.shape == (64, 64, 3) and tex.std() > 0
+    assert os.path.isfile(os.path.join(out, "generated.mp4")) and os.path.isfile(os.path.join(out, "mesh.glb"))
+    p = loom("texture", "--mesh", mesh, "--out", out, check=False)
+    assert p.returncode != 0 and "pass --run RUN" in p.stderr
+
+
 def test_a_mesh_without_uvs_is_unwrapped_with_xatlas_and_textured(tmp_path):
     """The cube as an OBJ without a UV map: xatlas makes the atlas, and each seen texel of it carries the colour of
     its surface point (the function of the cube's own UVs at that point, which the frames show)."""

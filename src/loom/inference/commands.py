@@ -58,12 +58,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_texture(args: argparse.Namespace) -> int:
     from loom.inference.texture import texture_from_frames
-
     from loom.platform.tracking import TrackingSettings
 
     tracking = None if args.no_mlflow else TrackingSettings(uri=args.tracking_uri or "", experiment=args.experiment)
-    done = texture_from_frames(args.mesh, args.frames, args.out, key=args.key, frames_pass=args.frames_pass,
-                               resolution=args.resolution, tracking=tracking)
+    if args.run:
+        from loom.inference.texture import texture_from_run
+
+        if args.frames_pass != "rgb":
+            raise ValueError("--frames-pass picks a pass of given frames; with --run the generated video is projected")
+        done = texture_from_run(args.mesh, args.run, args.out, frames=args.frames, key=args.key,
+                                resolution=args.resolution, seed=args.seed, steps=args.steps,
+                                render_frames=args.render_frames, render_size=args.render_size, tracking=tracking)
+    elif args.frames:
+        done = texture_from_frames(args.mesh, args.frames, args.out, key=args.key, frames_pass=args.frames_pass,
+                                   resolution=args.resolution, tracking=tracking)
+    else:
+        raise ValueError("pass --run RUN (generate the turntable with a trained `loom train ttv` run) or --frames "
+                         "SHARDS (project given turntable frames of the mesh)")
     print(f"texture:  {done.out}/texture.png  coverage {done.coverage:.1%} of the surface's texels seen "
           f"(the rest filled in UV space)")
     print(f"mesh:     {done.out}/mesh.glb  (and mesh.obj + mesh.mtl)")
@@ -79,15 +90,23 @@ def _cmd_texture(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("texture", help="a textured asset from a mesh and turntable frames (TAPESTRY 3.2): "
-                       "back-projection into the mesh's UV layout")
+    p = sub.add_parser("texture", help="a textured asset from a mesh: a generated (--run) or given "
+                       "(--frames) turntable back-projected into its UV layout (TAPESTRY 3.2)")
     p.add_argument("--mesh", required=True, help="the mesh (.glb/.gltf/.obj with a UV map, one mesh per file)")
-    p.add_argument("--frames", required=True, help="turntable shards of THIS mesh (`loom render ttv` output folder, "
-                   "a shard or a URL): the frames to project, with their depth, mask and cameras")
+    p.add_argument("--run", help="a finished `loom train ttv` run: generate the turntable video with it from the "
+                   "mesh's condition renders and project that (the first stage of TAPESTRY 3.2)")
+    p.add_argument("--frames", help="turntable shards of THIS mesh (`loom render ttv` output folder, a shard or a "
+                   "URL): without --run, the frames to project; with --run, the condition renders (default: rendered "
+                   "into OUT/conditions)")
     p.add_argument("--frames-pass", default="rgb", choices=["rgb", "albedo"], help="which pass to project (albedo: "
                    "shards rendered with --set passes.albedo=true; the exact check of back-projection)")
     p.add_argument("--key", help="sample key in --frames (default: the first sample of the mesh file's sha256)")
     p.add_argument("--resolution", type=int, default=1024, help="texture size in texels (paper setting: 2048)")
+    p.add_argument("--seed", type=int, default=0, help="with --run: noise seed of the generation")
+    p.add_argument("--steps", type=int, help="with --run: sampler steps (default: the run's flow.sample_steps)")
+    p.add_argument("--render-frames", type=int, default=61, help="with --run and no --frames: orbit frames rendered")
+    p.add_argument("--render-size", type=int, default=0, help="with --run and no --frames: render size in pixels "
+                   "(default: the run's data.size, else 512)")
     p.add_argument("--out", default="out/texture", help="output folder")
     p.add_argument("--experiment", default="texture", help="MLflow experiment of the run")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db or "
