@@ -44,8 +44,9 @@ def albedo(uv: np.ndarray) -> np.ndarray:
                            0.5 + 0.3 * np.sin(2 * math.pi * 2 * (u + v))], -1)
 
 
-def raycast(v, f, uv, K, c2w, size):
-    """(image (H,W,3) uint8, depth (H,W), mask (H,W)) of the mesh seen by one OpenCV camera."""
+def raycast(v, f, uv, K, c2w, size, return_uv=False):
+    """(image (H,W,3) uint8, depth (H,W), mask (H,W)[, the hit's UV (H,W,2)]) of the mesh seen by one OpenCV
+    camera."""
     d = pixel_rays(K, c2w, size, size).reshape(-1, 3)
     o = c2w[:3, 3]
     a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]  # (F,3)
@@ -66,8 +67,9 @@ def raycast(v, f, uv, K, c2w, size):
     bb1, bb2 = b1[np.arange(len(d)), first], b2[np.arange(len(d)), first]
     uvs = uv[f[first, 0]] * (1 - bb1 - bb2)[:, None] + uv[f[first, 1]] * bb1[:, None] + uv[f[first, 2]] * bb2[:, None]
     img = np.where(mask[:, None], albedo(uvs), 0.0)
-    return (np.round(img).astype(np.uint8).reshape(size, size, 3), np.where(mask, depth, 0.0).reshape(size, size),
-            mask.reshape(size, size))
+    out = (np.round(img).astype(np.uint8).reshape(size, size, 3), np.where(mask, depth, 0.0).reshape(size, size),
+           mask.reshape(size, size))
+    return (*out, uvs.reshape(size, size, 2)) if return_uv else out
 
 
 def orbit(frames=12, size=160, height=1.2):

@@ -162,6 +162,10 @@ def test_the_generative_stage_projects_with_the_runs_view_of_the_sample(tmp_path
     assert report["pass"] == "generated" and report["frames_used"] == 9 and report["stages"][0]["stage"] == 1
     assert r.own_texture_psnr_db >= 28, r  # 9 frames of 96 px: the cube's texture again
     assert os.path.isfile(os.path.join(r.out, "generated.mp4")) and "generate" in r.seconds
+    # the loop stops at the coverage target: nothing after the first stage when it is already reached
+    done = tex_mod.texture_from_run(mesh, "unused-run", str(tmp_path / "stop"), frames=frames, resolution=128,
+                                    stages=3, coverage_target=0.5)
+    assert [st["stage"] for st in json.load(open(os.path.join(done.out, "report.json")))["stages"]] == [1]
     # a view with the wrong geometry (frames reversed) no longer reproduces it: the check can fail
     class Reversed(FrameEcho):
         def video(self, batch, seed=0):
@@ -183,7 +187,7 @@ def test_loom_texture_with_a_trained_tiny_run(tmp_path, cube_data):
     run, _ = make_run(tmp_path, frames, **{"flow.sample_steps": 2})
     out = str(tmp_path / "out")
     p = loom("texture", "--mesh", mesh, "--run", run, "--frames", frames, "--out", out, "--resolution", "64",
-             "--no-mlflow")
+             "--no-mlflow", "--stages", "1")
     assert "mlflow:" not in p.stdout and "generate" in p.stdout
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["pass"] == "generated" and report["run"] == os.path.abspath(run) and report["coverage"] > 0.3
@@ -192,6 +196,52 @@ def test_loom_texture_with_a_trained_tiny_run(tmp_path, cube_data):
     assert os.path.isfile(os.path.join(out, "generated.mp4")) and os.path.isfile(os.path.join(out, "mesh.glb"))
     p = loom("texture", "--mesh", mesh, "--out", out, check=False)
     assert p.returncode != 0 and "pass --run RUN" in p.stderr
+
+
+def test_inpainting_mask_is_exactly_the_unseen_texels_pixels_and_rotations_are_scored(cube_data):
+    """The Inpainting Mask Video of a stage is +1 exactly on the pixels whose texel no stage has seen (checked
+    against the ray caster's own hit -> UV map), the known video is the frame there and 0 elsewhere; the rotation
+    gain is computed by ray casting: with the bottom face unseen, a rotation showing it wins, an orbit that already
+    saw everything gains nothing."""
+    import torch
+
+    from loom.datasets.ttv import iter_samples
+    from loom.geometry import texture as tx
+    from loom.inference import texture as T
+
+    mesh_path, frames = cube_data
+    mesh = T.load_uv_mesh(mesh_path, 64)
+    s = next(iter_samples(frames))
+    world = T.world_vertices(mesh, s["meta"])
+    surf = tx.rasterise_uv(world, mesh.faces, mesh.uv, 64)
+    conf = np.zeros((64, 64))
+    conf[:, :32] = 1.0  # the left half of the atlas seen
+    keep: dict = {}
+    fn = T.known_videos(world, mesh.faces, mesh.uv, conf, keep)
+    rgb = torch.from_numpy(s["rgb"][None].astype(np.float32) / 127.5 - 1)
+    known, gen = fn(rgb, torch.from_numpy(s["position"][None].astype(np.float32)), torch.from_numpy(s["mask"][None]))
+    # independent truth: the UV the ray caster hit at each pixel (the frames' own renderer); known = u < 0.5
+    v, f, uv = cube()
+    norm = np.asarray(s["meta"]["normalization"])
+    expect = np.zeros(s["mask"].shape, bool)
+    for t in range(len(s["K"])):
+        _, _, m, hit_uv = raycast(v @ norm[:3, :3].T, f, uv, s["K"][t], s["c2w"][t].astype(np.float64), 128,
+                                  return_uv=True)
+        assert (m == s["mask"][t]).all()
+        expect[t] = m & (hit_uv[..., 0] < 0.5)
+    g = gen[0, 0].numpy()
+    assert set(np.unique(g)) <= {-1.0, 1.0}
+    assert ((g < 0) == expect).mean() > 0.99  # float16 positions put a few edge pixels in the neighbouring texel
+    assert ((g < 0) <= s["mask"]).all()  # nothing off the object is known
+    k = known[0].permute(1, 2, 3, 0).numpy()
+    assert (k[g > 0] == 0).all() and np.allclose(k[g < 0], rgb[0].numpy()[g < 0])
+    # rotation gains
+    seen_all = np.ones((64, 64))
+    assert max(T.rotation_gains(mesh, seen_all, s).values()) == 0
+    _, conf1 = tx.back_project(surf, s["rgb"], s["depth"], s["mask"], s["K"], s["c2w"])
+    gains = T.rotation_gains(mesh, conf1, s)
+    best = max(gains, key=gains.get)
+    assert gains[best] > 0.1 and gains["x+45"] < gains[best]  # the unseen bottom is a sixth of the surface
 
 
 def test_a_mesh_without_uvs_is_unwrapped_with_xatlas_and_textured(tmp_path):
@@ -311,3 +361,28 @@ def test_back_projection_of_blenders_albedo_is_exact_for_two_base_rotations(tmp_
             "if n.type == 'TEX_IMAGE' and n.image]; print('IMAGES', [tuple(i.size) for i in imgs])")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert "IMAGES [(256, 256)]" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+
+
+@pytest.mark.blender
+def test_inpainting_stages_raise_coverage_and_stop(tmp_path):
+    """`loom texture --run` end to end with Blender: the cube's conditions rendered by the render job, a tiny run
+    generates, each further stage turns the cube by the rotation that shows the most unseen texels, renders the
+    partial texture and its mask, generates with them and fuses: coverage rises with every stage."""
+    pytest.importorskip("bpy")
+    pytest.importorskip("diffusers")
+    from tests.inference.test_ttv import make_run
+
+    mesh = write_cube(str(tmp_path / "mesh"))
+    run, _ = make_run(tmp_path, str(tmp_path / "unused"), **{"flow.sample_steps": 2})
+    out = str(tmp_path / "out")
+    loom("texture", "--mesh", mesh, "--run", run, "--out", out, "--resolution", "64", "--no-mlflow",
+         "--stages", "3", "--coverage-target", "0.98", "--render-frames", "9", "--render-size", "64")
+    report = json.load(open(os.path.join(out, "report.json")))
+    cov = [st["coverage"] for st in report["stages"]]
+    # the tiny run sees 5 frames of 32 px: the first orbit leaves much unseen, each stage adds, three stages run
+    assert len(cov) == 3 and all(b > a + 0.05 for a, b in zip(cov, cov[1:], strict=False)), cov
+    assert report["coverage"] == cov[-1] < 0.98
+    for st in report["stages"][1:]:
+        assert abs(st["gain_estimate"] - max(st["gains"].values())) < 1e-4 and st["gain_estimate"] > 0.05, st
+        for name in ("partial.glb", "generated.mp4", "partial_texture.mp4", "inpainting_mask.mp4"):
+            assert os.path.isfile(os.path.join(out, f"stage{st['stage']}", name)), name

@@ -68,7 +68,9 @@ def _cmd_texture(args: argparse.Namespace) -> int:
             raise ValueError("--frames-pass picks a pass of given frames; with --run the generated video is projected")
         done = texture_from_run(args.mesh, args.run, args.out, frames=args.frames, key=args.key,
                                 resolution=args.resolution, seed=args.seed, steps=args.steps,
-                                render_frames=args.render_frames, render_size=args.render_size, tracking=tracking)
+                                render_frames=args.render_frames, render_size=args.render_size, stages=args.stages,
+                                coverage_target=args.coverage_target, naive_fusion=args.naive_fusion,
+                                tracking=tracking)
     elif args.frames:
         done = texture_from_frames(args.mesh, args.frames, args.out, key=args.key, frames_pass=args.frames_pass,
                                    resolution=args.resolution, tracking=tracking)
@@ -104,6 +106,12 @@ def register(sub) -> None:
     p.add_argument("--resolution", type=int, default=1024, help="texture size in texels (paper setting: 2048)")
     p.add_argument("--seed", type=int, default=0, help="with --run: noise seed of the generation")
     p.add_argument("--steps", type=int, help="with --run: sampler steps (default: the run's flow.sample_steps)")
+    p.add_argument("--stages", type=int, default=3, help="with --run: stages at most (1 = the orbit alone; 2..: "
+                   "3D-aware inpainting from the rotation that shows the most unseen texels)")
+    p.add_argument("--coverage-target", type=float, default=0.99, help="with --run: stop once this fraction of the "
+                   "surface's texels is seen")
+    p.add_argument("--naive-fusion", action="store_true", help="with --run: the Fig. 6 baseline, every stage "
+                   "generated independently (nothing known) and blended")
     p.add_argument("--render-frames", type=int, default=61, help="with --run and no --frames: orbit frames rendered")
     p.add_argument("--render-size", type=int, default=0, help="with --run and no --frames: render size in pixels "
                    "(default: the run's data.size, else 512)")

@@ -63,18 +63,19 @@ class TTVRun:
 
         return frame_transform(self.frames, self.size)
 
-    def condition(self, batch: dict) -> dict[str, torch.Tensor]:
-        """A batch of condition renders -> the DiT's inputs, nothing known."""
+    def condition(self, batch: dict, known=None) -> dict[str, torch.Tensor]:
+        """A batch of condition renders -> the DiT's inputs: nothing known, or the known and inpainting-mask videos
+        ``known`` makes from the batch (`loom.models.ttv.KnownVideos`: 3D-aware inpainting, `loom texture`)."""
         with torch.no_grad():
-            return self.conditioner(batch, self.dit, self.device)
+            return self.conditioner(batch, self.dit, self.device, known=known)
 
     def generate(self, cond: dict[str, torch.Tensor], seed: int = 0) -> torch.Tensor:
         """Conditions -> latents (B,C,T',H',W'), ``sample_steps`` Euler steps from the noise of ``seed``."""
         return sample_latents(self.dit, cond, self.sample_steps, self.shift, seed=seed, device=self.device)
 
-    def video(self, batch: dict, seed: int = 0) -> np.ndarray:
-        """A batch of one -> its generated video (T,H,W,3) uint8."""
-        z = self.generate(self.condition(batch), seed)
+    def video(self, batch: dict, seed: int = 0, known=None) -> np.ndarray:
+        """A batch of one -> its generated video (T,H,W,3) uint8 (``known``: see `condition`)."""
+        z = self.generate(self.condition(batch, known), seed)
         with torch.no_grad():
             return latents_to_uint8(self.vae, z.float().cpu())[0]
 
