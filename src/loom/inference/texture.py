@@ -273,22 +273,34 @@ def texture_from_run(mesh_path: str, run: str, out: str, frames: str | None = No
     files = [write_video(os.path.join(out, "generated.mp4"), video)]
     history = [{"stage": 1, "source": "generated turntable (the run's orbit)", "rotation": np.eye(3).tolist(),
                 "coverage": tx.coverage(surface, conf)}]
+    progress(f"stage 1/{stages}: the orbit's generated turntable, coverage {history[-1]['coverage']:.1%}")
     for k in range(2, stages + 1):
         if history[-1]["coverage"] >= coverage_target:
+            progress(f"coverage target {coverage_target:.0%} reached: done after stage {k - 1}")
             break
         stage = inpaint_stage(k, mesh, surface, tex, conf, s, model, os.path.join(out, f"stage{k}"), seed + k,
                               naive_fusion, clock)
         if stage is None:  # no candidate rotation shows an unseen texel
             history.append({"stage": k, "source": "none: no rotation shows more of the surface"})
+            progress(f"stage {k}/{stages}: no rotation shows an unseen texel: done")
             break
         tex, conf, info, stage_files = stage
         files += stage_files
         history.append({**info, "coverage": tx.coverage(surface, conf)})
+        progress(f"stage {k}/{stages}: turned {info['rotation_name']} (estimated gain {info['gain_estimate']:.1%}),"
+                 f" coverage {history[-1]['coverage']:.1%}")
     info = {"frames": frames, "key": s["__key__"], "pass": "generated", "frames_used": int(len(video)),
             "run": os.path.abspath(run), "seed": seed, "stages": history, "coverage_target": coverage_target,
             "fusion": "naive (independent generations, blended by confidence)" if naive_fusion else
                       "3D-aware inpainting (known = the partial texture, mask = its unseen texels)"}
     return finish(mesh, surface, tex, conf, align, out, info, clock, tracking, extra=files)
+
+
+def progress(line: str) -> None:
+    """One line per stage on stderr (a stage takes a render and a generation: minutes on real models)."""
+    import sys
+
+    print(f"texture:  {line}", file=sys.stderr, flush=True)
 
 
 def back_project_video(surface, video: np.ndarray, view: dict):
