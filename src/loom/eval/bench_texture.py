@@ -21,8 +21,14 @@ From a checkpoint (``run``, a ``loom train ttv`` run folder; ``gt`` is then turn
 turntable is generated as ``loom eval ttv --run`` generates it (the same condition, seed and sampler; the ground
 truth gets the run's frame subsampling and size), and the frames of the generated and of the ground-truth video
 are the multi-view renders, written as ``<out>/pred/<key>/<frame>.png`` and ``<out>/gt/<key>/<frame>.png`` and
-then evaluated as above. Loom does not bake the generated views into a texture map and render that (TAPESTRY's
-texturing stage): the views are scored as the video model made them.
+then evaluated as above: the views as the video model made them.
+
+The textured asset (``run`` and ``assets``, TAPESTRY Tab. 2 as the paper scores it): each asset of ``assets`` is
+rendered on a held-out orbit (``views`` frames at ``view_height``, above the texturing orbit; its own materials),
+textured from its geometry by ``loom texture --run`` (``stages``, ``texture_resolution``; timed: the ``seconds``
+column and the ``time_s`` metric, with ``coverage``), and the textured mesh is rendered on the same held-out orbit,
+with the same light: ``<out>/gt/<uid>/`` and ``<out>/pred/<uid>/``, scored as above; the textured assets stay in
+``<out>/textured/<uid>/``.
 """
 
 from __future__ import annotations
@@ -58,6 +64,15 @@ class EvalTextureJob:
                       "run: the run's)")
     run: str = field("", help="or a `loom train ttv` run folder: its generated turntable frames are the predicted "
                      "views, the shards' frames the ground-truth ones (into <out>/pred and <out>/gt)")
+    assets: str = field("", help="with run: textured assets (a folder or asset source of .glb/.gltf/.obj): each is "
+                        "textured by `loom texture --run` from its geometry, and renders of the TEXTURED ASSET from "
+                        "held-out views are scored against renders of the original (TAPESTRY Tab. 2)")
+    views: int = field(8, help="with assets: held-out views per asset (an orbit above the texturing one)")
+    view_size: int = field(256, help="with assets: held-out render size in pixels")
+    view_height: float = field(1.6, help="with assets: camera height of the held-out orbit (texturing's default "
+                               "conditions are rendered at heights drawn from [-0.3, 1.2])")
+    stages: int = field(3, help="with assets: `loom texture` stages per asset (1 = its orbit alone)")
+    texture_resolution: int = field(1024, help="with assets: texture size in texels")
     steps: int = field(0, help="with run: sampler steps (0 = the run's flow.sample_steps)")
     out: str = field("out/eval-texture", help="output folder: config.yaml, metrics.json, items.csv, media/")
     model: str = field("", help="model name in the leaderboard (default: the pred folder's name)")
@@ -79,6 +94,11 @@ class EvalTextureJob:
         require(self.kid_subset_size == 0 or self.kid_subset_size >= 2, "kid_subset_size", self.kid_subset_size,
                 "must be 0 (automatic) or at least 2")
         require(not (self.pred and self.run), "pred", self.pred, "give predictions (pred) or a run, not both")
+        require(not self.assets or bool(self.run), "assets", self.assets, "needs run: the assets are textured by it")
+        require(not (self.assets and self.gt), "gt", self.gt, "with assets the ground truth is rendered from them; "
+                "leave gt unset")
+        for name in ("views", "view_size", "stages", "texture_resolution"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         for name in ("limit", "media", "steps", "frames", "size"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
 
@@ -206,6 +226,50 @@ def views_part(cfg: EvalTextureJob, rank: int, parts: int) -> int:
     return views
 
 
+def held_out_views(mesh: str, out: str, cfg: EvalTextureJob) -> np.ndarray:
+    """(views, H, W, 3) renders of ``mesh`` by `loom render ttv` on the held-out orbit: ``views`` frames at
+    ``view_height``, radius 2.5, the asset in its own pose, one fixed environment (the same cameras and light for
+    the original and the textured asset: both are normalised from the same vertices)."""
+    from loom.datasets.ttv import iter_samples
+    from loom.inference.texture import render_conditions
+
+    sets = [("orbit.radius", [2.5, 2.5]), ("orbit.height", [cfg.view_height, cfg.view_height]),
+            ("lighting.hdris", ["studio"]), ("lighting.strength", [1.0, 1.0]), ("lighting.random_rotation", False)]
+    folder = render_conditions(mesh, out, cfg.views, cfg.view_size, extra=sets)
+    return next(iter_samples(folder, keys=("rgb",)))["rgb"]
+
+
+def asset_views_part(cfg: EvalTextureJob, rank: int, parts: int) -> list[dict]:
+    """The assets ``rank``, ``rank + parts``, ...: each rendered on the held-out orbit (``<out>/gt/<uid>/``),
+    textured by ``loom texture --run`` from its geometry (``<out>/textured/<uid>/``, timed), the textured asset
+    rendered on the same orbit (``<out>/pred/<uid>/``). Returns one row per asset (uid, seconds, coverage)."""
+    import time
+
+    from loom.corpora.assets import resolve_source
+    from loom.inference.texture import texture_from_run
+
+    out = os.path.abspath(cfg.out)
+    rows = []
+    for i, rec in enumerate(resolve_source(cfg.assets)):
+        if i % parts != rank or (cfg.limit and i >= cfg.limit):
+            continue
+        work = os.path.join(out, "work", rec.uid)
+        gt = held_out_views(rec.path, os.path.join(work, "gt-render"), cfg)
+        t0 = time.monotonic()
+        done = texture_from_run(rec.path, cfg.run, os.path.join(out, "textured", rec.uid),
+                                resolution=cfg.texture_resolution, seed=cfg.seed, steps=cfg.steps or None,
+                                stages=cfg.stages)
+        seconds = time.monotonic() - t0
+        pred = held_out_views(os.path.join(done.out, "mesh.glb"), os.path.join(work, "pred-render"), cfg)
+        for side, video in (("pred", pred), ("gt", gt)):
+            _write_views(os.path.join(out, side, rec.uid), video)
+        shutil.rmtree(work, ignore_errors=True)
+        rows.append({"key": rec.uid, "seconds": seconds, "coverage": done.coverage})
+        print(f"textured {rec.uid}: coverage {done.coverage:.1%} in {seconds:.1f} s, {len(pred)} held-out views",
+              flush=True)
+    return rows
+
+
 def score_part(cfg: EvalTextureJob, rank: int, parts: int, pred_dir: str, gt_dir: str,
                names: list[str]) -> dict[str, Any]:  # fmt: skip
     """Rows, Inception features and statistics, and media of the image pairs ``names[rank::parts]``."""
@@ -254,14 +318,22 @@ def evaluate(cfg: EvalTextureJob) -> dict[str, Any]:
     from loom.eval.metrics.kid import kid_from_features
     from loom.eval.record import Evaluation, finish
 
-    if not ((cfg.pred or cfg.run) and cfg.gt):
+    if not ((cfg.pred or cfg.run) and (cfg.gt or cfg.assets)):
         raise ValueError("pass --pred FOLDER and --gt FOLDER (renders of predicted and ground-truth textures; the "
-                         "ground truth may be turntable shards), or --run TRAIN_RUN and --gt SHARDS")
+                         "ground truth may be turntable shards), --run TRAIN_RUN and --gt SHARDS, or --run TRAIN_RUN "
+                         "and --assets MESHES (texture each asset and score renders of the result)")
     out = os.path.abspath(cfg.out)
     features = Features(cfg.features)
     features.check(_nets(cfg))  # missing weights stop the job before any generation
     warn_if_tiny(features)
-    if cfg.run:
+    asset_rows: dict[str, dict] = {}
+    if cfg.assets:
+        dirs = _views_dirs(out)
+        asset_rows = {r["key"]: r for part in run_parts(asset_views_part, cfg, cfg.ray) for r in part}
+        if not asset_rows:
+            raise ValueError(f"no assets in {cfg.assets}")
+        pred_dir, gt_dir = dirs["pred"], dirs["gt"]
+    elif cfg.run:
         dirs = _views_dirs(out)
         if not sum(run_parts(views_part, cfg, cfg.ray)):
             raise ValueError(f"no samples in {cfg.gt}")
@@ -278,7 +350,7 @@ def evaluate(cfg: EvalTextureJob) -> dict[str, Any]:
     if only_pred or only_gt:
         raise ValueError(f"unpaired renders: {len(only_pred)} only in {pred_dir} {only_pred[:5]}, {len(only_gt)} "
                          f"only in {gt_dir} {only_gt[:5]}; both folders need the same relative paths")
-    names = sorted(pred)[: cfg.limit or None]
+    names = sorted(pred)[: (cfg.limit if not cfg.assets else 0) or None]
     media_dir = os.path.join(out, "media")
     if os.path.isdir(media_dir):
         for name in os.listdir(media_dir):
@@ -309,13 +381,21 @@ def evaluate(cfg: EvalTextureJob) -> dict[str, Any]:
     if "clip_s" in cfg.metrics:
         metrics["clip_s"] = float(np.mean([r["clip_s"] for r in items]))
     metrics["items"] = float(len(items))
+    if asset_rows:  # the Time column: seconds per asset of `loom texture`, and the surface it saw
+        for r in items:
+            r.update({k: asset_rows[r["key"]][k] for k in ("seconds", "coverage")})
+        metrics["time_s"] = float(np.mean([r["seconds"] for r in asset_rows.values()]))
+        metrics["coverage"] = float(np.mean([r["coverage"] for r in asset_rows.values()]))
+        notes.append(f"views: renders of the textured assets ({cfg.views} held-out views at height "
+                     f"{cfg.view_height}, {cfg.stages} texturing stage(s)) against renders of the originals")
     if cfg.ray.workers > 1:
         notes.append(f"evaluated on {cfg.ray.workers} workers")
-    if cfg.run:
+    if cfg.run and not cfg.assets:
         notes.append("views: the frames of the run's generated turntables against the shards' frames (no texture "
                      "baking)")
     model = cfg.model or os.path.basename(os.path.abspath(cfg.run or cfg.pred).rstrip("/"))
     ev = Evaluation(benchmark="texture", model=model, config=cfg, out=out, metrics=metrics, items=items, media=media,
-                    params={"checkpoint": where(cfg.run), "predictions": where(pred_dir), "data": where(cfg.gt)},
+                    params={"checkpoint": where(cfg.run), "predictions": where(pred_dir),
+                            "data": where(cfg.gt or cfg.assets)},
                     notes=notes)  # fmt: skip
     return finish(ev, cfg.tracking, features)

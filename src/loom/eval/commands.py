@@ -26,7 +26,9 @@ _FLAGS = {
                          "turntable shards (their frames: <key>/000.png ...)"),
                 "--pred": ("pred", "folder of predicted renders (images at any depth, e.g. <asset>/<view>.png)"),
                 "--run": ("run", "a `loom train ttv` run folder: its generated turntable frames are the views "
-                          "(into <out>/pred, the shards' frames into <out>/gt)")},
+                          "(into <out>/pred, the shards' frames into <out>/gt)"),
+                "--assets": ("assets", "with --run: textured assets (folder of .glb/.obj): texture each with the run "
+                             "and score renders of the textured asset against the original's")},
     "4d": {"--gt": ("gt", "ground-truth 4D shards (`loom render 4d` output)"),
            "--pred": ("pred", "folder with one folder per key of frame_000.obj, frame_001.obj, ..."),
            "--run": ("run", "a `loom train shape4d` run folder: generate the meshes with it into <out>/pred"),
