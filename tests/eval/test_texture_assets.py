@@ -34,7 +34,7 @@ def test_eval_texture_scores_renders_of_the_textured_asset(tmp_path, monkeypatch
     printed = capsys.readouterr()
     assert rc == 0, printed.err[-3000:]
     metrics = json.load(open(out / "metrics.json"))["metrics"]
-    assert {"fid", "kid", "clip_s", "time_s", "coverage"} <= set(metrics) and metrics["items"] == 4
+    assert {"fid", "kid", "clip_s", "lpips", "time_s", "coverage"} <= set(metrics) and metrics["items"] == 4
     assert metrics["time_s"] > 0 and 0 < metrics["coverage"] <= 1
     uid = next(n for n in os.listdir(out / "pred") if not n.startswith("."))
     pred = sorted(os.listdir(out / "pred" / uid))

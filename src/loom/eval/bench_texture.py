@@ -1,4 +1,4 @@
-"""``loom eval texture``: TAPESTRY Tab. 2, FID, KID and CLIP-S on multi-view renders of generated textures.
+"""``loom eval texture``: TAPESTRY Tab. 2, FID, KID, CLIP-S and LPIPS on multi-view renders of generated textures.
 
 Inputs are two folders of images (``.png``, ``.jpg``, ...; any depth, e.g. ``<asset>/<view>.png``): the renders of
 the generated textures (``pred``) and of the ground-truth textures (``gt``) from the same cameras. Every predicted
@@ -16,6 +16,7 @@ RGB (an alpha channel is dropped: render both sides over one background).
 - **CLIP-S**: per pair, the cosine similarity of the CLIP image embeddings of the prediction and its ground truth,
   clamped at 0 (:func:`loom.eval.metrics.clip_score` with ``reference=``, divided by its scale of 100), averaged.
   This is the image-to-image form, on the papers' [0, 1] scale (TAPESTRY reports 0.89-0.95).
+- **LPIPS** (:func:`loom.eval.metrics.lpips`, the network of ``features.lpips_net``): per pair, averaged.
 
 From a checkpoint (``run``, a ``loom train ttv`` run folder; ``gt`` is then turntable shards): each ground-truth
 turntable is generated as ``loom eval ttv --run`` generates it (the same condition, seed and sampler; the ground
@@ -45,7 +46,7 @@ from loom.eval.benchmarks import (check_eval_ray, eval_ray, IMAGE_EXTS, EvalTrac
 from loom.platform.ray import RaySettings
 from loom.platform.config import config, field, recipe, require
 
-METRICS = ("fid", "kid", "clip_s")
+METRICS = ("fid", "kid", "clip_s", "lpips")
 
 
 @config
@@ -76,7 +77,7 @@ class EvalTextureJob:
     steps: int = field(0, help="with run: sampler steps (0 = the run's flow.sample_steps)")
     out: str = field("out/eval-texture", help="output folder: config.yaml, metrics.json, items.csv, media/")
     model: str = field("", help="model name in the leaderboard (default: the pred folder's name)")
-    metrics: tuple[str, ...] = field(METRICS, help="metrics to compute, of fid, kid, clip_s")
+    metrics: tuple[str, ...] = field(METRICS, help="metrics to compute, of fid, kid, clip_s, lpips")
     kid_subsets: int = field(100, help="KID: number of random subsets")
     kid_subset_size: int = field(0, help="KID: images per subset (0 = min(1000, number of images))")
     limit: int = field(0, help="evaluate the first N image pairs in path order (0 = all)")
@@ -297,6 +298,10 @@ def score_part(cfg: EvalTextureJob, rank: int, parts: int, pred_dir: str, gt_dir
             net = features.get("clip")
             cos = float((net.image_embeds(p.to(features.device)) * net.image_embeds(g.to(features.device))).sum())
             row["clip_s"] = max(cos, 0.0)
+        if "lpips" in cfg.metrics:
+            from loom.eval.metrics import lpips
+
+            row["lpips"] = lpips(p, g, network=features.get("lpips"), batch_size=1)
         if i < cfg.media:
             media += write_media(media_dir, name.replace("/", "__"), p_img[None], g_img[None])
         items.append((i, row))
@@ -304,8 +309,8 @@ def score_part(cfg: EvalTextureJob, rank: int, parts: int, pred_dir: str, gt_dir
 
 
 def _nets(cfg: EvalTextureJob) -> list[str]:
-    return (["inception"] if {"fid", "kid"} & set(cfg.metrics) else []) + (["clip"] if "clip_s" in cfg.metrics
-                                                                          else [])  # fmt: skip
+    return ((["inception"] if {"fid", "kid"} & set(cfg.metrics) else [])
+            + (["clip"] if "clip_s" in cfg.metrics else []) + (["lpips"] if "lpips" in cfg.metrics else []))
 
 
 def evaluate(cfg: EvalTextureJob) -> dict[str, Any]:
@@ -380,6 +385,8 @@ def evaluate(cfg: EvalTextureJob) -> dict[str, Any]:
         notes.append(f"KID: {cfg.kid_subsets} subsets of {size} images")
     if "clip_s" in cfg.metrics:
         metrics["clip_s"] = float(np.mean([r["clip_s"] for r in items]))
+    if "lpips" in cfg.metrics:
+        metrics["lpips"] = float(np.mean([r["lpips"] for r in items]))
     metrics["items"] = float(len(items))
     if asset_rows:  # the Time column: seconds per asset of `loom texture`, and the surface it saw
         for r in items:

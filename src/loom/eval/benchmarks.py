@@ -80,7 +80,8 @@ BENCHMARKS: dict[str, Benchmark] = {
             Column("fvd", "FVD", False, 1))),
         Benchmark("texture", "TAPESTRY Tab. 2: multi-view renders of generated textures", (
             Column("fid", "FID", False, 2), Column("kid", "KID×10³", False, 2, 1e3),
-            Column("clip_s", "CLIP-S", True, 4), Column("time_s", "Time (s)", False, 1))),
+            Column("clip_s", "CLIP-S", True, 4), Column("lpips", "LPIPS", False, 3),
+            Column("time_s", "Time (s)", False, 1))),
         Benchmark("4d", "ShapeGen4D Tab. 1 (geometry, after registration) and Tab. 2 (renders)", (
             Column("chamfer", "Chamfer", False, 4), Column("iou", "IoU", True, 4),
             Column("f_score", "F-Score", True, 4),

@@ -10,7 +10,7 @@ EVAL = {
     "ttv": ("EvalTTVJob",
             "TAPESTRY Tab. 1: PSNR, SSIM, LPIPS, FVD of generated turntable videos against ground-truth renders"),
     "texture": ("EvalTextureJob",
-                "TAPESTRY Tab. 2: FID, KID, CLIP-S on multi-view renders (two folders of images, or a ttv run's "
+                "TAPESTRY Tab. 2: FID, KID, CLIP-S, LPIPS on multi-view renders (two folders of images, or a ttv run's "
                 "generated turntable frames)"),
     "4d": ("Eval4DJob",
            "ShapeGen4D Tab. 1: Chamfer, IoU, F-score after registration (Tab. 2: LPIPS, CLIP, FVD on renders: "
