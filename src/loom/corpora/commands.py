@@ -125,19 +125,28 @@ def cmd_cache_latents(args) -> int:
 
 
 def cache_latents(cfg, args) -> None:
-    from loom.corpora.latents import job_spec, run_cache
+    from loom.corpora.latents import job_spec
 
-    spec = job_spec(cfg)
-    n = sum(len(t.asset["keys"]) for t in spec.tasks)
-    if args.dry_run:
-        print(f"plan: {n} sample(s) in {len(spec.tasks)} source shard(s) of {cfg.source} -> {cfg.out}")
-        return
     extra = "".join(f", the {what} encoder in {d}" for what, d in (("text", cfg.text_encoder),
                                                                     ("image", cfg.image_encoder)) if d)
-    print(f"encoding {n} sample(s) of {cfg.source} with the VAE in {cfg.vae}{extra} into {cfg.out}", file=sys.stderr)
-    summary = run_cache(spec, progress=not args.no_progress, retry_failed=args.retry_failed)
+    run_cache_job(cfg, args, job_spec(cfg), "sample(s)", f"with the VAE in {cfg.vae}{extra}")
+
+
+def run_cache_job(cfg, args, spec, unit: str, encoders: str, then: str = "") -> None:
+    """A cache job's command (`loom cache latents`, `loom cache 4d`): --dry-run prints the plan, else run it and
+    print the summary, the shards and ``then``."""
+    from loom.platform.jobs import run_job
+
+    n = sum(len(t.asset["keys"]) for t in spec.tasks)
+    if args.dry_run:
+        print(f"plan: {n} {unit} in {len(spec.tasks)} source shard(s) of {cfg.source} -> {cfg.out}")
+        return
+    print(f"encoding {n} {unit} of {cfg.source} {encoders} into {cfg.out}", file=sys.stderr)
+    summary = run_job(spec, progress=not args.no_progress, retry_failed=args.retry_failed)
     print_summary(summary, cfg.out)
     print(f"shards:   {cfg.out}/shards  (manifest {cfg.out}/manifest.json)")
+    if then:
+        print(then)
 
 
 def register_cache(sub) -> None:
@@ -188,16 +197,8 @@ def cmd_cache_4d(args) -> int:
 
 
 def cache_4d(cfg, args) -> None:
-    from loom.corpora.latents4d import job_spec, run_cache
+    from loom.corpora.latents4d import job_spec
 
-    spec = job_spec(cfg)
-    n = sum(len(t.asset["keys"]) for t in spec.tasks)
-    if args.dry_run:
-        print(f"plan: {n} sequence(s) in {len(spec.tasks)} source shard(s) of {cfg.source} -> {cfg.out}")
-        return
-    print(f"encoding {n} sequence(s) of {cfg.source} with the shape VAE {cfg.vae} and DINOv2 {cfg.image_encoder} "
-          f"into {cfg.out}", file=sys.stderr)
-    summary = run_cache(spec, progress=not args.no_progress, retry_failed=args.retry_failed)
-    print_summary(summary, cfg.out)
-    print(f"shards:   {cfg.out}/shards  (manifest {cfg.out}/manifest.json)")
-    print(f"train:    loom train shape4d --set data.source={cfg.out} (model.vae and model.image_encoder as here)")
+    run_cache_job(cfg, args, job_spec(cfg), "sequence(s)",
+                  f"with the shape VAE {cfg.vae} and DINOv2 {cfg.image_encoder}",
+                  f"train:    loom train shape4d --set data.source={cfg.out} (model.vae and model.image_encoder as here)")

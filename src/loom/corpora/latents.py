@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import string
-import sys
 import time
 from typing import Literal
 
@@ -262,12 +261,13 @@ def sample_config_hash(cfg: CacheLatentsJob, vae_digest: dict, text: dict | None
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def source_shards(source: str) -> list[dict]:
-    """The source's manifest shards (name, sha256, keys), refusing an unfinished or non-turntable corpus."""
+def source_shards(source: str, kinds: tuple = (None, "ttv"),
+                  takes: str = "latents are cached from turntable ('ttv') corpora") -> list[dict]:
+    """The source's manifest shards (name, sha256, keys), refusing an unfinished corpus or one of another kind
+    (``takes`` says what the job reads)."""
     m = shards.read_manifest(source)
-    if m.get("kind") not in (None, "ttv"):
-        raise ValueError(f"source={source!r} holds a {m.get('kind')!r} corpus; latents are cached from turntable "
-                         "('ttv') corpora")
+    if m.get("kind") not in kinds:
+        raise ValueError(f"source={source!r} holds a {m.get('kind')!r} corpus; {takes}")
     if not m.get("complete", False):
         raise ValueError(f"source={source!r} is unfinished ({len(m.get('missing_shards', []))} shard(s) missing): "
                          "rerun its render job to completion first, so the latent plan does not change later")
@@ -288,13 +288,19 @@ def job_spec(cfg: CacheLatentsJob) -> JobSpec:
         "tiling": cfg.tiling, "threads": cfg.ray.cpus_per_worker, "config_hash": chash,
         "text": text, "image": image,
     }
+    return cache_spec(cfg, KIND, ENTRY, params, chash, source_shards(cfg.source))
+
+
+def cache_spec(cfg, kind: str, entry: str, params: dict, chash: str, sources: list[dict]) -> JobSpec:
+    """A cache job (this module's, `loom.corpora.latents4d`'s): one task per source shard, output shard i <- source
+    shard i in manifest order, each task reading its own source shard (no asset fetch)."""
     tasks = []
-    for s in source_shards(cfg.source):
+    for s in sources:
         url = shards.shard_url(cfg.source, s["name"])
         tasks.append(Task(key=s["name"].removesuffix(".tar"),
                           asset={"uid": s["name"], "source": url, "sha256": s["sha256"], "keys": s["keys"]},
                           params={**params, "shard": url, "shard_sha256": s["sha256"], "keys": s["keys"]}))
-    return JobSpec(kind=KIND, entry=ENTRY, tasks=tasks, out=cfg.out, config=to_dict(cfg), config_hash=chash,
+    return JobSpec(kind=kind, entry=entry, tasks=tasks, out=cfg.out, config=to_dict(cfg), config_hash=chash,
                    timeout_s=cfg.timeout_s, ray=cfg.ray, samples_per_shard=1,
                    env={"OMP_NUM_THREADS": str(cfg.ray.cpus_per_worker)}, fetch=None, verb="cache")
 

@@ -49,11 +49,11 @@ from typing import Literal
 
 import loom
 from loom.platform import shards
-from loom.platform.config import config, config_hash, field, recipe, require, to_dict
+from loom.platform.config import config, config_hash, field, recipe, require
 from loom.platform.hub import resolve_model_path
-from loom.platform.jobs import JobSpec, Summary, Task, run_job
+from loom.platform.jobs import JobSpec
 from loom.platform.ray import RaySettings
-from loom.corpora.latents import _cached, _local_shard, dir_digest
+from loom.corpora.latents import _cached, _local_shard, cache_spec, dir_digest, source_shards
 
 KIND = "latents4d"
 ENTRY = "loom.corpora.latents4d:encode_entry"
@@ -123,18 +123,6 @@ def encoder_path(name: str, what: str, example: str) -> str:
     return os.path.abspath(resolve_model_path(name, what))
 
 
-def source_shards(source: str) -> list[dict]:
-    """The source's manifest shards (name, sha256, keys), refusing an unfinished or non-4D corpus."""
-    m = shards.read_manifest(source)
-    if m.get("kind") != "4d":
-        raise ValueError(f"source={source!r} holds a {m.get('kind')!r} corpus; `loom cache 4d` encodes 4D corpora "
-                         "(`loom render 4d` output); turntables are cached with `loom cache latents`")
-    if not m.get("complete", False):
-        raise ValueError(f"source={source!r} is unfinished ({len(m.get('missing_shards', []))} shard(s) missing): "
-                         "rerun its render job to completion first, so the latent plan does not change later")
-    return [{"name": s["name"], "sha256": s["sha256"], "keys": list(s["keys"])} for s in m["shards"]]
-
-
 def job_spec(cfg: Cache4DJob) -> JobSpec:
     """The job: one task per source shard (output shard i <- source shard i, in manifest order). Checks the encoder
     folders and the source before anything runs."""
@@ -148,19 +136,9 @@ def job_spec(cfg: Cache4DJob) -> JobSpec:
               "seed": cfg.seed, "surface_points": cfg.surface_points, "sharp_points": cfg.sharp_points,
               "chunk": cfg.chunk, "dtype": cfg.dtype, "store_dtype": cfg.store_dtype, "device": cfg.device,
               "threads": cfg.ray.cpus_per_worker, "config_hash": chash}
-    tasks = []
-    for s in source_shards(cfg.source):
-        url = shards.shard_url(cfg.source, s["name"])
-        tasks.append(Task(key=s["name"].removesuffix(".tar"),
-                          asset={"uid": s["name"], "source": url, "sha256": s["sha256"], "keys": s["keys"]},
-                          params={**params, "shard": url, "shard_sha256": s["sha256"], "keys": s["keys"]}))
-    return JobSpec(kind=KIND, entry=ENTRY, tasks=tasks, out=cfg.out, config=to_dict(cfg), config_hash=chash,
-                   timeout_s=cfg.timeout_s, ray=cfg.ray, samples_per_shard=1,
-                   env={"OMP_NUM_THREADS": str(cfg.ray.cpus_per_worker)}, fetch=None, verb="cache")
-
-
-def run_cache(spec: JobSpec, *, progress: bool = True, retry_failed: bool = False) -> Summary:
-    return run_job(spec, progress=progress, retry_failed=retry_failed)
+    sources = source_shards(cfg.source, ("4d",), "`loom cache 4d` encodes 4D corpora (`loom render 4d` output); "
+                            "turntables are cached with `loom cache latents`")
+    return cache_spec(cfg, KIND, ENTRY, params, chash, sources)
 
 
 # -------------------------------------------------------------------------------------------- sandbox entry
