@@ -295,6 +295,11 @@ def test_bad_input_is_refused_with_a_clear_message(tmp_path, cube_data):
     p = loom("texture", "--mesh", str(tmp_path / "missing.obj"), "--frames", frames, "--out", str(tmp_path / "o4"),
              check=False)
     assert p.returncode != 0 and "no such file" in p.stderr
+    import importlib.util
+
+    if importlib.util.find_spec("DracoPy") is None:  # the bundled bunny is Draco-compressed
+        with pytest.raises(ValueError, match="Draco-compressed"):
+            texture_from_frames(os.path.join(ASSETS, "bunny.glb"), frames, str(tmp_path / "o6"))
     ply = tmp_path / "m.ply"
     ply.write_text("ply\n")
     with pytest.raises(ValueError, match="convert it to .glb"):

@@ -73,6 +73,12 @@ def load_uv_mesh(path: str, resolution: int = 1024) -> UVMesh:
                          "convert it to .glb")
     with open(path, "rb") as f:
         sha = hashlib.file_digest(f, "sha256").hexdigest()
+    if ext in (".glb", ".gltf") and "KHR_draco_mesh_compression" in gltf_extensions(path):
+        import importlib.util
+
+        if importlib.util.find_spec("DracoPy") is None:  # trimesh would read zeros for every vertex
+            raise ValueError(f"--mesh {path} is Draco-compressed (KHR_draco_mesh_compression), which trimesh reads "
+                             "only with DracoPy: `pip install DracoPy`, or export it without compression")
     try:
         scene = trimesh.load(path, force="scene", process=False)
     except Exception as e:  # trimesh raises many types on malformed files
@@ -99,6 +105,26 @@ def load_uv_mesh(path: str, resolution: int = 1024) -> UVMesh:
     faces = np.concatenate([f + o for (_, f, _), o in zip(parts, offsets[:-1], strict=True)])
     v, f, uv = unwrap(verts, faces, resolution)
     return UVMesh(path=path, vertices=v, faces=f, uv=uv, image=None, sha256=sha, unwrapped=True)
+
+
+def gltf_extensions(path: str) -> list[str]:
+    """The ``extensionsUsed`` of a .glb (its JSON chunk) or .gltf file; [] when it cannot be read (trimesh then
+    says what is wrong)."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            if path.lower().endswith(".glb"):
+                magic, _, _ = struct.unpack("<4sII", f.read(12))
+                length, kind = struct.unpack("<I4s", f.read(8))
+                if magic != b"glTF" or kind != b"JSON":
+                    return []
+                doc = json.loads(f.read(length))
+            else:
+                doc = json.load(f)
+    except (OSError, ValueError, struct.error):
+        return []
+    return list(doc.get("extensionsUsed", [])) if isinstance(doc, dict) else []
 
 
 def unwrap(vertices: np.ndarray, faces: np.ndarray, resolution: int, padding: int = 4):
