@@ -94,9 +94,10 @@ def _cmd_texture(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser("texture", help="a textured asset from a mesh: a generated (--run) or given "
                        "(--frames) turntable back-projected into its UV layout (TAPESTRY 3.2)")
-    p.add_argument("--mesh", required=True, help="the mesh (.glb/.gltf/.obj with a UV map, one mesh per file)")
+    p.add_argument("--mesh", required=True, help="the mesh (.glb/.gltf/.obj): its own UV map when it is one UV-mapped "
+                   "mesh, else unwrapped with xatlas")
     p.add_argument("--run", help="a finished `loom train ttv` run: generate the turntable video with it from the "
-                   "mesh's condition renders and project that (the first stage of TAPESTRY 3.2)")
+                   "mesh's condition renders, project it, then 3D-aware inpainting stages (TAPESTRY 3.2)")
     p.add_argument("--frames", help="turntable shards of THIS mesh (`loom render ttv` output folder, a shard or a "
                    "URL): without --run, the frames to project; with --run, the condition renders (default: rendered "
                    "into OUT/conditions)")
