@@ -93,6 +93,8 @@ def ray_local():
     """A local Ray with 2 CPUs for the module's tests (started once; jobs reuse it through ray.is_initialized)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    # address="local": a Ray of the tests' own even where a cluster runs on this machine (`ray start`, e.g. another
+    # test run's multi-node tests): plain ray.init() would join it and refuse num_cpus, as loom.platform.ray says
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()
