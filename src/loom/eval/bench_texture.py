@@ -80,7 +80,8 @@ class EvalTextureJob:
     metrics: tuple[str, ...] = field(METRICS, help="metrics to compute, of fid, kid, clip_s, lpips")
     kid_subsets: int = field(100, help="KID: number of random subsets")
     kid_subset_size: int = field(0, help="KID: images per subset (0 = min(1000, number of images))")
-    limit: int = field(0, help="evaluate the first N image pairs in path order (0 = all)")
+    limit: int = field(0, help="evaluate the first N image pairs in path order (with assets: the first N assets; "
+                       "0 = all)")
     media: int = field(4, help="side-by-side pred | gt images logged (the first N pairs)")
     seed: int = field(0, help="seed of the KID subsets (and, with run, the generation's noise seed)")
     features: FeatureSettings = field(default_factory=FeatureSettings, help="feature networks (Inception, CLIP)")
