@@ -35,12 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
 
-    from loom.corpora.assets import resolve_source
-    from loom.corpora.base import job_spec
-    from loom.corpora.ttv import RenderTTVJob
-    from loom.inference.texture import texture_from_frames
-    from loom.platform import config as cfgmod
-    from loom.platform.jobs import run_job
+    from loom.inference.texture import render_conditions, texture_from_frames
     from loom.platform.ray import RaySettings, init_ray
 
     files = [f for f in os.listdir(ASSETS) if f.startswith(args.asset + ".")]
@@ -53,15 +48,14 @@ def main(argv=None) -> int:
         for f in files:
             shutil.copy(os.path.join(ASSETS, f), src)
         mesh = os.path.join(src, next(f for f in files if f.endswith((".obj", ".glb", ".gltf"))))
-        sets = [f"orbit.frames={args.frames}", f"render.width={args.size}", f"render.height={args.size}",
-                "lighting.variants=1", f"render.samples={args.samples}", "ray.workers=1", "passes.albedo=true"]
-        cfg = cfgmod.resolve(RenderTTVJob, "default", cfgmod.parse_set(sets))
-        cfg = cfgmod.from_dict(RenderTTVJob, {**cfgmod.to_dict(cfg), "assets": src, "out": os.path.join(tmp, "ttv")})
         init_ray(RaySettings(), announce=False)
         t0 = time.monotonic()
-        run_job(job_spec(cfg, resolve_source(src)), progress=False)
+        # the render job `loom texture --run` renders conditions with, here with the albedo pass
+        frames = render_conditions(mesh, os.path.join(tmp, "ttv"), args.frames, args.size,
+                                   extra=[("render.samples", args.samples), ("ray.workers", 1),
+                                          ("passes.albedo", True)])
         seconds = {"render": time.monotonic() - t0}
-        done = texture_from_frames(mesh, cfg.out, os.path.join(tmp, "textured"), frames_pass="albedo",
+        done = texture_from_frames(mesh, frames, os.path.join(tmp, "textured"), frames_pass="albedo",
                                    resolution=args.resolution)
         seconds.update(done.seconds)
     finally:

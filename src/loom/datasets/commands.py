@@ -41,12 +41,9 @@ def sample_kind(url: str) -> str:
 
     from loom.platform import shards
 
-    try:
-        kind = shards.read_manifest(url).get("kind")
-        if kind:
-            return kind
-    except FileNotFoundError:
-        pass
+    kind = shards.manifest_kind(url)
+    if kind:
+        return kind
     for shard in shards.shard_urls(url):
         for _, files in shards.iter_tar(shard):
             return json.loads(files["meta.json"]).get("kind", "ttv")

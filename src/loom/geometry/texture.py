@@ -230,22 +230,11 @@ def dilate(texture: np.ndarray, known: np.ndarray, iterations: int = 4) -> np.nd
     neighbours), so bilinear lookups at chart borders and seams do not blend in the empty atlas."""
     tex, k = texture.astype(np.float64).copy(), known.astype(bool).copy()
     for _ in range(iterations):
-        acc = np.zeros_like(tex)
-        cnt = np.zeros(k.shape)
-        for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
-            sk = np.roll(k, (dy, dx), axis=(0, 1))
-            st = np.roll(tex, (dy, dx), axis=(0, 1))
-            # np.roll wraps around: drop what came across the border
-            if dy == 1:
-                sk[0] = False
-            elif dy == -1:
-                sk[-1] = False
-            if dx == 1:
-                sk[:, 0] = False
-            elif dx == -1:
-                sk[:, -1] = False
-            acc += st * sk[..., None]
-            cnt += sk
+        # sums over the 4-neighbours, the atlas padded with nothing known around it
+        kp = np.pad(k, 1).astype(np.float64)
+        tp = np.pad(tex * k[..., None], ((1, 1), (1, 1), (0, 0)))
+        cnt = kp[:-2, 1:-1] + kp[2:, 1:-1] + kp[1:-1, :-2] + kp[1:-1, 2:]
+        acc = tp[:-2, 1:-1] + tp[2:, 1:-1] + tp[1:-1, :-2] + tp[1:-1, 2:]
         grow = ~k & (cnt > 0)
         if not grow.any():
             break

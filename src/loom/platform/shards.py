@@ -188,6 +188,15 @@ def read_manifest(out: str) -> dict:
     return storage.read_json(url)
 
 
+def manifest_kind(url: str) -> str | None:
+    """The corpus kind its manifest names ('ttv', 'latents', '4d', 'latents4d', ...), or None for a bare shard or
+    folder of tars (no manifest)."""
+    try:
+        return read_manifest(url).get("kind")
+    except FileNotFoundError:
+        return None
+
+
 def shard_urls(url: str) -> list[str]:
     """The shard tars a URL stands for: an output folder (its manifest's shards, in order), a single .tar, or a
     folder of tars (sorted)."""

@@ -9,17 +9,7 @@ from loom.training.shape4d.config import Shape4DDataSettings
 from loom.models.shape_inputs import PointSubset
 from loom.training.vae.data import POINT_FLOATS, FloatsAsNumpy
 
-__all__ = ["make_shape4d_loader", "source_kind"]
-
-
-def source_kind(url: str) -> str | None:
-    """The corpus kind from its manifest ('4d', 'latents4d'), or None for a bare shard or folder of tars."""
-    from loom.platform import shards
-
-    try:
-        return shards.read_manifest(url).get("kind")
-    except FileNotFoundError:
-        return None
+__all__ = ["make_shape4d_loader"]
 
 
 def make_shape4d_loader(d: Shape4DDataSettings, seed: int, sharp: bool = False, cached: bool = False):

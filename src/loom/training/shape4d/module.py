@@ -15,7 +15,8 @@ from loom.models.shape4d import (base_digest, build_base_dit, build_frozen_vae, 
 from loom.models.shape4d_flow import training_inputs
 from loom.training.module import LoomModule
 from loom.training.shape4d.config import TrainShape4DJob
-from loom.training.shape4d.data import make_shape4d_loader, source_kind
+from loom.platform.shards import manifest_kind
+from loom.training.shape4d.data import make_shape4d_loader
 from loom.models.shape_inputs import as_tensor, encode_frames
 from loom.corpora.latents4d import KIND as CACHE_KIND, check_cache
 from loom.training.vae.data import check_sharp_points
@@ -42,7 +43,7 @@ class Shape4DModule(LoomModule):
         self.base_digest_start = base_digest(self.dit, self.digest_dtype)
         self._sample_cond: tuple[torch.Tensor, int] | None = None  # first sequence's image tokens, latents/frame
         # A `loom cache 4d` corpus holds the frozen encoders' outputs: they are checked against this run's, not run.
-        self.cached = source_kind(cfg.data.source) == CACHE_KIND
+        self.cached = manifest_kind(cfg.data.source) == CACHE_KIND
         self._expected: dict | None = None
 
     @property

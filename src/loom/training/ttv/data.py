@@ -39,22 +39,13 @@ def partial_known(rgb: torch.Tensor, position: torch.Tensor, mask: torch.Tensor,
     return known.permute(0, 4, 1, 2, 3), gen[:, None].expand(-1, 3, -1, -1, -1)
 
 
-def source_kind(url: str) -> str | None:
-    """The corpus kind from its manifest ('ttv', 'latents'), or None for a bare shard or folder of tars."""
-    from loom.platform import shards
-
-    try:
-        return shards.read_manifest(url).get("kind")
-    except FileNotFoundError:
-        return None
-
-
 def make_loader(d: DataSettings, seed: int):
     """The rank's exact, resumable loader; pixel samples get the frame subsampling and resizing of ``d``."""
     from loom.datasets.loader import LoomLoader
     from loom.datasets.transforms import frame_transform
+    from loom.platform.shards import manifest_kind
 
     # Latents were made from whole videos at their rendered size: frames and size apply to pixels only.
-    transform = None if source_kind(d.source) == "latents" else frame_transform(d.frames, d.size)
+    transform = None if manifest_kind(d.source) == "latents" else frame_transform(d.frames, d.size)
     return LoomLoader(d.source, d.batch_size, seed=seed, num_workers=d.num_workers, prefetch=d.prefetch,
                       transform=transform)
