@@ -91,7 +91,11 @@ PY312_IGNORE := tests/corpora tests/render tests/cluster tests/infra
 # Kill-and-resume of a training run: the slowest two (4.3 min on 3.12), restart logic with nothing Python-specific.
 PY312_DESELECT := tests/training/ttv/test_train_ttv.py::test_resume_after_a_kill_gives_the_losses_of_an_uninterrupted_run \
 	tests/training/shape4d/test_train_shape4d.py::test_shape4d_resume_after_a_kill_gives_the_losses_of_an_uninterrupted_run
+# Disk: ~6 GB for .venv312 plus ~3 GB of kept wheels, checked before pip starts (a CI run once ran out mid-install).
+PY312_DISK_GB ?= 10
 $(STAMP312): pyproject.toml infra/constraints.txt
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); need=$$(( $(PY312_DISK_GB) - $$(du -sk $(VENV312) $(WHEELS312) 2>/dev/null | awk '{s += $$1} END {print int(s / 1048576)}') )); \
+	if [ $$free -lt $$need ]; then echo "only $$free GB free on $$(df -P . | awk 'NR==2 {print $$6}'), and the Python 3.12 environment needs about $$need GB more ($(VENV312) with PyPI's CUDA torch and NVIDIA libraries, wheels kept in $(WHEELS312)): free some space and rerun (what is already installed is kept)"; exit 1; fi
 	$(call install-loom,$(VENV312),$(PYTHON312),EXTRAS312,$(WHEELS312))
 
 $(WEIGHTS312_STAMP): $(STAMP312)
