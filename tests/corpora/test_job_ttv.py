@@ -85,6 +85,29 @@ def test_albedo_pass_reaches_the_shards_and_is_another_config(ray_local, tmp_pat
     assert (smp["albedo"][m].astype(int) >= smp["rgb"][m]).all()  # the fake's unlit colour: never darker
 
 
+def test_partial_texture_pass_reaches_the_shards_and_changes_nothing_else(ray_local, tmp_path):
+    from loom.geometry.texture import BASE_TILTS
+
+    assets = make_assets(tmp_path / "assets", good=2, bad=False)
+    spec = job(assets, str(tmp_path / "out"), "passes.partial=true", "passes.partial_views=6")
+    plain = job(assets, str(tmp_path / "plain"))
+    assert spec.config_hash != plain.config_hash
+    run_job(spec, progress=False)
+    run_job(plain, progress=False)
+    assert shards.verify(spec.out) == []
+    with_known = {s["__key__"]: s for s in iter_samples(spec.out)}
+    for smp in iter_samples(plain.out):  # the same draws: the same render, plus known
+        other = with_known[smp["__key__"]]
+        assert "known" not in smp
+        np.testing.assert_array_equal(other["rgb"], smp["rgb"])
+        np.testing.assert_array_equal(other["c2w"], smp["c2w"])
+        known, m = other["known"], other["mask"]
+        assert known.shape == m.shape and not (known & ~m).any() and 0 < known.sum() < m.sum()
+        part = other["meta"]["partial"]
+        assert part["tilt"] in BASE_TILTS and part["views"] == 6
+        assert part["known_fraction"] == pytest.approx(known.sum() / m.sum())
+
+
 def test_rerun_does_no_new_work_and_redoes_partial_shards(ray_local, tmp_path):
     spec = job(make_assets(tmp_path / "assets", bad=False), str(tmp_path / "out"))
     run_job(spec, progress=False)

@@ -50,6 +50,15 @@ class PassSettings:
     albedo: bool = field(False, help="also write the unlit diffuse colour (Cycles' Diffuse Color pass: the material's "
                          "base colour at the visible surface, sRGB over the background) as albedo.mkv (FFV1), for "
                          "checking back-projection and training or scoring texturing against albedo")
+    partial: bool = field(False, help="also write known.npz, the partial-texture training target of TAPESTRY's "
+                          "3D-aware inpainting: per pixel, whether the surface there was seen (facing, unoccluded) "
+                          "along an earlier orbit with the object under another base rotation (one of texturing's "
+                          "candidate tilts, drawn per sample), so the unknown part looks like real self-occlusion")
+    partial_views: int = field(16, help="cameras of that earlier orbit (evenly spaced along the same circle; a second "
+                               "geometry-only render of this many frames)")
+
+    def __post_init__(self):
+        require(self.partial_views >= 1, "passes.partial_views", self.partial_views, "must be >= 1")
 
 
 @config
@@ -75,8 +84,15 @@ class RenderTTVJob(RenderJob):
         rot = random_rotation(rng) if self.orbit.random_rotation else np.eye(3)
         orbit = Orbit(radius=float(rng.uniform(*self.orbit.radius)), height=float(rng.uniform(*self.orbit.height)),
                       fov_margin=self.orbit.fov_margin)
-        return TTVTask(**common_fields(self, asset, variant, seed, rng, chash, self.orbit.frames), orbit=orbit,
-                       rotation=rot.tolist(), rgb_codec=self.encode.rgb_codec, albedo=self.passes.albedo)
+        common = common_fields(self, asset, variant, seed, rng, chash, self.orbit.frames)
+        partial = None
+        if self.passes.partial:  # drawn last: the other draws (and so the render) are those without the pass
+            from loom.geometry.texture import BASE_TILTS
+
+            names = sorted(BASE_TILTS)
+            partial = {"tilt": names[int(rng.integers(len(names)))], "views": self.passes.partial_views}
+        return TTVTask(**common, orbit=orbit, rotation=rot.tolist(), rgb_codec=self.encode.rgb_codec,
+                       albedo=self.passes.albedo, partial=partial)
 
 
 @recipe(RenderTTVJob, "default", help="the paper's settings: 61 frames, 4 lighting variants, 512x512")
@@ -122,6 +138,8 @@ class TTVTask(RenderTask):
     rotation: list  # 3x3 initial rotation of the asset
     rgb_codec: str
     albedo: bool  # also render and store the unlit diffuse colour (albedo.mkv)
+    # known.npz: the earlier orbit's base tilt (a name of loom.geometry.texture.BASE_TILTS) and camera count; None: off
+    partial: dict | None = None
 
 
 def render(params: dict) -> dict:
@@ -136,8 +154,10 @@ def render(params: dict) -> dict:
 
 def to_arrays(params: dict, rendered: dict, info: dict, timings: dict) -> tuple[dict, dict]:
     n = len(rendered["rgb"])  # the frames rendered (a dry run's calibration renders fewer)
-    return rendered, {"normalization": info["normalization"], "fov_x": info["fov_x"],
-                      "orbit": {**params["orbit"], "frames": n}}
+    extra = {"normalization": info["normalization"], "fov_x": info["fov_x"], "orbit": {**params["orbit"], "frames": n}}
+    if params.get("partial"):
+        extra["partial"] = {**params["partial"], "known_fraction": info["partial"]["known_fraction"]}
+    return rendered, extra
 
 
 def encode(arrays: dict, meta: dict, params: dict) -> dict[str, bytes]:

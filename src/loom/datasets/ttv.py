@@ -15,6 +15,10 @@ key            shape              dtype      meaning
                                              Diffuse Color pass (the material's base colour at the visible surface),
                                              sRGB, composited over the background with rgb's coverage; absent
                                              when the job did not render it
+``known``      (T,H,W)            bool       optional (``passes.partial=true``): the partial-texture training target,
+                                             true on the object's pixels whose surface an earlier orbit of the
+                                             object under another base rotation saw (``meta["partial"]``: the
+                                             tilt, the camera count, the known fraction); absent otherwise
 ``K``          (T,3,3)            float32    pinhole intrinsics in pixels, pixel centres at (u+0.5, v+0.5)
 ``c2w``        (T,4,4)            float32    OpenCV camera-to-world (x right, y down, z forward; world +Z up)
 ``meta``       dict                          seed, variant, uid, asset_sha256, loom/blender versions, config hash,
@@ -32,7 +36,8 @@ On disk (one WebDataset sample = these tar members, ``<key>.<ext>``):
   ``encode.rgb_codec`` is: it is a reference for exact checks, so it is never lossy.
 - ``normal.npz``, ``position.npz``: float16 arrays (``np.savez_compressed``). Precision: float16 has a relative
   error of at most 2**-11, i.e. at most 4.9e-4 for coordinates inside the unit sphere.
-- ``depth.npz``: float32. ``mask.npz``: bool. ``camera.npz``: ``K`` and ``c2w`` float32.
+- ``depth.npz``: float32. ``mask.npz`` and ``known.npz`` (only with ``passes.partial=true``): bool.
+  ``camera.npz``: ``K`` and ``c2w`` float32.
 - ``meta.json``: UTF-8 JSON.
 
 Contract: inside the mask, ``position`` equals ``unproject_depth(depth, K, c2w)`` up to the float16 rounding of the
@@ -66,6 +71,8 @@ def encode_sample(arrays: dict[str, np.ndarray], meta: dict[str, Any], rgb_codec
     if "albedo" in arrays:  # always lossless: a reference for exact checks, whatever rgb_codec is
         albedo_ext, albedo_video = encode_video(arrays["albedo"], "ffv1", name="albedo")
         optional[albedo_ext] = albedo_video
+    if "known" in arrays:
+        optional["known.npz"] = _npz(known=arrays["known"].astype(bool))
     return {
         ext: video,
         **optional,
@@ -100,11 +107,18 @@ def check_arrays(a: dict[str, np.ndarray]) -> None:
     if "albedo" in a and (a["albedo"].shape != (t, h, w, 3) or a["albedo"].dtype != np.uint8):
         raise ValueError(f"array 'albedo' has shape {a['albedo'].shape} dtype {a['albedo'].dtype}, expected "
                          f"{(t, h, w, 3)} uint8")
+    if "known" in a:
+        if a["known"].shape != (t, h, w) or a["known"].dtype != np.bool_:
+            raise ValueError(f"array 'known' has shape {a['known'].shape} dtype {a['known'].dtype}, expected "
+                             f"{(t, h, w)} bool")
+        if (a["known"] & ~a["mask"]).any():
+            raise ValueError("array 'known' is true outside the mask: only the object's pixels can be known")
 
 
 def decode_sample(files: dict[str, bytes], keys: tuple[str, ...] | None = None) -> dict[str, Any]:
     """``{ext: bytes}`` -> the documented dict. ``keys`` limits decoding to some passes (e.g. ("rgb", "meta")).
-    ``albedo`` is decoded when the sample has it; asking for it (``keys``) from a sample without it is an error."""
+    ``albedo`` and ``known`` are decoded when the sample has them; asking for one (``keys``) from a sample without it
+    is an error."""
     want = set(keys) if keys else None
     out: dict[str, Any] = {}
 
@@ -121,6 +135,11 @@ def decode_sample(files: dict[str, bytes], keys: tuple[str, ...] | None = None) 
     elif want is not None and "albedo" in want:
         raise ValueError("sample has no albedo.mkv: its corpus was rendered without passes.albedo=true; rerender "
                          "with it or do not ask for 'albedo'")
+    if "known.npz" in files and need("known"):
+        out["known"] = _unnpz(files["known.npz"])["known"].astype(bool)
+    elif want is not None and "known" in want:
+        raise ValueError("sample has no known.npz: its corpus was rendered without passes.partial=true; rerender "
+                         "with it or do not ask for 'known'")
     for k in ("normal", "position", "depth", "mask"):
         if need(k):
             out[k] = _unnpz(files[f"{k}.npz"])[k].astype(np.float32 if k != "mask" else bool)

@@ -16,9 +16,11 @@ Design choices (the paper names the terms, its formulas did not survive in our c
 
 - Visibility is a depth test against the frame's depth pass (the exact geometry's, rendered by Blender along the
   same cameras): a texel is seen when it projects inside the image and the mask, in front of the camera, and its
-  camera-space depth is within ``depth_tolerance`` (relative) of the depth at that pixel (bilinear would blend
-  across silhouettes, so the nearest pixel's depth is used). This is the visibility ray tracing gives, with the
-  renderer as the ray tracer.
+  depth is within ``depth_tolerance`` (relative) of the depth at that pixel (bilinear would blend across
+  silhouettes, so the nearest pixel's depth is used). The depth compared is that of the point's tangent plane where
+  the pixel centre's ray meets it (the point's own depth when the ray grazes the plane): the pass holds the surface's
+  depth at the pixel centre, up to half a pixel away from the point, and on a slanted surface that offset alone
+  would fail the test. This is the visibility ray tracing gives, with the renderer as the ray tracer.
 - Angle incentive: ``max(0, n . v) ** angle_power`` with ``v`` the unit vector from the point to the camera centre:
   1 for a surface facing the camera, 0 at grazing angles, where a pixel smears over many texels.
 - Depth-gradient penalty: ``exp(-|grad z| / (depth_sigma z))`` from central differences of the depth pass at the
@@ -159,6 +161,40 @@ def depth_gradient(depth: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(g), g, np.inf)
 
 
+def _seen_pixels(p: np.ndarray, depth: np.ndarray, mask: np.ndarray, K: np.ndarray, c2w: np.ndarray,
+                 tolerance: float, normal: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Points (N,3) world -> (indices of the points the frame sees, their continuous pixel coordinates u and v):
+    in front of the camera, inside the image and the mask (bool), and passing the depth test at the nearest pixel
+    (the module docstring). With unit ``normal`` (N,3) the depth compared is that of the point's tangent plane along
+    the pixel centre's ray, not the point's own: exact for flat faces, and a point half a pixel from the centre on a
+    slanted surface is not lost to the slope (at 48 px a sphere lost points facing the camera at 60 degrees)."""
+    h, w = depth.shape
+    pc = world_to_camera(p, np.asarray(c2w, np.float64))  # (N,3)
+    z = pc[:, 2]
+    front = z > 1e-9
+    u = np.where(front, pc[:, 0] / np.where(front, z, 1.0) * K[0, 0] + K[0, 2], -1.0)
+    v = np.where(front, pc[:, 1] / np.where(front, z, 1.0) * K[1, 1] + K[1, 2], -1.0)
+    px, py = np.floor(u).astype(np.int64), np.floor(v).astype(np.int64)
+    idx = np.flatnonzero(front & (px >= 0) & (px < w) & (py >= 0) & (py < h))
+    pxi, pyi = px[idx], py[idx]
+    zi = z[idx]
+    if normal is not None:
+        nc = np.asarray(normal, np.float64)[idx] @ np.asarray(c2w, np.float64)[:3, :3]  # camera-space normals
+        ray = np.stack([(pxi + 0.5 - K[0, 2]) / K[0, 0], (pyi + 0.5 - K[1, 2]) / K[1, 1], np.ones(len(idx))], -1)
+        den = np.einsum("nd,nd->n", nc, ray)
+        ok = np.abs(den) > 0.05 * np.linalg.norm(ray, axis=-1)  # not grazing: the plane's depth is well defined
+        zi = np.where(ok, np.einsum("nd,nd->n", nc, pc[idx]) / np.where(ok, den, 1.0), zi)
+    idx = idx[mask[pyi, pxi] & (np.abs(zi - depth[pyi, pxi]) <= tolerance * z[idx])]
+    return idx, u[idx], v[idx]
+
+
+def _facing(normal: np.ndarray, p: np.ndarray, c2w: np.ndarray) -> np.ndarray:
+    """(N,) cosine between unit normals and the unit vectors from the points to the camera centre."""
+    to_cam = np.asarray(c2w, np.float64)[:3, 3] - p
+    to_cam /= np.maximum(np.linalg.norm(to_cam, axis=-1, keepdims=True), 1e-12)
+    return np.einsum("nd,nd->n", normal, to_cam)
+
+
 def project_frame(surface: TexelSurface, image: np.ndarray, depth: np.ndarray, mask: np.ndarray, K: np.ndarray,
                   c2w: np.ndarray, settings: Projection | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One frame -> (colour (R,R,C) float64 in the image's units, weight (R,R) >= 0; 0 where the texel is not seen).
@@ -174,25 +210,50 @@ def project_frame(surface: TexelSurface, image: np.ndarray, depth: np.ndarray, m
     colour = np.zeros((r * r, image.shape[2]))
     weight = np.zeros(r * r)
     p = surface.point.reshape(-1, 3)[on]
-    pc = world_to_camera(p, np.asarray(c2w, np.float64))  # (N,3)
-    z = pc[:, 2]
-    front = z > 1e-9
-    u = np.where(front, pc[:, 0] / np.where(front, z, 1.0) * K[0, 0] + K[0, 2], -1.0)
-    v = np.where(front, pc[:, 1] / np.where(front, z, 1.0) * K[1, 1] + K[1, 2], -1.0)
-    px, py = np.floor(u).astype(np.int64), np.floor(v).astype(np.int64)
-    inside = front & (px >= 0) & (px < w) & (py >= 0) & (py < h)
-    idx = np.flatnonzero(inside)
-    pxi, pyi = px[idx], py[idx]
-    seen = m[pyi, pxi] & (np.abs(z[idx] - depth[pyi, pxi]) <= s.depth_tolerance * z[idx])
-    idx, pxi, pyi = idx[seen], pxi[seen], pyi[seen]
-    to_cam = np.asarray(c2w, np.float64)[:3, 3] - p[idx]
-    to_cam /= np.maximum(np.linalg.norm(to_cam, axis=-1, keepdims=True), 1e-12)
-    cos = np.einsum("nd,nd->n", surface.normal.reshape(-1, 3)[on][idx], to_cam)
-    grad = depth_gradient(depth, m)[pyi, pxi]
+    nrm = surface.normal.reshape(-1, 3)[on]
+    idx, u, v = _seen_pixels(p, depth, m, K, c2w, s.depth_tolerance, nrm)
+    cos = _facing(nrm[idx], p[idx], c2w)
+    grad = depth_gradient(depth, m)[np.floor(v).astype(np.int64), np.floor(u).astype(np.int64)]
     wt = np.maximum(cos, 0.0) ** s.angle_power * np.exp(-grad / s.depth_sigma)
-    colour[on[idx]] = _bilinear(image.astype(np.float64), u[idx] - 0.5, v[idx] - 0.5)
+    colour[on[idx]] = _bilinear(image.astype(np.float64), u - 0.5, v - 0.5)
     weight[on[idx]] = wt
     return colour.reshape(r, r, -1), weight.reshape(r, r)
+
+
+# Base rotations (Blender's world frame, +Z up) of texturing's inpainting stages and of the partial-texture training
+# renders: tilts that show the bottom and the sides an orbit about +Z keeps at a grazing angle. (axis, degrees)
+BASE_TILTS = {"x+90": ("x", 90), "x-90": ("x", -90), "y+90": ("y", 90), "y-90": ("y", -90), "x180": ("x", 180),
+              "x+45": ("x", 45), "x-45": ("x", -45)}
+
+
+def base_rotations() -> dict[str, np.ndarray]:
+    """``BASE_TILTS`` as 3x3 rotation matrices (right-handed, counter-clockwise about the axis for positive
+    degrees), exact in the matrix entries that are 0 or +-1."""
+    out = {}
+    for name, (axis, deg) in BASE_TILTS.items():
+        c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
+        c, s = (0.0 if abs(c) < 1e-12 else c), (0.0 if abs(s) < 1e-12 else s)
+        i, j = {"x": (1, 2), "y": (2, 0), "z": (0, 1)}[axis]
+        r = np.eye(3)
+        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+        out[name] = r
+    return out
+
+
+def seen_from(points: np.ndarray, normals: np.ndarray, depths: np.ndarray, masks: np.ndarray, K: np.ndarray,
+              c2w: np.ndarray, depth_tolerance: float = Projection.depth_tolerance) -> np.ndarray:
+    """(N,) bool: the points (N,3) with unit ``normals`` (N,3) that at least one of the views (depth (E,H,W)
+    camera-space z, mask (E,H,W) bool, K (E,3,3), c2w (E,4,4)) sees facing it: the texels back-projection would give
+    a confidence above 0 (:func:`project_frame`'s test, per point instead of per texel). The partial-texture
+    training renders' known pixels (``render ttv --set passes.partial=true``)."""
+    p = np.asarray(points, np.float64).reshape(-1, 3)
+    n = np.asarray(normals, np.float64).reshape(-1, 3)
+    seen = np.zeros(len(p), bool)
+    for e in range(len(depths)):
+        idx, _, _ = _seen_pixels(p, np.asarray(depths[e]), np.asarray(masks[e], bool), np.asarray(K[e], np.float64),
+                                 c2w[e], depth_tolerance, n)
+        seen[idx[_facing(n[idx], p[idx], c2w[e]) > 0]] = True
+    return seen
 
 
 def back_project(surface: TexelSurface, images, depths, masks, K, c2w,
@@ -241,3 +302,24 @@ def dilate(texture: np.ndarray, known: np.ndarray, iterations: int = 4) -> np.nd
         tex[grow] = acc[grow] / cnt[grow][..., None]
         k |= grow
     return tex
+
+
+def earlier_orbit(c2w_orbit: np.ndarray, tilt: str) -> np.ndarray:
+    """Cameras (E,4,4) that see the object as the orbit ``c2w_orbit`` (E,4,4) saw it before the base rotation
+    ``tilt`` (a ``BASE_TILTS`` name) turned it: viewing points ``T^-1 x`` from ``c2w`` is viewing ``x`` from
+    ``T c2w``, so an inpainting stage's known texels (seen in the stage before the tilt) are the points these see."""
+    t4 = np.eye(4)
+    t4[:3, :3] = base_rotations()[tilt]
+    return np.einsum("ij,ejk->eik", t4, np.asarray(c2w_orbit, np.float64))
+
+
+def known_pixels(position: np.ndarray, normal: np.ndarray, mask: np.ndarray, depths: np.ndarray, masks: np.ndarray,
+                 K: np.ndarray, c2w: np.ndarray) -> np.ndarray:
+    """(T,H,W) bool: the object's pixels of a turntable video (world ``position`` and ``normal`` (T,H,W,3), ``mask``
+    (T,H,W)) whose surface point the views (``depths``, ``masks``, ``K``, ``c2w``: :func:`seen_from`) see."""
+    known = np.zeros(mask.shape, bool)
+    for t in range(len(mask)):
+        m = np.asarray(mask[t], bool)
+        known[t][m] = seen_from(position[t][m], normal[t][m], depths, masks, K, c2w)
+    return known
+

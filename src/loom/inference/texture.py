@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from loom.geometry import texture as tx
+
 # Blender's glTF and OBJ importers turn the files' +Y up into +Z up: (x, y, z) -> (x, -z, y).
 Y_UP_TO_Z_UP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
 UV_FORMATS = (".glb", ".gltf", ".obj")
@@ -185,7 +187,6 @@ def world_vertices(mesh: UVMesh, meta: dict) -> np.ndarray:
 def place(mesh: UVMesh, sample: dict, resolution: int):
     """(world vertices, the atlas's TexelSurface there, alignment) of the mesh in a turntable sample's world: its
     normalisation applied, the position pass checked to lie on it (`check_alignment`), the UV atlas rasterised."""
-    from loom.geometry import texture as tx
 
     verts = world_vertices(mesh, sample["meta"])
     align = check_alignment(verts, mesh.faces, sample["position"], sample["mask"])
@@ -242,7 +243,6 @@ def texture_from_frames(mesh_path: str, frames: str, out: str, key: str | None =
                         resolution: int = 1024, tracking=None) -> Textured:
     """The model-free path of ``loom texture`` (module docstring); ``tracking`` (a `TrackingSettings`) logs one
     MLflow run (`log_run`), None logs nothing."""
-    from loom.geometry import texture as tx
 
     if frames_pass not in PASSES:
         raise ValueError(f"--frames-pass {frames_pass!r}: use one of {list(PASSES)}")
@@ -273,7 +273,6 @@ def texture_from_run(mesh_path: str, run: str, out: str, frames: str | None = No
     until ``coverage_target`` of the surface's texels are seen; ``naive_fusion``: the Fig. 6 baseline, each stage
     generated independently (nothing known) and blended. What no stage sees is filled in UV space."""
     from loom.datasets.codecs import write_video
-    from loom.geometry import texture as tx
     from loom.inference.ttv import condition_batch, load_run
 
     check_resolution(resolution)
@@ -343,7 +342,6 @@ def progress(line: str) -> None:
 def back_project_video(surface, video: np.ndarray, view: dict):
     """A generated video (T,H,W,3) onto the atlas with its view's geometry: the VAE keeps the first 1 + 4k frames
     of the view (`loom.models.ttv.vae_frame_indices`, 'trim')."""
-    from loom.geometry import texture as tx
 
     t = len(video)
     if t > len(view["K"]) or video.shape[1:3] != view["depth"].shape[1:3]:
@@ -352,17 +350,7 @@ def back_project_video(surface, video: np.ndarray, view: dict):
     return tx.back_project(surface, video, view["depth"][:t], view["mask"][:t], view["K"][:t], view["c2w"][:t])
 
 
-def _candidates() -> dict[str, np.ndarray]:
-    """Base rotations tried by the inpainting stages (Blender's world frame, +Z up): tilts that show the bottom and
-    the sides an orbit about +Z keeps at a grazing angle."""
-    from scipy.spatial.transform import Rotation
-
-    tilts = {"x+90": ("x", 90), "x-90": ("x", -90), "y+90": ("y", 90), "y-90": ("y", -90), "x180": ("x", 180),
-             "x+45": ("x", 45), "x-45": ("x", -45)}
-    return {name: Rotation.from_euler(axis, deg, degrees=True).as_matrix() for name, (axis, deg) in tilts.items()}
-
-
-CANDIDATE_ROTATIONS = _candidates()
+CANDIDATE_ROTATIONS = tx.base_rotations()
 
 
 def rotated(mesh: UVMesh, rotation: np.ndarray) -> UVMesh:
@@ -402,7 +390,6 @@ def rotation_gains(mesh: UVMesh, conf: np.ndarray, sample: dict, resolution: int
     """For each candidate base rotation: the fraction of the surface's texels that no stage has seen yet and the
     orbit of ``sample`` (its cameras; the object turned, the orbit kept) would see. Computed by ray casting at
     ``size`` px from ``cameras`` of the orbit's frames, on a ``resolution``^2 copy of the atlas."""
-    from loom.geometry import texture as tx
 
     r_big = conf.shape[0]
     idx = (((np.arange(resolution) + 0.5) * r_big / resolution)).astype(np.int64)
@@ -471,7 +458,6 @@ def inpaint_stage(k: int, mesh: UVMesh, surface, tex: np.ndarray, conf: np.ndarr
     texture by confidence. None when no rotation shows anything new. Returns (texture, confidence, stage info,
     files)."""
     from loom.datasets.codecs import write_video
-    from loom.geometry import texture as tx
     from loom.inference.ttv import condition_batch
 
     gains = rotation_gains(mesh, conf, first)
@@ -554,7 +540,6 @@ def finish(mesh: UVMesh, surface, tex: np.ndarray, conf: np.ndarray, align: floa
     """Coverage, the UV-space fill and every output file (module docstring), then the MLflow run."""
     from PIL import Image
 
-    from loom.geometry import texture as tx
 
     seen = conf > 0
     cov = tx.coverage(surface, conf)

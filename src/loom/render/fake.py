@@ -21,7 +21,7 @@ def render_sphere(params: dict) -> dict:
     """Same contract as ``loom.render.ttv.render_ttv``. Extra params for tests: ``fake_delay_s`` or the
     environment variable LOOM_FAKE_DELAY_S (sleep per frame) and asset files whose first bytes are ``CRASH`` /
     ``FAIL!`` to simulate a native crash / a bad mesh. With ``params["albedo"]`` it also returns ``albedo``: the
-    unlit checker colour (the ``rgb`` before shading) over the background."""
+    unlit checker colour (the ``rgb`` before shading) over the background; with ``params["partial"]``, ``known``."""
     path = params["asset_path"]
     if not os.path.exists(path):
         raise TaskError(f"asset file {path} does not exist")
@@ -43,17 +43,7 @@ def render_sphere(params: dict) -> dict:
     light = np.array([0.3, -0.5, 0.8]) / np.linalg.norm([0.3, -0.5, 0.8])
     bg = np.asarray(params.get("background", (1.0, 1.0, 1.0)))
     for m in c2w:
-        d = cam.pixel_rays(K, m, w, h)  # camera-space z = 1 along each ray
-        o = m[:3, 3]
-        # |o + s d|^2 = R^2, nearest root s: camera-space depth, since d has unit camera z.
-        a = (d * d).sum(-1)
-        b = 2 * (d @ o)
-        c = o @ o - SPHERE_RADIUS**2
-        disc = b * b - 4 * a * c
-        hit = disc > 0
-        s = np.where(hit, (-b - np.sqrt(np.maximum(disc, 0))) / (2 * a), 0.0)
-        pos = np.where(hit[..., None], o + s[..., None] * d, 0.0)
-        nrm = np.where(hit[..., None], pos / SPHERE_RADIUS, 0.0)
+        pos, nrm, s, hit = _cast_sphere(K, m, w, h)
         shade = np.clip(nrm @ light, 0, 1)[..., None] * 0.8 + 0.2
         albedo = 0.5 + 0.5 * np.sign(np.sin(8 * pos))  # a checker so motion is visible
         rgb = np.where(hit[..., None], shade * albedo, bg)
@@ -70,7 +60,19 @@ def render_sphere(params: dict) -> dict:
     res = {k: np.stack(v) for k, v in out.items()}
     res["K"] = np.repeat(K[None], n, 0).astype(np.float32)
     res["c2w"] = c2w.astype(np.float32)
+    partial = {}
+    if params.get("partial"):  # the Blender backend's earlier orbit, ray-cast
+        from loom.geometry.texture import earlier_orbit, known_pixels
+
+        c2w_e = earlier_orbit(cam.orbit_c2w(params["partial"]["views"], orbit["radius"], orbit["height"]),
+                              params["partial"]["tilt"])
+        K_e = cam.intrinsics(cam.fit_fov(sphere_pts, c2w_e, w, h, orbit["fov_margin"]), w, h)
+        early = [_cast_sphere(K_e, m, w, h) for m in c2w_e]
+        res["known"] = known_pixels(res["position"], res["normal"], res["mask"], np.stack([e[2] for e in early]),
+                                    np.stack([e[3] for e in early]), np.repeat(K_e[None], len(c2w_e), 0), c2w_e)
+        partial = {"partial": {"known_fraction": float(res["known"].sum() / max(res["mask"].sum(), 1))}}
     res["info"] = {
+        **partial,
         "normalization": np.eye(4).tolist(),
         "fov_x": fov,
         "blender_version": "fake",
@@ -79,6 +81,21 @@ def render_sphere(params: dict) -> dict:
         "mesh": {"vertices": 0, "faces": 0},
     }
     return res
+
+
+def _cast_sphere(K: np.ndarray, c2w: np.ndarray, w: int, h: int):
+    """One camera's rays against the analytic sphere -> (position (H,W,3), normal, camera-space depth (H,W), hit)."""
+    d = cam.pixel_rays(K, c2w, w, h)  # camera-space z = 1 along each ray
+    o = c2w[:3, 3]
+    # |o + s d|^2 = R^2, nearest root s: camera-space depth, since d has unit camera z.
+    a = (d * d).sum(-1)
+    b = 2 * (d @ o)
+    c = o @ o - SPHERE_RADIUS**2
+    disc = b * b - 4 * a * c
+    hit = disc > 0
+    s = np.where(hit, (-b - np.sqrt(np.maximum(disc, 0))) / (2 * a), 0.0)
+    pos = np.where(hit[..., None], o + s[..., None] * d, 0.0)
+    return pos, np.where(hit[..., None], pos / SPHERE_RADIUS, 0.0), s, hit
 
 
 def _box(lo, hi) -> tuple[np.ndarray, np.ndarray]:

@@ -46,6 +46,12 @@ Design choices (why):
   ``rgb`` (tested: bit-identical). It does not depend on the lighting (tested: identical under two environment
   strengths and rotations), except that with adaptive sampling a pixel's sample count follows the lit image's noise,
   so anti-aliased edge pixels could in principle differ by a level between lightings.
+- **Partial texture** (optional, ``params["partial"]``: TAPESTRY's 3D-aware inpainting trains on renders of a
+  partially textured asset with the object rotated and the orbit kept): a second geometry pass along an earlier orbit
+  (the same circle, ``views`` cameras) that sees the object as it was before one of texturing's base tilts; a pixel
+  of the video is ``known`` when that earlier orbit saw its surface point facing it and unoccluded (the depth test
+  of back-projection, ``loom.geometry.texture.seen_from``), i.e. exactly the texels an inpainting stage would have
+  from the stage before it. Training masks the colour outside ``known`` to make the known and mask videos.
 - **Environment light**: an Environment Texture node fed by a Mapping node; the map is rotated by ``hdri_rotation``
   radians about world +Z (positive = counter-clockwise seen from above), i.e. the lookup vector is rotated by minus
   that angle.
@@ -117,8 +123,9 @@ def render_ttv(params: dict) -> dict:
     Returns ``rgb`` (T,H,W,3) uint8, ``normal`` (T,H,W,3) float32 world space, ``position`` (T,H,W,3) float32 world,
     ``depth`` (T,H,W) float32 camera-space z, ``mask`` (T,H,W) bool, ``K`` (T,3,3) float32, ``c2w`` (T,4,4) float32
     OpenCV camera-to-world, and ``info`` (normalization, fov_x, blender_version, warnings, timings, mesh). With
-    ``params["albedo"]`` true, also ``albedo`` (T,H,W,3) uint8: the unlit diffuse colour, sRGB, over the background.
-    Raises :class:`TaskError` for an asset that cannot produce a sample.
+    ``params["albedo"]`` true, also ``albedo`` (T,H,W,3) uint8: the unlit diffuse colour, sRGB, over the background;
+    with ``params["partial"]``, also ``known`` (T,H,W) bool (``_earlier_orbit_pass``). Raises :class:`TaskError`
+    for an asset that cannot produce a sample.
     """
     import bpy  # only here: `import loom.render.ttv` must work without bpy installed
 
@@ -174,6 +181,11 @@ def render_ttv(params: dict) -> dict:
 
     geo_paths = render_sequence(bpy, scene, frames, set_camera, workdir, "geo", asset)
     timings["render_geometry"] = time.perf_counter() - t0
+    if params.get("partial"):
+        t0 = time.perf_counter()
+        early = _earlier_orbit_pass(bpy, scene, cam_obj, params, verts, workdir, asset)
+        cam_obj.data.angle_x = fov_x
+        timings["render_partial"] = time.perf_counter() - t0
 
     # ---- colour pass ---------------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -214,10 +226,19 @@ def render_ttv(params: dict) -> dict:
         for p in (geo_paths[t], rgb_paths[t]):
             p.unlink(missing_ok=True)
     timings["readback"] = time.perf_counter() - t0
+    partial = {}
+    if params.get("partial"):
+        from loom.geometry.texture import known_pixels
+
+        t0 = time.perf_counter()
+        out["known"] = known_pixels(out["position"], out["normal"], out["mask"], *early)
+        partial = {"partial": {"known_fraction": float(out["known"].sum() / max(out["mask"].sum(), 1))}}
+        timings["known"] = time.perf_counter() - t0
 
     out["K"] = np.repeat(K[None].astype(np.float32), frames, axis=0)
     out["c2w"] = c2w.astype(np.float32)
     out["info"] = {
+        **partial,
         "normalization": normalization.tolist(),
         "fov_x": float(fov_x),
         "blender_version": bpy.app.version_string,
@@ -292,6 +313,32 @@ def _make_camera(bpy, scene, fov_x: float, radius: float, height_z: float):
     scene.collection.objects.link(obj)
     scene.camera = obj
     return obj
+
+
+def _earlier_orbit_pass(bpy, scene, cam_obj, params: dict, verts: np.ndarray, workdir: Path, asset: Path):
+    """The partial-texture pass's earlier orbit (``params["partial"]``: a base tilt and a camera count): the geometry
+    pass along ``views`` cameras of the same circle that see the object as it was before the tilt
+    (``loom.geometry.texture.earlier_orbit``), with a FOV fitted to them. Returns (depths (E,H,W), masks, K (E,3,3),
+    c2w (E,4,4)) for ``known_pixels``. Leaves the camera's FOV changed: the caller restores it."""
+    from loom.geometry.texture import earlier_orbit
+
+    width, height = int(params["width"]), int(params["height"])
+    orbit, views = params["orbit"], int(params["partial"]["views"])
+    c2w = earlier_orbit(orbit_c2w(views, float(orbit["radius"]), float(orbit["height"])), params["partial"]["tilt"])
+    fov = fit_fov(_fov_fit_points(verts, int(params.get("seed", 0))), c2w, width, height, float(orbit["fov_margin"]))
+    cam_obj.data.angle_x = fov
+
+    def set_camera(e: int) -> None:
+        cam_obj.matrix_world = _to_matrix(opencv_to_blender(c2w[e]))
+
+    paths = render_sequence(bpy, scene, views, set_camera, workdir, "early", asset)
+    depths, masks = np.zeros((views, height, width), np.float64), np.zeros((views, height, width), bool)
+    for e, path in enumerate(paths):
+        g = _read_exr(path)
+        masks[e] = g["alpha"] > 0.5
+        depths[e] = np.where(masks[e], world_to_camera(g["position"].astype(np.float64), c2w[e])[..., 2], 0.0)
+        path.unlink(missing_ok=True)
+    return depths, masks, np.repeat(intrinsics(fov, width, height)[None], views, axis=0), c2w
 
 
 def _geometry_pass_settings(bpy, scene) -> None:
