@@ -120,6 +120,8 @@ def test_recipes_load_and_bad_settings_are_refused():
         c.resolve(job, "default", [("text_encoder", "/x"), ("captions", "caps.txt")])
     with pytest.raises(c.ConfigError, match="passes"):
         c.resolve(latents.CacheLatentsJob, "default", [("passes", ["rgb", "depth"])])
+    with pytest.raises(c.ConfigError, match="partial=false"):  # a partial texture needs the colour and positions
+        c.resolve(latents.CacheLatentsJob, "default", [("passes", ["normal"])])
     with pytest.raises(c.ConfigError, match="gpus_per_worker"):
         c.resolve(latents.CacheLatentsJob, "default", [("device", "cuda")])
 
@@ -127,7 +129,7 @@ def test_recipes_load_and_bad_settings_are_refused():
 # ------------------------------------------------------------------------------------------ the job, with Ray
 
 
-def make_corpus(out, frames=5) -> str:
+def make_corpus(out, frames=5, *sets) -> str:
     """A finished turntable job's folder: fake renders of 3 assets, 2 per shard (2 shards), no Ray needed."""
     from loom.corpora import ttv
     from loom.platform.jobs import plan_shards
@@ -140,7 +142,7 @@ def make_corpus(out, frames=5) -> str:
     from loom.corpora.base import job_spec
 
     cfg = c.resolve(ttv.RenderTTVJob, "smoke", c.parse_set(
-        ["render.backend=fake", f"out={out}", f"orbit.frames={frames}", "render.width=32", "render.height=24"]))
+        ["render.backend=fake", f"out={out}", f"orbit.frames={frames}", "render.width=32", "render.height=24", *sets]))
     spec = job_spec(cfg, resolve_source(str(folder)))
     for sh in plan_shards(spec.tasks, "ttv", 2):
         samples = []
@@ -202,6 +204,13 @@ def test_cache_job_parity_resume_and_keys(ray_local, tmp_path):
                 mu = ref.encode(x.permute(3, 0, 1, 2)[None]).latent_dist.mean
                 want = ((mu - mean) / std)[0].numpy()
                 np.testing.assert_allclose(smp[f"{name}_latent"], want, rtol=1e-4, atol=1e-5)
+        # The sample's partial texture (no known pass in this corpus: a plane cut), encoded as the passes are.
+        assert meta["partial"]["source"] == "plane cut" and 0 < meta["partial"]["known_fraction"] < 1
+        known_v, gen, _ = latents.partial_texture(key, ttv_s, list(range(5)))
+        with torch.no_grad():
+            for name, x in (("known", known_v), ("inpaint", gen)):
+                want = ((ref.encode(x[None]).latent_dist.mean - mean) / std)[0].numpy()
+                np.testing.assert_allclose(smp[f"{name}_latent"], want, rtol=1e-4, atol=1e-5)
 
     tars = {n["name"]: n["sha256"] for n in shards.read_manifest(cfg.out)["shards"]}
     again = latents.run_cache(latents.job_spec(cfg), progress=False)
@@ -218,11 +227,28 @@ def test_cache_job_parity_resume_and_keys(ray_local, tmp_path):
 
 
 @pytest.mark.integration
+def test_cached_partial_textures_are_the_renders_known_pass(ray_local, tmp_path):
+    src = make_corpus(tmp_path / "ttv", 5, "passes.partial=true", "passes.partial_views=4")
+    cfg = c.resolve(latents.CacheLatentsJob, "default", [("source", src), ("out", str(tmp_path / "lat")),
+                                                         ("vae", save_tiny_vae(tmp_path / "vae"))])
+    assert latents.run_cache(latents.job_spec(cfg), progress=False).samples_done == 3
+    source = {smp["__key__"]: smp for smp in iter_ttv(src)}
+    for smp in lat_ds.iter_samples(cfg.out):
+        s = source[smp["__key__"]]
+        part = smp["meta"]["latents"]["partial"]
+        assert part["source"] == "render known pass"
+        assert part["known_fraction"] == pytest.approx(s["known"].sum() / s["mask"].sum(), abs=1e-6)
+        known_v, gen, _ = latents.partial_texture(smp["__key__"], s, list(range(5)))
+        assert torch.equal(gen[0] < 0, torch.from_numpy(s["known"]))  # given exactly on the known pixels
+        assert smp["known_latent"].shape == smp["inpaint_latent"].shape == smp["rgb_latent"].shape
+
+
+@pytest.mark.integration
 def test_changed_source_shard_is_a_failure_row_per_sample(ray_local, tmp_path):
     src = make_corpus(tmp_path / "ttv", frames=5)
     vae_dir = save_tiny_vae(tmp_path / "vae")
     cfg = c.resolve(latents.CacheLatentsJob, "default", [("source", src), ("out", str(tmp_path / "lat")),
-                                                         ("vae", vae_dir), ("passes", ["normal"])])
+                                                         ("vae", vae_dir), ("partial", False), ("passes", ["normal"])])
     spec = latents.job_spec(cfg)
     first = shards.shard_url(src, "ttv-000000.tar")
     data = bytearray(storage.read_bytes(first))
@@ -321,7 +347,7 @@ def test_cache_job_with_text_and_image_encoders(ray_local, tmp_path):
     caps.write_text(json.dumps({"uid": captioned, "caption": "  a red &amp; blue\n chair "}) + "\n"
                     + json.dumps({"uid": "not-in-corpus", "caption": "a cat"}) + "\n")
     cfg = c.resolve(latents.CacheLatentsJob, "default", [
-        ("source", src), ("out", str(tmp_path / "lat")), ("vae", vae_dir), ("passes", ["normal"]),
+        ("source", src), ("out", str(tmp_path / "lat")), ("vae", vae_dir), ("partial", False), ("passes", ["normal"]),
         ("store_dtype", "float32"), ("text_encoder", umt5), ("image_encoder", clip), ("captions", str(caps)),
         ("prompt", "a 3d object {uid} on a turntable")])
     s = latents.run_cache(latents.job_spec(cfg), progress=False)

@@ -106,6 +106,22 @@ def test_pixel_conditioning_shapes_and_nothing_known_is_the_constant_videos(part
     assert not torch.allclose(drawn["geometry"][:, 32:], c["geometry"][:, 32:])
 
 
+def test_a_batchs_known_pass_reaches_the_known_videos_on_the_vae_frames(parts):
+    dit, cond = parts
+    batch = pixel_batch()
+    seen = {}
+
+    def known(rgb, pos, m, **kw):
+        seen.update(kw)
+        return rgb.permute(0, 4, 1, 2, 3), torch.ones_like(rgb.permute(0, 4, 1, 2, 3))
+
+    cond(batch, dit, "cpu", known=known)
+    assert seen == {}  # no pass, no keyword: the callers written before it keep working
+    vis = torch.from_numpy(np.random.default_rng(1).uniform(0, 1, (2, 6, 16, 16)) > 0.5)
+    cond({**batch, "known": vis}, dit, "cpu", known=known)
+    assert torch.equal(seen["visible"], vis[:, :5])  # 6 frames trimmed to 1 + 4, as rgb
+
+
 def test_latent_batches_use_cached_embeddings_and_the_constant_videos(parts):
     dit, cond = parts
     z = torch.randn(1, 16, 2, 2, 2)
@@ -115,6 +131,26 @@ def test_latent_batches_use_cached_embeddings_and_the_constant_videos(parts):
     assert torch.equal(c["x0"], z) and torch.equal(c["geometry"][:, 16:32], z - 1)
     assert torch.equal(c["geometry"][:, 32:48], cond.const_latent("known", 2, 2, 2))
     assert c["text"][0, :3].eq(1).all() and c["text"][0, 3:].eq(0).all() and c["image"].eq(2).all()
+
+
+def test_latent_batches_take_their_cached_partial_texture_with_the_known_probability(parts):
+    dit, cond = parts
+    b = 32
+    z = torch.randn(b, 16, 2, 2, 2)
+    batch = {"rgb_latent": z, "normal_latent": z, "position_latent": z, "known_latent": z + 3, "inpaint_latent": z - 3}
+    gens = [torch.Generator().manual_seed(i) for i in range(b)]
+    c = cond(batch, dit, "cpu", known=ttv.PartialTextures(0.5, gens))
+    took = [bool(torch.equal(c["geometry"][i, 32:48], z[i] + 3)) for i in range(b)]
+    const = cond.const_latent("known", 2, 2, 2)[0]
+    for i in range(b):
+        if took[i]:
+            assert torch.equal(c["geometry"][i, 48:], z[i] - 3)
+        else:  # the others: nothing known, as in generation
+            assert torch.equal(c["geometry"][i, 32:48], const)
+    assert 6 < sum(took) < 26
+    never = cond(batch, dit, "cpu", known=ttv.PartialTextures(0.0, gens))
+    assert torch.equal(never["geometry"][:, 32:48], const.expand(b, -1, -1, -1, -1))
+    assert torch.equal(cond(batch, dit, "cpu")["geometry"], never["geometry"])  # generation: nothing known
 
 
 def test_sampler_is_a_function_of_the_seed(parts):

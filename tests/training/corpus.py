@@ -8,17 +8,20 @@ from loom.render import fake
 from loom.platform import shards
 
 
-def make_ttv_corpus(out: str, samples: int = 2, frames: int = 5, size: int = 32, per_shard: int = 1) -> list[str]:
-    """``samples`` sphere turntables (different camera heights and backgrounds) in shards of ``per_shard``."""
+def make_ttv_corpus(out: str, samples: int = 2, frames: int = 5, size: int = 32, per_shard: int = 1,
+                    partial: bool = False) -> list[str]:
+    """``samples`` sphere turntables (different camera heights and backgrounds) in shards of ``per_shard``; with
+    ``partial``, each with the partial-texture pass (``known``)."""
     names, keys = [], []
     for s in range(0, samples, per_shard):
         items = []
         for i in range(s, min(samples, s + per_shard)):
             r = fake.render_sphere({"asset_path": __file__, "frames": frames, "width": size, "height": size,
                                     "orbit": {"radius": 2.5, "height": 0.3 + 0.2 * i, "fov_margin": 1.1},
-                                    "background": (0.2 * (i % 5), 0.5, 1.0)})
+                                    "background": (0.2 * (i % 5), 0.5, 1.0),
+                                    **({"partial": {"tilt": "x+90", "views": 4}} if partial else {})})
             meta = {"kind": "ttv", "uid": f"sphere{i}", "seed": i}
-            arrays = {k: r[k] for k in ("rgb", "normal", "position", "depth", "mask", "K", "c2w")}
+            arrays = {k: r[k] for k in ("rgb", "normal", "position", "depth", "mask", "known", "K", "c2w") if k in r}
             items.append((f"sphere{i:03d}", ttv.encode_sample(arrays, meta)))
         name = shards.shard_name("ttv", len(names))
         sz, sha, k = shards.write_tar(shards.shard_url(out, name), items)

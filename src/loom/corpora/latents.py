@@ -93,6 +93,10 @@ class CacheLatentsJob:
     image_processor: str | None = field(None, help="folder of its preprocessor_config.json; unset: the encoder "
                                         "folder, <root>/image_processor or the sibling image_processor/, else "
                                         "CLIP's standard preprocessing in torch")
+    partial: bool = field(True, help="also encode one partial texture per sample (the known video and the "
+                          "inpainting mask: known_latent, inpaint_latent), so TAPESTRY's inpainting trains from the "
+                          "cache: the render's known pass (render ttv --set passes.partial=true) where the sample has "
+                          "one, else a plane cut drawn from the sample key; needs rgb and position in passes")
     timeout_s: float = field(3600.0, help="seconds allowed per source shard")
     ray: RaySettings = field(default_factory=RaySettings, help="Ray: address, workers, CPUs and GPUs per worker")
 
@@ -100,6 +104,8 @@ class CacheLatentsJob:
         require(len(self.passes) >= 1 and set(self.passes) <= set(PASSES) and len(set(self.passes)) == len(
             self.passes), "passes", self.passes, f"must be distinct names of {list(PASSES)}")
         require(self.position_radius > 0, "position_radius", self.position_radius, "must be > 0")
+        require(not self.partial or {"rgb", "position"} <= set(self.passes), "partial", self.partial,
+                f"needs rgb and position in passes (has {list(self.passes)}): add them or set partial=false")
         require(self.batch >= 1, "batch", self.batch, "must be >= 1")
         require(self.timeout_s > 0, "timeout_s", self.timeout_s, "must be > 0")
         require(self.device == "cpu" or self.ray.gpus_per_worker > 0, "device", self.device,
@@ -283,7 +289,7 @@ def job_spec(cfg: CacheLatentsJob) -> JobSpec:
     chash = sample_config_hash(cfg, vae_digest, text, image)
     params = {
         "vae": os.path.abspath(vae), "vae_digest": vae_digest, "passes": list(cfg.passes),
-        "position_radius": cfg.position_radius, "frames": cfg.frames, "normalize": cfg.normalize,
+        "position_radius": cfg.position_radius, "frames": cfg.frames, "normalize": cfg.normalize, "partial": cfg.partial,
         "store_dtype": cfg.store_dtype, "dtype": cfg.dtype, "device": cfg.device, "batch": cfg.batch,
         "tiling": cfg.tiling, "threads": cfg.ray.cpus_per_worker, "config_hash": chash,
         "text": text, "image": image,
@@ -316,6 +322,27 @@ def video_input(name: str, a, position_radius: float = 1.0):
     from loom.models.ttv import vae_input
 
     return vae_input(name, np.ascontiguousarray(a), position_radius).permute(3, 0, 1, 2)  # (3, T, H, W)
+
+
+def partial_texture(key: str, sample: dict, idx: list):
+    """One sample's cached partial texture: (known video, inpainting-mask video) (3, T, H, W) in [-1, 1] on the
+    frames ``idx``, and what meta records of it. The training draw (`loom.models.ttv.partial_known`, always partial
+    here: training picks the cache's partial texture with its own probability), from a generator seeded by the
+    sample key, so a rerun writes the same latents; the render's known pass where the sample has one."""
+    import numpy as np
+    import torch
+
+    from loom.models.ttv import partial_known
+
+    g = torch.Generator().manual_seed(int(hashlib.sha256(key.encode()).hexdigest()[:15], 16))
+    rgb = video_input("rgb", sample["rgb"][idx]).permute(1, 2, 3, 0)[None]  # (1, T, H, W, 3)
+    pos = torch.from_numpy(np.ascontiguousarray(sample["position"][idx], np.float32))[None]  # world, as training
+    mask = torch.from_numpy(np.ascontiguousarray(sample["mask"][idx]))[None]
+    visible = (torch.from_numpy(np.ascontiguousarray(sample["known"][idx]))[None] if "known" in sample else None)
+    known_v, gen = partial_known(rgb, pos, mask, 1.0, [g], visible, 1.0)
+    given = float((gen[0, 0] < 0).sum() / max(int(mask.sum()), 1))
+    return known_v[0], gen[0], {"source": "render known pass" if visible is not None else "plane cut",
+                                "known_fraction": given}
 
 
 _STATE: dict = {}  # per sandbox process: slot -> (key, loaded encoder or captions), kept across tasks
@@ -432,19 +459,24 @@ def encode_entry(params: dict) -> dict:
     local = _local_shard(params["shard"], params["shard_sha256"], params["workdir"])
     store = np.dtype(params["store_dtype"])
     passes = params["passes"]
-    decode_keys = (*passes, "mask") + (("rgb",) if image_p and "rgb" not in passes else ())
+    decode_keys = (*passes, "mask") + (("rgb",) if image_p and "rgb" not in passes else ()) + (
+        ("known",) if params.get("partial") else ())
     pending, failures, frames = [], [], 0  # pending: (key, files, meta, text or None, warnings)
     seen = []
     for key, files in shards.iter_tar(local):
         seen.append(key)
         try:
-            s = decode_sample(files, keys=decode_keys)
+            s = decode_sample(files, keys=tuple(k for k in decode_keys if k != "known" or "known.npz" in files))
             t = s["mask"].shape[0]
             idx = vae_frame_indices(t, params["frames"], vae.temporal_factor)
             videos = [video_input(p, s[p][idx], params["position_radius"]) for p in passes]
             latents = []
             for i in range(0, len(videos), params["batch"]):
                 latents += list(vae.encode(torch.stack(videos[i: i + params["batch"]]), params["normalize"]))
+            partial = None
+            if params.get("partial"):
+                known_v, gen, partial = partial_texture(key, s, idx)
+                latents += list(vae.encode(torch.stack([known_v, gen]), params["normalize"]))
             mask = vae.pool_mask(torch.from_numpy(s["mask"][idx]))  # (T', H', W')
             # Frame 0 is the first frame under every frame policy, and the one Wan's I2V pipeline conditions on.
             image = image_enc.encode(s["rgb"][:1])[0] if image_enc is not None else None  # (L_img, D_img)
@@ -453,7 +485,8 @@ def encode_entry(params: dict) -> dict:
         except (ValueError, KeyError, RuntimeError) as e:
             failures.append({"key": key, "reason": f"{type(e).__name__}: {e}"})
             continue
-        out = {f"{p}_latent.npy": npy(z.cpu().numpy().astype(store)) for p, z in zip(passes, latents, strict=True)}
+        names = [*passes, *(("known", "inpaint") if partial else ())]
+        out = {f"{p}_latent.npy": npy(z.cpu().numpy().astype(store)) for p, z in zip(names, latents, strict=True)}
         out["mask_latent.npy"] = npy(mask.numpy().astype(store))
         if image is not None:
             out["image_embed.npy"] = npy(image.numpy().astype(store))
@@ -476,6 +509,8 @@ def encode_entry(params: dict) -> dict:
             "config_hash": params["config_hash"], "loom_version": loom.__version__,
             "warnings": warnings,
         }
+        if partial:
+            meta["latents"]["partial"] = partial
         if image_enc is not None:
             meta["latents"]["image_encoder"] = {
                 "path": image_p["encoder"], "processor": image_p["processor"], "class": type(image_enc.model).__name__,

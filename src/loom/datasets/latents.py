@@ -11,6 +11,8 @@ key                    shape           dtype    meaning
 ``position_latent``    (C,T',H',W')    float32  same, of the position video divided by ``position_radius``
 ``mask_latent``        (T',H',W')      float32  object coverage fraction in [0, 1] per latent cell (not encoded:
                                                  average of the mask over the cell's frames and 8x8 pixels)
+``known_latent``       (C,T',H',W')    float32  same, of one partial texture's known video (``partial``, below)
+``inpaint_latent``     (C,T',H',W')    float32  same, of its inpainting-mask video (+1 generate, -1 given)
 ``text_embed``         (L,D)           float32  umT5 ``last_hidden_state`` of the sample's text, its L real tokens
                                                  only (L <= 512, counting ``</s>``; D = 4096 for umT5-xxl)
 ``image_embed``        (L_img,D_img)   float32  CLIP vision ``hidden_states[-2]`` of the source rgb frame 0, every
@@ -23,6 +25,12 @@ key                    shape           dtype    meaning
 Only the passes the job was configured with are present (``meta["latents"]["passes"]``); ``text_embed`` and
 ``image_embed`` only when the job had a text or image encoder (``meta["latents"]["text_encoder"]``,
 ``meta["latents"]["image_encoder"]``: folders, content digests, dims, preprocessing).
+
+Partial textures (``meta["latents"]["partial"]``, when the job had ``partial=true``, its default): one per sample, as
+training draws it from pixels (`loom.models.ttv.partial_known`), seeded by the sample key: the render's ``known``
+pass where the source sample has one (``"source": "render known pass"``), else a random plane cut (``"plane cut"``),
+with the fraction of the object given (``known_fraction``). Training takes them with probability
+``data.known_prob`` in place of the all-unknown constants.
 
 Text and image conditioning (Wan2.1 / Wan2.1-Fun, as diffusers 0.42.1's Wan pipelines compute it):
 

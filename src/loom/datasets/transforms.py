@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 
-FRAME_KEYS = frozenset({"rgb", "normal", "position", "depth", "mask", "K", "c2w", "object_id", "edges", "noise",
+FRAME_KEYS = frozenset({"rgb", "normal", "position", "depth", "mask", "known", "K", "c2w", "object_id", "edges", "noise",
                         "surface", "sharp_surface", "queries", "sdf_points", "sdf", "video", "shape_latent",
                         "image_tokens"})
 PAIR_KEYS = frozenset({"flow_fwd", "flow_bwd", "occlusion_fwd", "occlusion_bwd"})
-IMAGE_KEYS = frozenset({"rgb", "video", "normal", "position", "depth", "mask", "object_id", "edges", "flow_fwd",
+IMAGE_KEYS = frozenset({"rgb", "video", "normal", "position", "depth", "mask", "known", "object_id", "edges", "flow_fwd",
                         "flow_bwd", "flow_last_to_first", "occlusion_fwd", "occlusion_bwd"})
 FILTERED_KEYS = frozenset({"rgb", "video"})  # colour: area / bilinear; all other image keys: nearest
 FLOW_KEYS = frozenset({"flow_fwd", "flow_bwd", "flow_last_to_first"})

@@ -433,7 +433,7 @@ def known_videos(world: np.ndarray, faces: np.ndarray, uv: np.ndarray, conf: np.
     the mask video +1 (generate) on every other pixel, exactly. ``keep`` receives both, for the stage's files."""
     import torch
 
-    def known(rgb, pos, mask):
+    def known(rgb, pos, mask, visible=None):  # a frames corpus's own known pass (visible) plays no part here
         b, t, h, w, _ = rgb.shape
         covered = np.zeros((b, t, h, w), bool)
         m = mask.numpy().astype(bool)

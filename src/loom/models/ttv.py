@@ -41,6 +41,7 @@ load with the core dependencies alone.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
@@ -233,9 +234,53 @@ def pad_tokens(embeds: list[torch.Tensor] | torch.Tensor | None, length: int, di
     return out
 
 
-# (rgb (B,T,H,W,3) in [-1, 1], world positions (B,T,H,W,3), object mask (B,T,H,W) bool)
-#   -> (known video, inpainting-mask video), both (B,3,T,H,W) in [-1, 1]
-KnownVideos = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], tuple["torch.Tensor", "torch.Tensor"]]
+# (rgb (B,T,H,W,3) in [-1, 1], world positions (B,T,H,W,3), object mask (B,T,H,W) bool[, visible=the batch's
+# ``known`` pass (B,T,H,W) bool, passed only when the batch has one]) -> (known video, inpainting-mask video), both
+# (B,3,T,H,W) in [-1, 1]
+KnownVideos = Callable[..., tuple["torch.Tensor", "torch.Tensor"]]
+
+
+def partial_known(rgb: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, prob: float,
+                  generators: list[torch.Generator], visible: torch.Tensor | None = None,
+                  visibility_share: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(known video, inpainting-mask video), both (B, 3, T, H, W) in [-1, 1], from rgb (B,T,H,W,3) in [-1, 1],
+    world positions (B,T,H,W,3), the object mask (B,T,H,W) bool and, where the samples have the render's known
+    pass, ``visible`` (B,T,H,W) bool; one draw per sample from its generator (one more with ``visible``)."""
+    import torch
+
+    b = rgb.shape[0]
+    draws = [(torch.rand(1, generator=g), torch.randn(3, generator=g), torch.rand(1, generator=g)) for g in generators]
+    use = torch.cat([d[0] for d in draws]) < prob
+    n = torch.stack([d[1] for d in draws])
+    n = n / n.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    c = (torch.cat([d[2] for d in draws]) * 2 - 1) * 0.5  # the plane passes within half the radius of the centre
+    side = (position * n.view(b, 1, 1, 1, 3)).sum(-1) > c.view(b, 1, 1, 1)
+    if visible is not None:
+        rendered = torch.cat([torch.rand(1, generator=g) for g in generators]) < visibility_share
+        side = torch.where(rendered.view(b, 1, 1, 1), visible.bool(), side)
+    keep = side & mask & use.view(b, 1, 1, 1)  # (B,T,H,W)
+    known = torch.where(keep[..., None], rgb, torch.zeros_like(rgb))
+    gen = (~keep).float() * 2 - 1
+    return known.permute(0, 4, 1, 2, 3), gen[:, None].expand(-1, 3, -1, -1, -1)
+
+
+@dataclasses.dataclass
+class PartialTextures:
+    """The training draws of partial textures (`loom.training.ttv.data`): called on a pixel batch it is a
+    `KnownVideos` (:func:`partial_known`); ``chosen(b)`` draws which samples of a latent batch take their cached
+    partial texture (``known_latent`` and ``inpaint_latent``). One draw per sample from its generator."""
+
+    prob: float
+    generators: list
+    visibility_share: float = 1.0
+
+    def __call__(self, rgb, position, mask, visible=None):
+        return partial_known(rgb, position, mask, self.prob, self.generators, visible, self.visibility_share)
+
+    def chosen(self) -> torch.Tensor:
+        import torch
+
+        return torch.cat([torch.rand(1, generator=g) for g in self.generators]) < self.prob
 
 
 class Conditioner:
@@ -274,9 +319,13 @@ class Conditioner:
         if not pixels:
             x0 = batch["rgb_latent"].float()
             b, _, t, h, w = x0.shape
-            geo = [batch["normal_latent"].float(), batch["position_latent"].float(),
-                   self.const_latent("known", t, h, w).expand(b, -1, -1, -1, -1),
-                   self.const_latent("mask", t, h, w).expand(b, -1, -1, -1, -1)]
+            known_z = self.const_latent("known", t, h, w).expand(b, -1, -1, -1, -1)
+            mask_z = self.const_latent("mask", t, h, w).expand(b, -1, -1, -1, -1)
+            if isinstance(known, PartialTextures) and "known_latent" in batch:  # the cache's partial textures
+                use = known.chosen().view(b, 1, 1, 1, 1)
+                known_z = torch.where(use, batch["known_latent"].float(), known_z)
+                mask_z = torch.where(use, batch["inpaint_latent"].float(), mask_z)
+            geo = [batch["normal_latent"].float(), batch["position_latent"].float(), known_z, mask_z]
             idx = [0]  # latent shards: frame 0 is the only frame whose lone latent is at hand
         else:
             idx = vae_frame_indices(batch["rgb"].shape[1], "trim", self.vae.temporal_factor)
@@ -285,7 +334,8 @@ class Conditioner:
             pos = batch["position"][:, idx].float()
             posn = vae_input("position", pos, self.position_radius)
             if known is not None:
-                known_v, gen = known(rgb, pos, batch["mask"][:, idx].bool())
+                extra = {"visible": batch["known"][:, idx].bool()} if "known" in batch else {}
+                known_v, gen = known(rgb, pos, batch["mask"][:, idx].bool(), **extra)
             else:
                 known_v = torch.zeros_like(rgb).permute(0, 4, 1, 2, 3)
                 gen = torch.ones_like(known_v)

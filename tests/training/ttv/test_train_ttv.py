@@ -83,6 +83,27 @@ def test_partial_known_is_one_side_of_a_plane_and_mask_marks_the_rest():
     assert torch.all(none == 0) and torch.all(gen0 == 1)
 
 
+def test_partial_known_takes_the_rendered_visibility_for_its_share_of_the_draws():
+    b = 64
+    rgb = torch.rand(b, 3, 4, 4, 3) * 2 - 1
+    pos = torch.rand(b, 3, 4, 4, 3) * 2 - 1
+    mask = torch.rand(b, 3, 4, 4) < 0.8
+    visible = torch.rand(b, 3, 4, 4) < 0.5
+
+    def draw(**kw):
+        return partial_known(rgb, pos, mask, 1.0, [torch.Generator().manual_seed(i) for i in range(b)], **kw)
+
+    known, gen = draw(visible=visible, visibility_share=1.0)
+    assert torch.equal(gen[:, 0] < 0, visible & mask)  # given exactly where the render's pass says, on the object
+    assert torch.equal(known.permute(0, 2, 3, 4, 1)[visible & mask], rgb[visible & mask])
+    plane, plane_gen = draw()
+    _, share0 = draw(visible=visible, visibility_share=0.0)
+    assert torch.equal(share0, plane_gen)  # the plane cut draws first: the same planes with or without the pass
+    _, half = draw(visible=visible, visibility_share=0.5)
+    from_pass = [bool(torch.equal(half[i], gen[i])) and not torch.equal(half[i], plane_gen[i]) for i in range(b)]
+    assert 16 < sum(from_pass) < 48  # about half of the samples took the pass
+
+
 def fixed_loss(module, batch, seeds=range(6)):
     """The flow-matching loss on fixed draws (not the training draws), for before/after comparisons."""
     from loom.models.flow import sample_generator
@@ -159,6 +180,17 @@ def test_zero2_on_two_processes_gives_the_first_step_loss_of_one(corpus, tmp_pat
     (_, h2, _), = res["two"]
     assert h1[0][0] == h2[0][0] == 0
     assert h2[0][1] == pytest.approx(h1[0][1], rel=1e-5)
+
+
+@pytest.mark.integration
+def test_trains_on_a_corpus_with_the_partial_texture_pass(tmp_path):
+    data = str(tmp_path / "partial")
+    make_ttv_corpus(data, samples=2, frames=5, size=32, partial=True)
+    out = str(tmp_path / "run")
+    loom_train(out, data, "trainer.max_steps=2", "data.known_prob=1", "data.visibility_share=1")
+    res, _ = runs(out)
+    (_, hist, _), = res["run"]
+    assert [s for s, _ in hist] == [0, 1] and all(v == v for _, v in hist)
 
 
 @pytest.mark.integration

@@ -25,7 +25,10 @@ class DataSettings:
     size: int = field(0, help="resize frames to size x size (multiple of 16; 0 = as rendered); pixels only")
     num_workers: int = field(0, help="loader worker processes per rank")
     prefetch: int = field(2, help="batches a background thread reads ahead of the step (num_workers=0; 0 = off)")
-    known_prob: float = field(0.5, help="probability of a partial-texture known video (pixels only)")
+    known_prob: float = field(0.5, help="probability of a partial-texture known video")
+    visibility_share: float = field(0.75, help="share of the partial textures of a sample with the render's known "
+                                    "pass (render ttv --set passes.partial=true) taken from it; the rest cut the "
+                                    "object by a random plane (pixels only)")
     position_radius: float = field(1.0, help="positions are divided by this before the VAE (unit sphere -> 1)")
     text_len: int = field(512, help="text tokens per sample (embeddings zero-padded to it; Wan: 512)")
     prompt: str = field(DEFAULT_PROMPT, help="prompt template for the text encoder when the shards hold no text "
@@ -37,6 +40,7 @@ class DataSettings:
         require(self.frames == 0 or (self.frames - 1) % 4 == 0, "frames", self.frames, "must be 0 or 1 + 4k")
         require(self.size % 16 == 0, "size", self.size, "must be a multiple of 16 (VAE 8x, patch 2x)")
         require(0.0 <= self.known_prob <= 1.0, "known_prob", self.known_prob, "must be in [0, 1]")
+        require(0.0 <= self.visibility_share <= 1.0, "visibility_share", self.visibility_share, "must be in [0, 1]")
         require(self.text_len >= 1, "text_len", self.text_len, "must be >= 1")
 
 

@@ -12,10 +12,18 @@ import numpy as np
 import torch
 
 from loom.models.flow import FlowMatching, sample_generator
-from loom.models.ttv import Conditioner, build_dit, build_encoders, build_vae, latents_to_uint8, sample_latents
+from loom.models.ttv import (
+    Conditioner,
+    PartialTextures,
+    build_dit,
+    build_encoders,
+    build_vae,
+    latents_to_uint8,
+    sample_latents,
+)
 from loom.training.module import LoomModule
 from loom.training.ttv.config import TrainTTVJob
-from loom.training.ttv.data import make_loader, partial_known
+from loom.training.ttv.data import make_loader
 
 
 class TTVModule(LoomModule):
@@ -49,7 +57,8 @@ class TTVModule(LoomModule):
     def condition(self, batch: dict, g: list[torch.Generator]) -> dict[str, torch.Tensor]:
         """Batch -> the DiT's inputs: x0 (B,C,T',H',W') and the conditions, with partial textures, the reference
         frame and the condition dropouts drawn from the per-sample generators ``g``."""
-        known = functools.partial(partial_known, prob=self.cfg.data.known_prob, generators=g)
+        d = self.cfg.data
+        known = PartialTextures(d.known_prob, g, d.visibility_share)
         return self.conditioner(batch, self.dit, self.device, known=known, draws=(self.cfg.cond, g))
 
     def context_params(self) -> dict[str, str]:
