@@ -139,6 +139,8 @@ class FrameEcho:
     texture must come back exactly when the run's view of the sample (frame subsampling, resizing, K) is the view
     the geometry is projected with."""
 
+    text_encoder = None
+
     def __init__(self, frames, size):
         from loom.datasets.transforms import frame_transform
 
@@ -174,6 +176,31 @@ def test_the_generative_stage_projects_with_the_runs_view_of_the_sample(tmp_path
     monkeypatch.setattr(ttv_inf, "load_run", lambda run, steps=None: Reversed(9, 96))
     bad = tex_mod.texture_from_run(mesh, "unused-run", str(tmp_path / "bad"), frames=frames, resolution=128)
     assert bad.own_texture_psnr_db < r.own_texture_psnr_db - 5
+
+
+def test_reference_image_and_prompt_steer_the_generation(tmp_path, cube_data, monkeypatch):
+    from loom.datasets.codecs import decode_video
+    from loom.inference import texture as tex_mod
+    from loom.inference import ttv as ttv_inf
+
+    mesh, frames = cube_data
+    monkeypatch.setattr(ttv_inf, "load_run", lambda run, steps=None: FrameEcho(9, 96))
+    ref = str(tmp_path / "ref.png")
+    Image.fromarray(np.full((40, 50, 3), (250, 20, 30), np.uint8)).save(ref)
+    r = tex_mod.texture_from_run(mesh, "unused-run", str(tmp_path / "out"), frames=frames, resolution=64,
+                                 reference=ref)
+    video = decode_video(open(os.path.join(r.out, "generated.mp4"), "rb").read())
+    assert np.abs(video[0].astype(int) - (250, 20, 30)).mean() < 12  # frame 0 is the reference, resized
+    assert np.abs(video[1].astype(int) - (250, 20, 30)).mean() > 40  # the rest is the run's
+    assert json.load(open(os.path.join(r.out, "report.json")))["reference"] == ref
+    with pytest.raises(ValueError, match="--prompt needs a text encoder"):
+        tex_mod.texture_from_run(mesh, "unused-run", str(tmp_path / "p"), frames=frames, resolution=64, prompt="red")
+    with pytest.raises(FileNotFoundError, match="--reference"):
+        tex_mod.texture_from_run(mesh, "unused-run", str(tmp_path / "p"), frames=frames, resolution=64,
+                                 reference=str(tmp_path / "missing.png"))
+    p = loom("texture", "--mesh", mesh, "--frames", frames, "--out", str(tmp_path / "x"), "--prompt", "red",
+             check=False)
+    assert p.returncode != 0 and "need --run" in p.stderr
 
 
 def test_loom_texture_with_a_trained_tiny_run(tmp_path, cube_data):

@@ -70,7 +70,9 @@ def _cmd_texture(args: argparse.Namespace) -> int:
                                 resolution=args.resolution, seed=args.seed, steps=args.steps,
                                 render_frames=args.render_frames, render_size=args.render_size, stages=args.stages,
                                 coverage_target=args.coverage_target, naive_fusion=args.naive_fusion,
-                                tracking=tracking)
+                                reference=args.reference, prompt=args.prompt, tracking=tracking)
+    elif args.reference or args.prompt is not None:
+        raise ValueError("--reference and --prompt steer the generation: they need --run")
     elif args.frames:
         done = texture_from_frames(args.mesh, args.frames, args.out, key=args.key, frames_pass=args.frames_pass,
                                    resolution=args.resolution, tracking=tracking)
@@ -113,6 +115,11 @@ def register(sub) -> None:
                    "surface's texels is seen")
     p.add_argument("--naive-fusion", action="store_true", help="with --run: the Fig. 6 baseline, every stage "
                    "generated independently (nothing known) and blended")
+    p.add_argument("--reference", help="with --run: a reference image of the look wanted (as `loom generate ttv`: "
+                   "the reference latent and CLIP tokens of every stage come from it; default: the condition "
+                   "render's first frame)")
+    p.add_argument("--prompt", help="with --run: the text prompt of every stage (the run needs model.text_encoder; "
+                   "default: the run's prompt template)")
     p.add_argument("--render-frames", type=int, default=61, help="with --run and no --frames: orbit frames rendered")
     p.add_argument("--render-size", type=int, default=0, help="with --run and no --frames: render size in pixels "
                    "(default: the run's data.size, else 512)")

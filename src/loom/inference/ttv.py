@@ -139,15 +139,24 @@ def generate_ttv(run: str, data: str, out: str, *, key: str | None = None, refer
     a reference image (default: the sample's first rgb frame) and a prompt -> a turntable video (H.264 mp4)."""
     model = load_run(run, steps=steps)
     batch = read_condition(data, key, model.transform())
+    return write_video(out, model.video(steer(model, batch, reference, prompt), seed))
+
+
+def steer(model: TTVRun, batch: dict, reference: str | None = None, prompt: str | None = None) -> dict:
+    """A batch of one with a user's reference image (as frame 0 of rgb, which the reference latent and the CLIP
+    tokens come from; resized to the frames) and prompt (umT5 embeddings of it: the run must have a text encoder);
+    unchanged without them. ``loom generate ttv`` and ``loom texture --run`` (every stage) steer with it."""
     if reference:
         from PIL import Image
 
+        if not os.path.isfile(reference):
+            raise FileNotFoundError(f"--reference {reference} does not exist: pass an image file (PNG, JPEG)")
         h, w = batch["rgb"].shape[2:4]
         img = np.asarray(Image.open(reference).convert("RGB").resize((w, h), Image.BICUBIC))
-        batch["rgb"] = batch["rgb"].clone()
-        batch["rgb"][:, 0] = torch.from_numpy(img)  # the reference latent and CLIP tokens come from frame 0
+        batch = {**batch, "rgb": batch["rgb"].clone()}
+        batch["rgb"][:, 0] = torch.from_numpy(img)
     if prompt is not None:
         if model.text_encoder is None:
             raise ValueError("--prompt needs a text encoder: the run was trained without model.text_encoder")
-        batch["text_embed"] = model.text_encoder.encode([prompt])
-    return write_video(out, model.video(batch, seed))
+        batch = {**batch, "text_embed": model.text_encoder.encode([prompt])}
+    return batch
