@@ -171,3 +171,23 @@ def test_depth_gradient_is_large_at_silhouettes_and_small_on_flat_surfaces():
     assert np.allclose(g[:, :5], 0) and np.isinf(g[:, 5]).all()
     # the world_to_camera import is the convention the module uses: a sanity check of the test's cameras
     assert world_to_camera(np.zeros(3), orbit()[1][0])[2] > 0
+
+
+def test_push_pull_keeps_known_texels_and_fills_holes_smoothly():
+    from loom.geometry.texture import push_pull
+
+    h, w = 37, 50  # odd sizes: the pyramid pads
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    ramp = np.stack([4 * xx, 5 * yy, xx + yy], -1)
+    known = np.random.default_rng(0).random((h, w)) < 0.3
+    known[10:25, 10:30] = False  # a large hole
+    out = push_pull(np.where(known[..., None], ramp, -1e3), known)  # what is under the hole must not matter
+    np.testing.assert_array_equal(out[known], ramp[known])
+    err = np.abs(out - ramp)[~known]
+    assert err.mean() < 3 and err.max() < 20  # a ramp of 0..250 is followed across the hole
+    # a nearest-texel fill would leave steps: push-pull's neighbouring hole texels differ by about the ramp's slope
+    assert np.abs(np.diff(out[12:23, 12:28, 0], axis=1)).max() < 8
+    one = np.zeros((8, 8), bool)
+    one[3, 4] = True
+    np.testing.assert_allclose(push_pull(np.full((8, 8, 3), 7.0), one), 7.0)  # one known texel: constant
+    np.testing.assert_array_equal(push_pull(ramp, np.zeros((h, w), bool)), ramp)  # nothing known: unchanged

@@ -100,7 +100,8 @@ def test_loom_texture_brings_back_the_texture_in_the_meshs_own_layout(tmp_path, 
     mesh, frames = cube_data
     out = str(tmp_path / "out")
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    p = loom("texture", "--mesh", mesh, "--frames", frames, "--out", out, "--resolution", "128", "--tracking-uri", db)
+    p = loom("texture", "--mesh", mesh, "--frames", frames, "--out", out, "--resolution", "128", "--tracking-uri", db,
+             "--turntable", "0")
     assert "coverage" in p.stdout and "mesh.glb" in p.stdout and "mlflow:" in p.stdout
     report = json.load(open(os.path.join(out, "report.json")))
     # the orbit sees five faces, not the bottom one: 5/6 of the surface's texels
@@ -214,7 +215,7 @@ def test_loom_texture_with_a_trained_tiny_run(tmp_path, cube_data):
     run, _ = make_run(tmp_path, frames, **{"flow.sample_steps": 2})
     out = str(tmp_path / "out")
     p = loom("texture", "--mesh", mesh, "--run", run, "--frames", frames, "--out", out, "--resolution", "64",
-             "--no-mlflow", "--stages", "1")
+             "--turntable", "0", "--no-mlflow", "--stages", "1")
     assert "mlflow:" not in p.stdout and "generate" in p.stdout
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["pass"] == "generated" and report["run"] == os.path.abspath(run) and report["coverage"] > 0.3
@@ -408,7 +409,8 @@ def test_inpainting_stages_raise_coverage_and_stop(tmp_path):
     run, _ = make_run(tmp_path, str(tmp_path / "unused"), **{"flow.sample_steps": 2})
     out = str(tmp_path / "out")
     loom("texture", "--mesh", mesh, "--run", run, "--out", out, "--resolution", "64", "--no-mlflow",
-         "--stages", "3", "--coverage-target", "0.98", "--render-frames", "9", "--render-size", "64")
+         "--stages", "3", "--coverage-target", "0.98", "--render-frames", "9", "--render-size", "64",
+         "--turntable", "4", "--turntable-size", "48")
     report = json.load(open(os.path.join(out, "report.json")))
     cov = [st["coverage"] for st in report["stages"]]
     # the tiny run sees 5 frames of 32 px: the first orbit leaves much unseen, each stage adds, three stages run
@@ -418,3 +420,10 @@ def test_inpainting_stages_raise_coverage_and_stop(tmp_path):
         assert abs(st["gain_estimate"] - max(st["gains"].values())) < 1e-4 and st["gain_estimate"] > 0.05, st
         for name in ("partial.glb", "generated.mp4", "partial_texture.mp4", "inpainting_mask.mp4"):
             assert os.path.isfile(os.path.join(out, f"stage{st['stage']}", name)), name
+    # the turntable render of the result: the textured GLB along the orbit, the cube in every frame
+    from loom.datasets.codecs import decode_video
+
+    video = decode_video(open(os.path.join(out, "turntable.mp4"), "rb").read())
+    assert video.shape == (4, 48, 48, 3)
+    assert all((np.abs(f.astype(int) - f[0, 0]).sum(-1) > 30).mean() > 0.05 for f in video)
+    assert "turntable" in report["seconds"]

@@ -61,6 +61,10 @@ def _cmd_texture(args: argparse.Namespace) -> int:
     from loom.platform.tracking import TrackingSettings
 
     tracking = None if args.no_mlflow else TrackingSettings(uri=args.tracking_uri or "", experiment=args.experiment)
+    if args.turntable < 0 or args.turntable_size < 16:
+        raise ValueError(f"--turntable {args.turntable} must be >= 0 (0: no render) and --turntable-size "
+                         f"{args.turntable_size} >= 16")
+    turntable = (args.turntable, args.turntable_size)
     if args.run:
         from loom.inference.texture import texture_from_run
 
@@ -70,18 +74,20 @@ def _cmd_texture(args: argparse.Namespace) -> int:
                                 resolution=args.resolution, seed=args.seed, steps=args.steps,
                                 render_frames=args.render_frames, render_size=args.render_size, stages=args.stages,
                                 coverage_target=args.coverage_target, naive_fusion=args.naive_fusion,
-                                reference=args.reference, prompt=args.prompt, tracking=tracking)
+                                reference=args.reference, prompt=args.prompt, tracking=tracking, turntable=turntable)
     elif args.reference or args.prompt is not None:
         raise ValueError("--reference and --prompt steer the generation: they need --run")
     elif args.frames:
         done = texture_from_frames(args.mesh, args.frames, args.out, key=args.key, frames_pass=args.frames_pass,
-                                   resolution=args.resolution, tracking=tracking)
+                                   resolution=args.resolution, tracking=tracking, turntable=turntable)
     else:
         raise ValueError("pass --run RUN (generate the turntable with a trained `loom train ttv` run) or --frames "
                          "SHARDS (project given turntable frames of the mesh)")
     print(f"texture:  {done.out}/texture.png  coverage {done.coverage:.1%} of the surface's texels seen "
           f"(the rest filled in UV space)")
     print(f"mesh:     {done.out}/mesh.glb  (and mesh.obj + mesh.mtl)")
+    if args.turntable:
+        print(f"render:   {done.out}/turntable.mp4  (the textured mesh along the orbit, {args.turntable} frames)")
     if done.own_texture_psnr_db is not None:
         print(f"check:    {done.own_texture_psnr_db:.1f} dB PSNR against the mesh's own texture over the seen texels")
     print(f"report:   {done.out}/report.json  ({', '.join(f'{k} {v:.1f} s' for k, v in done.seconds.items())})")
@@ -120,6 +126,9 @@ def register(sub) -> None:
                    "render's first frame)")
     p.add_argument("--prompt", help="with --run: the text prompt of every stage (the run needs model.text_encoder; "
                    "default: the run's prompt template)")
+    p.add_argument("--turntable", type=int, default=24, help="frames of the turntable render of the result "
+                   "(OUT/turntable.mp4, by `loom render ttv`; 0: none)")
+    p.add_argument("--turntable-size", type=int, default=256, help="its size in pixels")
     p.add_argument("--render-frames", type=int, default=61, help="with --run and no --frames: orbit frames rendered")
     p.add_argument("--render-size", type=int, default=0, help="with --run and no --frames: render size in pixels "
                    "(default: the run's data.size, else 512)")
