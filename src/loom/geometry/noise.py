@@ -27,6 +27,10 @@ shifted frame exactly, and the identity flow keeps it unchanged. The next step u
 needs, and a carried field would have blocks of uneven sizes to renormalise. ``k`` (``upsample``) sets how finely a
 pixel can be split; a local zoom beyond ``k`` per step leaves some pixels empty, and those get fresh noise.
 
+Video models denoise at a latent frame rate (CogVideoX's causal VAE: frame 0, then one latent frame per 4 frames):
+:func:`compress_time` brings warped noise there by taking one frame per group, which keeps it exactly i.i.d.
+N(0, 1) (a scaled sum of the group would not be: its frames are correlated along the flow).
+
 Randomness is drawn only from the ``generator`` (or torch's global generator when None), in a fixed order, so a
 seeded generator gives the same noise on the same device.
 """
@@ -133,3 +137,32 @@ def resize_flow(
         pooled = torch.where(den > 0, num / den.clamp(min=torch.finfo(flow.dtype).tiny), torch.zeros_like(num))
     scale = torch.tensor([w / big_w, h / big_h], dtype=flow.dtype, device=flow.device)
     return pooled.permute(0, 2, 3, 1) * scale
+
+
+def compress_time(noise: torch.Tensor, factor: int = 4) -> torch.Tensor:
+    """Warped noise (T,C,h,w) at the video's frame rate -> (1 + (T-1)/factor, C,h,w) at the latent frame rate of a
+    causal video VAE that keeps frame 0 alone and folds each following group of ``factor`` frames into one latent
+    frame (CogVideoX and Wan: factor 4, so 49 frames -> 13 latent frames). ``T`` must be ``1 + factor * k``: pad the
+    video (e.g. repeat its last frame, as VideoFrom3D pads 46 frames to 49) before warping.
+
+    Latent frame 0 is frame 0 and latent frame ``j >= 1`` is frame ``factor * j``, the last frame of the group it
+    covers (so the last latent frame is the last video frame, the GGI end anchor). Each one is a frame of
+    :func:`warp_noise`'s output, hence exactly i.i.d. N(0, 1), and consecutive latent frames still follow the flow
+    composed over their ``factor`` steps.
+
+    Why not sum the group's frames and divide by ``sqrt(factor)`` (2 for 4 frames): that is N(0, 1) only when the
+    frames are independent, and warped frames are not: they are the same noise moved along the flow. Under a slow
+    camera the 4 frames are almost equal and the scaled sum has variance close to ``factor`` (4), not 1; the exact
+    variance of each latent pixel would depend on how many sub-pixels its 4 frames share. Averaging (Go-with-the-Flow's
+    'blend') has the converse problem (variance 1/factor under fast motion). Selecting a frame has neither.
+    """
+    if noise.ndim != 4:
+        raise ValueError(f"expected noise (T,C,h,w), got shape {tuple(noise.shape)}")
+    if factor < 1:
+        raise ValueError(f"factor must be >= 1, got {factor}")
+    t = int(noise.shape[0])
+    if (t - 1) % factor:
+        raise ValueError(f"noise has {t} frames; the VAE's temporal compression by {factor} needs 1 + {factor}*k "
+                         f"frames (e.g. {1 + factor * ((t - 1) // factor + 1)}): pad the video, e.g. by repeating its "
+                         "last frame (zero flow), before warping")
+    return noise[::factor].clone()
