@@ -316,6 +316,10 @@ def resolve_decoder(kind: str | None) -> Decode:
         from loom.datasets import scene
 
         return scene.decode_sample
+    if kind == "clips":
+        from loom.datasets import clips
+
+        return clips.decode_sample
     return generic_decode
 
 

@@ -11,16 +11,17 @@ TRAIN = {
     "ttv": "the geometry-conditioned video DiT (TAPESTRY) on turntable shards",
     "vae": "the VecSet shape VAE (ShapeGen4D 3.1) on 4D or static shards",
     "shape4d": "the spatiotemporal layers of the 4D shape DiT (ShapeGen4D 3.2) on 4D shards, base frozen",
+    "ggi": "VideoFrom3D's inbetweening model (GGI, 3.3-3.4) on video clips or rendered scenes",
 }
 
 
 def jobs() -> dict[str, tuple[Any, type]]:
     """model -> (its package, with ``train(cfg, resume=...)``; its root config class), imported when the parser is
     built rather than when ``loom.cli`` is imported."""
-    from loom.training import shape4d, ttv, vae
+    from loom.training import ggi, shape4d, ttv, vae
 
     return {"ttv": (ttv, ttv.TrainTTVJob), "vae": (vae, vae.TrainVAEJob),
-            "shape4d": (shape4d, shape4d.TrainShape4DJob)}
+            "shape4d": (shape4d, shape4d.TrainShape4DJob), "ggi": (ggi, ggi.TrainGGIJob)}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -76,7 +77,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 # --set examples shown in each command's help (tests resolve each against its job)
-EXAMPLES = {"ttv": "trainer.max_steps=2000", "vae": "trainer.max_steps=2000", "shape4d": "trainer.max_steps=2000"}
+EXAMPLES = {"ttv": "trainer.max_steps=2000", "vae": "trainer.max_steps=2000", "shape4d": "trainer.max_steps=2000",
+            "ggi": "trainer.max_steps=1300"}
 
 INTERRUPTED = ("the last checkpoint in {out}/checkpoints is kept (one every trainer.checkpoint_every steps): the same "
                "command with --resume continues from it")

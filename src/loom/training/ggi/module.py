@@ -1,0 +1,130 @@
+"""The Lightning module of ``loom train ggi``: VideoFrom3D's GGI step (`loom.models.ggi`), AdamW, sample videos.
+Checkpoints, data position and MLflow: :class:`loom.training.module.LoomModule`."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import torch
+
+from loom.models import ggi
+from loom.models.flow import sample_generator
+from loom.training.ggi.config import TrainGGIJob
+from loom.training.ggi.data import make_loader
+from loom.training.module import LoomModule
+
+
+class Frozen:
+    """The frozen VAE, outside the module tree: DeepSpeed must not wrap, shard or cast it, nor checkpoints carry it."""
+
+    def __init__(self, vae):
+        self.vae = vae
+
+
+class GGIModule(LoomModule):
+    def __init__(self, cfg: TrainGGIJob):
+        super().__init__(cfg)
+        self.transformer = ggi.build_transformer(cfg.model, cfg.trainer.seed)
+        self.frozen = Frozen(ggi.build_vae(cfg.model, cfg.trainer.seed))
+        self.scheduler = ggi.make_scheduler(cfg.model.transformer, cfg.model.objective)
+        self._sample: dict | None = None
+
+    @property
+    def vae(self):
+        return self.frozen.vae
+
+    def make_loader(self):
+        return make_loader(self.cfg.data, self.cfg.trainer.seed)
+
+    def setup(self, stage: str) -> None:
+        self.frozen.vae.to(self.device if self.device.type != "cpu" else "cpu")
+
+    def context_params(self) -> dict[str, str]:
+        return {"context": "text: zeros (an unconditional prompt)", "objective": self.cfg.model.objective}
+
+    def condition(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Batch -> x0, the anchor latents V, the edge latents H_e, the warped noise and the text tokens."""
+        video = batch["video"].to(self.device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # (B,3,F,H,W)
+        edges = (batch["edges"].to(self.device).float() * 2 - 1)[:, None].expand(-1, 3, -1, -1, -1)
+        x0 = ggi.encode(self.vae, video)  # (B,F',C,h,w)
+        noise = batch["noise"].to(x0)
+        if noise.shape != x0.shape:
+            raise ValueError(f"the shards' warped noise is {tuple(noise.shape[1:])} per sample but the VAE's latents "
+                             f"are {tuple(x0.shape[1:])}: make the corpus with the model's latent channels "
+                             f"({x0.shape[2]}) and 8x downsampling (noise.channels, noise.downsample)")
+        return {"x0": x0, "anchors": ggi.anchor_latents(self.vae, video[:, :, 0], video[:, :, -1], x0.shape[1]),
+                "edges": ggi.encode(self.vae, edges), "noise": noise,
+                "text": ggi.text_tokens(None, x0.shape[0], self.transformer, self.cfg.model.text_len).to(x0)}
+
+    def training_step(self, batch: dict, batch_idx: int):
+        self.take_data_state(batch)
+        g = [sample_generator(self.cfg.trainer.seed, self.global_step, k) for k in batch["__key__"]]
+        with torch.no_grad():
+            c = self.condition(batch)
+            if self._sample is None:  # the sample videos: the first training sample's conditions
+                self._sample = {k: v[:1].detach().cpu() for k, v in c.items()}
+        n = self.scheduler.config.num_train_timesteps
+        t = torch.cat([torch.randint(0, n, (1,), generator=gi) for gi in g]).to(self.device)
+        per = ggi.loss(self.transformer, self.scheduler, c["x0"], c["noise"], t, c["anchors"], c["edges"], c["text"],
+                       self.cfg.model.objective)
+        return self.log_loss(per, batch)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        every = self.cfg.sample.every
+        if every and self.global_step % every == 0 and self.global_step > 0:
+            self.log_sample(f"step-{self.global_step:07d}")
+
+    def on_train_end(self) -> None:
+        self.log_sample(f"step-{self.global_step:07d}")
+        path = os.path.join(self.cfg.out, "transformer")
+        with self.gathered(self.transformer.parameters()):
+            if self.global_rank == 0:
+                save_transformer(self.transformer, path)
+        self.log_artifacts(path, "transformer")
+        if self.global_rank == 0:
+            if self.run_id():
+                print(f"mlflow:   run {self.run_id()} ({self.logger._tracking_uri})", file=sys.stderr)
+            print(f"model:    {path}  (diffusers CogVideoXTransformer3DModel, flow LoRA merged)", file=sys.stderr)
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        params = [p for p in self.transformer.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        warm = o.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def log_sample(self, name: str) -> None:
+        """Rank 0: the first training sample inbetweened from its own anchors, edges and warped noise, beside the
+        truth, to MLflow."""
+        from loom.datasets.codecs import write_video
+
+        if self.global_rank != 0 or self._sample is None:
+            return
+        s = {k: v.to(self.device) for k, v in self._sample.items()}
+        g = torch.Generator().manual_seed(self.cfg.trainer.seed)
+        fresh = torch.randn(s["noise"].shape, generator=g).to(s["noise"])
+        noise = ggi.blend_noise(s["noise"], fresh, self.cfg.sample.degradation)
+        was = self.transformer.training
+        self.transformer.eval()
+        z = ggi.sample(self.transformer, self.scheduler, noise, s["anchors"], s["edges"], s["text"],
+                       self.cfg.sample.steps)
+        self.transformer.train(was)
+        video = ggi.decode(self.vae, z.cpu())[0].numpy()
+        truth = ggi.decode(self.vae, s["x0"].cpu())[0].numpy()
+        path = write_video(os.path.join(self.cfg.out, "samples", f"{name}.mp4"), np.concatenate([video, truth], 2))
+        self.log_artifacts(path, "samples")
+
+
+def save_transformer(transformer, path: str) -> None:
+    """The trained transformer in diffusers' layout with the flow LoRA merged (the released GGI checkpoint's form),
+    so `loom.models.ggi.build_transformer` and the authors' pipeline both load it."""
+    import copy
+
+    t = copy.deepcopy(transformer)
+    if getattr(t, "peft_config", None):
+        t.fuse_lora(adapter_names=list(t.peft_config))
+        t.unload_lora()
+    t.save_pretrained(path)
