@@ -16,6 +16,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate_inbetween(args: argparse.Namespace) -> int:
+    from loom.inference.inbetween import generate_inbetween
+
+    try:
+        w, h = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size {args.size!r}: give WIDTHxHEIGHT, e.g. 720x480") from None
+    path = generate_inbetween(args.run, args.anchors, args.out, data=args.data, key=args.key, scene=args.scene,
+                              trajectory=args.trajectory, size=(w, h), seed=args.seed, steps=args.steps,
+                              degradation=args.degradation)
+    print(f"video:    {path}  (settings in {path.rsplit('.', 1)[0]}.json)")
+    return 0
+
+
 def _cmd_generate_4d(args: argparse.Namespace) -> int:
     from loom.inference.shape4d import generate_4d
 
@@ -150,6 +164,25 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--out", default="out/generated.mp4", help="output video (H.264 mp4)")
     p.set_defaults(func=_cmd_generate)
+
+    p = gen.add_parser("inbetween", help="a scene video between anchor views along a camera trajectory "
+                       "(VideoFrom3D's GGI): structure and warped noise from the coarse geometry")
+    p.add_argument("--run", required=True, help="a finished `loom train ggi` run folder (config.yaml + transformer/)")
+    p.add_argument("--anchors", required=True, help="folder of anchor images named by their frame index on the "
+                   "trajectory (0000.png, 0045.png, ...): at least two, 4 or more frames apart")
+    p.add_argument("--scene", help="coarse geometry (.glb/.gltf/.obj/.blend): rendered along --trajectory by the "
+                   "scene job (edges, flow, warped noise)")
+    p.add_argument("--trajectory", help="camera keyframes (.yaml/.json) or the preset 'orbit'")
+    p.add_argument("--data", help="instead of --scene/--trajectory: scene shards already rendered along it "
+                   "(`loom render scene`, noise.channels = the VAE's latent channels)")
+    p.add_argument("--key", help="sample key in --data (default: the first)")
+    p.add_argument("--size", default="720x480", help="with --scene: frame size WIDTHxHEIGHT (multiples of 16)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the run's sample.steps)")
+    p.add_argument("--degradation", type=float, help="fresh noise blended into the warped noise (default: the "
+                   "run's sample.degradation, 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--out", default="out/inbetween.mp4", help="output video (H.264 mp4)")
+    p.set_defaults(func=_cmd_generate_inbetween)
 
     p = gen.add_parser("4d", help="a mesh sequence from a conditioning video (ShapeGen4D): one mesh per frame")
     p.add_argument("--run", required=True, help="a finished `loom train shape4d` run folder (config.yaml + "

@@ -327,9 +327,10 @@ def loss(transformer, scheduler, x0: torch.Tensor, eps: torch.Tensor, t: torch.T
 
 
 def sample(transformer, scheduler, noise: torch.Tensor, anchors: torch.Tensor, edges: torch.Tensor,
-           text: torch.Tensor, steps: int) -> torch.Tensor:
+           text: torch.Tensor, steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Latents (B,F',C,h,w) from the initial ``noise`` by ``steps`` steps of the DPM scheduler (whose
-    ``prediction_type`` says how it reads the network: `make_scheduler`)."""
+    ``prediction_type`` says how it reads the network: `make_scheduler`). The scheduler's SDE step draws noise:
+    from ``generator`` (CPU), so a seeded generator gives the same video."""
     import torch
 
     scheduler.set_timesteps(steps, device=noise.device)
@@ -340,7 +341,7 @@ def sample(transformer, scheduler, noise: torch.Tensor, anchors: torch.Tensor, e
             tt = t.expand(x.shape[0])
             out = forward(transformer, model_input(x, anchors, edges), tt, text).float()
             prev = scheduler.timesteps[i - 1] if i > 0 else None
-            x, old = scheduler.step(out, old, t, prev, x, return_dict=False)
+            x, old = scheduler.step(out, old, t, prev, x, generator=generator, return_dict=False)
     return x
 
 

@@ -110,7 +110,7 @@ class GGIModule(LoomModule):
         was = self.transformer.training
         self.transformer.eval()
         z = ggi.sample(self.transformer, self.scheduler, noise, s["anchors"], s["edges"], s["text"],
-                       self.cfg.sample.steps)
+                       self.cfg.sample.steps, generator=g)
         self.transformer.train(was)
         video = ggi.decode(self.vae, z.cpu())[0].numpy()
         truth = ggi.decode(self.vae, s["x0"].cpu())[0].numpy()
