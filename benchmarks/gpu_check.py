@@ -17,7 +17,7 @@ Parts (the scripts beside this one; each prints its own details into ``<out>/<pa
 - (d) ``cudnn_attention.py``: does cuDNN attention crash in the 4D backward, at which token count, and why.
 - (e) ``memory_14b.py --measure``: the 14B memory estimate, with two 14B-wide blocks measured on the GPU.
 
-Parts run in the order (a) plain, plain compiled, Loom compiled, (b), (c), (d), (e), then (a) Loom eager, so that a
+Parts run in the order (a) plain, plain compiled, Loom compiled, (b), (c), (d), (e), (f), then (a) Loom eager, so that a
 slow or hung part costs only its own limit and the parts that answer a target come first. The whole run keeps
 inside ``--budget-s`` (gpu_check.sh passes what is left of 9 minutes after its set-up): a part starts only with at
 least ``MIN_PART_S`` left and is stopped at its limit or the budget, whichever comes first.
@@ -67,6 +67,7 @@ def parts(smoke: bool) -> list[Part]:
             Part("d-cudnn", "cuDNN attention in the 4D backward", ["cudnn_attention.py"], 30),
             Part("e-memory14b", "14B memory", ["memory_14b.py", "--shape", "wan1.3b", "--frames", "5", "--height",
                                                "32", "--width", "32", "--gpus", "1", "--nodes", "1"], 90),
+            Part("f-ggi", "GGI step vs plain CogVideoX-I2V", ["ggi_step.py", "--shape", "smoke", "--steps", "2"], 60),
             Part("a-launcher", "Loom (launcher + DeepSpeed), eager", [*ttv, "--variants", "launcher"], 60),
         ]
     ttv = ["train_ttv.py", "--shape", "wan1.3b", "--steps", "4", "--warmup", "2"]
@@ -79,6 +80,8 @@ def parts(smoke: bool) -> list[Part]:
         Part("c-latent-cache", "latent cache", ["latent_cache.py", "--shape", "wan", "--clips", "2"], 75),
         Part("d-cudnn", "cuDNN attention in the 4D backward", ["cudnn_attention.py"], 100),
         Part("e-memory14b", "14B memory", ["memory_14b.py", "--measure"], 60),
+        Part("f-ggi", "GGI step vs plain CogVideoX-I2V", ["ggi_step.py", "--shape", "cogvideox5b-8", "--steps", "3"],
+             90),
         Part("a-launcher", "Loom (launcher + DeepSpeed), eager", [*ttv, "--variants", "launcher"], 80),
     ]
 
@@ -256,6 +259,17 @@ def summarize(ps: dict[str, Part], smoke: bool) -> tuple[list[str], dict]:
             data["e"] = {"ratio": m["ratio"]}
     else:
         lines.append(f"- {ps['e-memory14b'].status}")
+    # (f)
+    f = ps["f-ggi"].result if "f-ggi" in ps else None
+    lines += ["", "(f) GGI step (VideoFrom3D), CogVideoX-5B block shape, 8 of 42 blocks, 49 x 480 x 720", ""]
+    if f:
+        r = f["results"][0]
+        lines.append(f"- plain CogVideoX-I2V step {r['plain']['step_s']:.3f} s (peak "
+                     f"{fmt(r['plain'].get('peak_gib'), '.1f')} GiB), GGI step {r['ggi']['step_s']:.3f} s (peak "
+                     f"{fmt(r['ggi'].get('peak_gib'), '.1f')} GiB): {r['ratio']:.3f}x")
+        data["f"] = {"ratio": r["ratio"], "ggi_step_s": r["ggi"]["step_s"]}
+    elif "f-ggi" in ps:
+        lines.append(f"- {ps['f-ggi'].status}")
     failed = [f"{k}: {p.status}" for k, p in ps.items() if p.status != "ok"]
     if failed:
         lines += ["", "parts that did not finish: " + "; ".join(failed) + " (their logs are in the output folder)"]
