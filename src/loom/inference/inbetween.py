@@ -120,7 +120,10 @@ def inbetween(model: GGIRun, sample: dict, anchors: dict[int, np.ndarray], seed:
                          "frames, one per anchor)")
     g = torch.Generator().manual_seed(seed)
     frames: list[np.ndarray] = []
-    start = torch.from_numpy(anchors[keys[0]]).permute(2, 0, 1)[None].float() / 127.5 - 1
+    def as_input(img: np.ndarray):  # (H,W,3) uint8 -> (1,3,H,W) in [-1, 1]
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+    start = as_input(anchors[keys[0]])
     for i, (a, b) in enumerate(zip(keys, keys[1:])):
         edges, noise = segment_inputs(sample, a, b)
         e = torch.from_numpy(edges)[None, None].expand(-1, 3, -1, -1, -1) * 2 - 1  # (1,3,F,H,W)
@@ -131,13 +134,13 @@ def inbetween(model: GGIRun, sample: dict, anchors: dict[int, np.ndarray], seed:
                              f"{tuple(h_e.shape[1:])}: render the scene with noise.channels={h_e.shape[2]} and "
                              "noise.downsample=8")
         eps = ggi.blend_noise(eps, torch.randn(eps.shape, generator=g), model.degradation)
-        end = torch.from_numpy(anchors[b]).permute(2, 0, 1)[None].float() / 127.5 - 1
+        end = as_input(anchors[b])
         v = ggi.anchor_latents(model.vae, start, end, eps.shape[1])
         text = ggi.text_tokens(None, 1, model.transformer, model.text_len)
         z = ggi.sample(model.transformer, model.scheduler, eps, v, h_e, text, model.steps, generator=g)
         video = ggi.decode(model.vae, z)[0].numpy()[: b - a + 1]  # drop the padding
         frames += list(video if i == 0 else video[1:])
-        start = torch.from_numpy(video[-1]).permute(2, 0, 1)[None].float() / 127.5 - 1
+        start = as_input(video[-1])
         progress(f"segment {i + 1}/{len(keys) - 1}: frames {a}..{b} generated")
     return np.stack(frames)
 
