@@ -173,3 +173,56 @@ def test_resize_flow_averages_each_cell_and_can_ignore_invalid_vectors():
 def test_resize_flow_refuses_upsampling():
     with pytest.raises(ValueError, match="downsamples"):
         resize_flow(torch.zeros((1, 8, 8, 2)), (16, 16))
+
+
+# ------------------------------------------------------------------------------------------------------ latent rate
+
+
+def _latent(flows, seed=0):
+    from loom.geometry.noise import compress_time
+
+    full = warp_noise(_noise0(seed), flows, generator=_gen(seed + 1))
+    return full, compress_time(full, 4)
+
+
+@pytest.mark.parametrize("flows", [_smooth_random(12, 1.0), _constant(12, 0.3, 0.1), _zoom(12, 1.03)],
+                         ids=["smooth_slow", "slow_translation", "slow_zoom"])
+def test_latent_frame_rate_noise_is_white_standard_normal(flows):
+    """13 frames -> 4 latent frames (CogVideoX: frame 0, then one per 4), each i.i.d. N(0, 1): mean, variance, no
+    neighbour correlation, and a Kolmogorov-Smirnov test against N(0, 1)."""
+    from scipy import stats
+
+    full, lat = _latent(flows)
+    assert lat.shape == (4, C, HH, WW)
+    torch.testing.assert_close(lat, full[[0, 4, 8, 12]], atol=0, rtol=0)  # latent j is frame 4j
+    for frame in lat:
+        _assert_white(frame)
+        assert stats.kstest(frame.flatten().double().numpy(), "norm").pvalue > 1e-3
+
+
+def test_latent_frames_follow_the_flow_composed_over_their_group():
+    """1 px right and 0.5 px down per frame: latent frame 1 (frame 4) is latent frame 0 moved by (4, 2)."""
+    _, lat = _latent(_constant(12, 1.0, 0.5))
+    assert _corr(lat[1][:, 2:, 4:], lat[0][:, :-2, :-4]) > 0.3
+    assert abs(_corr(lat[1], lat[0])) < 0.1  # without following the flow there is little left
+
+
+def test_scaled_sum_of_a_group_would_not_be_standard_normal():
+    """Why compress_time selects instead of summing: under a slow camera the 4 frames of a group are nearly the same
+    noise, so (sum of 4) / 2 has a variance of several units (4 for equal frames)."""
+    full, _ = _latent(_constant(12, 0.3, 0.1))
+    summed = full[1:5].sum(0) / 2
+    assert float(summed.var()) > 2.0  # about 3 here; 1 would be N(0, 1)
+    with pytest.raises(AssertionError):
+        _assert_white(summed)
+
+
+def test_compress_time_refuses_lengths_the_vae_cannot_take():
+    from loom.geometry.noise import compress_time
+
+    with pytest.raises(ValueError, match="1 \\+ 4\\*k"):
+        compress_time(torch.zeros((46, C, 4, 4)), 4)  # VideoFrom3D's 46 frames must be padded to 49 first
+    assert compress_time(torch.zeros((49, C, 4, 4)), 4).shape == (13, C, 4, 4)
+    assert compress_time(torch.zeros((1, C, 4, 4)), 4).shape == (1, C, 4, 4)
+    with pytest.raises(ValueError, match="noise"):
+        compress_time(torch.zeros((5, 4, 4)), 4)

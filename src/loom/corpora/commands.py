@@ -1,4 +1,4 @@
-"""``loom render ...`` and ``loom assets ...``."""
+"""``loom render ...``, ``loom cache ...``, ``loom prep ...`` and ``loom assets ...``."""
 
 from __future__ import annotations
 
@@ -107,6 +107,7 @@ def register(sub) -> None:
         p.set_defaults(func=cmd_render)
 
     register_cache(sub)
+    register_prep(sub)
 
     assets = sub.add_parser("assets", help="asset sources and manifests").add_subparsers(dest="acmd", metavar="CMD")
     a = assets.add_parser("list", help="list the assets of a source; optionally write its manifest")
@@ -202,3 +203,56 @@ def cache_4d(cfg, args) -> None:
     run_cache_job(cfg, args, job_spec(cfg), "sequence(s)",
                   f"with the shape VAE {cfg.vae} and DINOv2 {cfg.image_encoder}",
                   f"train:    loom train shape4d --set data.source={cfg.out} (model.vae and model.image_encoder as here)")
+
+
+# ------------------------------------------------------------------------------------------------------ prep
+
+
+def register_prep(sub) -> None:
+    """``loom prep videos``: real videos -> GGI training clips (`loom.corpora.videos`)."""
+    from loom.corpora.videos import PrepVideosJob
+
+    prep = sub.add_parser("prep", help="turn real data into training samples").add_subparsers(
+        dest="pcmd", metavar="WHAT")
+    p = prep.add_parser("videos", help="videos or frame folders (DL3DV-10K) -> clips with optical flow, warped noise, "
+                        "depth, edges of depth and a caption (VideoFrom3D's GGI training data)")
+    p.add_argument("--videos", help="a video file, or a folder / fsspec URL of videos (mp4, mov, webm, ...) and frame "
+                   "folders (<scene>/images*/frame_*.png)")
+    p.add_argument("--out", help="output folder or fsspec URL (default from the recipe)")
+    add_job_args(p, PrepVideosJob, example="clip.clips_per_video=4",
+                 interrupted="finished shards in {out}/shards are kept: the same command prepares only the rest")
+    p.add_argument("--dry-run", action="store_true", help="list the videos and print the plan; prepare nothing")
+    p.add_argument("--retry-failed", action="store_true", help="redo shards that recorded failures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prep_videos)
+
+
+def cmd_prep_videos(args) -> int:
+    return run_job_command(args, lambda cfg: prep_videos(cfg, args), videos=args.videos, out=args.out)
+
+
+def prep_videos(cfg, args) -> None:
+    from loom.corpora.videos import find_sources, job_spec
+    from loom.platform.jobs import run_job
+
+    sources = find_sources(cfg.videos, frame_folder=cfg.clip.frame_folder, default_license=cfg.license)
+    if cfg.limit:
+        sources = sources[: cfg.limit]
+    if not sources:
+        raise ValueError(f"--videos {cfg.videos} holds no videos ({', '.join(('mp4', 'mov', 'webm', 'mkv', 'avi'))}) "
+                         "and no frame folders (two or more .png/.jpg in one folder)")
+    spec = job_spec(cfg, sources)
+    kinds = {k: sum(s["kind"] == k for s in sources) for k in ("video", "frames")}
+    what = f"{kinds['video']} video file(s) and {kinds['frames']} frame folder(s)"
+    if args.dry_run:
+        print(f"plan: {what} -> {len(spec.tasks)} clip(s) of {cfg.clip.frames} frames at {cfg.clip.width}x"
+              f"{cfg.clip.height} -> {cfg.out}")
+        return
+    print(f"preparing {len(spec.tasks)} clip(s) of {what} into {cfg.out}", file=sys.stderr)
+    if not cfg.depth.model:
+        print("  depth.model is not set: depth is the classical stand-in (median-filtered luminance, not depth), "
+              "for smoke runs only", file=sys.stderr)
+    summary = run_job(spec, progress=not args.no_progress, retry_failed=args.retry_failed)
+    print_summary(summary, cfg.out)
+    print(f"shards:   {cfg.out}/shards  (manifest {cfg.out}/manifest.json)")
+    print(f"look:     loom shards inspect {cfg.out}    verify: loom shards verify {cfg.out}")

@@ -33,9 +33,10 @@ of a frame folder: of its listing, names and sizes), ``license``, ``frame_indice
 ``flow``, ``depth``, ``edges``, ``noise`` (method and settings of each), ``seed``, ``job_seed``, ``loom_version``,
 ``config_hash``.
 
-On disk: ``rgb.mkv`` (FFV1) or ``rgb.mp4`` (H.264 4:4:4, ``encode.rgb_codec=h264``), ``flow.npz`` (float16: at most
-2**-11 relative error, 0.05 px at 100 px), ``noise.npz`` (float16), ``depth.npz`` (float16: steps of at most 2**-11 in
-[0, 1]), ``edges.npz`` (uint8), ``meta.json``.
+On disk: ``rgb.mkv`` (FFV1) or ``rgb.mp4`` (H.264 4:4:4, ``encode.rgb_codec=h264``), ``flow.npz`` (int16 in units of
+1/32 px, ``FLOW_SCALE``: at most 1/64 px of error, +-1023 px of range; compressed, 10x smaller than float16 on a
+panning test clip, because float16's low mantissa bits are incompressible noise), ``noise.npz`` (float16), ``depth.npz`` (float16:
+steps of at most 2**-11 in [0, 1]), ``edges.npz`` (uint8), ``meta.json``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,20 @@ from loom.geometry.video_signals import latent_frames
 KIND = "clips"
 EXTS = ("rgb.mkv", "flow.npz", "noise.npz", "depth.npz", "edges.npz", "meta.json")
 ARRAYS = ("rgb", "flow_fwd", "flow_last_to_first", "noise", "depth", "edges")
+FLOW_SCALE = 32  # stored flow = round(flow * FLOW_SCALE) as int16
+FLOW_KEYS = ("flow_fwd", "flow_last_to_first")
+
+
+def quantise_flow(flow: np.ndarray) -> np.ndarray:
+    """Flow in pixels -> int16 in 1/FLOW_SCALE px (clipped to the int16 range, +-1023 px)."""
+    lim = np.iinfo(np.int16).max
+    return np.clip(np.round(np.asarray(flow, np.float32) * FLOW_SCALE), -lim, lim).astype(np.int16)
+
+
+def dequantise_flow(stored: np.ndarray) -> np.ndarray:
+    if stored.dtype == np.int16:
+        return stored.astype(np.float32) / FLOW_SCALE
+    return stored.astype(np.float32)  # float16, as the first clips were written
 
 def check_arrays(a: dict[str, np.ndarray]) -> None:
     """Refuse a sample whose arrays are missing, of the wrong shape or dtype, or not finite."""
@@ -86,8 +101,7 @@ def encode_sample(a: dict[str, np.ndarray], meta: dict[str, Any], rgb_codec: str
     ext, video = encode_video(a["rgb"], rgb_codec, full_chroma=True)
     return {
         ext: video,
-        "flow.npz": npz(flow_fwd=a["flow_fwd"].astype(np.float16),
-                        flow_last_to_first=a["flow_last_to_first"].astype(np.float16)),
+        "flow.npz": npz(**{k: quantise_flow(a[k]) for k in FLOW_KEYS}),
         "noise.npz": npz(noise=np.asarray(a["noise"], dtype=np.float16)),
         "depth.npz": npz(depth=np.asarray(a["depth"], dtype=np.float16)),
         "edges.npz": npz(edges=np.asarray(a["edges"], dtype=np.uint8)),
@@ -107,9 +121,9 @@ def decode_sample(files: dict[str, bytes], keys: tuple[str, ...] | None = None) 
     out: dict[str, Any] = {}
     if need("rgb"):
         out["rgb"] = decode_video(files.get("rgb.mkv") or files["rgb.mp4"])
-    if need("flow_fwd", "flow_last_to_first"):
+    if need(*FLOW_KEYS):
         f = unnpz(files["flow.npz"])
-        out.update({k: f[k].astype(np.float32) for k in ("flow_fwd", "flow_last_to_first")})
+        out.update({k: dequantise_flow(f[k]) for k in FLOW_KEYS})
     if need("noise"):
         out["noise"] = unnpz(files["noise.npz"])["noise"].astype(np.float32)
     if need("depth"):

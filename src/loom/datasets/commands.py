@@ -32,6 +32,9 @@ KINDS = {
     "scene": ("scene", "contact_sheet_scene",
               "rows: frames; columns: rgb, edges (silhouette red, crease green, boundary blue, intersection yellow), "
               "forward flow, warped noise"),
+    "clips": ("clips", "contact_sheet_clips",
+              "rows: frames; columns: frame, depth (white = near), edges of depth, flow to the next frame (last row: "
+              "last to first), warped noise (channel 0) of the latent frame covering the row's frame"),
 }
 
 
@@ -54,7 +57,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from loom.datasets import inspect as insp
-    from loom.datasets import scene, shape4d, ttv
+    from loom.datasets import clips, scene, shape4d, ttv
     from loom.platform import shards, storage
 
     try:
@@ -68,7 +71,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if kind not in KINDS:
         raise ValueError(f"unknown sample kind {kind!r} at {args.url}; known: {sorted(KINDS)}")
     mod_name, sheet_fn, columns = KINDS[kind]
-    reader = {"ttv": ttv, "shape4d": shape4d, "scene": scene}[mod_name]
+    reader = {"ttv": ttv, "shape4d": shape4d, "scene": scene, "clips": clips}[mod_name]
     sample = next(itertools.islice(reader.iter_samples(args.url), args.index, None), None)
     if sample is None:
         print(f"no sample #{args.index} in {args.url}", file=sys.stderr)

@@ -15,7 +15,9 @@ def describe_sample(sample: dict[str, Any]) -> list[str]:
             lines.append(f"  {k:10s} {str(v.shape):22s} {str(v.dtype):8s} {rng}")
     m = sample.get("meta", {})
     keep = ("kind", "uid", "variant", "seed", "asset_sha256", "blender_version", "loom_version", "config_hash",
-            "lighting", "orbit", "warnings", "frame_times", "animation", "half_extent", "camera")
+            "lighting", "orbit", "warnings", "frame_times", "animation", "half_extent", "camera",
+            # clips (loom prep videos)
+            "caption", "source_kind", "sha256", "frame_indices", "fps")
     lines += [f"  meta.{k}: {m[k]}" for k in keep if k in m]
     return lines
 
@@ -108,4 +110,23 @@ def contact_sheet_scene(sample: dict[str, Any], max_frames: int = 6) -> np.ndarr
         nimg = np.kron(np.clip(n * 0.25 + 0.5, 0, 1), np.ones((h // n.shape[0], w // n.shape[1])))
         nimg = np.repeat(nimg[..., None], 3, -1)
         rows.append(np.concatenate([sample["rgb"][i] / 255.0, eimg, fimg, nimg], axis=1))
+    return (np.clip(np.concatenate(rows, 0), 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def contact_sheet_clips(sample: dict[str, Any], max_frames: int = 6) -> np.ndarray:
+    """Rows = frames; columns: frame | depth (white = near) | edges of depth | flow to the next frame (the last row:
+    last-to-first; hue = direction) | warped noise, channel 0, of the latent frame that covers the row's frame
+    (frame 0 -> latent 0, frames 4j-3..4j -> latent j), upsampled."""
+    t, h, w, _ = sample["rgb"].shape
+    idx = np.unique(np.linspace(0, t - 1, min(t, max_frames)).round().astype(int))
+    noise = sample["noise"]
+    factor = max(1, -(-(t - 1) // max(noise.shape[0] - 1, 1)))
+    rows = []
+    for i in idx:
+        fimg = _flow_rgb(sample["flow_fwd"][i]) if i < t - 1 else _flow_rgb(sample["flow_last_to_first"])
+        n = noise[min(-(-i // factor), noise.shape[0] - 1), 0]
+        nimg = np.kron(np.clip(n * 0.25 + 0.5, 0, 1), np.ones((h // n.shape[0], w // n.shape[1])))
+        grey = [np.repeat(np.asarray(x, np.float32)[..., None], 3, -1)
+                for x in (sample["depth"][i], sample["edges"][i] / 255.0, nimg)]
+        rows.append(np.concatenate([sample["rgb"][i] / 255.0, grey[0], grey[1], fimg, grey[2]], axis=1))
     return (np.clip(np.concatenate(rows, 0), 0, 1) * 255 + 0.5).astype(np.uint8)

@@ -107,19 +107,19 @@ def normalise_depth(depth: np.ndarray) -> np.ndarray:
     return (d - lo) / (hi - lo)
 
 
-def standin_depth(frames: np.ndarray, sigma_frac: float = 0.02) -> np.ndarray:
+def standin_depth(frames: np.ndarray, size_frac: float = 0.015) -> np.ndarray:
     """NOT depth: the classical stand-in used when no depth model is configured (smoke runs, CI). The luminance
-    blurred with a Gaussian of ``sigma_frac`` of the image diagonal, so fine texture is gone and large regions
-    remain; normalised like depth. (T,H,W,3) uint8 -> (T,H,W) float32 in [0, 1]."""
+    under a median filter ``size_frac`` of the image diagonal wide: fine texture is flattened while the boundaries of
+    large regions stay sharp (a Gaussian blur would smear them below any edge threshold); normalised like depth.
+    (T,H,W,3) uint8 -> (T,H,W) float32 in [0, 1]."""
     import cv2
 
     h, w = frames.shape[1:3]
-    sigma = max(1.0, sigma_frac * math.hypot(h, w))
-    lum = np.stack([cv2.GaussianBlur(_grey(f).astype(np.float32), (0, 0), sigma) for f in frames])
-    return normalise_depth(lum)
+    k = max(3, int(size_frac * math.hypot(h, w)) // 2 * 2 + 1)  # odd; OpenCV takes any odd size for uint8
+    return normalise_depth(np.stack([cv2.medianBlur(_grey(f), k) for f in frames]).astype(np.float32))
 
 
-def depth_edges(depth01: np.ndarray, low: float = 0.1, high: float = 0.2, blur: float = 1.0) -> np.ndarray:
+def depth_edges(depth01: np.ndarray, low: float = 0.05, high: float = 0.1, blur: float = 1.0) -> np.ndarray:
     """Canny edges of depth maps (T,H,W) in [0, 1] -> (T,H,W) uint8, 255 on an edge. ``low``/``high``: the hysteresis
     thresholds as a fraction of the strongest possible gradient (a full-range step); ``blur``: Gaussian sigma in
     pixels applied first (0: none)."""

@@ -47,10 +47,11 @@ class GGIRun:
 
 def load_ggi_run(run: str, steps: int | None = None, degradation: float | None = None) -> GGIRun:
     """The run's trained transformer (``run/transformer``) and its frozen VAE, scheduler and sampling settings, from
-    its config.yaml."""
+    its config.yaml (read as data: generation needs no training code)."""
+    import yaml
+
     from loom.models import ggi
-    from loom.platform import config as cfgmod
-    from loom.training.ggi.config import TrainGGIJob
+    from loom.platform.config import from_dict
 
     cfg_path = os.path.join(run, "config.yaml")
     folder = os.path.join(run, "transformer")
@@ -59,12 +60,17 @@ def load_ggi_run(run: str, steps: int | None = None, degradation: float | None =
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(f"--run {run}: no transformer/ (written when training ends): finish the run, or "
                                 "resume it with `loom train ggi --resume`")
-    cfg = cfgmod.load_yaml(TrainGGIJob, cfg_path)
-    m = dataclasses.replace(cfg.model, transformer=folder, flow_lora="")  # the saved transformer has it merged
-    return GGIRun(path=run, transformer=ggi.build_transformer(m).eval(), vae=ggi.build_vae(m),
-                  scheduler=ggi.make_scheduler(cfg.model.transformer, cfg.model.objective), text_len=m.text_len,
-                  steps=steps or cfg.sample.steps,
-                  degradation=cfg.sample.degradation if degradation is None else degradation)
+    with open(cfg_path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw.get("model"), dict) or "objective" not in raw["model"]:
+        raise ValueError(f"--run {run}: its config.yaml has no GGI model section: not a `loom train ggi` run")
+    m = from_dict(ggi.GGIModelSettings, raw["model"], "model.")
+    sample = raw.get("sample") or {}
+    trained = dataclasses.replace(m, transformer=folder, flow_lora="")  # the saved transformer has it merged
+    return GGIRun(path=run, transformer=ggi.build_transformer(trained).eval(), vae=ggi.build_vae(trained),
+                  scheduler=ggi.make_scheduler(m.transformer, m.objective), text_len=m.text_len,
+                  steps=steps or int(sample.get("steps", 50)),
+                  degradation=float(sample.get("degradation", 0.5)) if degradation is None else degradation)
 
 
 def read_anchors(folder: str, size: tuple[int, int]) -> dict[int, np.ndarray]:
@@ -97,7 +103,7 @@ def read_anchors(folder: str, size: tuple[int, int]) -> dict[int, np.ndarray]:
 def segment_inputs(sample: dict, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
     """Frames a..b of a scene sample -> (edges (F,H,W) float in [0,1], noise (F',C,h,w) at the latent frame rate),
     padded to F = 1 + 4k by repeating the last frame (the GGI training view, `loom.training.ggi.data.GGIView`)."""
-    from loom.training.ggi.data import GGIView
+    from loom.models.ggi import GGIView
 
     part = {k: sample[k][a: b + 1] for k in ("rgb", "edges", "noise")}
     view = GGIView()({**part, "meta": {"kind": sample["meta"].get("kind", "scene")}})

@@ -37,7 +37,9 @@ Design choices (why):
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
 
 from loom.platform.config import config, field, require
 from loom.platform.hub import resolve_model_path
@@ -353,3 +355,57 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
         z = (latents.permute(0, 2, 1, 3, 4) / vae.config.scaling_factor).to(vae.dtype)
         video = vae.decode(z).sample.float()  # (B,3,F,H,W) in [-1,1]
     return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
+
+
+# --------------------------------------------------------------------------------------------- data view
+
+KINDS = ("clips", "scene")
+
+
+def pad_last(a: np.ndarray, n: int) -> np.ndarray:
+    """Repeat the last entry of axis 0 up to ``n`` entries."""
+    if len(a) >= n:
+        return a[:n]
+    return np.concatenate([a, np.repeat(a[-1:], n - len(a), axis=0)])
+
+
+class GGIView:
+    """The loader transform (``t(sample, rng)``): a decoded clip or scene sample -> ``video``, ``edges``, ``noise``
+    (above), plus ``meta``/keys untouched. Deterministic: ``rng`` is not used."""
+
+    def __init__(self, frames: int = 0):
+        self.frames = frames
+
+    def __call__(self, sample: dict[str, Any], rng=None) -> dict[str, Any]:
+        kind = sample["meta"].get("kind")
+        if kind not in KINDS:
+            raise ValueError(f"sample {sample.get('__key__')} is of kind {kind!r}: GGI trains on {list(KINDS)} "
+                             "(loom prep videos, loom render scene)")
+        rgb = sample["rgb"]
+        t = len(rgb) if not self.frames else self.frames
+        if t > len(rgb):
+            raise ValueError(f"data.frames={self.frames} but sample {sample.get('__key__')} has {len(rgb)} frames")
+        f = padded_frames(t)
+        h, w = rgb.shape[1:3]
+        if h % 16 or w % 16:
+            raise ValueError(f"sample {sample.get('__key__')} is {w}x{h}: GGI needs sides that are multiples of 16 "
+                             "(VAE 8x, patch 2x); prep or render the corpus at such a size")
+        if kind == "clips":
+            edges = sample["edges"][:t].astype(np.float32) / 255.0
+            noise = sample["noise"]
+            need = 1 + (f - 1) // 4
+            if self.frames and len(noise) < need:
+                raise ValueError(f"sample {sample.get('__key__')}: its noise has {len(noise)} latent frames, "
+                                 f"{need} are needed")
+            noise = noise[:need]
+        else:
+            import torch
+
+            from loom.geometry.noise import compress_time
+
+            edges = sample["edges"][:t].any(-1).astype(np.float32)
+            noise = compress_time(torch.from_numpy(pad_last(sample["noise"][:t], f))).numpy()
+        out = {k: v for k, v in sample.items() if k.startswith("__") or k == "meta"}
+        out.update(video=pad_last(rgb[:t], f), edges=pad_last(edges, f), noise=np.ascontiguousarray(noise,
+                                                                                                      np.float32))
+        return out
