@@ -4,6 +4,7 @@ pattern, edges of a depth step, a tiny random DPT depth model), the clip rule, a
 
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -306,3 +307,22 @@ def test_videos_on_an_fsspec_url_are_found_and_read(tmp_path):
     assert info["frame_indices"] == list(range(info["frame_indices"][0], info["frame_indices"][0] + 9, 2))
     np.testing.assert_array_equal(rgb, frames[info["frame_indices"]])
     fs.rm("/prepsrc", recursive=True)
+
+
+@pytest.mark.integration
+def test_loom_train_ggi_trains_on_the_clips(job, tmp_path):
+    """The two halves of issue 19 meet: the tiny GGI recipe trains on `loom prep videos` output (its 4 noise channels
+    are the tiny VAE's latent channels; 9 frames -> 3 latent frames)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("diffusers")
+    cfg = job[0]
+    loom = os.path.join(os.path.dirname(sys.executable), "loom")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOOM_HOME": str(tmp_path)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    p = subprocess.run([loom, "train", "ggi", "--recipe", "tiny", "--data", cfg.out, "--out", str(tmp_path / "run"),
+                        "--set", "trainer.max_steps=2", "--set", "trainer.progress=false"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert os.path.isfile(os.path.join(str(tmp_path / "run"), "transformer", "config.json"))

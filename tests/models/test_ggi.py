@@ -40,6 +40,19 @@ def test_widened_input_is_exactly_the_base_model_at_step_zero():
         ggi.widen_patch_embed(wide, 8)
 
 
+def test_a_transformer_with_learned_position_embeddings_refuses_another_size_by_name():
+    from diffusers import CogVideoXTransformer3DModel
+
+    tr = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=12, out_channels=4,
+                                     time_embed_dim=8, text_embed_dim=16, num_layers=1, sample_width=4,
+                                     sample_height=4, sample_frames=9, max_text_seq_length=8,
+                                     use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True)
+    with torch.no_grad():
+        assert ggi.forward(tr, torch.randn(1, 3, 12, 4, 4), torch.tensor([1]), torch.zeros(1, 8, 16)).shape[-1] == 4
+    with pytest.raises(ValueError, match="fix its frames to 32x32.*the data is 48x32"):
+        ggi.forward(tr, torch.randn(1, 3, 12, 4, 6), torch.tensor([1]), torch.zeros(1, 8, 16))
+
+
 def test_anchor_and_edge_latents_follow_the_authors_layout():
     vae = ggi.tiny_vae()
     g = torch.Generator().manual_seed(0)

@@ -73,8 +73,9 @@ class GGIModelSettings:
 
 
 def tiny_transformer(in_channels: int = 8, latent: int = 4, seed: int = 0):
-    """A random CogVideoX-5B-I2V-shaped transformer (rotary and learned position embeddings, I2V input of two
-    latents of ``latent`` channels), small enough for CPU tests."""
+    """A random CogVideoX-I2V-shaped transformer (rotary position embeddings, I2V input of two latents of
+    ``latent`` channels), small enough for CPU tests. No learned position embeddings (5B-I2V has them, and they fix
+    its frame size: `forward` says so), so tests run at any size."""
     import torch
     from diffusers import CogVideoXTransformer3DModel
 
@@ -83,7 +84,7 @@ def tiny_transformer(in_channels: int = 8, latent: int = 4, seed: int = 0):
         num_attention_heads=2, attention_head_dim=16, in_channels=in_channels, out_channels=latent,
         time_embed_dim=8, text_embed_dim=16, num_layers=1, sample_width=4, sample_height=4, sample_frames=9,
         patch_size=2, max_text_seq_length=8, use_rotary_positional_embeddings=True,
-        use_learned_positional_embeddings=True)
+        use_learned_positional_embeddings=False)
 
 
 def tiny_vae(seed: int = 0):
@@ -295,6 +296,13 @@ def text_tokens(embeds, b: int, transformer, length: int) -> torch.Tensor:
 
 def forward(transformer, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """The transformer on a GGI input (B,F',3C,h,w) at integer timesteps t (B,) -> (B,F',C,h,w)."""
+    cfg = transformer.config
+    if cfg.use_learned_positional_embeddings and (x.shape[-2], x.shape[-1]) != (cfg.sample_height,
+                                                                                 cfg.sample_width):
+        s = 8  # the VAE's spatial factor: the config's sample size is in latents
+        raise ValueError(f"this transformer's learned position embeddings fix its frames to "
+                         f"{cfg.sample_width * s}x{cfg.sample_height * s} (CogVideoX-5B-I2V: 720x480), the data is "
+                         f"{x.shape[-1] * s}x{x.shape[-2] * s}: make the clips or scenes at that size")
     rot = rotary(transformer, x.shape[-2], x.shape[-1], x.shape[1], x.device)
     dt = next(transformer.parameters()).dtype
     return transformer(hidden_states=x.to(dt), encoder_hidden_states=text.to(dt), timestep=t,
