@@ -17,8 +17,8 @@ The two steps (forward, backward, AdamW over every transformer parameter, as the
 - ``ggi``: the same transformer widened to 3C input channels (+ edge latents), `loom.models.ggi.loss` (the input
   layout and objective of ``loom train ggi``).
 Gradient checkpointing on both for the GPU shape; bf16 on GPUs, fp32 on CPUs. On a CPU their timed steps alternate,
-so other load on a shared machine falls on both alike. The expected ratio is ~1: GGI adds C input channels to one
-convolution.
+so other load on a shared machine falls on both alike (``GGI_STEP_ORDER=ggi,plain`` swaps which goes first, to see
+that the order does not matter). The expected ratio is ~1: GGI adds C input channels to one convolution.
 """
 
 from __future__ import annotations
