@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from loom.datasets.codecs import decode_video, encode_video, iter_decoded, npz, unnpz
+from loom.datasets.codecs import decode_video, encode_video, iter_decoded, npz, open_sample, unnpz
 from loom.geometry.video_signals import latent_frames
 
 KIND = "clips"
@@ -110,13 +110,7 @@ def encode_sample(a: dict[str, np.ndarray], meta: dict[str, Any], rgb_codec: str
 
 
 def decode_sample(files: dict[str, bytes], keys: tuple[str, ...] | None = None) -> dict[str, Any]:
-    missing = [e for e in EXTS if e not in files and not (e == "rgb.mkv" and "rgb.mp4" in files)]
-    if missing:
-        raise ValueError(f"sample lacks {missing}: not a complete clips sample")
-    want = set(keys) if keys else None
-
-    def need(*ks: str) -> bool:
-        return want is None or any(k in want for k in ks)
+    need = open_sample(files, EXTS, "clips", keys)
 
     out: dict[str, Any] = {}
     if need("rgb"):

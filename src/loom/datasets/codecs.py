@@ -96,6 +96,21 @@ def decode_video(data: bytes, channels: int = 3) -> np.ndarray:
         return np.stack([f.to_ndarray(format=fmt) for f in c.decode(video=0)])
 
 
+def open_sample(files: dict[str, bytes], exts: tuple[str, ...], what: str, keys: tuple[str, ...] | None):
+    """The start of a kind's ``decode_sample``: refuse a sample without one of ``exts`` (``rgb.mkv`` may be
+    ``rgb.mp4``), naming what is missing, and return ``need(*names)``: whether any of those arrays is asked for
+    (everything when ``keys`` is None)."""
+    missing = [e for e in exts if e not in files and not (e == "rgb.mkv" and "rgb.mp4" in files)]
+    if missing:
+        raise ValueError(f"sample lacks {missing}: not a complete {what} sample")
+    want = set(keys) if keys else None
+
+    def need(*names: str) -> bool:
+        return want is None or any(k in want for k in names)
+
+    return need
+
+
 def iter_decoded(url: str, decode, keys: tuple[str, ...] | None = None, part: tuple[int, int] = (0, 1)):
     """Yield ``decode(files, keys)`` for every sample of the shards at ``url`` (a shard, a folder of shards or a
     Loom output folder, in manifest order), with ``__key__``, ``__shard__`` and ``__index__`` (its position in that

@@ -369,6 +369,21 @@ def safe_checkpoint_loading():
             TorchCheckpointEngine.load = original
 
 
+
+def train_run(cfg, make, *, resume: bool = False) -> None:
+    """What every ``loom train`` job does: the resolved config (local paths already absolute) written to
+    ``cfg.out/config.yaml`` (what ``--resume`` and generation read), then :func:`run` of ``make(cfg)``, here or on
+    Ray Train. ``make`` is module-level, so Ray can pickle it."""
+    import functools
+
+    from loom.platform import config as cfgmod
+
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "config.yaml"), "w") as f:
+        f.write(cfgmod.dump_yaml(cfg))
+    run(functools.partial(make, cfg), cfg.trainer, cfg.tracking, cfg.ray, cfg.out, resume=resume)
+
+
 def run(make: Callable[[], tuple[Any, Any]], t: TrainerSettings, tracking: TrackingSettings, launch: RaySettings,
         out: str, *, resume: bool = False) -> None:
     """Train in this process, or on Ray Train workers when ``ray.address`` is set. ``make`` must be

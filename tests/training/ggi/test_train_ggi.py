@@ -2,25 +2,21 @@
 Lightning run through the CLI (loss falls on a fixed batch, MLflow run, the transformer saved in diffusers' layout
 and loadable as a released GGI checkpoint), and resume after a kill gives the uninterrupted losses."""
 
+import functools
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-import torch
 
 from loom.platform import config as cfgmod
 from loom.training import ggi as ggi_train
 from loom.training.ggi.data import GGIView
+from tests.training import runs as runs_mod
 from tests.training.corpus_ggi import make_scene_corpus, scene_sample
 
 pytest.importorskip("diffusers")
 pytest.importorskip("deepspeed")
 mlflow = pytest.importorskip("mlflow")
-
-LOOM = os.path.join(os.path.dirname(sys.executable), "loom")
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
@@ -29,29 +25,11 @@ def corpus(tmp_path_factory):
     return out
 
 
-def loom_train(out, data, *sets, env=None, resume=False, check=True):
-    cmd = [LOOM, "train", "ggi", "--recipe", "tiny", "--data", data, "--out", out, "--set", "trainer.progress=false"]
-    for s in sets:
-        cmd += ["--set", s]
-    if resume:
-        cmd.append("--resume")
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "LOOM_HOME": os.path.dirname(out), **(env or {})}
-    e.pop("MLFLOW_TRACKING_URI", None)
-    p = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stderr[-4000:]}")
-    return p
+loom_train = functools.partial(runs_mod.loom_train, "ggi")
 
 
 def losses(out):
-    uri = f"sqlite:///{os.path.join(os.path.dirname(out), 'mlflow.db')}"
-    c = mlflow.MlflowClient(tracking_uri=uri)
-    exp = c.get_experiment_by_name("loom")
-    res = {}
-    for r in c.search_runs([exp.experiment_id]):
-        hist = sorted((m.step, m.value) for m in c.get_metric_history(r.info.run_id, "train/loss"))
-        res.setdefault(r.info.run_name, []).append((r.info.run_id, hist, r))
-    return res
+    return runs_mod.runs(out)[0]
 
 
 def test_the_ggi_view_pads_to_cogvideox_frames_and_compresses_scene_noise():

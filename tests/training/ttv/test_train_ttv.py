@@ -2,6 +2,7 @@
 random DiT and VAE over fake-rendered turntable shards. The command runs in subprocesses, as a user runs it.
 (The shared conditioning and sampler: tests/models/test_ttv.py; generation from a run: tests/inference/.)"""
 
+import functools
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from loom.datasets.transforms import frame_transform
 from loom.platform import config as cfgmod
 from loom.training import ttv
 from loom.training.ttv.data import partial_known
+from tests.training import runs as runs_mod
 from tests.training.corpus import make_ttv_corpus
 
 pytest.importorskip("lightning")
@@ -30,31 +32,8 @@ def corpus(tmp_path_factory):
     return out
 
 
-def loom_train(out, data, *sets, env=None, resume=False, check=True):
-    cmd = [LOOM, "train", "ttv", "--recipe", "tiny", "--data", data, "--out", out, "--set", "trainer.progress=false"]
-    for s in sets:
-        cmd += ["--set", s]
-    if resume:
-        cmd.append("--resume")
-    # the default MLflow store, in $LOOM_HOME: beside the run, where runs() reads it
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "LOOM_HOME": os.path.dirname(out), **(env or {})}
-    e.pop("MLFLOW_TRACKING_URI", None)
-    p = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stderr[-4000:]}")
-    return p
-
-
-def runs(out):
-    """{run name: (run id, [(step, loss)])} of the MLflow database beside ``out``."""
-    uri = f"sqlite:///{os.path.join(os.path.dirname(out), 'mlflow.db')}"
-    c = mlflow.MlflowClient(tracking_uri=uri)
-    exp = c.get_experiment_by_name("loom")
-    res = {}
-    for r in c.search_runs([exp.experiment_id]):
-        hist = sorted((m.step, m.value) for m in c.get_metric_history(r.info.run_id, "train/loss"))
-        res.setdefault(r.info.run_name, []).append((r.info.run_id, hist, r))
-    return res, c
+loom_train = functools.partial(runs_mod.loom_train, "ttv")
+runs = runs_mod.runs
 
 
 def test_tiny_recipe_loads_and_paths_become_absolute(tmp_path):

@@ -19,9 +19,6 @@ The run folder (``out``): ``config.yaml`` (read by ``loom generate inbetween``),
 
 from __future__ import annotations
 
-import functools
-import os
-
 from loom.training.ggi.config import TrainGGIJob, absolute_paths
 
 __all__ = ["TrainGGIJob", "absolute_paths", "make", "train"]
@@ -39,11 +36,6 @@ def make(cfg: TrainGGIJob):
 
 def train(cfg: TrainGGIJob, *, resume: bool = False) -> None:
     """Write the resolved config beside the run, then train here or on Ray Train (``ray.address``)."""
-    from loom.platform import config as cfgmod
     from loom.training import launch
 
-    cfg = absolute_paths(cfg)
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "config.yaml"), "w") as f:
-        f.write(cfgmod.dump_yaml(cfg))
-    launch.run(functools.partial(make, cfg), cfg.trainer, cfg.tracking, cfg.ray, cfg.out, resume=resume)
+    launch.train_run(absolute_paths(cfg), make, resume=resume)

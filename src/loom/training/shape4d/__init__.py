@@ -35,8 +35,6 @@ time shift); "w/o aligned latents" is a VAE trained and used with ``data.queries
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 
 from loom.training.shape4d.config import TrainShape4DJob
 from loom.training.vae.config import absolute_model, absolute_path
@@ -63,13 +61,8 @@ def absolute_paths(cfg: TrainShape4DJob) -> TrainShape4DJob:
 
 def train(cfg: TrainShape4DJob, *, resume: bool = False) -> None:
     """Write the resolved config beside the run, then train here or on Ray Train (``ray.address``)."""
-    from loom.platform import config as cfgmod
     from loom.training import launch
 
     if not isinstance(cfg, TrainShape4DJob):
         raise TypeError(f"loom.training.shape4d.train() takes a TrainShape4DJob, not {type(cfg).__name__}")
-    cfg = absolute_paths(cfg)
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "config.yaml"), "w") as f:
-        f.write(cfgmod.dump_yaml(cfg))
-    launch.run(functools.partial(make_shape4d, cfg), cfg.trainer, cfg.tracking, cfg.ray, cfg.out, resume=resume)
+    launch.train_run(absolute_paths(cfg), make_shape4d, resume=resume)

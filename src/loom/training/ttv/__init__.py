@@ -26,9 +26,6 @@ checkpoints, ``lora/`` (diffusers-format LoRA safetensors + the fusion module) a
 
 from __future__ import annotations
 
-import functools
-import os
-
 from loom.training.ttv.config import TrainTTVJob, absolute_paths
 
 __all__ = ["TrainTTVJob", "absolute_paths", "make", "train"]
@@ -46,11 +43,6 @@ def make(cfg: TrainTTVJob):
 
 def train(cfg: TrainTTVJob, *, resume: bool = False) -> None:
     """Write the resolved config beside the run, then train here or on Ray Train (``ray.address``)."""
-    from loom.platform import config as cfgmod
     from loom.training import launch
 
-    cfg = absolute_paths(cfg)
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "config.yaml"), "w") as f:
-        f.write(cfgmod.dump_yaml(cfg))
-    launch.run(functools.partial(make, cfg), cfg.trainer, cfg.tracking, cfg.ray, cfg.out, resume=resume)
+    launch.train_run(absolute_paths(cfg), make, resume=resume)

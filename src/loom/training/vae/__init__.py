@@ -33,8 +33,6 @@ default), with tau 0.01 (``model.tau``, the 4D job's default ``points.sdf_trunca
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 
 from loom.training.vae.config import TrainVAEJob, absolute_model, absolute_path
 
@@ -60,13 +58,8 @@ def absolute_paths(cfg: TrainVAEJob) -> TrainVAEJob:
 
 def train(cfg: TrainVAEJob, *, resume: bool = False) -> None:
     """Write the resolved config beside the run, then train here or on Ray Train (``ray.address``)."""
-    from loom.platform import config as cfgmod
     from loom.training import launch
 
     if not isinstance(cfg, TrainVAEJob):
         raise TypeError(f"loom.training.vae.train() takes a TrainVAEJob, not {type(cfg).__name__}")
-    cfg = absolute_paths(cfg)
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "config.yaml"), "w") as f:
-        f.write(cfgmod.dump_yaml(cfg))
-    launch.run(functools.partial(make_vae, cfg), cfg.trainer, cfg.tracking, cfg.ray, cfg.out, resume=resume)
+    launch.train_run(absolute_paths(cfg), make_vae, resume=resume)
