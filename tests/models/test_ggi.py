@@ -142,3 +142,56 @@ def test_a_few_steps_lower_the_loss_and_sampling_gives_frames(objective):
     assert video.shape == (2, 9, 32, 32, 3) and video.dtype == torch.uint8
     noise = ggi.blend_noise(latents(b=64, seed=7), latents(b=64, seed=8), 0.5)
     assert abs(noise.std().item() - 1) < 0.05
+
+
+def save_tiny_t5(path, d_model=16) -> str:
+    """A tiny random T5EncoderModel with the test tokenizer, as CogVideoX's text_encoder/ + tokenizer/ folders."""
+    import transformers
+
+    from tests.models.test_text_encoder import WORDS, save_tiny_tokenizer
+
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=4 + len(WORDS) + 40, d_model=d_model, d_kv=8, d_ff=32, num_layers=1,
+                                num_heads=2, relative_attention_num_buckets=8)
+    transformers.T5EncoderModel(cfg).save_pretrained(str(path / "text_encoder"))
+    save_tiny_tokenizer(path / "tokenizer")
+    return str(path)
+
+
+def test_t5_prompts_are_cogvideox_pipeline_embeddings(tmp_path):
+    """Padded to max_length and encoded WITHOUT an attention mask (CogVideoX's pipeline): every row, padding too."""
+    import transformers
+
+    root = save_tiny_t5(tmp_path / "cog")
+    enc = ggi.T5Prompts(root, max_length=8)
+    got = enc.encode(["a red chair", "a car"])
+    assert got.shape == (2, 8, 16)
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "cog" / "tokenizer"))
+    model = transformers.T5EncoderModel.from_pretrained(str(tmp_path / "cog" / "text_encoder")).eval()
+    ids = tok(["a red chair", "a car"], padding="max_length", max_length=8, truncation=True,
+              add_special_tokens=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = model(ids)[0]
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got[0], got[1])
+    assert ggi.prompts_of([{"caption": "a hall"}, {}], "a scene") == ["a hall", "a scene"]
+    with pytest.raises(FileNotFoundError, match="model.text_encoder"):
+        ggi.T5Prompts(str(tmp_path))
+
+
+def test_classifier_free_guidance_follows_the_prompt_difference():
+    tr = ggi.build_transformer(TINY, seed=0).eval()
+    sched = ggi.make_scheduler()
+    noise, v, e = latents(b=1, seed=1), latents(b=1, seed=2), latents(b=1, seed=3)
+    text, neg = torch.randn(1, 8, 16), torch.zeros(1, 8, 16)
+
+    def run(**kw):
+        return ggi.sample(tr, sched, noise, v, e, text, steps=2, generator=torch.Generator().manual_seed(0), **kw)
+
+    plain = run()
+    # with the prompt equal to the negative, guidance changes nothing (uncond == cond)
+    torch.testing.assert_close(ggi.sample(tr, sched, noise, v, e, neg, steps=2, generator=torch.Generator()
+                                          .manual_seed(0), guidance=4.0, negative=neg),
+                               ggi.sample(tr, sched, noise, v, e, neg, steps=2,
+                                          generator=torch.Generator().manual_seed(0)))
+    assert not torch.allclose(run(guidance=4.0, negative=neg), plain)

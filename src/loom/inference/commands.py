@@ -25,7 +25,7 @@ def _cmd_generate_inbetween(args: argparse.Namespace) -> int:
         raise ValueError(f"--size {args.size!r}: give WIDTHxHEIGHT, e.g. 720x480") from None
     path = generate_inbetween(args.run, args.anchors, args.out, data=args.data, key=args.key, scene=args.scene,
                               trajectory=args.trajectory, size=(w, h), seed=args.seed, steps=args.steps,
-                              degradation=args.degradation)
+                              degradation=args.degradation, prompt=args.prompt, guidance=args.guidance)
     print(f"video:    {path}  (settings in {path.rsplit('.', 1)[0]}.json)")
     return 0
 
@@ -180,6 +180,9 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, help="sampler steps (default: the run's sample.steps)")
     p.add_argument("--degradation", type=float, help="fresh noise blended into the warped noise (default: the "
                    "run's sample.degradation, 0.5)")
+    p.add_argument("--prompt", help="text prompt (needs the run's model.text_encoder; default: its model.prompt)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance on the prompt (default: the run's "
+                   "sample.guidance; the authors use 6.0)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--out", default="out/inbetween.mp4", help="output video (H.264 mp4)")
     p.set_defaults(func=_cmd_generate_inbetween)

@@ -43,9 +43,13 @@ class GGIRun:
     text_len: int
     steps: int
     degradation: float
+    text: Any = None  # loom.models.ggi.T5Prompts, when the run was trained with a text encoder
+    prompt: str = ""  # the run's model.prompt
+    guidance: float = 1.0
 
 
-def load_ggi_run(run: str, steps: int | None = None, degradation: float | None = None) -> GGIRun:
+def load_ggi_run(run: str, steps: int | None = None, degradation: float | None = None,
+                 guidance: float | None = None) -> GGIRun:
     """The run's trained transformer (``run/transformer``) and its frozen VAE, scheduler and sampling settings, from
     its config.yaml (read as data: generation needs no training code)."""
     import yaml
@@ -70,7 +74,9 @@ def load_ggi_run(run: str, steps: int | None = None, degradation: float | None =
     return GGIRun(path=run, transformer=ggi.build_transformer(trained).eval(), vae=ggi.build_vae(trained),
                   scheduler=ggi.make_scheduler(m.transformer, m.objective), text_len=m.text_len,
                   steps=steps or int(sample.get("steps", 50)),
-                  degradation=float(sample.get("degradation", 0.5)) if degradation is None else degradation)
+                  degradation=float(sample.get("degradation", 0.5)) if degradation is None else degradation,
+                  text=ggi.T5Prompts(m.text_encoder, m.tokenizer, m.text_len) if m.text_encoder else None,
+                  prompt=m.prompt, guidance=float(sample.get("guidance", 1.0)) if guidance is None else guidance)
 
 
 def read_anchors(folder: str, size: tuple[int, int]) -> dict[int, np.ndarray]:
@@ -111,8 +117,9 @@ def segment_inputs(sample: dict, a: int, b: int) -> tuple[np.ndarray, np.ndarray
 
 
 def inbetween(model: GGIRun, sample: dict, anchors: dict[int, np.ndarray], seed: int = 0,
-              progress=print) -> np.ndarray:
-    """The video (T,H,W,3) uint8 over the anchors' frame range (module docstring)."""
+              progress=print, prompt: str | None = None) -> np.ndarray:
+    """The video (T,H,W,3) uint8 over the anchors' frame range (module docstring); ``prompt`` (default: the run's
+    model.prompt) needs a run trained with a text encoder."""
     import torch
 
     from loom.models import ggi
@@ -124,6 +131,10 @@ def inbetween(model: GGIRun, sample: dict, anchors: dict[int, np.ndarray], seed:
     if any(b - a < 4 for a, b in zip(keys, keys[1:])):
         raise ValueError(f"keyframes {keys}: consecutive anchors must be at least 4 frames apart (two latent "
                          "frames, one per anchor)")
+    if prompt is not None and model.text is None:
+        raise ValueError("--prompt needs a text encoder: the run was trained without model.text_encoder")
+    embeds = model.text.encode([prompt if prompt is not None else model.prompt]) if model.text is not None else None
+    negative = model.text.encode([""]) if model.text is not None and model.guidance > 1 else None
     g = torch.Generator().manual_seed(seed)
     frames: list[np.ndarray] = []
     def as_input(img: np.ndarray):  # (H,W,3) uint8 -> (1,3,H,W) in [-1, 1]
@@ -142,8 +153,10 @@ def inbetween(model: GGIRun, sample: dict, anchors: dict[int, np.ndarray], seed:
         eps = ggi.blend_noise(eps, torch.randn(eps.shape, generator=g), model.degradation)
         end = as_input(anchors[b])
         v = ggi.anchor_latents(model.vae, start, end, eps.shape[1])
-        text = ggi.text_tokens(None, 1, model.transformer, model.text_len)
-        z = ggi.sample(model.transformer, model.scheduler, eps, v, h_e, text, model.steps, generator=g)
+        text = ggi.text_tokens(embeds, 1, model.transformer, model.text_len)
+        neg = ggi.text_tokens(negative, 1, model.transformer, model.text_len) if negative is not None else None
+        z = ggi.sample(model.transformer, model.scheduler, eps, v, h_e, text, model.steps, generator=g,
+                       guidance=model.guidance, negative=neg)
         video = ggi.decode(model.vae, z)[0].numpy()[: b - a + 1]  # drop the padding
         frames += list(video if i == 0 else video[1:])
         start = as_input(video[-1])
@@ -180,12 +193,13 @@ def read_scene(data: str, key: str | None) -> dict:
 
 def generate_inbetween(run: str, anchors: str, out: str, *, data: str | None = None, key: str | None = None,
                        scene: str | None = None, trajectory: str | None = None, size: tuple[int, int] = (720, 480),
-                       seed: int = 0, steps: int | None = None, degradation: float | None = None) -> str:
+                       seed: int = 0, steps: int | None = None, degradation: float | None = None,
+                       prompt: str | None = None, guidance: float | None = None) -> str:
     """``loom generate inbetween``: the video, written as H.264 mp4 at ``out``, with ``<out>.json`` (keyframes,
     seeds, settings) beside it."""
     from loom.datasets.codecs import write_video
 
-    model = load_ggi_run(run, steps, degradation)
+    model = load_ggi_run(run, steps, degradation, guidance)
     if data is None:
         if not scene or not trajectory:
             raise ValueError("give --scene and --trajectory (rendered here by the scene job), or --data (scene "
@@ -198,10 +212,11 @@ def generate_inbetween(run: str, anchors: str, out: str, *, data: str | None = N
     sample = read_scene(data, key)
     h, w = sample["rgb"].shape[1:3]
     keys = read_anchors(anchors, (w, h))
-    video = inbetween(model, sample, keys, seed)
+    video = inbetween(model, sample, keys, seed, prompt=prompt)
     path = write_video(out, video)
     with open(os.path.splitext(out)[0] + ".json", "w") as f:
         json.dump({"run": os.path.abspath(run), "anchors": sorted(keys), "frames": int(len(video)), "seed": seed,
-                   "steps": model.steps, "degradation": model.degradation, "scene": data,
+                   "prompt": prompt if prompt is not None else model.prompt,
+                   "steps": model.steps, "degradation": model.degradation, "guidance": model.guidance, "scene": data,
                    "key": sample["__key__"]}, f, indent=2)
     return path

@@ -63,6 +63,10 @@ class GGIModelSettings:
     vae: str = field("", help="AutoencoderKLCogVideoX: <CogVideoX-5B-I2V>/vae or the checkpoint folder; 'tiny'")
     flow_lora: str = field("", help="Go-with-the-Flow's flow-aware LoRA (diffusers-format .safetensors), loaded "
                            "and frozen; empty: none (the released GGI checkpoint has it merged)")
+    text_encoder: str = field("", help="CogVideoX's T5 encoder: the checkpoint folder (its text_encoder/ and "
+                              "tokenizer/) or a T5EncoderModel folder; empty: zero text embeddings (unconditional)")
+    tokenizer: str = field("", help="its tokenizer folder; empty: <root>/tokenizer, else the encoder folder")
+    prompt: str = field("", help="the prompt of a sample without a caption (scenes; clips carry BLIP captions)")
     text_len: int = field(226, help="T5 tokens of the prompt (CogVideoX: 226); zeros when no text embeddings")
     objective: Literal["v", "epsilon"] = field("v", help="v: CogVideoX's v-prediction (the authors' code); "
                                                "epsilon: eq. (3), the output read as epsilon against the warped noise")
@@ -278,6 +282,45 @@ def rotary(transformer, latent_h: int, latent_w: int, latent_frames: int, device
                                    temporal_size=latent_frames, device=device)
 
 
+class T5Prompts:
+    """CogVideoX's text conditioning, as its pipelines compute it (diffusers 0.42.1
+    ``CogVideoXImageToVideoPipeline._get_t5_prompt_embeds``): the prompt tokenised with special tokens, padded to
+    ``max_length`` (226) and truncated, the T5 encoder's ``last_hidden_state`` over ALL the rows, padding included (the
+    pipeline passes no attention mask, and the transformer was trained on those rows). Frozen, local folders only."""
+
+    def __init__(self, text_encoder: str, tokenizer: str = "", max_length: int = 226):
+        import os
+
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        root = resolve_model_path(text_encoder, "model.text_encoder")
+        enc = os.path.join(root, "text_encoder") if os.path.isdir(os.path.join(root, "text_encoder")) else root
+        if tokenizer:
+            tok = resolve_model_path(tokenizer, "model.tokenizer")
+        else:
+            tok = os.path.join(root, "tokenizer") if os.path.isdir(os.path.join(root, "tokenizer")) else enc
+        if not os.path.isfile(os.path.join(enc, "config.json")):
+            raise FileNotFoundError(f"model.text_encoder={text_encoder!r}: no config.json in {enc}: give "
+                                    "CogVideoX's checkpoint folder (text_encoder/, tokenizer/) or a T5 encoder folder")
+        self.tokenizer = AutoTokenizer.from_pretrained(tok, local_files_only=True)
+        self.model = T5EncoderModel.from_pretrained(enc, local_files_only=True).eval().requires_grad_(False)
+        self.max_length = max_length
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """(B, max_length, D) float32."""
+        import torch
+
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                             add_special_tokens=True, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            return self.model(ids.to(self.model.device))[0].float()
+
+
+def prompts_of(metas: list[dict], default: str) -> list[str]:
+    """Each sample's caption (``meta["caption"]``, what ``loom prep videos`` writes), else ``default``."""
+    return [str(m.get("caption") or default) for m in metas]
+
+
 def text_tokens(embeds, b: int, transformer, length: int) -> torch.Tensor:
     """Per-sample T5 embeddings (list of (L,D) or a (B,L,D) tensor, or None) -> (B, length, D) zero-padded."""
     import torch
@@ -337,10 +380,13 @@ def loss(transformer, scheduler, x0: torch.Tensor, eps: torch.Tensor, t: torch.T
 
 
 def sample(transformer, scheduler, noise: torch.Tensor, anchors: torch.Tensor, edges: torch.Tensor,
-           text: torch.Tensor, steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
+           text: torch.Tensor, steps: int, generator: torch.Generator | None = None, guidance: float = 1.0,
+           negative: torch.Tensor | None = None) -> torch.Tensor:
     """Latents (B,F',C,h,w) from the initial ``noise`` by ``steps`` steps of the DPM scheduler (whose
     ``prediction_type`` says how it reads the network: `make_scheduler`). The scheduler's SDE step draws noise:
-    from ``generator`` (CPU), so a seeded generator gives the same video."""
+    from ``generator`` (CPU), so a seeded generator gives the same video. ``guidance`` > 1: classifier-free guidance
+    on the text as CogVideoX's pipeline does it (the anchors and edges in both branches, ``negative`` the text of
+    the empty prompt, zeros when None): ``uncond + guidance (cond - uncond)``."""
     import torch
 
     scheduler.set_timesteps(steps, device=noise.device)
@@ -349,7 +395,15 @@ def sample(transformer, scheduler, noise: torch.Tensor, anchors: torch.Tensor, e
     with torch.no_grad():
         for i, t in enumerate(scheduler.timesteps):
             tt = t.expand(x.shape[0])
-            out = forward(transformer, model_input(x, anchors, edges), tt, text).float()
+            if guidance > 1:
+                neg = negative if negative is not None else torch.zeros_like(text)
+                both = forward(transformer, model_input(torch.cat([x, x]), torch.cat([anchors, anchors]),
+                                                        torch.cat([edges, edges])),
+                               torch.cat([tt, tt]), torch.cat([neg.expand_as(text), text])).float()
+                uncond, cond = both.chunk(2)
+                out = uncond + guidance * (cond - uncond)
+            else:
+                out = forward(transformer, model_input(x, anchors, edges), tt, text).float()
             prev = scheduler.timesteps[i - 1] if i > 0 else None
             x, old = scheduler.step(out, old, t, prev, x, generator=generator, return_dict=False)
     return x

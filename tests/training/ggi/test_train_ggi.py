@@ -89,3 +89,15 @@ def test_resume_after_a_kill_gives_the_losses_of_an_uninterrupted_run(corpus, tm
     assert sorted(got_last) == list(range(4))
     for step, loss in want:
         assert got_last[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), (step, got, want)
+
+
+@pytest.mark.integration
+def test_a_run_with_a_t5_encoder_conditions_on_captions(corpus, tmp_path):
+    from tests.models.test_ggi import save_tiny_t5
+
+    t5 = save_tiny_t5(tmp_path / "cog")
+    out = str(tmp_path / "text")
+    loom_train(out, corpus, "trainer.max_steps=1", f"model.text_encoder={t5}", "model.text_len=8",
+               "model.prompt=a city street")
+    (_, hist, run), = losses(out)["text"]
+    assert len(hist) == 1 and "T5" in run.data.params["context"]

@@ -47,10 +47,13 @@ class GGISampleSettings:
     degradation: float = field(0.5, help="share of fresh noise blended into the warped noise when sampling "
                                "(variance-preserving; the authors' inference: 0.5)")
     every: int = field(0, help="log a sample video to MLflow every N steps (0 = at the end only)")
+    guidance: float = field(1.0, help="classifier-free guidance on the prompt (the authors' inference: 6.0; 1 = "
+                            "off; needs model.text_encoder to mean anything)")
 
     def __post_init__(self):
         require(self.steps >= 1, "sample.steps", self.steps, "must be >= 1")
         require(0.0 <= self.degradation <= 1.0, "sample.degradation", self.degradation, "must be in [0, 1]")
+        require(self.guidance >= 1.0, "sample.guidance", self.guidance, "must be >= 1 (1 = off)")
 
 
 @config
@@ -74,7 +77,8 @@ COGVIDEOX_I2V = "THUDM/CogVideoX-5b-I2V"
 def _default() -> TrainGGIJob:
     return TrainGGIJob(
         data=GGIDataSettings(frames=46, batch_size=2),
-        model=GGIModelSettings(transformer=COGVIDEOX_I2V, vae=COGVIDEOX_I2V, dtype="bfloat16"),
+        model=GGIModelSettings(transformer=COGVIDEOX_I2V, vae=COGVIDEOX_I2V, text_encoder=COGVIDEOX_I2V,
+                               dtype="bfloat16"),
         trainer=TrainerSettings(precision="bf16-mixed", gradient_checkpointing=True, max_steps=1300, devices=8,
                                 checkpoint_every=100, log_every=10))
 
@@ -102,4 +106,5 @@ def absolute_paths(cfg: TrainGGIJob) -> TrainGGIJob:
     return dataclasses.replace(
         cfg, out=_abs(cfg.out), data=dataclasses.replace(cfg.data, source=_abs(cfg.data.source)),
         model=dataclasses.replace(m, transformer=model(m.transformer), vae=model(m.vae),
-                                  flow_lora=_abs(m.flow_lora)))
+                                  flow_lora=_abs(m.flow_lora), text_encoder=model(m.text_encoder),
+                                  tokenizer=model(m.tokenizer)))

@@ -17,10 +17,12 @@ from loom.training.module import LoomModule
 
 
 class Frozen:
-    """The frozen VAE, outside the module tree: DeepSpeed must not wrap, shard or cast it, nor checkpoints carry it."""
+    """The frozen VAE and T5, outside the module tree: DeepSpeed must not wrap, shard or cast them, nor checkpoints
+    carry them."""
 
-    def __init__(self, vae):
+    def __init__(self, vae, text=None):
         self.vae = vae
+        self.text = text
 
 
 class GGIModule(LoomModule):
@@ -29,6 +31,8 @@ class GGIModule(LoomModule):
         self.transformer = ggi.build_transformer(cfg.model, cfg.trainer.seed)
         self.frozen = Frozen(ggi.build_vae(cfg.model, cfg.trainer.seed))
         self.scheduler = ggi.make_scheduler(cfg.model.transformer, cfg.model.objective)
+        m = cfg.model
+        self.frozen.text = ggi.T5Prompts(m.text_encoder, m.tokenizer, m.text_len) if m.text_encoder else None
         self._sample: dict | None = None
 
     @property
@@ -42,7 +46,8 @@ class GGIModule(LoomModule):
         self.frozen.vae.to(self.device if self.device.type != "cpu" else "cpu")
 
     def context_params(self) -> dict[str, str]:
-        return {"context": "text: zeros (an unconditional prompt)", "objective": self.cfg.model.objective}
+        text = "T5 of each clip's caption (else model.prompt)" if self.frozen.text else "zeros (unconditional)"
+        return {"context": f"text: {text}", "objective": self.cfg.model.objective}
 
     def condition(self, batch: dict) -> dict[str, torch.Tensor]:
         """Batch -> x0, the anchor latents V, the edge latents H_e, the warped noise and the text tokens."""
@@ -56,7 +61,14 @@ class GGIModule(LoomModule):
                              f"({x0.shape[2]}) and 8x downsampling (noise.channels, noise.downsample)")
         return {"x0": x0, "anchors": ggi.anchor_latents(self.vae, video[:, :, 0], video[:, :, -1], x0.shape[1]),
                 "edges": ggi.encode(self.vae, edges), "noise": noise,
-                "text": ggi.text_tokens(None, x0.shape[0], self.transformer, self.cfg.model.text_len).to(x0)}
+                "text": self.text(batch, x0.shape[0]).to(x0)}
+
+    def text(self, batch: dict, b: int) -> torch.Tensor:
+        """(B, text_len, D): T5 of the samples' captions (or model.prompt), or zeros without a text encoder."""
+        m = self.cfg.model
+        embeds = (self.frozen.text.encode(ggi.prompts_of(batch["meta"], m.prompt)) if self.frozen.text is not None
+                  else None)
+        return ggi.text_tokens(embeds, b, self.transformer, m.text_len)
 
     def training_step(self, batch: dict, batch_idx: int):
         self.take_data_state(batch)
@@ -109,8 +121,12 @@ class GGIModule(LoomModule):
         noise = ggi.blend_noise(s["noise"], fresh, self.cfg.sample.degradation)
         was = self.transformer.training
         self.transformer.eval()
+        neg = None
+        if self.frozen.text is not None and self.cfg.sample.guidance > 1:
+            neg = ggi.text_tokens(self.frozen.text.encode([""]), 1, self.transformer, self.cfg.model.text_len)
         z = ggi.sample(self.transformer, self.scheduler, noise, s["anchors"], s["edges"], s["text"],
-                       self.cfg.sample.steps, generator=g)
+                       self.cfg.sample.steps, generator=g, guidance=self.cfg.sample.guidance,
+                       negative=None if neg is None else neg.to(s["text"]))
         self.transformer.train(was)
         video = ggi.decode(self.vae, z.cpu())[0].numpy()
         truth = ggi.decode(self.vae, s["x0"].cpu())[0].numpy()
