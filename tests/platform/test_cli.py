@@ -78,7 +78,7 @@ from loom import cli  # noqa: E402
 from loom.platform import config as cfgmod  # noqa: E402
 
 JOB_COMMANDS = {("render", "ttv"), ("render", "4d"), ("render", "scene"), ("cache", "latents"), ("cache", "4d"),
-                ("train", "ttv"), ("train", "vae"), ("train", "shape4d"), ("train", "ggi"), ("eval", "ttv"),
+                ("cache", "ggi"), ("train", "ttv"), ("train", "vae"), ("train", "shape4d"), ("train", "ggi"), ("eval", "ttv"),
                 ("eval", "texture"), ("eval", "4d"), ("prep", "videos")}
 
 

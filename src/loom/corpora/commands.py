@@ -191,6 +191,35 @@ def register_cache(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_cache_4d)
 
+    from loom.corpora.latents_ggi import CacheGGIJob
+
+    p = cache.add_parser("ggi", help="encode clips or scenes with the frozen CogVideoX VAE (and T5) into latent "
+                         "shards that `loom train ggi` reads (VideoFrom3D's GGI)")
+    p.add_argument("--source", help="Loom output folder of a finished `loom prep videos` or `loom render scene` job")
+    p.add_argument("--out", help="output folder or fsspec URL (default from the recipe)")
+    p.add_argument("--vae", help="the CogVideoX VAE folder (<CogVideoX-5B-I2V>/vae), or 'tiny'")
+    p.add_argument("--text-encoder", help="CogVideoX's T5 (the checkpoint folder): adds text embeddings")
+    add_job_args(p, CacheGGIJob, example="ray.workers=2",
+                 interrupted="finished latent shards in {out}/shards are kept: the same command encodes only the rest")
+    p.add_argument("--dry-run", action="store_true", help="check the encoders and source, print the plan, encode "
+                   "nothing")
+    p.add_argument("--retry-failed", action="store_true", help="redo shards that recorded failures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_cache_ggi)
+
+
+def cmd_cache_ggi(args) -> int:
+    return run_job_command(args, lambda cfg: cache_ggi(cfg, args), source=args.source, out=args.out, vae=args.vae,
+                           text_encoder=args.text_encoder)
+
+
+def cache_ggi(cfg, args) -> None:
+    from loom.corpora.latents_ggi import job_spec
+
+    run_cache_job(cfg, args, job_spec(cfg), "clip(s)", f"with the VAE {cfg.vae}"
+                  + (f" and T5 {cfg.text_encoder}" if cfg.text_encoder else ""),
+                  f"train:    loom train ggi --set data.source={cfg.out} (model.vae and model.text_encoder as here)")
+
 
 def cmd_cache_4d(args) -> int:
     return run_job_command(args, lambda cfg: cache_4d(cfg, args), source=args.source, out=args.out, vae=args.vae,
@@ -202,7 +231,8 @@ def cache_4d(cfg, args) -> None:
 
     run_cache_job(cfg, args, job_spec(cfg), "sequence(s)",
                   f"with the shape VAE {cfg.vae} and DINOv2 {cfg.image_encoder}",
-                  f"train:    loom train shape4d --set data.source={cfg.out} (model.vae and model.image_encoder as here)")
+                  f"train:    loom train shape4d --set data.source={cfg.out} (model.vae and model.image_encoder as "
+                  "here)")
 
 
 # ------------------------------------------------------------------------------------------------------ prep

@@ -249,12 +249,19 @@ def anchor_latents(vae, first: torch.Tensor, last: torch.Tensor, latent_frames: 
     latent frame 0, last at latent frame F'-1, zeros between (the layout of the authors' pipeline)."""
     import torch
 
-    z0 = encode(vae, first[:, :, None])  # (B,1,C,h,w)
-    z1 = encode(vae, last[:, :, None])
+    return anchor_layout(torch.cat([encode(vae, first[:, :, None]), encode(vae, last[:, :, None])], 1),
+                         latent_frames)
+
+
+def anchor_layout(anchors: torch.Tensor, latent_frames: int) -> torch.Tensor:
+    """The two anchor latents (B,2,C,h,w) -> V (B,F',C,h,w): first at latent frame 0, last at F'-1, zeros between."""
+    import torch
+
     if latent_frames < 2:
         raise ValueError(f"inbetweening needs at least 2 latent frames (5 frames), got {latent_frames}")
-    zeros = torch.zeros(z0.shape[0], latent_frames - 2, *z0.shape[2:], dtype=z0.dtype)
-    return torch.cat([z0, zeros, z1], dim=1)
+    zeros = torch.zeros(anchors.shape[0], latent_frames - 2, *anchors.shape[2:], dtype=anchors.dtype,
+                        device=anchors.device)
+    return torch.cat([anchors[:, :1], zeros, anchors[:, 1:2]], dim=1)
 
 
 def model_input(noisy: torch.Tensor, anchors: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:

@@ -21,13 +21,16 @@ corpus is made at the training size (``loom prep videos`` fits clips to it; the 
 
 from __future__ import annotations
 
-from loom.models.ggi import GGIView  # noqa: F401  (the view lives with the model line: generation uses it too)
+from loom.models.ggi import GGIView  # the view lives with the model line: generation and the cache use it too
 from loom.training.ggi.config import GGIDataSettings
 
 
 def make_loader(d: GGIDataSettings, seed: int):
     """The rank's exact, resumable loader over clips or scenes, each sample in the GGI view."""
     from loom.datasets.loader import LoomLoader
+    from loom.platform.shards import manifest_kind
 
+    # `loom cache ggi` latents are read as they are (their view was taken when they were cached)
+    transform = None if manifest_kind(d.source) == "latents-ggi" else GGIView(d.frames)
     return LoomLoader(d.source, d.batch_size, seed=seed, num_workers=d.num_workers, prefetch=d.prefetch,
-                      transform=GGIView(d.frames))
+                      transform=transform)

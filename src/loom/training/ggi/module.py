@@ -34,6 +34,7 @@ class GGIModule(LoomModule):
         m = cfg.model
         self.frozen.text = ggi.T5Prompts(m.text_encoder, m.tokenizer, m.text_len) if m.text_encoder else None
         self._sample: dict | None = None
+        self._cache_checked = False
 
     @property
     def vae(self):
@@ -50,7 +51,10 @@ class GGIModule(LoomModule):
         return {"context": f"text: {text}", "objective": self.cfg.model.objective}
 
     def condition(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Batch -> x0, the anchor latents V, the edge latents H_e, the warped noise and the text tokens."""
+        """Batch -> x0, the anchor latents V, the edge latents H_e, the warped noise and the text tokens (from
+        pixels, or as `loom cache ggi` stored them)."""
+        if "video_latent" in batch:
+            return self.cached(batch)
         video = batch["video"].to(self.device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # (B,3,F,H,W)
         edges = (batch["edges"].to(self.device).float() * 2 - 1)[:, None].expand(-1, 3, -1, -1, -1)
         x0 = ggi.encode(self.vae, video)  # (B,F',C,h,w)
@@ -62,6 +66,21 @@ class GGIModule(LoomModule):
         return {"x0": x0, "anchors": ggi.anchor_latents(self.vae, video[:, :, 0], video[:, :, -1], x0.shape[1]),
                 "edges": ggi.encode(self.vae, edges), "noise": noise,
                 "text": self.text(batch, x0.shape[0]).to(x0)}
+
+    def cached(self, batch: dict) -> dict[str, torch.Tensor]:
+        if not self._cache_checked:
+            from loom.corpora.latents_ggi import check_cache, digests
+
+            m = self.cfg.model
+            check_cache(batch["meta"], digests(m.vae, m.text_encoder, self.cfg.trainer.seed), self.cfg.data.source)
+            self._cache_checked = True
+        x0 = batch["video_latent"].to(self.device).float()
+        b = x0.shape[0]
+        embeds = batch.get("text_embed")
+        text = (ggi.text_tokens(embeds, b, self.transformer, self.cfg.model.text_len) if embeds is not None
+                else self.text(batch, b))
+        return {"x0": x0, "anchors": ggi.anchor_layout(batch["anchor_latent"].to(x0), x0.shape[1]),
+                "edges": batch["edge_latent"].to(x0), "noise": batch["noise"].to(x0), "text": text.to(x0)}
 
     def text(self, batch: dict, b: int) -> torch.Tensor:
         """(B, text_len, D): T5 of the samples' captions (or model.prompt), or zeros without a text encoder."""
