@@ -71,6 +71,32 @@ def test_inbetween_covers_the_keyframes_and_follows_seed_and_anchors(tmp_path):
     assert not np.array_equal(moved[7:], first[7:])  # the end anchor reaches the last segment
 
 
+def test_a_released_ggi_transformer_generates_with_its_base(tmp_path):
+    """`--transformer DIR --base DIR`: the authors' checkpoint layout (a transformer folder; the VAE, scheduler and T5
+    from CogVideoX-5B-I2V's folder) runs without a Loom run folder; a base model is refused as a GGI transformer."""
+    from loom.inference.inbetween import generate_inbetween
+    from loom.models import ggi
+    from loom.training.ggi.module import save_transformer
+
+    data = str(tmp_path / "scene")
+    make_scene_corpus(data, samples=1, frames=9, size=32)
+    save_transformer(ggi.build_transformer(ggi.GGIModelSettings(transformer=ggi.TINY, vae=ggi.TINY)),
+                     str(tmp_path / "checkpoint-1350" / "transformer"))
+    ggi.tiny_vae().save_pretrained(str(tmp_path / "base" / "vae"))
+    a = anchors(tmp_path / "a", {0: (200, 30, 30), 8: (30, 30, 200)})
+    out = generate_inbetween(None, a, str(tmp_path / "v.mp4"), data=data, steps=2,
+                             checkpoint=(str(tmp_path / "checkpoint-1350"), str(tmp_path / "base")))
+    info = json.load(open(str(tmp_path / "v.json")))
+    assert os.path.isfile(out) and info["frames"] == 9 and info["steps"] == 2 and info["guidance"] == 1.0
+    ggi.tiny_transformer().save_pretrained(str(tmp_path / "i2v" / "transformer"))
+    with pytest.raises(ValueError, match="not a GGI transformer"):
+        generate_inbetween(None, a, str(tmp_path / "x.mp4"), data=data,
+                           checkpoint=(str(tmp_path / "i2v"), str(tmp_path / "base")))
+    with pytest.raises(ValueError, match="not both"):
+        generate_inbetween(str(tmp_path), a, str(tmp_path / "x.mp4"), data=data,
+                           checkpoint=(str(tmp_path / "i2v"), str(tmp_path / "base")))
+
+
 def test_bad_anchors_are_refused_by_name(tmp_path):
     from loom.inference.inbetween import generate_inbetween
 

@@ -25,7 +25,8 @@ def _cmd_generate_inbetween(args: argparse.Namespace) -> int:
         raise ValueError(f"--size {args.size!r}: give WIDTHxHEIGHT, e.g. 720x480") from None
     path = generate_inbetween(args.run, args.anchors, args.out, data=args.data, key=args.key, scene=args.scene,
                               trajectory=args.trajectory, size=(w, h), seed=args.seed, steps=args.steps,
-                              degradation=args.degradation, prompt=args.prompt, guidance=args.guidance)
+                              degradation=args.degradation, prompt=args.prompt, guidance=args.guidance,
+                              checkpoint=(args.transformer, args.base) if args.transformer or args.base else None)
     print(f"video:    {path}  (settings in {path.rsplit('.', 1)[0]}.json)")
     return 0
 
@@ -167,7 +168,11 @@ def register(sub) -> None:
 
     p = gen.add_parser("inbetween", help="a scene video between anchor views along a camera trajectory "
                        "(VideoFrom3D's GGI): structure and warped noise from the coarse geometry")
-    p.add_argument("--run", required=True, help="a finished `loom train ggi` run folder (config.yaml + transformer/)")
+    p.add_argument("--run", help="a finished `loom train ggi` run folder (config.yaml + transformer/)")
+    p.add_argument("--transformer", help="instead of --run: a released GGI transformer folder (the authors' "
+                   "checkpoint-N/transformer), with --base")
+    p.add_argument("--base", help="with --transformer: CogVideoX-5B-I2V's diffusers folder (its vae/, scheduler/, "
+                   "text_encoder/, tokenizer/)")
     p.add_argument("--anchors", required=True, help="folder of anchor images named by their frame index on the "
                    "trajectory (0000.png, 0045.png, ...): at least two, 4 or more frames apart")
     p.add_argument("--scene", help="coarse geometry (.glb/.gltf/.obj/.blend): rendered along --trajectory by the "

@@ -79,6 +79,42 @@ def load_ggi_run(run: str, steps: int | None = None, degradation: float | None =
                   prompt=m.prompt, guidance=float(sample.get("guidance", 1.0)) if guidance is None else guidance)
 
 
+def load_ggi_checkpoint(transformer: str, base: str, steps: int | None = None, degradation: float | None = None,
+                        guidance: float | None = None) -> GGIRun:
+    """A released GGI transformer (the authors' ``checkpoint-N/transformer``: 48 input channels, flow LoRA merged)
+    with the VAE, T5 and scheduler of its base (a CogVideoX-5B-I2V diffusers folder), at the authors' inference
+    settings unless given: 30 DPM steps, degradation 0.5, guidance 6.0 (with T5; 1.0 without)."""
+    import os as _os
+
+    from loom.models import ggi
+
+    root = resolve_base(base)
+    has_text = _os.path.isdir(_os.path.join(root, "text_encoder"))
+    m = ggi.GGIModelSettings(transformer=transformer, vae=root, text_encoder=root if has_text else "")
+    folder = ggi.transformer_folder(transformer)
+    with open(_os.path.join(folder, "config.json")) as f:
+        cfg = json.load(f)
+    if cfg.get("in_channels") != 3 * cfg.get("out_channels", -1):
+        raise ValueError(f"--transformer {transformer} takes {cfg.get('in_channels')} input channels: not a GGI "
+                         f"transformer ({3 * cfg.get('out_channels', 0)}: noisy + anchors + edges); a base I2V "
+                         "model would generate without the edges: train one with `loom train ggi`")
+    tr = ggi.build_transformer(m).eval()
+    return GGIRun(path=transformer, transformer=tr, vae=ggi.build_vae(m), scheduler=ggi.make_scheduler(root),
+                  text_len=m.text_len, steps=steps or 30, degradation=0.5 if degradation is None else degradation,
+                  text=ggi.T5Prompts(root, "", m.text_len) if has_text else None, prompt="",
+                  guidance=(6.0 if has_text else 1.0) if guidance is None else guidance)
+
+
+def resolve_base(base: str) -> str:
+    from loom.platform.hub import resolve_model_path
+
+    root = resolve_model_path(base, "--base")
+    if not os.path.isfile(os.path.join(root, "vae", "config.json")):
+        raise FileNotFoundError(f"--base {base}: no vae/config.json: give CogVideoX-5B-I2V's diffusers folder "
+                                "(vae/, scheduler/, text_encoder/, tokenizer/)")
+    return root
+
+
 def read_anchors(folder: str, size: tuple[int, int]) -> dict[int, np.ndarray]:
     """{frame index: (H,W,3) uint8} from images named by their frame index (``0045.png``), fitted to ``size``
     (W, H) by scaling to cover and centre-cropping."""
@@ -191,15 +227,21 @@ def read_scene(data: str, key: str | None) -> dict:
     raise ValueError(f"--data {data}: " + (f"no sample {key!r}" if key else "no scene sample"))
 
 
-def generate_inbetween(run: str, anchors: str, out: str, *, data: str | None = None, key: str | None = None,
+def generate_inbetween(run: str | None, anchors: str, out: str, *, data: str | None = None, key: str | None = None,
                        scene: str | None = None, trajectory: str | None = None, size: tuple[int, int] = (720, 480),
                        seed: int = 0, steps: int | None = None, degradation: float | None = None,
-                       prompt: str | None = None, guidance: float | None = None) -> str:
+                       prompt: str | None = None, guidance: float | None = None,
+                       checkpoint: tuple[str, str] | None = None) -> str:
     """``loom generate inbetween``: the video, written as H.264 mp4 at ``out``, with ``<out>.json`` (keyframes,
-    seeds, settings) beside it."""
+    seeds, settings) beside it. ``run``: a `loom train ggi` run; or ``checkpoint`` = (released GGI transformer,
+    CogVideoX-5B-I2V base)."""
     from loom.datasets.codecs import write_video
 
-    model = load_ggi_run(run, steps, degradation, guidance)
+    if (run is None) == (checkpoint is None):
+        raise ValueError("give --run RUN (a `loom train ggi` run) or --transformer DIR --base DIR (a released GGI "
+                         "transformer and its CogVideoX-5B-I2V base), not both")
+    model = (load_ggi_run(run, steps, degradation, guidance) if run is not None
+             else load_ggi_checkpoint(*checkpoint, steps, degradation, guidance))
     if data is None:
         if not scene or not trajectory:
             raise ValueError("give --scene and --trajectory (rendered here by the scene job), or --data (scene "
@@ -215,7 +257,7 @@ def generate_inbetween(run: str, anchors: str, out: str, *, data: str | None = N
     video = inbetween(model, sample, keys, seed, prompt=prompt)
     path = write_video(out, video)
     with open(os.path.splitext(out)[0] + ".json", "w") as f:
-        json.dump({"run": os.path.abspath(run), "anchors": sorted(keys), "frames": int(len(video)), "seed": seed,
+        json.dump({"run": os.path.abspath(model.path), "anchors": sorted(keys), "frames": int(len(video)), "seed": seed,
                    "prompt": prompt if prompt is not None else model.prompt,
                    "steps": model.steps, "degradation": model.degradation, "guidance": model.guidance, "scene": data,
                    "key": sample["__key__"]}, f, indent=2)

@@ -332,7 +332,8 @@ def texture_from_run(mesh_path: str, run: str, out: str, frames: str | None = No
             "reference": os.path.abspath(reference) if reference else None, "stages": history, "coverage_target": coverage_target,
             "fusion": "naive (independent generations, blended by confidence)" if naive_fusion else
                       "3D-aware inpainting (known = the partial texture, mask = its unseen texels)"}
-    return finish(mesh, surface, tex, conf, align, out, info, clock, tracking, extra=files, turntable=turntable)
+    return finish(mesh, surface, tex, conf, align, out, info, clock, tracking, extra=files,
+                  turntable=turntable)
 
 
 def run_view(model, sample: dict) -> dict:

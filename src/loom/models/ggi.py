@@ -109,6 +109,11 @@ def _folder(name: str, sub: str, what: str) -> str:
     return os.path.join(path, sub) if os.path.isfile(os.path.join(path, sub, "config.json")) else path
 
 
+def transformer_folder(name: str) -> str:
+    """The folder holding the transformer's config.json: ``name`` itself or its transformer/."""
+    return _folder(name, "transformer", "model.transformer")
+
+
 def widen_patch_embed(transformer, in_channels: int) -> None:
     """Replace the patch embedding's convolution by one over ``in_channels`` inputs: the old input channels keep
     their weights, the new ones start at zero (so the output does not change), the bias is kept."""
@@ -140,8 +145,7 @@ def build_transformer(m: GGIModelSettings, seed: int = 0):
         raise FileNotFoundError("model.transformer is not set: give CogVideoX-5B-I2V's diffusers folder (or the "
                                 "released GGI transformer), or 'tiny'")
     else:
-        tr = CogVideoXTransformer3DModel.from_pretrained(_folder(m.transformer, "transformer", "model.transformer"),
-                                                         local_files_only=True)
+        tr = CogVideoXTransformer3DModel.from_pretrained(transformer_folder(m.transformer), local_files_only=True)
     c = tr.config.out_channels
     if tr.config.in_channels == 2 * c:
         widen_patch_embed(tr, 3 * c)
