@@ -154,17 +154,14 @@ def test_caption_from_a_tiny_local_blip_model_else_the_template(tmp_path):
         V.caption_frame(frame, {**p, "model": str(tmp_path / "missing")}, {"uid": "u", "name": "n"})
 
 
-def test_standin_depth_is_said_so_and_hed_without_controlnet_aux_is_a_clear_error():
+def test_standin_depth_is_said_so_and_hed_without_weights_is_a_clear_error():
     frames = translating_frames(2)
     depth, method = V.estimate_depth(frames, c.to_dict(V.DepthSettings()))
     assert method == "standin-median-luminance" and depth.shape == (2, H, W)
     with pytest.raises(c.ConfigError, match="hed_weights"):
         V.DepthEdgeSettings(method="hed")
-    try:
-        import controlnet_aux  # noqa: F401
-    except ImportError:
-        with pytest.raises(RuntimeError, match="controlnet_aux"):
-            V.edges_of_depth(depth, c.to_dict(V.DepthEdgeSettings(method="hed", hed_weights="/nonexistent.pth")))
+    with pytest.raises(FileNotFoundError, match="ControlNetHED.pth"):
+        V.edges_of_depth(depth, c.to_dict(V.DepthEdgeSettings(method="hed", hed_weights="/nonexistent.pth")))
 
 
 def test_recipes_resolve_and_bad_settings_are_refused():

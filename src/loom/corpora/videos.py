@@ -15,7 +15,7 @@ Data flow::
                 -> noise: frame 0's N(0,1) at (C, H/8, W/8) warped along the flows (clip padded to 1+4k frames by
                    repeating its last frame), then one latent frame per 4 frames (``compress_time``)
                 -> depth (transformers DPT / Depth Anything from a local folder | classical stand-in) -> [0, 1]
-                -> edges of the depth maps (HED via controlnet_aux, local weights | Canny)
+                -> edges of the depth maps (HED: ControlNetHED.pth, loom.models.hed | Canny)
                 -> caption of frame 0 (BLIP from a local folder | the prompt template) -> encode
         ──> shards/clips-*.tar + sidecars, manifest.json, failures.jsonl
 
@@ -130,7 +130,7 @@ class DepthSettings:
 @config
 class DepthEdgeSettings:
     method: Literal["canny", "hed"] = field("canny", help="edges of the depth maps: Canny (CPU default) or HED "
-                                            "(the paper's; needs controlnet_aux and hed_weights)")
+                                            "(the paper's; ControlNet's HED network, loom.models.hed, with hed_weights)")
     hed_weights: str = field("", help="HED: local ControlNetHED.pth (lllyasviel/Annotators) or the folder holding it")
     low: float = field(0.05, help="Canny: low hysteresis threshold, as a fraction of a full-range depth step's "
                        "gradient")
@@ -460,25 +460,15 @@ def edges_of_depth(depth: np.ndarray, p: dict) -> tuple[np.ndarray, str]:
         return depth_edges(depth, p["low"], p["high"], p["blur"]), "canny-of-depth"
     import cv2
 
+    from loom.models.hed import hed_edges, load_hed
+
     key = ("hed", p["hed_weights"])
     if key not in _MODELS:
-        try:
-            from controlnet_aux import HEDdetector
-        except ImportError as e:
-            raise RuntimeError(f"edges.method=hed needs controlnet_aux ({e}): pip install controlnet-aux, or use "
-                               "edges.method=canny") from None
-        path = p["hed_weights"]
-        folder, name = (path, "ControlNetHED.pth") if os.path.isdir(path) else os.path.split(path)
-        if not os.path.isfile(os.path.join(folder, name)):
-            raise FileNotFoundError(f"edges.hed_weights={path!r}: no {name} there; download ControlNetHED.pth "
-                                    "(lllyasviel/Annotators) and point at it")
-        _MODELS[key] = HEDdetector.from_pretrained(folder, filename=name)
-    hed = _MODELS[key]
+        _MODELS[key] = load_hed(p["hed_weights"])
+    net = _MODELS[key]
     h, w = depth.shape[1:]
     d8 = np.clip(depth * 255 + 0.5, 0, 255).astype(np.uint8)
-    out = np.stack([cv2.resize(np.asarray(hed(np.repeat(d[..., None], 3, -1), detect_resolution=min(h, w),
-                                              image_resolution=min(h, w), output_type="np"))[..., 0],
-                               (w, h), interpolation=cv2.INTER_LINEAR) for d in d8])
+    out = np.stack([cv2.resize(hed_edges(net, d), (w, h), interpolation=cv2.INTER_LINEAR) for d in d8])
     return out.astype(np.uint8), "hed-of-depth"
 
 
