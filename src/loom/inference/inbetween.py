@@ -83,7 +83,7 @@ def load_ggi_checkpoint(transformer: str, base: str, steps: int | None = None, d
                         guidance: float | None = None) -> GGIRun:
     """A released GGI transformer (the authors' ``checkpoint-N/transformer``: 48 input channels, flow LoRA merged)
     with the VAE, T5 and scheduler of its base (a CogVideoX-5B-I2V diffusers folder), at the authors' inference
-    settings unless given: 30 DPM steps, degradation 0.5, guidance 6.0 (with T5; 1.0 without)."""
+    settings unless given: 30 DDIM steps, degradation 0.5, guidance 6.0 (with T5; 1.0 without)."""
     import os as _os
 
     from loom.models import ggi

@@ -30,8 +30,12 @@ Design choices (why):
   zero terminal SNR.
 - **Latents are the posterior mode** (the authors sample it): deterministic, so a cached edge latent is the same on
   every epoch and generation is a function of the seed alone.
-- **Sampler**: diffusers' ``CogVideoXDPMScheduler`` (the authors'), initial latents = the warped noise mixed with
-  fresh noise at ``degradation`` (variance-preserving, as the authors' inference: 0.5), ``steps`` steps.
+- **Sampler**: diffusers' ``CogVideoXDDIMScheduler``, deterministic (eta 0): CogVideoX-5B-I2V's own scheduler,
+  which the authors' inference keeps (their line switching to the DPM scheduler is commented out). Deterministic
+  matters here: the initial latents are the warped noise (mixed with fresh noise at ``degradation``,
+  variance-preserving, the authors' 0.5), and a stochastic sampler would re-inject fresh noise at every step. Checked:
+  a tiny model overfit to one clip gives the clip back from its warped noise (tests/models/test_ggi.py); the DPM
+  SDE sampler did not.
 """
 
 from __future__ import annotations
@@ -197,11 +201,11 @@ def build_vae(m: GGIModelSettings, seed: int = 0):
 
 
 def make_scheduler(transformer_name: str = "", objective: str = "v"):
-    """CogVideoX's DPM scheduler: the checkpoint's scheduler/ config when the folder has one, else the released
-    5B-I2V values (``SCHEDULER``); ``objective`` sets how it reads the network (v or epsilon prediction)."""
+    """CogVideoX's DDIM scheduler (trailing timesteps): the checkpoint's scheduler/ config when the folder has one,
+    else the released 5B-I2V values (``SCHEDULER``); ``objective`` sets how it reads the network (v or epsilon)."""
     import os
 
-    from diffusers import CogVideoXDPMScheduler
+    from diffusers import CogVideoXDDIMScheduler
 
     pred = {"v": "v_prediction", "epsilon": "epsilon"}[objective]
     # epsilon cannot be read at zero terminal SNR (x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) with a = 0 at t = 999):
@@ -211,9 +215,8 @@ def make_scheduler(transformer_name: str = "", objective: str = "v"):
         root = resolve_model_path(transformer_name, "model.transformer")
         for folder in (os.path.join(root, "scheduler"), os.path.join(os.path.dirname(root), "scheduler")):
             if os.path.isfile(os.path.join(folder, "scheduler_config.json")):
-                sched = CogVideoXDPMScheduler.from_pretrained(folder)
-                return CogVideoXDPMScheduler.from_config(sched.config, **extra)
-    return CogVideoXDPMScheduler(**{**SCHEDULER, **extra})
+                return CogVideoXDDIMScheduler.from_config(CogVideoXDDIMScheduler.load_config(folder), **extra)
+    return CogVideoXDDIMScheduler(**{**SCHEDULER, **extra})
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -393,18 +396,17 @@ def loss(transformer, scheduler, x0: torch.Tensor, eps: torch.Tensor, t: torch.T
 def sample(transformer, scheduler, noise: torch.Tensor, anchors: torch.Tensor, edges: torch.Tensor,
            text: torch.Tensor, steps: int, generator: torch.Generator | None = None, guidance: float = 1.0,
            negative: torch.Tensor | None = None) -> torch.Tensor:
-    """Latents (B,F',C,h,w) from the initial ``noise`` by ``steps`` steps of the DPM scheduler (whose
-    ``prediction_type`` says how it reads the network: `make_scheduler`). The scheduler's SDE step draws noise:
-    from ``generator`` (CPU), so a seeded generator gives the same video. ``guidance`` > 1: classifier-free guidance
+    """Latents (B,F',C,h,w) from the initial ``noise`` by ``steps`` steps of the scheduler (`make_scheduler`: DDIM,
+    whose ``prediction_type`` says how it reads the network). ``generator`` feeds a scheduler that draws noise (DDIM
+    with eta > 0); the default DDIM is deterministic. ``guidance`` > 1: classifier-free guidance
     on the text as CogVideoX's pipeline does it (the anchors and edges in both branches, ``negative`` the text of
     the empty prompt, zeros when None): ``uncond + guidance (cond - uncond)``."""
     import torch
 
     scheduler.set_timesteps(steps, device=noise.device)
     x = noise * scheduler.init_noise_sigma
-    old = None
     with torch.no_grad():
-        for i, t in enumerate(scheduler.timesteps):
+        for t in scheduler.timesteps:
             tt = t.expand(x.shape[0])
             if guidance > 1:
                 neg = negative if negative is not None else torch.zeros_like(text)
@@ -415,8 +417,7 @@ def sample(transformer, scheduler, noise: torch.Tensor, anchors: torch.Tensor, e
                 out = uncond + guidance * (cond - uncond)
             else:
                 out = forward(transformer, model_input(x, anchors, edges), tt, text).float()
-            prev = scheduler.timesteps[i - 1] if i > 0 else None
-            x, old = scheduler.step(out, old, t, prev, x, generator=generator, return_dict=False)
+            x = scheduler.step(out, t, x, generator=generator, return_dict=False)[0]
     return x
 
 

@@ -43,7 +43,7 @@ class GGIOptimSettings:
 
 @config
 class GGISampleSettings:
-    steps: int = field(50, help="DPM sampler steps of the sample videos (the authors' inference: 30 to 50)")
+    steps: int = field(50, help="DDIM sampler steps of the sample videos (the authors' inference: 30)")
     degradation: float = field(0.5, help="share of fresh noise blended into the warped noise when sampling "
                                "(variance-preserving; the authors' inference: 0.5)")
     every: int = field(0, help="log a sample video to MLflow every N steps (0 = at the end only)")
