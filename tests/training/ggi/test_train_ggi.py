@@ -101,3 +101,22 @@ def test_a_run_with_a_t5_encoder_conditions_on_captions(corpus, tmp_path):
                "model.prompt=a city street")
     (_, hist, run), = losses(out)["text"]
     assert len(hist) == 1 and "T5" in run.data.params["context"]
+
+
+@pytest.mark.integration
+def test_gradient_checkpointing_recomputes_the_transformer_blocks(corpus, tmp_path):
+    """`trainer.gradient_checkpointing=true` finds CogVideoX's declared blocks (`apply_sharding_intent`) and trains."""
+    out = str(tmp_path / "ckpt")
+    loom_train(out, corpus, "trainer.max_steps=2", "trainer.gradient_checkpointing=true")
+    (_, hist, _), = losses(out)["ckpt"]
+    assert [s for s, _ in hist] == [0, 1] and all(np.isfinite(v) for _, v in hist)
+
+
+@pytest.mark.slow
+def test_two_worker_ray_train_run(corpus, tmp_path):
+    """Ray Train with two workers (ZeRO-2 over gloo), as `loom train ttv`'s test of the same launcher (75 s here)."""
+    out = str(tmp_path / "ray")
+    loom_train(out, corpus, "trainer.max_steps=2", "ray.address=local", "ray.workers=2")
+    (_, hist, _), = losses(out)["ray"]
+    assert [s for s, _ in hist] == [0, 1] and all(np.isfinite(v) for _, v in hist)
+    assert os.path.isfile(os.path.join(out, "transformer", "config.json"))
