@@ -150,6 +150,13 @@ def run_cache_job(cfg, args, spec, unit: str, encoders: str, then: str = "") -> 
         print(then)
 
 
+def add_cache_flags(p, checks: str = "the encoders and source") -> None:
+    """The flags every cache command shares: --dry-run, --retry-failed, --no-progress."""
+    p.add_argument("--dry-run", action="store_true", help=f"check {checks}, print the plan, encode nothing")
+    p.add_argument("--retry-failed", action="store_true", help="redo shards that recorded failures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def register_cache(sub) -> None:
     """``loom cache latents`` (turntables, the video VAE) and ``loom cache 4d`` (4D corpora, the shape VAE)."""
     from loom.corpora.latents import CacheLatentsJob
@@ -168,10 +175,7 @@ def register_cache(sub) -> None:
     p.add_argument("--image-encoder", help="local CLIP vision folder (e.g. <Wan2.1 I2V checkpoint>/image_encoder): "
                    "adds first-frame image embeddings")
     p.add_argument("--captions", help="captions file: .jsonl rows {uid, caption} or a .json object uid -> caption")
-    p.add_argument("--dry-run", action="store_true", help="check the encoders, captions and source, print the plan, "
-                   "encode nothing")
-    p.add_argument("--retry-failed", action="store_true", help="redo shards that recorded failures")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_cache_flags(p, "the encoders, captions and source")
     p.set_defaults(func=cmd_cache_latents)
 
     from loom.corpora.latents4d import Cache4DJob
@@ -185,10 +189,7 @@ def register_cache(sub) -> None:
     p.add_argument("--image-encoder", help="DINOv2 folder (facebook/dinov2-with-registers-large), or 'tiny'")
     add_job_args(p, Cache4DJob, example="ray.workers=2",
                  interrupted="finished latent shards in {out}/shards are kept: the same command encodes only the rest")
-    p.add_argument("--dry-run", action="store_true", help="check the encoders and source, print the plan, encode "
-                   "nothing")
-    p.add_argument("--retry-failed", action="store_true", help="redo shards that recorded failures")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_cache_flags(p)
     p.set_defaults(func=cmd_cache_4d)
 
     from loom.corpora.latents_ggi import CacheGGIJob
@@ -201,10 +202,7 @@ def register_cache(sub) -> None:
     p.add_argument("--text-encoder", help="CogVideoX's T5 (the checkpoint folder): adds text embeddings")
     add_job_args(p, CacheGGIJob, example="ray.workers=2",
                  interrupted="finished latent shards in {out}/shards are kept: the same command encodes only the rest")
-    p.add_argument("--dry-run", action="store_true", help="check the encoders and source, print the plan, encode "
-                   "nothing")
-    p.add_argument("--retry-failed", action="store_true", help="redo shards that recorded failures")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_cache_flags(p)
     p.set_defaults(func=cmd_cache_ggi)
 
 
