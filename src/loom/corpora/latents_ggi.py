@@ -158,10 +158,8 @@ def encode_entry(params: dict) -> dict:
         try:
             kind = json.loads(files["meta.json"]).get("kind")
             s = view({**resolve_decoder(kind)(files, ("rgb", "edges", "noise")), "__key__": key})
-            video = torch.from_numpy(s["video"]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1,3,F,H,W)
-            edges = (torch.from_numpy(s["edges"]) * 2 - 1)[None, None].expand(-1, 3, -1, -1, -1)
-            x0, h_e = ggi.encode(vae, video)[0], ggi.encode(vae, edges)[0]  # (F',C,h,w)
-            anchors = torch.cat([ggi.encode(vae, video[:, :, [i]])[0] for i in (0, -1)])  # (2,C,h,w)
+            c = ggi.encode_clip(vae, s["video"][None], s["edges"][None])  # training's own encoding
+            x0, h_e, anchors = c["x0"][0], c["edges"][0], c["anchor_pair"][0]  # (F',C,h,w), (F',C,h,w), (2,C,h,w)
             prompt = ggi.prompts_of([s["meta"]], params["prompt"])[0]
             embed = text.encode([prompt])[0] if text is not None else None
         except (ValueError, KeyError, RuntimeError) as e:

@@ -171,16 +171,18 @@ def inbetween(model: GGIRun, sample: dict, anchors: dict[int, np.ndarray], seed:
         raise ValueError("--prompt needs a text encoder: the run was trained without model.text_encoder")
     embeds = model.text.encode([prompt if prompt is not None else model.prompt]) if model.text is not None else None
     negative = model.text.encode([""]) if model.text is not None and model.guidance > 1 else None
+    text = ggi.text_tokens(embeds, 1, model.transformer, model.text_len)
+    neg = ggi.text_tokens(negative, 1, model.transformer, model.text_len) if negative is not None else None
     g = torch.Generator().manual_seed(seed)
     frames: list[np.ndarray] = []
+
     def as_input(img: np.ndarray):  # (H,W,3) uint8 -> (1,3,H,W) in [-1, 1]
-        return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 127.5 - 1
+        return ggi.frames_input(np.asarray(img)[None, None])[:, :, 0]
 
     start = as_input(anchors[keys[0]])
     for i, (a, b) in enumerate(zip(keys, keys[1:])):
         edges, noise = segment_inputs(sample, a, b)
-        e = torch.from_numpy(edges)[None, None].expand(-1, 3, -1, -1, -1) * 2 - 1  # (1,3,F,H,W)
-        h_e = ggi.encode(model.vae, e)
+        h_e = ggi.encode(model.vae, ggi.edges_input(edges[None]))
         eps = torch.from_numpy(noise)[None]
         if eps.shape != h_e.shape:
             raise ValueError(f"the scene's warped noise is {tuple(eps.shape[1:])} but the VAE's latents are "
@@ -189,8 +191,6 @@ def inbetween(model: GGIRun, sample: dict, anchors: dict[int, np.ndarray], seed:
         eps = ggi.blend_noise(eps, torch.randn(eps.shape, generator=g), model.degradation)
         end = as_input(anchors[b])
         v = ggi.anchor_latents(model.vae, start, end, eps.shape[1])
-        text = ggi.text_tokens(embeds, 1, model.transformer, model.text_len)
-        neg = ggi.text_tokens(negative, 1, model.transformer, model.text_len) if negative is not None else None
         z = ggi.sample(model.transformer, model.scheduler, eps, v, h_e, text, model.steps, generator=g,
                        guidance=model.guidance, negative=neg)
         video = ggi.decode(model.vae, z)[0].numpy()[: b - a + 1]  # drop the padding

@@ -229,35 +229,52 @@ def padded_frames(n: int) -> int:
     return 1 + 4 * math.ceil((n - 1) / 4)
 
 
-def pad_frames(video: torch.Tensor, dim: int = 2) -> torch.Tensor:
-    """Repeat the last frame along ``dim`` up to `padded_frames`."""
-    import torch
-
-    n = video.shape[dim]
-    extra = padded_frames(n) - n
-    if extra == 0:
-        return video
-    last = video.narrow(dim, n - 1, 1)
-    return torch.cat([video] + [last] * extra, dim=dim)
-
-
 def encode(vae, video: torch.Tensor) -> torch.Tensor:
-    """(B,3,F,H,W) in [-1,1] -> latents (B,F',C,h,w): the posterior mode times the VAE's scaling factor (the
-    transformer's layout: frames before channels)."""
+    """(B,3,F,H,W) in [-1,1] -> latents (B,F',C,h,w) float32 on the VAE's device: the posterior mode times the VAE's
+    scaling factor (the transformer's layout: frames before channels)."""
     import torch
 
     with torch.no_grad():
-        z = vae.encode(video.to(vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+        z = vae.encode(video.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
     return z.permute(0, 2, 1, 3, 4).float()
 
 
-def anchor_latents(vae, first: torch.Tensor, last: torch.Tensor, latent_frames: int) -> torch.Tensor:
-    """Anchors (B,3,H,W) in [-1,1] -> V (B,F',C,h,w): each anchor encoded alone as a one-frame video, first at
-    latent frame 0, last at latent frame F'-1, zeros between (the layout of the authors' pipeline)."""
+def frames_input(frames) -> torch.Tensor:
+    """uint8 frames (B,F,H,W,3) (tensor or array) -> the VAE's input (B,3,F,H,W) in [-1,1]."""
     import torch
 
-    return anchor_layout(torch.cat([encode(vae, first[:, :, None]), encode(vae, last[:, :, None])], 1),
-                         latent_frames)
+    return torch.as_tensor(np.asarray(frames)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+
+
+def edges_input(edges) -> torch.Tensor:
+    """Edge maps (B,F,H,W) in [0,1] (tensor or array) -> the VAE's input (B,3,F,H,W) in [-1,1] (grey as RGB, as the
+    authors feed their HED images)."""
+    import torch
+
+    return (torch.as_tensor(np.asarray(edges)).float() * 2 - 1)[:, None].expand(-1, 3, -1, -1, -1)
+
+
+def anchor_pair(vae, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Anchors (B,3,H,W) in [-1,1] -> (B,2,C,h,w): each encoded alone as a one-frame video (what `loom cache ggi`
+    stores; `anchor_layout` places them)."""
+    import torch
+
+    return torch.cat([encode(vae, first[:, :, None]), encode(vae, last[:, :, None])], 1)
+
+
+def anchor_latents(vae, first: torch.Tensor, last: torch.Tensor, latent_frames: int) -> torch.Tensor:
+    """Anchors (B,3,H,W) in [-1,1] -> V (B,F',C,h,w): first at latent frame 0, last at latent frame F'-1, zeros
+    between (the layout of the authors' pipeline)."""
+    return anchor_layout(anchor_pair(vae, first, last), latent_frames)
+
+
+def encode_clip(vae, frames, edges) -> dict[str, torch.Tensor]:
+    """A training clip in the GGI view (uint8 frames (B,F,H,W,3), edges (B,F,H,W) in [0,1]) -> ``x0`` (B,F',C,h,w),
+    ``anchor_pair`` (B,2,C,h,w: its first and last frame, each alone) and ``edges`` (B,F',C,h,w): what training
+    computes from pixels and `loom cache ggi` stores."""
+    video = frames_input(frames)
+    return {"x0": encode(vae, video), "anchor_pair": anchor_pair(vae, video[:, :, 0], video[:, :, -1]),
+            "edges": encode(vae, edges_input(edges))}
 
 
 def anchor_layout(anchors: torch.Tensor, latent_frames: int) -> torch.Tensor:
@@ -336,19 +353,11 @@ def prompts_of(metas: list[dict], default: str) -> list[str]:
 
 
 def text_tokens(embeds, b: int, transformer, length: int) -> torch.Tensor:
-    """Per-sample T5 embeddings (list of (L,D) or a (B,L,D) tensor, or None) -> (B, length, D) zero-padded."""
-    import torch
+    """Per-sample T5 embeddings (list of (L,D) or a (B,L,D) tensor, or None) -> (B, length, D) zero-padded (the
+    video DiT's `loom.models.ttv.pad_tokens`, at the transformer's text width)."""
+    from loom.models.ttv import pad_tokens
 
-    dim = transformer.config.text_embed_dim
-    out = torch.zeros(b, length, dim)
-    if embeds is None:
-        return out
-    for i, e in enumerate(embeds):
-        e = torch.as_tensor(e, dtype=torch.float32)
-        if e.shape[-1] != dim:
-            raise ValueError(f"text embeddings have width {e.shape[-1]}, the transformer expects {dim}")
-        out[i, : min(length, e.shape[0])] = e[:length]
-    return out
+    return pad_tokens(embeds, length, transformer.config.text_embed_dim, b)
 
 
 def forward(transformer, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

@@ -55,17 +55,15 @@ class GGIModule(LoomModule):
         pixels, or as `loom cache ggi` stored them)."""
         if "video_latent" in batch:
             return self.cached(batch)
-        video = batch["video"].to(self.device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # (B,3,F,H,W)
-        edges = (batch["edges"].to(self.device).float() * 2 - 1)[:, None].expand(-1, 3, -1, -1, -1)
-        x0 = ggi.encode(self.vae, video)  # (B,F',C,h,w)
+        c = ggi.encode_clip(self.vae, batch["video"].cpu(), batch["edges"].cpu())  # on the VAE's device
+        x0 = c["x0"].to(self.device)  # (B,F',C,h,w)
         noise = batch["noise"].to(x0)
         if noise.shape != x0.shape:
             raise ValueError(f"the shards' warped noise is {tuple(noise.shape[1:])} per sample but the VAE's latents "
                              f"are {tuple(x0.shape[1:])}: make the corpus with the model's latent channels "
                              f"({x0.shape[2]}) and 8x downsampling (noise.channels, noise.downsample)")
-        return {"x0": x0, "anchors": ggi.anchor_latents(self.vae, video[:, :, 0], video[:, :, -1], x0.shape[1]),
-                "edges": ggi.encode(self.vae, edges), "noise": noise,
-                "text": self.text(batch, x0.shape[0]).to(x0)}
+        return {"x0": x0, "anchors": ggi.anchor_layout(c["anchor_pair"], x0.shape[1]).to(x0),
+                "edges": c["edges"].to(x0), "noise": noise, "text": self.text(batch, x0.shape[0]).to(x0)}
 
     def cached(self, batch: dict) -> dict[str, torch.Tensor]:
         if not self._cache_checked:
@@ -155,11 +153,9 @@ class GGIModule(LoomModule):
 
 def save_transformer(transformer, path: str) -> None:
     """The trained transformer in diffusers' layout with the flow LoRA merged (the released GGI checkpoint's form),
-    so `loom.models.ggi.build_transformer` and the authors' pipeline both load it."""
-    import copy
-
-    t = copy.deepcopy(transformer)
-    if getattr(t, "peft_config", None):
-        t.fuse_lora(adapter_names=list(t.peft_config))
-        t.unload_lora()
-    t.save_pretrained(path)
+    so `loom.models.ggi.build_transformer` and the authors' pipeline both load it. Merges IN PLACE (no second copy
+    of a 5B model in memory): call it when training is over."""
+    if getattr(transformer, "peft_config", None):
+        transformer.fuse_lora(adapter_names=list(transformer.peft_config))
+        transformer.unload_lora()
+    transformer.save_pretrained(path)
