@@ -277,7 +277,7 @@ def texture_from_run(mesh_path: str, run: str, out: str, frames: str | None = No
     import functools
 
     from loom.datasets.codecs import write_video
-    from loom.inference.ttv import condition_batch, load_run, steer
+    from loom.inference.ttv import check_steering, condition_batch, load_run, steer
 
     check_resolution(resolution)
     if stages < 1:
@@ -285,11 +285,8 @@ def texture_from_run(mesh_path: str, run: str, out: str, frames: str | None = No
     if not 0 < coverage_target <= 1:
         raise ValueError(f"--coverage-target {coverage_target} must be in (0, 1]")
     clock = Clock()
-    if reference and not os.path.isfile(reference):
-        raise FileNotFoundError(f"--reference {reference} does not exist: pass an image file (PNG, JPEG)")
     model = load_run(run, steps=steps)
-    if prompt is not None and model.text_encoder is None:
-        raise ValueError("--prompt needs a text encoder: the run was trained without model.text_encoder")
+    check_steering(model, reference, prompt)  # before anything is rendered
     steered = functools.partial(steer, model, reference=reference, prompt=prompt)
     clock.lap("load_run")
     mesh = load_uv_mesh(mesh_path, resolution)

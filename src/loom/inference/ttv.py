@@ -146,17 +146,22 @@ def steer(model: TTVRun, batch: dict, reference: str | None = None, prompt: str 
     """A batch of one with a user's reference image (as frame 0 of rgb, which the reference latent and the CLIP
     tokens come from; resized to the frames) and prompt (umT5 embeddings of it: the run must have a text encoder);
     unchanged without them. ``loom generate ttv`` and ``loom texture --run`` (every stage) steer with it."""
+    check_steering(model, reference, prompt)
     if reference:
         from PIL import Image
 
-        if not os.path.isfile(reference):
-            raise FileNotFoundError(f"--reference {reference} does not exist: pass an image file (PNG, JPEG)")
         h, w = batch["rgb"].shape[2:4]
         img = np.asarray(Image.open(reference).convert("RGB").resize((w, h), Image.BICUBIC))
         batch = {**batch, "rgb": batch["rgb"].clone()}
         batch["rgb"][:, 0] = torch.from_numpy(img)
     if prompt is not None:
-        if model.text_encoder is None:
-            raise ValueError("--prompt needs a text encoder: the run was trained without model.text_encoder")
         batch = {**batch, "text_embed": model.text_encoder.encode([prompt])}
     return batch
+
+
+def check_steering(model: TTVRun, reference: str | None, prompt: str | None) -> None:
+    """Refuse a reference image that is not there, or a prompt for a run without a text encoder, by name."""
+    if reference and not os.path.isfile(reference):
+        raise FileNotFoundError(f"--reference {reference} does not exist: pass an image file (PNG, JPEG)")
+    if prompt is not None and model.text_encoder is None:
+        raise ValueError("--prompt needs a text encoder: the run was trained without model.text_encoder")
