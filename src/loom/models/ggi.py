@@ -243,7 +243,7 @@ def frames_input(frames) -> torch.Tensor:
     """uint8 frames (B,F,H,W,3) (tensor or array) -> the VAE's input (B,3,F,H,W) in [-1,1]."""
     import torch
 
-    return torch.as_tensor(np.asarray(frames)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    return torch.from_numpy(np.array(frames, copy=True)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
 
 
 def edges_input(edges) -> torch.Tensor:
