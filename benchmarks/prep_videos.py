@@ -16,6 +16,7 @@ Usage::
     python benchmarks/prep_videos.py                     # paper size: 46 frames at 720x480, 4 clips (~2 min, 2 cores)
     python benchmarks/prep_videos.py --quick             # 17 frames at 160x96, 2 clips (CI smoke, < 1 min)
     python benchmarks/prep_videos.py --flow farneback --depth-model /models/dpt-hybrid-midas --json out/b.json
+    python benchmarks/prep_videos.py --flow raft --raft-weights /models/raft_large_C_T_SKHT_V2-ff5fadd5.pth
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=int, default=720)
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--cores", type=int, default=2)
-    ap.add_argument("--flow", default="dis", choices=("dis", "farneback"))
+    ap.add_argument("--flow", default="dis", choices=("dis", "farneback", "raft"))
+    ap.add_argument("--raft-weights", default="", help="--flow raft: local torchvision raft_large weights")
     ap.add_argument("--depth-model", default="", help="local transformers depth model folder (default: stand-in)")
     ap.add_argument("--caption-model", default="", help="local BLIP folder (default: the template)")
     ap.add_argument("--quick", action="store_true", help="17 frames at 160x96, 2 clips")
@@ -86,6 +88,7 @@ def main(argv=None) -> int:
         cfg = c.resolve(V.PrepVideosJob, "default", [
             ("videos", src), ("out", os.path.join(tmp, "out")), ("clip.frames", args.frames),
             ("clip.width", args.width), ("clip.height", args.height), ("flow.method", args.flow),
+            ("flow.raft_weights", args.raft_weights),
             ("depth.model", args.depth_model), ("caption.model", args.caption_model),
             ("ray.workers", args.cores), ("ray.cpus_per_worker", 1), ("shards.samples_per_shard", 1)])
         sources = V.find_sources(cfg.videos)

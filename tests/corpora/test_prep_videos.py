@@ -81,6 +81,44 @@ def test_depth_edges_follow_depth_steps_not_texture():
     assert vs.depth_edges(ramp).max() == 0
 
 
+def test_raft_flow_in_the_prep_job(tmp_path):
+    """flow.method=raft runs Loom's RAFT (loom.models.raft, checked against torchvision by tests/models/test_raft.py)
+    from a local weights file inside the job's entry: the clip's flows come from the network, the sample's meta
+    names it, and a raft config without weights is refused by name. (Random weights: no accuracy to assert.)"""
+    from safetensors.torch import save_file
+
+    from loom.models.raft import RAFT, RAFT_SMALL, raft_flow
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    net = RAFT(RAFT_SMALL).eval()
+    weights = str(tmp_path / "raft_small.safetensors")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, weights)
+    with pytest.raises(c.ConfigError, match="flow.raft_weights"):
+        V.FlowSettings(method="raft")
+    with pytest.raises(c.ConfigError, match="gpus_per_worker"):
+        c.resolve(V.PrepVideosJob, "tiny", [("flow.method", "raft"), ("flow.raft_weights", weights),
+                                            ("flow.device", "cuda")])  # any order of --set flags
+    p = c.to_dict(V.FlowSettings(method="raft", raft_weights=weights, iters=2))
+    frames = translating_frames(3)
+    fwd, l2f = vs.clip_flows(frames, "raft", V.flow_model(p))
+    assert fwd.shape == (2, H, W, 2) and l2f.shape == (H, W, 2) and np.isfinite(fwd).all()
+    np.testing.assert_allclose(fwd[1], raft_flow(frames[1], frames[2], net, iters=2), atol=1e-5)
+    assert not np.allclose(fwd[0], vs.optical_flow(frames[0], frames[1]), atol=0.5)  # not OpenCV's
+    src = tmp_path / "v"
+    src.mkdir()
+    (src / "walk.mkv").write_bytes(encode_video(translating_frames(12), "ffv1", fps=24)[1])
+    cfg = c.resolve(V.PrepVideosJob, "tiny", [("videos", str(src)), ("out", str(tmp_path / "out")),
+                                              ("flow.raft_weights", weights), ("flow.method", "raft"),
+                                              ("flow.iters", 2)])
+    (task,) = V.build_tasks(cfg, V.find_sources(cfg.videos))
+    work = tmp_path / "work"
+    work.mkdir()
+    res = V.prep_entry({**task.params, "workdir": str(work)})
+    meta = json.loads(res["files"]["meta.json"])
+    assert meta["flow"] == {"method": "raft", "weights": "raft_small.safetensors", "iters": 2}
+
+
 def test_clip_starts_rule():
     s = vs.clip_starts(100, frames=10, stride=2, clips=3, seed=5)
     assert s == vs.clip_starts(100, frames=10, stride=2, clips=3, seed=5)  # seeded

@@ -38,6 +38,18 @@ def test_bad_overrides_name_the_field(item, match):
         c.resolve(RenderTTVJob, "default", c.parse_set([item]))
 
 
+def test_the_order_of_overrides_does_not_matter_for_checks_across_fields():
+    """edges.method=hed needs edges.hed_weights: either order of the two --set flags resolves; the last value of a
+    key wins; a value no order can satisfy is still refused by name."""
+    from loom.corpora.videos import PrepVideosJob
+
+    want = c.resolve(PrepVideosJob, "tiny", [("edges.hed_weights", "/w/hed.pth"), ("edges.method", "hed")])
+    assert c.resolve(PrepVideosJob, "tiny", [("edges.method", "hed"), ("edges.hed_weights", "/w/hed.pth")]) == want
+    assert c.resolve(PrepVideosJob, "tiny", [("limit", 3), ("limit", 5)]).limit == 5
+    with pytest.raises(c.ConfigError, match="edges.hed_weights"):
+        c.resolve(PrepVideosJob, "tiny", [("edges.method", "hed"), ("limit", 2)])
+
+
 def test_unknown_recipe_lists_known_ones():
     with pytest.raises(c.ConfigError, match="smoke"):
         c.resolve(RenderTTVJob, "nope")

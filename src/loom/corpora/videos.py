@@ -41,8 +41,9 @@ of its listing, file names and sizes), the source frame indices, the fps and the
 Models load from local folders only (``local_files_only``) and once per worker process. Without them the job still
 runs (smoke runs, CI): depth falls back to a documented classical stand-in (``meta["depth"]["method"]`` says
 ``standin-median-luminance``: it is not depth), edges to Canny, the caption to the template. Not here: RAFT, the
-paper's flow (a maintained implementation, ptlflow, needs torchvision, which Loom's CPU environment does not
-install); OpenCV's DIS is the default in its place.
+paper's flow, runs with ``flow.method=raft`` and local torchvision ``raft_large`` weights (Loom's own network,
+``loom.models.raft``: ptlflow and torchvision need a torchvision that Loom's CPU environment cannot import); OpenCV's
+DIS is the CPU default.
 """
 
 from __future__ import annotations
@@ -95,8 +96,18 @@ class ClipSettings:
 
 @config
 class FlowSettings:
-    method: Literal["dis", "farneback"] = field("dis", help="optical flow: OpenCV DIS (MEDIUM preset) or "
-                                                "Farneback; RAFT is not available yet (see loom.corpora.videos)")
+    method: Literal["dis", "farneback", "raft"] = field("dis", help="optical flow: OpenCV DIS (MEDIUM preset, the "
+                                                        "CPU default), Farneback, or RAFT (the paper's; "
+                                                        "loom.models.raft with raft_weights)")
+    raft_weights: str = field("", help="RAFT: local torchvision raft_large weights (raft_large_C_T_SKHT_V2-*.pth or "
+                              ".safetensors) or the folder holding them")
+    iters: int = field(12, help="RAFT: flow updates per pair (torchvision's default for raft_large)")
+    device: Literal["cpu", "cuda"] = field("cpu", help="RAFT: where it runs (cuda needs ray.gpus_per_worker)")
+
+    def __post_init__(self):
+        require(self.iters >= 1, "flow.iters", self.iters, "must be >= 1")
+        require(self.method != "raft" or bool(self.raft_weights), "flow.raft_weights", self.raft_weights,
+                "must name the local RAFT weights file (or its folder) when flow.method=raft")
 
 
 @config
@@ -192,7 +203,8 @@ class PrepVideosJob:
                 f"must divide clip.width and clip.height ({self.clip.width}x{self.clip.height})")
         require(self.limit >= 0, "limit", self.limit, "must be >= 0")
         require(self.timeout_s > 0, "timeout_s", self.timeout_s, "must be > 0")
-        for what, dev in (("depth.device", self.depth.device), ("caption.device", self.caption.device)):
+        for what, dev in (("depth.device", self.depth.device), ("caption.device", self.caption.device),
+                          ("flow.device", self.flow.device)):
             require(dev == "cpu" or self.ray.gpus_per_worker > 0, what, dev,
                     "cuda needs ray.gpus_per_worker > 0 so Ray gives each worker a GPU")
 
@@ -452,6 +464,20 @@ def estimate_depth(frames: np.ndarray, p: dict) -> tuple[np.ndarray, str]:
     return normalise_depth(depth), f"{type(model).__name__}:{os.path.basename(os.path.normpath(p['model']))}"
 
 
+def flow_model(p: dict):
+    """The flow method for :func:`loom.geometry.video_signals.clip_flows`: its name, or for RAFT a callable
+    (a, b) -> flow running Loom's RAFT with the local weights (loaded once per worker process)."""
+    if p["method"] != "raft":
+        return None
+    from loom.models.raft import load_raft, raft_flow
+
+    key = ("raft", p["raft_weights"], p["device"])
+    if key not in _MODELS:
+        _MODELS[key] = load_raft(p["raft_weights"]).to(p["device"])
+    net = _MODELS[key]
+    return lambda a, b: raft_flow(a, b, net, iters=p["iters"], device=p["device"])
+
+
 def edges_of_depth(depth: np.ndarray, p: dict) -> tuple[np.ndarray, str]:
     """(T,H,W) uint8 0..255 edges of the depth maps and the method's name for meta."""
     from loom.geometry.video_signals import depth_edges
@@ -505,7 +531,7 @@ def prep_entry(params: dict) -> dict:
     video, clip = params["video"], params["clip"]
     rgb, src = read_clip_frames(video, clip, params["clip_index"], params["starts_seed"], params["workdir"])
     t1 = time.monotonic()
-    flow_fwd, flow_l2f = clip_flows(rgb, params["flow"]["method"])
+    flow_fwd, flow_l2f = clip_flows(rgb, params["flow"]["method"], flow_model(params["flow"]))
     t2 = time.monotonic()
     noise, padded = clip_noise(flow_fwd, params["noise"], params["seed"])
     t3 = time.monotonic()
@@ -520,7 +546,9 @@ def prep_entry(params: dict) -> dict:
     meta = {
         **params["meta"], **src, "clip_fps": fps / clip["stride"], "caption": caption,
         "caption_method": caption_method, "size": [clip["width"], clip["height"]],
-        "flow": {"method": params["flow"]["method"]},
+        "flow": ({"method": "raft", "weights": os.path.basename(os.path.normpath(params["flow"]["raft_weights"])),
+                  "iters": params["flow"]["iters"]} if params["flow"]["method"] == "raft"
+                 else {"method": params["flow"]["method"]}),
         "noise": {**params["noise"], "padded_frames": padded, "latent_frames": int(noise.shape[0])},
         "depth": {"method": depth_method, "normalised": "per clip to [0, 1], 1 = nearest"},
         "edges": {"method": edge_method, **({k: params["edges"][k] for k in ("low", "high", "blur")}

@@ -15,8 +15,8 @@ Design choices:
 - **Flow** (:func:`optical_flow`): OpenCV on greyscale. ``dis`` (Dense Inverse Search, the MEDIUM preset) is the
   default: fast at 720x480 and robust to tens of pixels of motion; ``farneback`` is the older polynomial-expansion
   method. Both return ``flow[y, x] = (dx, dy)`` moving the pixel of frame a to frame b, the convention of
-  :mod:`loom.geometry.flow` and :func:`loom.geometry.noise.warp_noise`. RAFT (what the paper uses) is not here:
-  see ``loom.corpora.videos``.
+  :mod:`loom.geometry.flow` and :func:`loom.geometry.noise.warp_noise`. RAFT (what the paper uses) is a network:
+  ``loom.models.raft``, passed to :func:`clip_flows` as ``model``.
 - **Depth** is relative: monocular models predict inverse depth up to scale and shift, so a clip's maps are
   normalised together to [0, 1] (:func:`normalise_depth`, 1 = the nearest point of the clip).
 - **Edges of depth** (:func:`depth_edges`): the paper runs HED on depth maps so that the edges show geometry and no
@@ -91,11 +91,14 @@ def optical_flow(a: np.ndarray, b: np.ndarray, method: str = "dis") -> np.ndarra
     return np.asarray(flow, dtype=np.float32)
 
 
-def clip_flows(frames: np.ndarray, method: str = "dis") -> tuple[np.ndarray, np.ndarray]:
-    """(T,H,W,3) uint8 -> (flow_fwd (T-1,H,W,2): frame t to t+1, flow_last_to_first (H,W,2): frame T-1 to 0)."""
+def clip_flows(frames: np.ndarray, method: str = "dis", model=None) -> tuple[np.ndarray, np.ndarray]:
+    """(T,H,W,3) uint8 -> (flow_fwd (T-1,H,W,2): frame t to t+1, flow_last_to_first (H,W,2): frame T-1 to 0).
+    ``model``: a callable (a, b) -> (H,W,2) flow (e.g. RAFT, ``loom.corpora.videos.flow_model``) used instead of
+    the OpenCV ``method``."""
     t = frames.shape[0]
-    fwd = np.stack([optical_flow(frames[i], frames[i + 1], method) for i in range(t - 1)])
-    return fwd, optical_flow(frames[-1], frames[0], method)
+    flow = model if model is not None else (lambda a, b: optical_flow(a, b, method))
+    fwd = np.stack([np.asarray(flow(frames[i], frames[i + 1]), np.float32) for i in range(t - 1)])
+    return fwd, np.asarray(flow(frames[-1], frames[0]), np.float32)
 
 
 def normalise_depth(depth: np.ndarray) -> np.ndarray:

@@ -345,8 +345,22 @@ def resolve(job_cls: type[T], recipe_name: str = "default", overrides: Iterable[
     if recipe_name not in known:
         raise ConfigError(f"unknown recipe {recipe_name!r} for {job_cls.__name__}; known: {sorted(known)}")
     cfg = known[recipe_name]()
-    for key, value in overrides:
-        cfg = override(cfg, key, value)
+    # The last value of each key wins; keys are applied in order, and one refused by a check across fields
+    # (flow.method=raft before flow.raft_weights) is tried again once the others are in, so the order of --set
+    # flags does not matter. A key refused in every pass raises its own error.
+    last = {key: value for key, value in overrides}
+    pending = list(last.items())
+    while pending:
+        left, first = [], None
+        for key, value in pending:
+            try:
+                cfg = override(cfg, key, value)
+            except ConfigError as e:
+                left.append((key, value))
+                first = first or e
+        if len(left) == len(pending):
+            raise first
+        pending = left
     return cfg
 
 
