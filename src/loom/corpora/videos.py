@@ -141,7 +141,8 @@ class DepthSettings:
 @config
 class DepthEdgeSettings:
     method: Literal["canny", "hed"] = field("canny", help="edges of the depth maps: Canny (CPU default) or HED "
-                                            "(the paper's; ControlNet's HED network, loom.models.hed, with hed_weights)")
+                                            "(the paper's; ControlNet's HED network, loom.models.hed, with "
+                                            "hed_weights)")
     hed_weights: str = field("", help="HED: local ControlNetHED.pth (lllyasviel/Annotators) or the folder holding it")
     low: float = field(0.05, help="Canny: low hysteresis threshold, as a fraction of a full-range depth step's "
                        "gradient")
