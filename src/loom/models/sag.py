@@ -79,7 +79,8 @@ class SAGParts:
 
 
 def tiny_configs() -> dict:
-    """Random tiny FLUX parts: 2 double + 2 single blocks of width 32, 16 latent channels, ControlNet with XLabs'
+    """Random tiny FLUX parts: 2 double + 2 single blocks of width 32, 16 latent channels (the VAE scaled so its
+    latents have about unit variance, as FLUX's do), ControlNet with XLabs'
     pixel hint block."""
     tr = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
               num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
@@ -87,7 +88,7 @@ def tiny_configs() -> dict:
     cn = {**tr, "num_layers": 2, "num_single_layers": 0, "patch_size": 2, "conditioning_embedding_channels": 16}
     vae = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
                up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 8, 8, 8], latent_channels=16,
-               layers_per_block=1, norm_num_groups=4, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159,
+               layers_per_block=1, norm_num_groups=4, sample_size=32, scaling_factor=4.0, shift_factor=0.0,
                use_quant_conv=False, use_post_quant_conv=False)
     return {"transformer": tr, "controlnet": cn, "vae": vae}
 

@@ -1,0 +1,69 @@
+"""Anchor views along a trajectory (loom.inference.scene, the SAG half of `loom generate scene`) on random tiny
+FLUX parts and a scene made without Blender: a textured plane seen by a camera sliding sideways, so the geometric
+warp between keyframes is a known shift."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("diffusers")
+from loom.inference import scene as S  # noqa: E402
+
+H, W, T, F = 64, 96, 9, 64.0  # frames of 64 x 96 px, focal 64 px
+
+
+def plane_scene():
+    """A plane at depth 2 in front of a camera moving 1/16 unit right per frame: 2 px of flow per frame."""
+    K = np.array([[F, 0, W / 2], [0, F, H / 2], [0, 0, 1]], np.float32)
+    c2w = np.repeat(np.eye(4, dtype=np.float32)[None], T, 0)
+    c2w[:, 0, 3] = np.arange(T) / 16
+    edges = np.zeros((T, H, W, 4), bool)
+    for t in range(T):
+        edges[t, :, (60 - 2 * t) % W, 0] = True  # a vertical crease fixed on the plane
+    return {"depth": np.full((T, H, W), 2.0, np.float32), "mask": np.ones((T, H, W), bool),
+            "K": np.repeat(K[None], T, 0), "c2w": c2w, "edges": edges}
+
+
+def test_keyframes_rule():
+    assert S.pick_keyframes(46) == [0, 45]
+    assert S.pick_keyframes(91) == [0, 45, 90]
+    assert S.pick_keyframes(100) == [0, 45, 90, 99]
+    assert S.pick_keyframes(93) == [0, 45, 92]  # 92 is only 2 after 90: the last segment takes 47 frames
+    assert S.pick_keyframes(9, every=4) == [0, 4, 8]
+    with pytest.raises(ValueError, match="shorter than one segment"):
+        S.pick_keyframes(3)
+    with pytest.raises(ValueError, match="at least 4"):
+        S.pick_keyframes(50, every=2)
+
+
+def test_the_warp_of_an_anchor_follows_the_geometry():
+    s = plane_scene()
+    img = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    warped, known = S.warp_anchor(img, s, 0, 8)  # 16 px: frame 8's pixel u shows frame 0's u + 16
+    assert known[:, : W - 16].all() and not known[:, W - 15:].any()
+    np.testing.assert_allclose(warped[:, : W - 16].astype(int), img[:, 16:].astype(int), atol=1)
+    assert (warped[:, W - 15:] == 0).all()
+
+
+def test_guided_anchors_agree_with_the_previous_one_where_it_is_seen():
+    """The second anchor, sampled with the first warped into its view (Sparse Appearance-guided Sampling), matches
+    that warp on the seen part (as the VAE gives it back) more closely than an anchor sampled from its structure
+    alone, and both runs give the first anchor identically."""
+    from loom.models import sag
+
+    parts = sag.build(sag.SAGModelSettings(base=sag.TINY, controlnet=sag.TINY, text_len=16))
+    s = plane_scene()
+    kw = dict(steps=8, replace_steps=6, cfg_start=2, progress=lambda *_: None)
+    guided, warps = S.anchor_views(parts, s, [0, 8], "[v] wall", **kw)
+    plain, _ = S.anchor_views(parts, s, [0, 8], "[v] wall", guided=False, **kw)
+    np.testing.assert_array_equal(guided[0], plain[0])
+    warped, known = warps[8]
+    target = sag.decode(parts.vae, sag.encode(parts.vae, sag.image_input(warped)))[0].astype(np.float32)
+    inner = sag.known_mask(known, (H, W), blur=(1, 0.0))[0, 0].numpy() > 0.5  # what was replaced
+
+    def err(img):
+        return np.abs(img.astype(np.float32) - target)[inner].mean()
+
+    # measured: 25.4 vs 32.4 grey levels (a random tiny DiT keeps moving the latent after the replacement stops;
+    # the models test shows the latent-level effect)
+    assert inner.mean() > 0.3 and err(guided[8]) < 0.9 * err(plain[8]), (err(guided[8]), err(plain[8]))
+    assert guided[8].shape == (H, W, 3)
