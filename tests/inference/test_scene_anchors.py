@@ -67,3 +67,61 @@ def test_guided_anchors_agree_with_the_previous_one_where_it_is_seen():
     # the models test shows the latent-level effect)
     assert inner.mean() > 0.3 and err(guided[8]) < 0.9 * err(plain[8]), (err(guided[8]), err(plain[8]))
     assert guided[8].shape == (H, W, 3)
+
+
+def test_generate_scene_writes_the_video_reuses_finished_work_and_refuses_other_settings(tmp_path):
+    """SAG anchors + GGI between them on the plane scene (tiny random models): the video has every frame of the
+    keyframes' range, anchors/structure/warps/segments are written, one MLflow run holds the settings and media; a
+    rerun after losing the last anchor and segment (a kill) rebuilds them into the same video, a rerun of a
+    finished folder takes everything kept, and other settings into the same folder are refused."""
+    import json
+    import os
+    import types
+
+    import mlflow
+    import torch
+
+    from loom.datasets.codecs import decode_video
+    from loom.inference.inbetween import load_ggi_run
+    from loom.models import sag
+    from loom.platform.tracking import TrackingSettings
+    from tests.inference.test_inbetween import make_run
+
+    s = plane_scene()
+    g = torch.Generator().manual_seed(0)
+    s["noise"] = torch.randn((T, 4, H // 8, W // 8), generator=g).numpy()
+    s["rgb"] = np.zeros((T, H, W, 3), np.uint8)
+    style = types.SimpleNamespace(parts=sag.build(sag.SAGModelSettings(base=sag.TINY, controlnet=sag.TINY,
+                                                                       text_len=16)))
+    model = load_ggi_run(make_run(tmp_path), steps=2)
+    out = str(tmp_path / "video")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    msgs = []
+    kw = dict(prompt="[v] wall", every=4, sampling={"steps": 4, "replace_steps": 2, "cfg_start": 2},
+              settings={"scene": "plane", "key": "k"}, progress=msgs.append)
+    done = S.generate_scene(out, s, style, model, tracking=TrackingSettings(uri=uri, experiment="scene"), **kw)
+    assert done["keyframes"] == [0, 4, 8] and done["frames"] == 9 and done["complete"]
+    video = decode_video(open(os.path.join(out, "video.mkv"), "rb").read())
+    assert video.shape == (9, H, W, 3)
+    for d, names in (("anchors", {"0000.png", "0004.png", "0008.png"}), ("segments", {"0000-0004.npy",
+                                                                                      "0004-0008.npy"})):
+        assert set(os.listdir(os.path.join(out, d))) == names
+    assert {"0004.png", "0004.known.png", "0008.png"} <= set(os.listdir(os.path.join(out, "warps")))
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("scene").experiment_id])
+    assert run.data.params["keyframes"] == "[0, 4, 8]" and run.data.params["sag.replace_steps"] == "2"
+    assert {"video.mp4", "anchors", "structure", "warps", "scene.json"} <= {a.path for a in
+                                                                          client.list_artifacts(run.info.run_id)}
+    # a kill after the first segment: the last anchor and segment are gone; the rerun makes the same video
+    os.remove(os.path.join(out, "anchors", "0008.png"))
+    os.remove(os.path.join(out, "segments", "0004-0008.npy"))
+    msgs.clear()
+    S.generate_scene(out, s, style, model, **kw)
+    assert sum("kept from" in m for m in msgs) == 3  # anchors 0 and 4, segment 0..4
+    np.testing.assert_array_equal(decode_video(open(os.path.join(out, "video.mkv"), "rb").read()), video)
+    msgs.clear()
+    S.generate_scene(out, s, style, model, **kw)
+    assert sum("kept from" in m for m in msgs) == 5
+    with pytest.raises(ValueError, match="seed differ"):
+        S.generate_scene(out, s, style, model, seed=1, **kw)
+    assert json.load(open(os.path.join(out, "scene.json")))["complete"]

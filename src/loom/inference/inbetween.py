@@ -148,14 +148,19 @@ def segment_inputs(sample: dict, a: int, b: int) -> tuple[np.ndarray, np.ndarray
     from loom.models.ggi import GGIView
 
     part = {k: sample[k][a: b + 1] for k in ("rgb", "edges", "noise")}
-    view = GGIView()({**part, "meta": {"kind": sample["meta"].get("kind", "scene")}})
+    view = GGIView()({**part, "meta": {"kind": sample.get("meta", {}).get("kind", "scene")}})
     return view["edges"], view["noise"]
 
 
 def inbetween(model: GGIRun, sample: dict, anchors: dict[int, np.ndarray], seed: int = 0,
-              progress=print, prompt: str | None = None) -> np.ndarray:
+              progress=print, prompt: str | None = None, segments: str | None = None,
+              structure: str = "edges") -> np.ndarray:
     """The video (T,H,W,3) uint8 over the anchors' frame range (module docstring); ``prompt`` (default: the run's
-    model.prompt) needs a run trained with a text encoder."""
+    model.prompt) needs a run trained with a text encoder. Segment i draws its noise from seed + i, so each segment
+    is a function of its inputs alone: with ``segments`` (a folder), each finished segment is kept there as
+    ``<a>-<b>.npy`` and a rerun takes it from there instead of generating it again (the caller keeps the folder
+    for one set of settings). ``structure="none"``: the edge video is blank (for a model trained without
+    structure, VideoFrom3D Tab. 3's first row)."""
     import torch
 
     from loom.models import ggi
@@ -173,7 +178,8 @@ def inbetween(model: GGIRun, sample: dict, anchors: dict[int, np.ndarray], seed:
     negative = model.text.encode([""]) if model.text is not None and model.guidance > 1 else None
     text = ggi.text_tokens(embeds, 1, model.transformer, model.text_len)
     neg = ggi.text_tokens(negative, 1, model.transformer, model.text_len) if negative is not None else None
-    g = torch.Generator().manual_seed(seed)
+    if structure not in ("edges", "none"):
+        raise ValueError(f"structure={structure!r}: 'edges' (the scene's) or 'none'")
     frames: list[np.ndarray] = []
 
     def as_input(img: np.ndarray):  # (H,W,3) uint8 -> (1,3,H,W) in [-1, 1]
@@ -181,7 +187,17 @@ def inbetween(model: GGIRun, sample: dict, anchors: dict[int, np.ndarray], seed:
 
     start = as_input(anchors[keys[0]])
     for i, (a, b) in enumerate(zip(keys, keys[1:])):
+        kept = os.path.join(segments, f"{a:04d}-{b:04d}.npy") if segments else None
+        if kept and os.path.isfile(kept):
+            video = np.load(kept, allow_pickle=False)
+            frames += list(video if i == 0 else video[1:])
+            start = as_input(video[-1])
+            progress(f"segment {i + 1}/{len(keys) - 1}: frames {a}..{b} kept from {kept}")
+            continue
+        g = torch.Generator().manual_seed(seed + i)
         edges, noise = segment_inputs(sample, a, b)
+        if structure == "none":
+            edges = np.zeros_like(edges)
         h_e = ggi.encode(model.vae, ggi.edges_input(edges[None]))
         eps = torch.from_numpy(noise)[None]
         if eps.shape != h_e.shape:
@@ -194,6 +210,10 @@ def inbetween(model: GGIRun, sample: dict, anchors: dict[int, np.ndarray], seed:
         z = ggi.sample(model.transformer, model.scheduler, eps, v, h_e, text, model.steps, generator=g,
                        guidance=model.guidance, negative=neg)
         video = ggi.decode(model.vae, z)[0].numpy()[: b - a + 1]  # drop the padding
+        if kept:
+            os.makedirs(segments, exist_ok=True)
+            np.save(kept + ".part.npy", video)
+            os.replace(kept + ".part.npy", kept)  # whole or absent: a kill never leaves half a segment
         frames += list(video if i == 0 else video[1:])
         start = as_input(video[-1])
         progress(f"segment {i + 1}/{len(keys) - 1}: frames {a}..{b} generated")

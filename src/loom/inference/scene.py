@@ -18,6 +18,8 @@ carries along the whole trajectory. GGI then fills the frames between consecutiv
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 SEGMENT = 45  # the paper's N: anchors 45 frames apart, 46-frame GGI segments
@@ -62,12 +64,16 @@ def warp_anchor(image: np.ndarray, sample: dict, src: int, dst: int) -> tuple[np
 
 
 def anchor_views(parts, sample: dict, keyframes: list[int], prompt: str, *, seed: int = 0, guided: bool = True,
-                 progress=print, **sampling) -> tuple[dict[int, np.ndarray], dict[int, tuple[np.ndarray, np.ndarray]]]:
+                 progress=print, kept: str | None = None,
+                 **sampling) -> tuple[dict[int, np.ndarray], dict[int, tuple[np.ndarray, np.ndarray]]]:
     """SAG along the keyframes (module docstring): ({frame: anchor (H,W,3) uint8}, {frame: (warped, known)} for
     every anchor after the first). ``guided=False`` samples each anchor from its structure alone (the ablation of
     Fig. 11; the paper's style transitions of Fig. 8 also drop the replacement). ``sampling``: keyword arguments of
-    `loom.models.sag.sample` (steps, replace_steps, guidance, true_cfg, cfg_start, control_weight, negative)."""
+    `loom.models.sag.sample` (steps, replace_steps, guidance, true_cfg, cfg_start, control_weight, negative).
+    Anchor i draws its noise from seed + i; with ``kept`` (a folder), each anchor is written there as
+    ``<frame:04d>.png`` (lossless) when made, and one already there is taken instead of sampled again."""
     import torch
+    from PIL import Image
 
     from loom.models import sag
 
@@ -86,9 +92,146 @@ def anchor_views(parts, sample: dict, keyframes: list[int], prompt: str, *, seed
             if guided:
                 kw["known"] = sag.encode(parts.vae, sag.image_input(warped))
                 kw["mask"] = sag.known_mask(known, (h // 8, w // 8))
-        z = sag.sample(parts, prompt, (h, w), edges=edges, generator=torch.Generator().manual_seed(seed + i), **kw)
-        anchors[k] = sag.decode(parts.vae, z)[0]
-        progress(f"anchor {i + 1}/{len(keyframes)}: frame {k}" + (f" (guided by frame {prev})"
-                                                                   if prev is not None and guided else ""))
+        path = os.path.join(kept, f"{k:04d}.png") if kept else None
+        if path and os.path.isfile(path):
+            anchors[k] = np.asarray(Image.open(path).convert("RGB"))
+            if anchors[k].shape[:2] != (h, w):
+                raise ValueError(f"{path} is {anchors[k].shape[1]}x{anchors[k].shape[0]}, the scene {w}x{h}: "
+                                 "a kept anchor of other settings; use a new output folder")
+            progress(f"anchor {i + 1}/{len(keyframes)}: frame {k} kept from {path}")
+        else:
+            z = sag.sample(parts, prompt, (h, w), edges=edges, generator=torch.Generator().manual_seed(seed + i),
+                           **kw)
+            anchors[k] = sag.decode(parts.vae, z)[0]
+            if path:
+                os.makedirs(kept, exist_ok=True)
+                Image.fromarray(anchors[k]).save(path + ".part.png")
+                os.replace(path + ".part.png", path)
+            progress(f"anchor {i + 1}/{len(keyframes)}: frame {k}" + (f" (guided by frame {prev})"
+                                                                       if prev is not None and guided else ""))
         prev = k
     return anchors, warps
+
+
+# ------------------------------------------------------------------------------------------------------ the video
+
+
+def read_scene_sample(data: str, key: str | None) -> dict:
+    """The whole scene sample (edges, noise, depth, mask, cameras) of ``key`` (default: the first) in scene shards."""
+    from loom.datasets.scene import iter_samples
+
+    for s in iter_samples(data):
+        if key is None or s["__key__"] == key:
+            return s
+    raise ValueError(f"--data {data}: " + (f"no sample {key!r}" if key else "no scene sample"))
+
+
+def _check_settings(out: str, settings: dict) -> None:
+    """A rerun into ``out`` must ask for the same video: its kept anchors and segments are of these settings."""
+    import json
+
+    path = os.path.join(out, "scene.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        old = json.load(f).get("settings", {})
+    changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    if changed:
+        raise ValueError(f"{out} holds a scene video made with other settings ({', '.join(changed)} differ): its "
+                         "kept anchors and segments do not belong to this one; use a new --out or remove the folder")
+
+
+def generate_scene(out: str, sample: dict, style, ggi_model, *, prompt: str, keyframes: list[int] | None = None,
+                   every: int = SEGMENT, seed: int = 0, guided: bool = True, structure: str = "edges",
+                   sampling: dict | None = None, settings: dict | None = None, progress=print,
+                   tracking=None) -> dict:
+    """VideoFrom3D end to end on a rendered scene sample: anchor views by SAG (``style``: a
+    `loom.training.style.StyleRun`, its LoRAs active), the frames between them by GGI (``ggi_model``: a
+    `loom.inference.inbetween.GGIRun`), in ``out``:
+
+    - ``anchors/<frame>.png``, ``structure/<frame>.png`` (the ControlNet's edge maps), ``warps/<frame>.png`` and
+      ``warps/<frame>.known.png`` (the previous anchor seen from this view, and where it is seen),
+    - ``segments/<a>-<b>.npy`` (GGI's frames of each segment), ``video.mkv`` (FFV1, lossless: what `loom eval
+      scene` scores) and ``video.mp4`` (H.264, to watch), ``scene.json`` (keyframes, settings, paths).
+
+    A rerun with the same settings takes the anchors and segments already made (a killed run goes on where it
+    stopped); other settings into the same folder are refused. Returns the scene.json content."""
+    import json
+    import time
+
+    from PIL import Image
+
+    from loom.datasets.codecs import encode_video, write_video
+    from loom.inference.inbetween import inbetween
+
+    t = len(sample["edges"])
+    keys = sorted(keyframes) if keyframes else pick_keyframes(t, every)
+    if keys[-1] >= t or keys[0] < 0:
+        raise ValueError(f"keyframes {keys}: the trajectory has frames 0..{t - 1}")
+    sampling = dict(sampling or {})
+    info = {"settings": {"prompt": prompt, "keyframes": keys, "seed": seed, "guided": guided, "structure": structure,
+                         "sag": sampling, **(settings or {})}}
+    os.makedirs(out, exist_ok=True)
+    _check_settings(out, info["settings"])
+    with open(os.path.join(out, "scene.json"), "w") as f:
+        json.dump({**info, "complete": False}, f, indent=2)
+    clock = {}
+    t0 = time.monotonic()
+    anchors, warps = anchor_views(style.parts, sample, keys, prompt, seed=seed, guided=guided, progress=progress,
+                                  kept=os.path.join(out, "anchors"), **sampling)
+    clock["anchors"] = time.monotonic() - t0
+    for name, images in (("structure", {k: structure_image(sample["edges"][k]) for k in keys}),
+                         ("warps", {k: w for k, (w, _) in warps.items()})):
+        os.makedirs(os.path.join(out, name), exist_ok=True)
+        for k, img in images.items():
+            Image.fromarray(img).save(os.path.join(out, name, f"{k:04d}.png"))
+    for k, (_, known) in warps.items():
+        Image.fromarray((known * 255).astype(np.uint8)).save(os.path.join(out, "warps", f"{k:04d}.known.png"))
+    t0 = time.monotonic()
+    video = inbetween(ggi_model, sample, anchors, seed, progress=progress, segments=os.path.join(out, "segments"),
+                      structure=structure)
+    clock["inbetween"] = time.monotonic() - t0
+    ext, data = encode_video(video, "ffv1")
+    with open(os.path.join(out, "video.mkv"), "wb") as f:
+        f.write(data)
+    write_video(os.path.join(out, "video.mp4"), video)
+    done = {**info, "complete": True, "frames": int(len(video)), "keyframes": keys, "seconds": clock,
+            "first_frame": keys[0]}
+    done.update({k: v for k, v in (settings or {}).items() if k in ("scene", "key", "reference")})
+    with open(os.path.join(out, "scene.json"), "w") as f:
+        json.dump(done, f, indent=2)
+    if tracking is not None and tracking.enabled:
+        done["mlflow"] = log_scene_run(out, done, tracking)
+    progress(f"video: {os.path.join(out, 'video.mp4')} ({len(video)} frames, anchors at {keys})")
+    return done
+
+
+def log_scene_run(out: str, done: dict, tracking) -> tuple[str, str, str]:
+    """One MLflow run (experiment ``tracking.experiment``): every setting as a param, seconds per stage as
+    metrics, and the video, anchors, structure maps and scene.json as artifacts; OUT/mlflow_run.json names it."""
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    from loom.platform.tracking import ensure_experiment, flatten, resolve_uri, write_run_record
+
+    uri = resolve_uri(tracking)
+    exp_id = ensure_experiment(uri, tracking.experiment)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = client.create_run(exp_id, run_name=tracking.run_name or os.path.basename(os.path.normpath(out)),
+                            tags={"loom.kind": "scene"})
+    rid = run.info.run_id
+    try:
+        now = run.info.start_time
+        client.log_batch(rid, params=[Param(k, v) for k, v in flatten(done["settings"]).items()],
+                         metrics=[Metric(f"seconds/{k}", v, now, 0) for k, v in done["seconds"].items()]
+                         + [Metric("frames", done["frames"], now, 0)])
+        client.log_artifact(rid, os.path.join(out, "video.mp4"))
+        client.log_artifact(rid, os.path.join(out, "scene.json"))
+        for d in ("anchors", "structure", "warps"):
+            client.log_artifacts(rid, os.path.join(out, d), d)
+    except BaseException:
+        client.set_terminated(rid, "FAILED")
+        raise
+    client.set_terminated(rid, "FINISHED")
+    write_run_record(out, uri, tracking.experiment, exp_id, rid)
+    return uri, exp_id, rid
