@@ -81,6 +81,19 @@ def test_depth_edges_follow_depth_steps_not_texture():
     assert vs.depth_edges(ramp).max() == 0
 
 
+def test_edges_of_the_frames_are_the_hed_ablation_and_see_texture():
+    """edges.source=rgb (Tab. 3's "HED" row): the same detector on the frames finds the texture that the edges of
+    a flat depth map (HED-S, the default) do not."""
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 2, (H // 4, W // 4)).repeat(4, 0).repeat(4, 1) * 255
+    rgb = np.repeat(blocks[None, ..., None], 3, -1).astype(np.uint8)
+    p = c.to_dict(V.DepthEdgeSettings(source="rgb"))
+    e, method = V.edges_of_frames(rgb, p)
+    assert method == "canny-of-frames" and e.shape == (1, H, W) and (e > 0).mean() > 0.1
+    flat, _ = V.edges_of_depth(np.full((1, H, W), 0.5, np.float32), p)
+    assert flat.max() == 0
+
+
 def test_raft_flow_in_the_prep_job(tmp_path):
     """flow.method=raft runs Loom's RAFT (loom.models.raft, checked against torchvision by tests/models/test_raft.py)
     from a local weights file inside the job's entry: the clip's flows come from the network, the sample's meta

@@ -97,6 +97,31 @@ def test_a_released_ggi_transformer_generates_with_its_base(tmp_path):
                            checkpoint=(str(tmp_path / "i2v"), str(tmp_path / "base")))
 
 
+def test_a_run_trained_without_structure_generates_without_it(tmp_path, monkeypatch):
+    """A run with data.structure=none (Tab. 3's first row) is given a blank edge video at generation, as in its
+    training, whatever the scene's edges; a run trained with edges gets the scene's."""
+    import torch
+
+    from loom.inference.inbetween import inbetween, load_ggi_run, read_scene
+    from loom.models import ggi
+
+    data = str(tmp_path / "scene")
+    make_scene_corpus(data, samples=1, frames=9, size=32)
+    s = read_scene(data, None)
+    keys = {0: np.full((32, 32, 3), 200, np.uint8), 8: np.full((32, 32, 3), 30, np.uint8)}
+    seen, real = [], ggi.sample
+    monkeypatch.setattr(ggi, "sample", lambda tr, sc, noise, v, e, *a, **k: seen.append(e) or real(tr, sc, noise, v,
+                                                                                                     e, *a, **k))
+    model = load_ggi_run(make_run(tmp_path), steps=1)
+    blank = ggi.encode(model.vae, ggi.edges_input(np.zeros((1, 9, 32, 32), np.float32)))
+    assert model.structure == "edges"
+    inbetween(model, s, keys, progress=lambda *_: None)
+    assert not torch.allclose(seen[-1], blank, atol=1e-3)
+    model.structure = "none"
+    inbetween(model, s, keys, progress=lambda *_: None)
+    torch.testing.assert_close(seen[-1], blank)
+
+
 def test_bad_anchors_are_refused_by_name(tmp_path):
     from loom.inference.inbetween import generate_inbetween
 

@@ -144,6 +144,9 @@ class DepthEdgeSettings:
                                             "(the paper's; ControlNet's HED network, loom.models.hed, with "
                                             "hed_weights)")
     hed_weights: str = field("", help="HED: local ControlNetHED.pth (lllyasviel/Annotators) or the folder holding it")
+    source: Literal["depth", "rgb"] = field("depth", help="what the edges are OF: the depth maps (the paper's HED-S, "
+                                            "mimicking coarse geometry) or the frames themselves (HED: the ablation "
+                                            "of VideoFrom3D Tab. 3)")
     low: float = field(0.05, help="Canny: low hysteresis threshold, as a fraction of a full-range depth step's "
                        "gradient")
     high: float = field(0.1, help="Canny: high threshold, same unit (0.1: a jump of a tenth of the clip's depth "
@@ -499,6 +502,25 @@ def edges_of_depth(depth: np.ndarray, p: dict) -> tuple[np.ndarray, str]:
     return out.astype(np.uint8), "hed-of-depth"
 
 
+def edges_of_frames(rgb: np.ndarray, p: dict) -> tuple[np.ndarray, str]:
+    """(T,H,W) uint8 edges of the frames themselves (``edges.source=rgb``, Tab. 3's "HED" row): HED of the RGB
+    frames, or Canny of their luminance scaled to [0, 1] as the depth would be."""
+    if p["method"] == "canny":
+        grey = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / 255.0
+        edges, _ = edges_of_depth(grey, p)
+        return edges, "canny-of-frames"
+    from loom.models.hed import hed_edges, load_hed
+
+    key = ("hed", p["hed_weights"])
+    if key not in _MODELS:
+        _MODELS[key] = load_hed(p["hed_weights"])
+    import cv2
+
+    h, w = rgb.shape[1:3]
+    out = np.stack([cv2.resize(hed_edges(_MODELS[key], f), (w, h), interpolation=cv2.INTER_LINEAR) for f in rgb])
+    return out.astype(np.uint8), "hed-of-frames"
+
+
 def caption_frame(frame: np.ndarray, p: dict, fields: dict) -> tuple[str, str]:
     """(caption, method) of the clip's first frame."""
     template = p["prompt"].format(**fields)
@@ -538,7 +560,10 @@ def prep_entry(params: dict) -> dict:
     t3 = time.monotonic()
     depth, depth_method = estimate_depth(rgb, params["depth"])
     t4 = time.monotonic()
-    edges, edge_method = edges_of_depth(depth, params["edges"])
+    if params["edges"].get("source", "depth") == "rgb":
+        edges, edge_method = edges_of_frames(rgb, params["edges"])
+    else:
+        edges, edge_method = edges_of_depth(depth, params["edges"])
     t5 = time.monotonic()
     caption, caption_method = caption_frame(rgb[0], params["caption"], {"uid": video["uid"],
                                                                         "name": posixpath.basename(video["rel"])})

@@ -46,6 +46,7 @@ class GGIRun:
     text: Any = None  # loom.models.ggi.T5Prompts, when the run was trained with a text encoder
     prompt: str = ""  # the run's model.prompt
     guidance: float = 1.0
+    structure: str = "edges"  # the run's data.structure: "none" for a model trained without the edge video
 
 
 def load_ggi_run(run: str, steps: int | None = None, degradation: float | None = None,
@@ -76,7 +77,8 @@ def load_ggi_run(run: str, steps: int | None = None, degradation: float | None =
                   steps=steps or int(sample.get("steps", 50)),
                   degradation=float(sample.get("degradation", 0.5)) if degradation is None else degradation,
                   text=ggi.T5Prompts(m.text_encoder, m.tokenizer, m.text_len) if m.text_encoder else None,
-                  prompt=m.prompt, guidance=float(sample.get("guidance", 1.0)) if guidance is None else guidance)
+                  prompt=m.prompt, guidance=float(sample.get("guidance", 1.0)) if guidance is None else guidance,
+                  structure=str((raw.get("data") or {}).get("structure", "edges")))
 
 
 def load_ggi_checkpoint(transformer: str, base: str, steps: int | None = None, degradation: float | None = None,
@@ -154,13 +156,13 @@ def segment_inputs(sample: dict, a: int, b: int) -> tuple[np.ndarray, np.ndarray
 
 def inbetween(model: GGIRun, sample: dict, anchors: dict[int, np.ndarray], seed: int = 0,
               progress=print, prompt: str | None = None, segments: str | None = None,
-              structure: str = "edges") -> np.ndarray:
+              structure: str | None = None) -> np.ndarray:
     """The video (T,H,W,3) uint8 over the anchors' frame range (module docstring); ``prompt`` (default: the run's
     model.prompt) needs a run trained with a text encoder. Segment i draws its noise from seed + i, so each segment
     is a function of its inputs alone: with ``segments`` (a folder), each finished segment is kept there as
     ``<a>-<b>.npy`` and a rerun takes it from there instead of generating it again (the caller keeps the folder
     for one set of settings). ``structure="none"``: the edge video is blank (for a model trained without
-    structure, VideoFrom3D Tab. 3's first row)."""
+    structure, VideoFrom3D Tab. 3's first row; default: the run's ``data.structure``)."""
     import torch
 
     from loom.models import ggi
@@ -178,6 +180,7 @@ def inbetween(model: GGIRun, sample: dict, anchors: dict[int, np.ndarray], seed:
     negative = model.text.encode([""]) if model.text is not None and model.guidance > 1 else None
     text = ggi.text_tokens(embeds, 1, model.transformer, model.text_len)
     neg = ggi.text_tokens(negative, 1, model.transformer, model.text_len) if negative is not None else None
+    structure = structure or model.structure
     if structure not in ("edges", "none"):
         raise ValueError(f"structure={structure!r}: 'edges' (the scene's) or 'none'")
     frames: list[np.ndarray] = []

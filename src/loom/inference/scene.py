@@ -142,7 +142,7 @@ def _check_settings(out: str, settings: dict) -> None:
 
 
 def generate_scene(out: str, sample: dict, style, ggi_model, *, prompt: str, keyframes: list[int] | None = None,
-                   every: int = SEGMENT, seed: int = 0, guided: bool = True, structure: str = "edges",
+                   every: int = SEGMENT, seed: int = 0, guided: bool = True, structure: str | None = None,
                    sampling: dict | None = None, settings: dict | None = None, progress=print,
                    tracking=None) -> dict:
     """VideoFrom3D end to end on a rendered scene sample: anchor views by SAG (``style``: a
@@ -169,6 +169,7 @@ def generate_scene(out: str, sample: dict, style, ggi_model, *, prompt: str, key
     if keys[-1] >= t or keys[0] < 0:
         raise ValueError(f"keyframes {keys}: the trajectory has frames 0..{t - 1}")
     sampling = dict(sampling or {})
+    structure = structure or getattr(ggi_model, "structure", "edges")
     info = {"settings": {"prompt": prompt, "keyframes": keys, "seed": seed, "guided": guided, "structure": structure,
                          "sag": sampling, **(settings or {})}}
     os.makedirs(out, exist_ok=True)

@@ -326,7 +326,8 @@ def texture_from_run(mesh_path: str, run: str, out: str, frames: str | None = No
                  f" coverage {history[-1]['coverage']:.1%}")
     info = {"frames": frames, "key": s["__key__"], "pass": "generated", "frames_used": int(len(video)),
             "run": os.path.abspath(run), "seed": seed, "prompt": prompt,
-            "reference": os.path.abspath(reference) if reference else None, "stages": history, "coverage_target": coverage_target,
+            "reference": os.path.abspath(reference) if reference else None, "stages": history,
+            "coverage_target": coverage_target,
             "fusion": "naive (independent generations, blended by confidence)" if naive_fusion else
                       "3D-aware inpainting (known = the partial texture, mask = its unseen texels)"}
     return finish(mesh, surface, tex, conf, align, out, info, clock, tracking, extra=files,
@@ -496,8 +497,9 @@ def inpaint_stage(k: int, mesh: UVMesh, surface, tex: np.ndarray, conf: np.ndarr
     clock.lap("fuse")
     files = [glb, write_video(os.path.join(out, "generated.mp4"), video)]
     if keep:
-        to_u8 = (lambda x: np.clip(np.round((x[0].permute(1, 2, 3, 0).numpy() + 1) * 127.5), 0, 255)
-                 .astype(np.uint8))
+        def to_u8(x):
+            return np.clip(np.round((x[0].permute(1, 2, 3, 0).numpy() + 1) * 127.5), 0, 255).astype(np.uint8)
+
         files += [write_video(os.path.join(out, "partial_texture.mp4"), to_u8(keep["known"])),
                   write_video(os.path.join(out, "inpainting_mask.mp4"), to_u8(keep["generate"]))]
     info = {"stage": k, "source": "3D-aware inpainting" if not naive else "independent generation (naive fusion)",

@@ -456,8 +456,11 @@ class GGIView:
     """The loader transform (``t(sample, rng)``): a decoded clip or scene sample -> ``video``, ``edges``, ``noise``
     (above), plus ``meta``/keys untouched. Deterministic: ``rng`` is not used."""
 
-    def __init__(self, frames: int = 0):
+    def __init__(self, frames: int = 0, structure: str = "edges"):
+        if structure not in ("edges", "none"):
+            raise ValueError(f"structure={structure!r}: 'edges' or 'none'")
         self.frames = frames
+        self.structure = structure  # "none": a blank edge video (VideoFrom3D Tab. 3's model without structure)
 
     def __call__(self, sample: dict[str, Any], rng=None) -> dict[str, Any]:
         kind = sample["meta"].get("kind")
@@ -489,6 +492,8 @@ class GGIView:
             edges = sample["edges"][:t].any(-1).astype(np.float32)
             noise = compress_time(torch.from_numpy(pad_last(sample["noise"][:t], f))).numpy()
         out = {k: v for k, v in sample.items() if k.startswith("__") or k == "meta"}
+        if self.structure == "none":
+            edges = np.zeros_like(edges)
         out.update(video=pad_last(rgb[:t], f), edges=pad_last(edges, f), noise=np.ascontiguousarray(noise,
                                                                                                       np.float32))
         return out

@@ -41,6 +41,9 @@ def test_the_ggi_view_pads_to_cogvideox_frames_and_compresses_scene_noise():
     assert v["noise"].shape == (3, 4, 4, 4)  # 9 frames -> 3 latent frames
     np.testing.assert_array_equal(v["noise"][1], s["noise"][4])  # one frame per group of 4 (exactly N(0,1))
     assert set(np.unique(v["edges"])) == {0.0, 1.0}
+    blank = GGIView(structure="none")(s)
+    assert blank["edges"].shape == v["edges"].shape and not blank["edges"].any()  # Tab. 3's no-structure row
+    np.testing.assert_array_equal(blank["noise"], v["noise"])
     five = GGIView(frames=5)(s)
     assert five["video"].shape[0] == 5 and five["noise"].shape[0] == 2
     with pytest.raises(ValueError, match="kind 'ttv'"):

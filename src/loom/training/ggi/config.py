@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Literal
 
 from loom.models.ggi import TINY, GGIModelSettings
 from loom.platform.config import config, field, recipe, require
@@ -22,6 +23,10 @@ class GGIDataSettings:
     batch_size: int = field(1, help="samples per rank per step")
     frames: int = field(0, help="frames per clip, from its start (0 = all; the paper: 46); padded to 1 + 4k by "
                         "repeating the last frame, as the authors pad 46 to 49")
+    structure: Literal["edges", "none"] = field("edges", help="structure condition: the corpus's edges (clips: "
+                                                "edges of depth, HED-S; or of the frames, HED: prep videos "
+                                                "edges.source), or 'none' (a blank edge video): the rows of "
+                                                "VideoFrom3D Tab. 3")
     num_workers: int = field(0, help="loader worker processes per rank")
     prefetch: int = field(2, help="batches a background thread reads ahead of the step (num_workers=0; 0 = off)")
 

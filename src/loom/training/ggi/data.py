@@ -31,6 +31,10 @@ def make_loader(d: GGIDataSettings, seed: int):
     from loom.platform.shards import manifest_kind
 
     # `loom cache ggi` latents are read as they are (their view was taken when they were cached)
-    transform = None if manifest_kind(d.source) == "latents-ggi" else GGIView(d.frames)
+    cached = manifest_kind(d.source) == "latents-ggi"
+    if cached and d.structure == "none":
+        raise ValueError(f"data.structure=none: {d.source} is a `loom cache ggi` cache with the edges encoded; "
+                         "train the no-structure model from the clip or scene shards")
+    transform = None if cached else GGIView(d.frames, d.structure)
     return LoomLoader(d.source, d.batch_size, seed=seed, num_workers=d.num_workers, prefetch=d.prefetch,
                       transform=transform)
