@@ -78,8 +78,9 @@ from loom import cli  # noqa: E402
 from loom.platform import config as cfgmod  # noqa: E402
 
 JOB_COMMANDS = {("render", "ttv"), ("render", "4d"), ("render", "scene"), ("cache", "latents"), ("cache", "4d"),
-                ("cache", "ggi"), ("train", "ttv"), ("train", "vae"), ("train", "shape4d"), ("train", "ggi"), ("eval", "ttv"),
-                ("eval", "texture"), ("eval", "4d"), ("prep", "videos")}
+                ("cache", "ggi"), ("train", "ttv"), ("train", "vae"), ("train", "shape4d"), ("train", "ggi"),
+                ("train", "style"), ("eval", "ttv"), ("eval", "texture"), ("eval", "4d"), ("eval", "scene"),
+                ("prep", "videos")}
 
 
 def job_parsers():
@@ -140,7 +141,7 @@ def test_the_config_yaml_a_render_job_writes_replays_it(tmp_path, capsys):
 
     out = str(tmp_path / "o")
     cfg = cfgmod.resolve(RenderTTVJob, "smoke", [("out", out), ("orbit.frames", 5), ("render.backend", "fake")])
-    run_job(job_spec(cfg, resolve_source("bundled")), progress=False, max_shards=0)  # writes config.yaml, renders nothing
+    run_job(job_spec(cfg, resolve_source("bundled")), progress=False, max_shards=0)  # config.yaml only, no render
     assert cli.main(["render", "ttv", "--config", f"{out}/config.yaml", "--print-config"]) == 0
     replayed = cfgmod.from_dict(RenderTTVJob, __import__("yaml").safe_load(capsys.readouterr().out))
     assert replayed == cfg

@@ -1,6 +1,6 @@
 """What the benchmarks share: their tables' columns, the feature networks they run, code provenance and media.
 
-Three benchmarks reproduce the papers' tables in form (SPEC 6), each one MLflow experiment ``bench/<name>``:
+Four benchmarks reproduce the papers' tables in form (SPEC 6), each one MLflow experiment ``bench/<name>``:
 
 =========  =====================================================================  ==============================
 name       table                                                                  command
@@ -11,6 +11,8 @@ name       table                                                                
                                                                                   (:mod:`loom.eval.bench_texture`)
 ``4d``     ShapeGen4D Tab. 1: Chamfer, IoU, F-score after registration; Tab. 2:   ``loom eval 4d``
            LPIPS, CLIP, FVD on renders                                            (:mod:`loom.eval.bench_4d`)
+``scene``  VideoFrom3D Tab. 2: PSNR, SSIM, LPIPS on a warped pseudo ground truth, ``loom eval scene``
+           PSNR-D, CLIP-A, MUSIQ, CLIP-I, SC, BC of generated scene videos        (:mod:`loom.eval.bench_scene`)
 =========  =====================================================================  ==============================
 
 :data:`BENCHMARKS` lists each table's columns in the paper's order with the direction that is better; the
@@ -87,6 +89,12 @@ BENCHMARKS: dict[str, Benchmark] = {
             Column("f_score", "F-Score", True, 4),
             Column("render/lpips", "LPIPS", False, 4), Column("render/clip", "CLIP", True, 4),
             Column("render/fvd", "FVD", False, 0))),
+        Benchmark("scene", "VideoFrom3D Tab. 2: scene videos from coarse geometry (fidelity on a warped pseudo "
+                  "ground truth, structure, quality, style)", (
+            Column("psnr", "PSNR", True, 3), Column("ssim", "SSIM", True, 3), Column("lpips", "LPIPS", False, 3),
+            Column("psnr_d", "PSNR-D", True, 3), Column("clip_a", "CLIP-A", True, 3),
+            Column("musiq", "MUSIQ", True, 3), Column("clip_i", "CLIP-I", True, 3), Column("sc", "SC", True, 3),
+            Column("bc", "BC", True, 3))),
     )
 }  # fmt: skip
 

@@ -15,6 +15,9 @@ EVAL = {
     "4d": ("Eval4DJob",
            "ShapeGen4D Tab. 1: Chamfer, IoU, F-score after registration (Tab. 2: LPIPS, CLIP, FVD on renders: "
            "--set render.enabled=true, or --renders)"),
+    "scene": ("EvalSceneJob",
+              "VideoFrom3D Tab. 2: PSNR, SSIM, LPIPS (known pixels of a warped pseudo ground truth), PSNR-D, CLIP-A, "
+              "MUSIQ, CLIP-I, SC, BC of `loom generate scene` videos"),
 }  # fmt: skip
 
 # command-line flag -> config field, per benchmark
@@ -33,18 +36,21 @@ _FLAGS = {
            "--pred": ("pred", "folder with one folder per key of frame_000.obj, frame_001.obj, ..."),
            "--run": ("run", "a `loom train shape4d` run folder: generate the meshes with it into <out>/pred"),
            "--renders": ("renders", "folder of <key>.mp4 renders of the predictions (rendering metrics)")},
+    "scene": {"--pred": ("pred", "a `loom generate scene` output folder (scene.json, video.mkv, anchors/) or a "
+                         "folder of them, one per generated video"),
+              "--gt": ("gt", "scene shards (`loom render scene` output) instead of each scene.json's 'scene'")},
 }  # fmt: skip
 
 
 # --set examples shown in each benchmark's help (tests resolve each against its job)
-EXAMPLES = {"ttv": "limit=8", "texture": "limit=100", "4d": "render.enabled=true"}
+EXAMPLES = {"ttv": "limit=8", "texture": "limit=100", "4d": "render.enabled=true", "scene": "bc_clip=clip"}
 
 
 def _job(name: str):
     """(the benchmark's module, with ``evaluate(cfg)``; its root config class), imported when a command needs it."""
-    from loom.eval import bench_4d, bench_texture, bench_ttv
+    from loom.eval import bench_4d, bench_scene, bench_texture, bench_ttv
 
-    mod = {"ttv": bench_ttv, "texture": bench_texture, "4d": bench_4d}[name]
+    mod = {"ttv": bench_ttv, "texture": bench_texture, "4d": bench_4d, "scene": bench_scene}[name]
     return mod, getattr(mod, EVAL[name][0])
 
 

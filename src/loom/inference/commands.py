@@ -31,6 +31,39 @@ def _cmd_generate_inbetween(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate_scene(args: argparse.Namespace) -> int:
+    from loom.inference.scene import run_generate_scene
+    from loom.platform.tracking import TrackingSettings
+
+    try:
+        w, h = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size {args.size!r}: give WIDTHxHEIGHT, e.g. 720x480") from None
+    try:
+        keys = [int(k) for k in args.keyframes.split(",")] if args.keyframes else None
+    except ValueError:
+        raise ValueError(f"--keyframes {args.keyframes!r}: give frame indices, e.g. 0,45,90") from None
+    sampling = {k: v for k, v in (("steps", args.steps), ("replace_steps", args.replace_steps),
+                                  ("guidance", args.guidance), ("true_cfg", args.true_cfg),
+                                  ("control_weight", args.control_weight)) if v is not None}
+    tracking = None if args.no_mlflow else TrackingSettings(uri=args.tracking_uri or "", experiment=args.experiment)
+    done = run_generate_scene(
+        args.out, style=args.style, reference=args.reference, style_recipe=args.style_recipe,
+        style_sets=args.style_set or [], identifier=args.identifier, prompt=args.prompt or "",
+        ggi=args.ggi, checkpoint=(args.transformer, args.base) if args.transformer or args.base else None,
+        data=args.data, key=args.key, scene=args.scene, trajectory=args.trajectory, frames=args.frames, size=(w, h),
+        keyframes=keys, every=args.every, seed=args.seed, guided=not args.unguided, sampling=sampling,
+        ggi_steps=args.ggi_steps, degradation=args.degradation, tracking=tracking)
+    print(f"video:    {args.out}/video.mp4  ({done['frames']} frames; lossless video.mkv beside it)")
+    print(f"anchors:  {args.out}/anchors/  (frames {', '.join(str(k) for k in done['keyframes'])})")
+    if done.get("mlflow"):
+        from loom.platform.tracking import ui_hint
+
+        print(f"mlflow:   run {done['mlflow'][2]} ({done['mlflow'][0]})")
+        print(f"UI:       {ui_hint(*done['mlflow'])}")
+    return 0
+
+
 def _cmd_generate_4d(args: argparse.Namespace) -> int:
     from loom.inference.shape4d import generate_4d
 
@@ -191,6 +224,51 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--out", default="out/inbetween.mp4", help="output video (H.264 mp4)")
     p.set_defaults(func=_cmd_generate_inbetween)
+
+    p = gen.add_parser("scene", help="a scene video from coarse geometry, a camera trajectory and a style reference "
+                       "(VideoFrom3D: SAG anchor views, GGI between them)")
+    p.add_argument("--scene", help="coarse geometry (.glb/.gltf/.obj/.blend), rendered along --trajectory by the "
+                   "scene job")
+    p.add_argument("--trajectory", help="camera keyframes (.yaml/.json) or the preset 'orbit'")
+    p.add_argument("--frames", type=int, default=46, help="with --scene: frames along the trajectory (46: one "
+                   "segment, as the paper)")
+    p.add_argument("--size", default="720x480", help="with --scene: frame size WIDTHxHEIGHT (multiples of 16)")
+    p.add_argument("--data", help="instead of --scene/--trajectory: scene shards rendered along it")
+    p.add_argument("--key", help="sample key in --data (default: the first)")
+    p.add_argument("--reference", help="style reference image: a style LoRA is trained on it first (`loom train "
+                   "style`, into OUT/style; a rerun reuses it)")
+    p.add_argument("--style", help="instead of --reference: a finished `loom train style` run")
+    p.add_argument("--style-recipe", default="default", help="with --reference: the `loom train style` recipe")
+    p.add_argument("--style-set", action="append", metavar="KEY=VALUE", help="with --reference: a `loom train "
+                   "style` config override, e.g. model.base=/models/FLUX.1-dev (repeatable)")
+    p.add_argument("--identifier", help="the style's identifier prompt (default: the style run's first; with "
+                   "--reference: '[v]')")
+    p.add_argument("--prompt", help="text after the identifier (post-prompting: 'winter', 'at dusk')")
+    p.add_argument("--ggi", help="a finished `loom train ggi` run")
+    p.add_argument("--transformer", help="instead of --ggi: a released GGI transformer folder, with --base")
+    p.add_argument("--base", help="with --transformer: CogVideoX-5B-I2V's diffusers folder")
+    p.add_argument("--keyframes", help="anchor frames, e.g. 0,45,90 (default: every --every frames and the last)")
+    p.add_argument("--every", type=int, default=45, help="frames between anchors (the paper: 45; the anchor-count "
+                   "sweep of the evaluation varies it)")
+    p.add_argument("--unguided", action="store_true", help="sample every anchor from its structure alone, without "
+                   "the previous anchor's warp (Sparse Appearance-guided Sampling off: VideoFrom3D Fig. 11's "
+                   "ablation, and its style transitions)")
+    p.add_argument("--steps", type=int, help="SAG sampler steps (default 25)")
+    p.add_argument("--replace-steps", type=int, help="SAG steps with the warp's latents replaced (default 12)")
+    p.add_argument("--guidance", type=float, help="FLUX guidance embedding (default 4)")
+    p.add_argument("--true-cfg", type=float, help="true classifier-free guidance from step 5 (default 3.5; 1 = off)")
+    p.add_argument("--control-weight", type=float, help="HED ControlNet weight (default 0.8)")
+    p.add_argument("--ggi-steps", type=int, help="GGI sampler steps (default: the run's sample.steps)")
+    p.add_argument("--degradation", type=float, help="GGI: fresh noise blended into the warped noise (default: "
+                   "the run's)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (anchor i: seed + i; segment i: seed + i)")
+    p.add_argument("--out", default="out/scene", help="output folder: video.mp4, video.mkv, anchors/, structure/, "
+                   "warps/, segments/, scene.json (a rerun goes on where a run stopped)")
+    p.add_argument("--experiment", default="scene", help="MLflow experiment of the run")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db or "
+                   "$LOOM_HOME/mlflow.db)")
+    p.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
+    p.set_defaults(func=_cmd_generate_scene)
 
     p = gen.add_parser("4d", help="a mesh sequence from a conditioning video (ShapeGen4D): one mesh per frame")
     p.add_argument("--run", required=True, help="a finished `loom train shape4d` run folder (config.yaml + "

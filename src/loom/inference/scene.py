@@ -146,7 +146,7 @@ def generate_scene(out: str, sample: dict, style, ggi_model, *, prompt: str, key
                    sampling: dict | None = None, settings: dict | None = None, progress=print,
                    tracking=None) -> dict:
     """VideoFrom3D end to end on a rendered scene sample: anchor views by SAG (``style``: a
-    `loom.training.style.StyleRun`, its LoRAs active), the frames between them by GGI (``ggi_model``: a
+    `loom.inference.style.StyleRun`, its LoRAs active), the frames between them by GGI (``ggi_model``: a
     `loom.inference.inbetween.GGIRun`), in ``out``:
 
     - ``anchors/<frame>.png``, ``structure/<frame>.png`` (the ControlNet's edge maps), ``warps/<frame>.png`` and
@@ -236,3 +236,72 @@ def log_scene_run(out: str, done: dict, tracking) -> tuple[str, str, str]:
     client.set_terminated(rid, "FINISHED")
     write_run_record(out, uri, tracking.experiment, exp_id, rid)
     return uri, exp_id, rid
+
+
+def train_style(out: str, reference: str, identifier: str, recipe: str, sets: list[str]) -> None:
+    """``loom train style`` on the reference into ``out``, as a user runs it (its own process: generation does not
+    import the training code); a stopped one is resumed."""
+    import subprocess
+    import sys
+
+    if not os.path.isfile(reference):
+        raise FileNotFoundError(f"--reference {reference}: no such image")
+    cmd = [sys.executable, "-m", "loom.cli", "train", "style", "--recipe", recipe, "--reference", reference,
+           "--identifier", identifier, "--out", out, "--set", "trainer.progress=false"]
+    for item in sets:
+        cmd += ["--set", item]
+    if os.path.isdir(os.path.join(out, "checkpoints")):
+        cmd.append("--resume")
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"training the style on {reference} failed ({' '.join(cmd[2:])}):\n{p.stderr[-3000:]}")
+
+
+def run_generate_scene(out: str, *, style: str | None = None, reference: str | None = None,
+                       style_recipe: str = "default", style_sets: list[str] | None = None,
+                       identifier: str | None = None, prompt: str = "", ggi: str | None = None,
+                       checkpoint: tuple[str, str] | None = None, data: str | None = None, key: str | None = None,
+                       scene: str | None = None, trajectory: str | None = None, frames: int = 46,
+                       size: tuple[int, int] = (720, 480), keyframes: list[int] | None = None, every: int = SEGMENT,
+                       seed: int = 0, guided: bool = True, sampling: dict | None = None,
+                       ggi_steps: int | None = None, degradation: float | None = None, tracking=None,
+                       progress=print) -> dict:
+    """``loom generate scene``: the scene rendered along the trajectory (or given shards), a style run (given, or
+    trained here on ``reference`` into ``out/style`` by `loom train style`), the GGI model, then
+    :func:`generate_scene`."""
+    from loom.inference.inbetween import load_ggi_checkpoint, load_ggi_run, render_scene
+
+    if (ggi is None) == (checkpoint is None):
+        raise ValueError("give --ggi RUN (a `loom train ggi` run) or --transformer DIR --base DIR (a released GGI "
+                         "transformer and its CogVideoX-5B-I2V base)")
+    if (style is None) == (reference is None):
+        raise ValueError("give --reference IMAGE (a style LoRA is trained on it first, into OUT/style) or --style "
+                         "RUN (a finished `loom train style` run)")
+    progress("stage 1/4: GGI model")
+    model = load_ggi_run(ggi, ggi_steps, degradation) if ggi else load_ggi_checkpoint(*checkpoint, ggi_steps,
+                                                                                        degradation)
+    progress("stage 2/4: scene structure")
+    if data is None:
+        if not scene or not trajectory:
+            raise ValueError("give --scene and --trajectory (rendered here by the scene job), or --data (scene shards "
+                             "rendered along the trajectory)")
+        data = render_scene(scene, trajectory, frames, size, model.vae.config.latent_channels,
+                            os.path.join(out, "scene-data"))
+    sample = read_scene_sample(data, key)
+    progress("stage 3/4: style")
+    if style is None:
+        style = os.path.join(out, "style")
+        if not os.path.isfile(os.path.join(style, "lora", "pytorch_lora_weights.safetensors")):
+            train_style(style, reference, identifier or "[v]", style_recipe, style_sets or [])
+    from loom.inference.style import load_style_run
+
+    run = load_style_run(style)
+    ident = identifier or next(iter(run.identifiers))
+    if ident not in run.identifiers:
+        raise ValueError(f"--identifier {ident!r}: the style run {style} knows {sorted(run.identifiers)}")
+    text = f"{ident} {prompt}".strip()
+    progress("stage 4/4: anchors (SAG) and inbetweening (GGI)")
+    settings = {"scene": data, "key": sample["__key__"], "reference": run.identifiers[ident], "style": style,
+                "ggi": ggi or checkpoint[0], "ggi_steps": model.steps, "degradation": model.degradation}
+    return generate_scene(out, sample, run, model, prompt=text, keyframes=keyframes, every=every, seed=seed,
+                          guided=guided, sampling=sampling, settings=settings, progress=progress, tracking=tracking)

@@ -187,6 +187,24 @@ def build(m: SAGModelSettings, seed: int = 0) -> SAGParts:
     return SAGParts(tr, vae, sched, text, cn)
 
 
+def build_local(m: SAGModelSettings, seed: int = 0) -> SAGParts:
+    """:func:`build` with Hugging Face repo names of model.base / model.controlnet resolved in the local cache
+    (nothing is downloaded)."""
+    from loom.platform.hub import resolve_model_path
+
+    base = m.base if m.base == TINY else resolve_model_path(m.base, "model.base")
+    cn = m.controlnet if m.controlnet in ("", TINY) else resolve_model_path(m.controlnet, "model.controlnet")
+    return build(dataclasses.replace(m, base=base, controlnet=cn), seed)
+
+
+# A `loom train style` run's files, which generation reads (loom.inference.style) without the training code.
+LORA_DIR = "lora"
+TRANSFORMER_LORA = "pytorch_lora_weights.safetensors"  # FluxPipeline.load_lora_weights(RUN/lora)
+CONTROLNET_LORA = "controlnet_lora.safetensors"  # peft keys without prefix: controlnet.load_lora_adapter
+REFERENCES = "references"
+INDEX = "references.json"
+
+
 # ------------------------------------------------------------------------------------------------------ latents
 
 
