@@ -125,3 +125,44 @@ def test_generate_scene_writes_the_video_reuses_finished_work_and_refuses_other_
     with pytest.raises(ValueError, match="seed differ"):
         S.generate_scene(out, s, style, model, seed=1, **kw)
     assert json.load(open(os.path.join(out, "scene.json")))["complete"]
+
+
+@pytest.mark.blender
+@pytest.mark.integration
+def test_loom_generate_scene_from_the_bundled_scene_trajectory_and_a_reference(tmp_path):
+    """The user's command end to end at tiny size: the bundled scene rendered along the orbit by the scene job
+    (Blender), a style LoRA trained on the reference image by `loom train style` (its own process), SAG anchors and
+    GGI between them: a video of the requested length, and a rerun that takes every anchor and segment kept."""
+    pytest.importorskip("bpy")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from loom.datasets.codecs import decode_video
+    from tests.inference.test_inbetween import make_run
+
+    ggi = make_run(tmp_path)
+    ref = str(tmp_path / "reference.png")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)).save(ref)
+    out = str(tmp_path / "scene-video")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "loom"), "generate", "scene", "--scene", "bundled-scene",
+           "--trajectory", "orbit", "--frames", "9", "--size", "32x32", "--every", "4", "--reference", ref,
+           "--style-recipe", "tiny", "--style-set", "trainer.max_steps=2", "--ggi", ggi, "--steps", "3",
+           "--replace-steps", "2", "--ggi-steps", "2", "--out", out, "--tracking-uri",
+           f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    video = decode_video(open(os.path.join(out, "video.mkv"), "rb").read())
+    assert video.shape == (9, 32, 32, 3)
+    done = json.load(open(os.path.join(out, "scene.json")))
+    assert done["keyframes"] == [0, 4, 8] and done["complete"] and done["settings"]["prompt"] == "[v]"
+    assert sorted(os.listdir(os.path.join(out, "anchors"))) == ["0000.png", "0004.png", "0008.png"]
+    assert os.path.isfile(os.path.join(out, "style", "lora", "pytorch_lora_weights.safetensors"))
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0 and p.stdout.count("kept from") + p.stderr.count("kept from") == 5, p.stderr[-2000:]
+    np.testing.assert_array_equal(decode_video(open(os.path.join(out, "video.mkv"), "rb").read()), video)
