@@ -210,32 +210,13 @@ def generate_scene(out: str, sample: dict, style, ggi_model, *, prompt: str, key
 def log_scene_run(out: str, done: dict, tracking) -> tuple[str, str, str]:
     """One MLflow run (experiment ``tracking.experiment``): every setting as a param, seconds per stage as
     metrics, and the video, anchors, structure maps and scene.json as artifacts; OUT/mlflow_run.json names it."""
-    import mlflow
-    from mlflow.entities import Metric, Param
+    from loom.platform.tracking import flatten, log_output_run
 
-    from loom.platform.tracking import ensure_experiment, flatten, resolve_uri, write_run_record
-
-    uri = resolve_uri(tracking)
-    exp_id = ensure_experiment(uri, tracking.experiment)
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    run = client.create_run(exp_id, run_name=tracking.run_name or os.path.basename(os.path.normpath(out)),
-                            tags={"loom.kind": "scene"})
-    rid = run.info.run_id
-    try:
-        now = run.info.start_time
-        client.log_batch(rid, params=[Param(k, v) for k, v in flatten(done["settings"]).items()],
-                         metrics=[Metric(f"seconds/{k}", v, now, 0) for k, v in done["seconds"].items()]
-                         + [Metric("frames", done["frames"], now, 0)])
-        client.log_artifact(rid, os.path.join(out, "video.mp4"))
-        client.log_artifact(rid, os.path.join(out, "scene.json"))
-        for d in ("anchors", "structure", "warps"):
-            client.log_artifacts(rid, os.path.join(out, d), d)
-    except BaseException:
-        client.set_terminated(rid, "FAILED")
-        raise
-    client.set_terminated(rid, "FINISHED")
-    write_run_record(out, uri, tracking.experiment, exp_id, rid)
-    return uri, exp_id, rid
+    metrics = [(f"seconds/{k}", v, 0) for k, v in done["seconds"].items()] + [("frames", done["frames"], 0)]
+    return log_output_run(out, tracking, name=os.path.basename(os.path.normpath(out)), tags={"loom.kind": "scene"},
+                          params=flatten(done["settings"]), metrics=metrics,
+                          files=[os.path.join(out, "video.mp4"), os.path.join(out, "scene.json")],
+                          folders={os.path.join(out, d): d for d in ("anchors", "structure", "warps")})
 
 
 def train_style(out: str, reference: str, identifier: str, recipe: str, sets: list[str]) -> None:

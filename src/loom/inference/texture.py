@@ -630,36 +630,18 @@ def log_run(out: str, report: dict, files: list[str], tracking) -> tuple[str, st
     """One MLflow run in ``tracking.experiment`` (default "texture" for this command): params (mesh, its sha256,
     frames, pass, resolution, UV source), metrics (coverage per stage, alignment, PSNR against the own texture,
     seconds per stage) and the outputs as artifacts; ``OUT/mlflow_run.json`` names it. (uri, experiment id, run id)."""
-    import mlflow
-    from mlflow.entities import Metric, Param
+    from loom.platform.tracking import log_output_run
 
-    from loom.platform.tracking import ensure_experiment, resolve_uri, write_run_record
-
-    uri = resolve_uri(tracking)
-    exp_id = ensure_experiment(uri, tracking.experiment)
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    name = tracking.run_name or os.path.splitext(os.path.basename(report["mesh"]))[0]
-    run = client.create_run(exp_id, run_name=name, tags={"loom.kind": "texture", "loom.mesh_sha256":
-                                                         report["mesh_sha256"]})
-    rid = run.info.run_id
-    try:
-        now = run.info.start_time
-        params = {k: report[k] for k in ("mesh", "mesh_sha256", "frames", "key", "pass", "resolution", "uv",
-                                         "frames_used")}
-        metrics = [Metric("coverage", report["coverage"], now, st["stage"]) for st in report["stages"]]
-        metrics += [Metric("alignment_median_distance", report["alignment_median_distance"], now, 0)]
-        if report["own_texture_psnr_db"] is not None:
-            metrics.append(Metric("own_texture_psnr_db", report["own_texture_psnr_db"], now, 0))
-        metrics += [Metric(f"seconds/{k}", v, now, 0) for k, v in report["seconds"].items()]
-        client.log_batch(rid, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
-        for f in files:
-            client.log_artifact(rid, f)
-    except BaseException:
-        client.set_terminated(rid, "FAILED")
-        raise
-    client.set_terminated(rid, "FINISHED")
-    write_run_record(out, uri, tracking.experiment, exp_id, rid)
-    return uri, exp_id, rid
+    params = {k: str(report[k]) for k in ("mesh", "mesh_sha256", "frames", "key", "pass", "resolution", "uv",
+                                          "frames_used")}
+    metrics = [("coverage", report["coverage"], st["stage"]) for st in report["stages"]]
+    metrics.append(("alignment_median_distance", report["alignment_median_distance"], 0))
+    if report["own_texture_psnr_db"] is not None:
+        metrics.append(("own_texture_psnr_db", report["own_texture_psnr_db"], 0))
+    metrics += [(f"seconds/{k}", v, 0) for k, v in report["seconds"].items()]
+    return log_output_run(out, tracking, name=os.path.splitext(os.path.basename(report["mesh"]))[0],
+                          tags={"loom.kind": "texture", "loom.mesh_sha256": report["mesh_sha256"]}, params=params,
+                          metrics=metrics, files=files)
 
 
 def write_textured_mesh(mesh: UVMesh, texture: np.ndarray, out: str,

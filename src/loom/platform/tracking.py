@@ -131,6 +131,35 @@ def write_run_record(out: str, uri: str, experiment: str, experiment_id: str, ru
     return path
 
 
+
+def log_output_run(out: str, tracking: TrackingSettings, *, name: str, tags: dict[str, str], params: dict[str, str],
+                   metrics: list[tuple[str, float, int]], files: list[str] = (),
+                   folders: dict[str, str] | None = None) -> tuple[str, str, str]:
+    """One finished MLflow run for what a command wrote into ``out`` (generation, texturing): ``params``,
+    ``metrics`` as (key, value, step), ``files`` and ``folders`` ({local folder: artifact path}) as artifacts; a
+    failure marks the run FAILED. ``out/mlflow_run.json`` names it. Returns (uri, experiment id, run id)."""
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    uri = resolve_uri(tracking)
+    exp_id = ensure_experiment(uri, tracking.experiment)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    rid = client.create_run(exp_id, run_name=tracking.run_name or name, tags=tags).info.run_id
+    try:
+        now = client.get_run(rid).info.start_time
+        client.log_batch(rid, metrics=[Metric(k, float(v), now, step) for k, v, step in metrics],
+                         params=[Param(k, v) for k, v in params.items()])
+        for f in files:
+            client.log_artifact(rid, f)
+        for folder, path in (folders or {}).items():
+            client.log_artifacts(rid, folder, path)
+    except BaseException:
+        client.set_terminated(rid, "FAILED")
+        raise
+    client.set_terminated(rid, "FINISHED")
+    write_run_record(out, uri, tracking.experiment, exp_id, rid)
+    return uri, exp_id, rid
+
 def read_run_record(folder: str) -> dict[str, str] | None:
     """What :func:`write_run_record` wrote into a run folder, or None (no record: trained without tracking, or by
     a Loom that did not write one). A record that is not Loom's JSON is refused, naming the file."""
