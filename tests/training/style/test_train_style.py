@@ -90,7 +90,7 @@ def test_recipes_resolve_and_differ_where_paper_and_code_do():
     assert code.lora.double_blocks == paper.lora.double_blocks == tuple(range(19))
     assert code.lora.single_blocks == (1, 2, 3, 4) and paper.lora.single_blocks == (0, 1, 2, 3)  # 23 blocks each
     assert code.lora.rank == paper.lora.rank == 16 and code.lora.scale_alpha == 16
-    assert (code.trainer.max_steps, code.optim.name, code.optim.weight_decay) == (600, "adamw", 0.01)
+    assert (code.trainer.max_steps, code.optim.name, code.optim.weight_decay) == (400, "adamw", 0.01)
     assert (paper.trainer.max_steps, paper.optim.name) == (400, "adam")
     assert code.optim.betas == (0.9, 0.999) and code.optim.eps == 1e-8 and code.trainer.precision == "bf16-mixed"
     with pytest.raises(cfgmod.ConfigError, match="data.size"):

@@ -12,8 +12,12 @@ DiT LoRA blocks             all 19 double blocks (their         "the first 23 tr
                             single blocks 1, 2, 3, 4 (23 blocks)
 ControlNet LoRA             its 2 double blocks (the same       the same ("LoRA layers to both the image diffusion
                             processors; it has no single ones)  model and ControlNet")
-steps, optimizer            600, AdamW (0.9, 0.999), wd 0.01,   400 iterations, Adam (no weight decay); lr not
-                            eps 1e-8, lr 1e-4                   given: 1e-4
+steps, optimizer            400 (their YAML runs 600 with a     400 iterations, Adam (no weight decay); lr not
+                            checkpoint every 100; their         given: 1e-4
+                            generation loads ``--epoch 400``,
+                            the LoRA of step 400: Loom stops
+                            there), AdamW (0.9, 0.999), wd
+                            0.01, eps 1e-8, lr 1e-4
 learning-rate schedule      constant; the YAML's 10 warm-up     the same
                             steps are ignored by diffusers'
                             ``get_scheduler("constant")``, so
@@ -155,13 +159,14 @@ def _authors() -> TrainStyleJob:
     return TrainStyleJob(
         data=StyleDataSettings(size=1024, aspect_ratios=AUTHORS_CROPS),
         model=SAGModelSettings(base=FLUX_DEV, controlnet=HED_CONTROLNET, dtype="bfloat16"),
-        trainer=TrainerSettings(max_steps=600, precision="bf16-mixed", grad_clip=1.0, devices=1,
+        trainer=TrainerSettings(max_steps=400, precision="bf16-mixed", grad_clip=1.0, devices=1,
                                 checkpoint_every=100, log_every=1))
 
 
 @recipe(TrainStyleJob, "default", help=f"the authors' code: {FLUX_DEV} + XLabs' HED ControlNet v3 (local Hugging "
         "Face cache, or set model.base / model.controlnet), LoRA rank 16 on all 19 double blocks + single blocks "
-        "1-4 of the DiT and both double blocks of the ControlNet, 600 steps, AdamW lr 1e-4 (0.9, 0.999), wd 0.01, "
+        "1-4 of the DiT and both double blocks of the ControlNet, 400 steps (their YAML trains 600, their generation "
+        "loads the LoRA of step 400), AdamW lr 1e-4 (0.9, 0.999), wd 0.01, "
         "eps 1e-8, constant (their 10 warm-up steps are ignored by their scheduler), bf16, random 16:9 / native / "
         "1:1 / 4:3 crops at 1024")
 def _default() -> TrainStyleJob:
