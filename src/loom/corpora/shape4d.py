@@ -39,6 +39,28 @@ config.yaml):
   watertight meshes would.
 - Lengths that depend on the box scale with it: ``points.inner_threshold`` 0.04 (the watertight offset is ~0.022
   at resolution 20,000 in this box).
+
+Root motion ("root-body motion is removed from the animation", 5.1): the root's translation since frame 0 is always
+removed; ``animation.root_rotation`` says what of its rotation since frame 0 is removed too, about the root
+(``loom.geometry.sequence.remove_root_transform``):
+
+- ``none`` (default): nothing; a character that turns still turns, a tumbling object still tumbles. The default
+  because (a) it is what Loom wrote before the option existed, and the section enters the config hash only when
+  set, so a default that changed samples would mix two kinds under one hash on resume; (b) the paper removes
+  "root-body motion" without naming rotation, its 4D metric registers a prediction with one similarity plus
+  per-frame translations only, keeping "frame-wise rotation" (5.2), and it names rigid global rotations as a
+  limitation (6): its sequences still contain them.
+- ``yaw``: the heading (twist about +Z) since frame 0: walking and turning characters keep facing one way (the body
+  turns under the fixed camera no more), their lean and bob stay. For character corpora (Mixamo-like walk cycles
+  that wander).
+- ``full``: all of it: the root keeps its frame-0 orientation; what is left is the motion relative to the root. For
+  assets whose global spin or tumble is not wanted (a spinning prop, a rolling object). ``yaw`` refuses an asset
+  whose root turns upside down (its heading is undefined): a failure row that names ``full``/``none``.
+
+Every sample's meta holds ``root_offsets`` (T,3), ``root_rotations`` (T,3,3, the rotations removed; identity under
+``none``), ``root_origin`` (3,) and ``root_rotation_mode``, in world units before ``normalization``, so the removal can
+be undone (``restore_root_transform`` on the vertices after inverting ``normalization``). Corpora written before
+this have only ``root_offsets``: their rotations are the identity.
 """
 
 from __future__ import annotations
@@ -81,6 +103,14 @@ class SequenceSettings:
 
 
 @config
+class AnimationSettings:
+    root_rotation: Literal["none", "yaw", "full"] = field("none", help="root rotation since frame 0 removed besides "
+                                                          "its translation: 'none', 'yaw' (heading about +Z: turning "
+                                                          "characters face one way) or 'full' (the root keeps its "
+                                                          "frame-0 orientation); recorded in meta.root_rotations")
+
+
+@config
 class PointSettings:
     surface: int = field(32768, help="points (with normals) sampled on each frame's watertight surface")
     queries: int = field(1024, help="aligned query points per frame")
@@ -120,12 +150,14 @@ class PointSettings:
 class Render4DJob(RenderJob):
     KIND: ClassVar[str] = "4d"
     NON_SAMPLE_FIELDS: ClassVar[tuple[str, ...]] = ("assets", "out", "limit", "ray", "shards")
+    OPTIONAL_SECTIONS: ClassVar[tuple[str, ...]] = ("animation",)  # hashed only when set (corpora before it resume)
 
     assets: str = field("bundled-animated", help="asset source (see loom.corpora.assets); 'bundled-animated' "
                         "makes Loom's own animated test assets")
     out: str = field("out/4d", help="output folder or fsspec URL for shards and manifests")
     limit: int | None = field(None, help="process only the first N assets (after sorting)")
     sequence: SequenceSettings = field(default_factory=SequenceSettings, help="frames and normalisation")
+    animation: AnimationSettings = field(default_factory=AnimationSettings, help="root motion removal")
     points: PointSettings = field(default_factory=PointSettings, help="surface, query and SDF sampling")
     render: RenderSettings = field(default_factory=lambda: RenderSettings(width=512, height=512),
                                    help="conditioning video renderer")
@@ -143,7 +175,7 @@ class Render4DJob(RenderJob):
         camera = Camera(azimuth=float(rng.uniform(0, 2 * math.pi)),
                         elevation=math.radians(float(rng.uniform(*s.elevation))), fill=s.fill)
         return Task4D(**common_fields(self, asset, variant, seed, rng, chash, s.frames), half_extent=s.half_extent,
-                      camera=camera, points=self.points)
+                      camera=camera, points=self.points, root_rotation=self.animation.root_rotation)
 
 
 @recipe(Render4DJob, "default", help="the paper's settings: 16 frames, 32,768 surface and 32,768 sharp-edge points, "
@@ -183,6 +215,7 @@ class Task4D(RenderTask):
     half_extent: float  # every frame fits [-h, h]^3
     camera: Camera
     points: PointSettings
+    root_rotation: str = "none"  # animation.root_rotation: "none" | "yaw" | "full"
 
 
 def process_sequence(seq: dict, p: dict, seed: int, timings: dict[str, float]) -> dict[str, np.ndarray]:
@@ -245,7 +278,9 @@ def to_arrays(params: dict, seq: dict, info: dict, timings: dict) -> tuple[dict,
                               timings)
     arrays.update(video=seq["video"], K=seq["K"], c2w=seq["c2w"])
     meta = {"frame_times": [float(x) for x in seq["frame_times"]], "normalization": info["normalization"],
-            "root_offsets": info["root_offsets"], "animation": info["animation"], "mesh": info["mesh"],
+            "root_offsets": info["root_offsets"], "root_rotations": info["root_rotations"],
+            "root_origin": info["root_origin"], "root_rotation_mode": info["root_rotation_mode"],
+            "animation": info["animation"], "mesh": info["mesh"],
             "sdf_truncation": float(params["points"]["sdf_truncation"])}
     found = arrays.pop("sharp_edges", None)
     if found is not None:

@@ -22,19 +22,23 @@ key               shape            dtype    meaning
 ``K``             (T,3,3)          float32  intrinsics (pixels, pixel centres at u+0.5)
 ``c2w``           (T,4,4)          float32  OpenCV camera-to-world (world +Z up)
 ``meta``          dict                      seed, uid, asset_sha256, frame_times, normalization,
-                                            root_offsets, animation, versions, config hash, half_extent,
+                                            root_offsets (T,3), root_rotations (T,3,3), root_origin (3,),
+                                            root_rotation_mode, animation, versions, config hash, half_extent,
                                             sdf_truncation, and with sharp points ``sharp_edges`` (sharp edges
                                             found per frame; 0 = that frame fell back to surface points)
 ================  ===============  =======  ===============================================================
 
-Coordinates and units: root motion removed, then one similarity for the whole sequence so every frame of the
-animated mesh lies in the box ``[-h, h]^3`` (``meta["half_extent"]``). Corpora written since the Step1X-3D base use
-its frame, ``h = 1`` (Step1X-3D's shapes fill [-1, 1]^3, meshes are extracted in +-1.05), and truncate the signed
-distances at tau = 0.01 in those units (``meta["sdf_truncation"]``), so the released VAE reads them as they are;
-older corpora have ``h = 0.5`` and tau = 0.05 (no ``sdf_truncation`` in their meta: see the job's config.yaml).
-All lengths (positions, sdf, tau) are in the units of that box. The watertight surface (``surface``,
-``sharp_surface``, ``sdf``) lies slightly outside the original one: about 1/resolution of the box side (0.022 for
-h = 1 at the default 20,000).
+Coordinates and units: root motion removed (the root's translation since frame 0, and its rotation since frame 0 as
+``meta["root_rotation_mode"]`` says: none, yaw or full; the removed ``root_offsets``/``root_rotations`` about
+``root_origin`` are world units before ``normalization``, so ``loom.geometry.sequence.restore_root_transform`` undoes
+it; older corpora have only ``root_offsets``: no rotation was removed), then one similarity for the whole sequence so
+every frame of the animated mesh lies in the box ``[-h, h]^3`` (``meta["half_extent"]``). Corpora written since the
+Step1X-3D base use its frame, ``h = 1`` (Step1X-3D's shapes fill [-1, 1]^3, meshes are extracted in +-1.05), and
+truncate the signed distances at tau = 0.01 in those units (``meta["sdf_truncation"]``), so the released VAE reads them
+as they are; older corpora have ``h = 0.5`` and tau = 0.05 (no ``sdf_truncation`` in their meta: see the job's
+config.yaml). All lengths (positions, sdf, tau) are in the units of that box. The watertight surface (``surface``,
+``sharp_surface``, ``sdf``) lies slightly outside the original one: about 1/resolution of the box side (0.022 for h = 1
+at the default 20,000).
 
 On disk: ``surface.npz``, ``queries.npz``, ``sdf.npz`` (float32, zip-compressed numpy), ``video.mkv`` (FFV1
 lossless with alpha), ``camera.npz``, ``meta.json``, and with sharp points ``sharp.npz`` (float32; absent in

@@ -20,13 +20,19 @@ Design choices (why):
   (a changing vertex count or triangle list is a TaskError: per-vertex correspondence over time is the point of a 4D
   sample). Meshes used as bone display shapes are never collected (the glTF import also passes
   ``disable_bone_shape=True`` so that icosphere is not created).
-- **Root motion** is the world position of the head of the first parentless pose bone of the first armature (by
-  name) or, without an armature, the world translation of the top-level animated object; removed relative to frame
-  0 with ``loom.geometry.sequence.remove_root_motion``. Then ONE similarity (``sequence_normalization``) fits the
-  bounding box of all frames into ``[-h, h]^3``.
+- **Root motion**: the root is the first parentless pose bone of the first armature (by name; its head and its
+  world orientation, armature object transform included) or, without an armature, the top-level animated object
+  (its world translation and orientation). Its translation since frame 0 is removed and, per
+  ``params["root_rotation"]`` ("none" by default, "yaw" or "full"), its rotation since frame 0 (the heading about +Z,
+  or all of it), about the root, with ``loom.geometry.sequence.remove_root_transform``; scale and mirrors in the
+  world matrix are stripped first (``nearest_rotation``). ``info`` records ``root_offsets`` (T,3), ``root_rotations``
+  (T,3,3, the rotations removed) and ``root_origin`` (3,) (the root at frame 0), world units, enough to undo it
+  (``restore_root_transform``). Then ONE similarity (``sequence_normalization``) fits the bounding box of all
+  frames into ``[-h, h]^3``.
 - **The render shows exactly the returned vertices**: every root object is parented under one empty whose matrix is
-  set per frame to ``normalization @ translate(-offset_t)``; after setting it the evaluated vertices are read again
-  and compared with the returned ones (max error reported in ``info["render_vertex_error"]``).
+  set per frame to ``normalization @ root_transform_t`` (``root_transforms``: ``x -> Q_t^T (x - r_t) + r_0``); after
+  setting it the evaluated vertices are read again and compared with the returned ones (max error reported in
+  ``info["render_vertex_error"]``).
 - **Camera** (``params["camera"]``): one fixed OpenCV camera (``look_at``) at ``distance`` from the origin, at
   ``azimuth`` (about +Z, from +X) and ``elevation``; its horizontal FOV is fitted with ``fit_fov`` over the vertices of ALL frames with margin
   ``1/fill - 1``, so on the tightest side the sequence spans ``fill`` of the half-frame and the object keeps one
@@ -45,7 +51,14 @@ from pathlib import Path
 import numpy as np
 
 from loom.geometry.camera import fit_fov, intrinsics, look_at, opencv_to_blender
-from loom.geometry.sequence import apply, remove_root_motion, sequence_normalization
+from loom.geometry.sequence import (
+    ROOT_ROTATION_MODES,
+    apply,
+    nearest_rotation,
+    remove_root_transform,
+    root_transforms,
+    sequence_normalization,
+)
 from loom.platform.errors import TaskError
 from loom.render.common import (
     MAX_ABS_COORD,
@@ -65,7 +78,7 @@ from loom.render.common import (
 
 DEFAULTS = {
     "frames": 16, "width": 256, "height": 256, "half_extent": 0.5, "samples": 16, "denoise": False,
-    "threads": 0, "seed": 0, "engine": "CYCLES", "device": "CPU",
+    "threads": 0, "seed": 0, "engine": "CYCLES", "device": "CPU", "root_rotation": "none",
 }
 # The nested sections as the 4D job writes them (``loom.corpora.shape4d.Task4D``), which leaves ``distance`` at 2.5.
 CAMERA_DEFAULTS = {"azimuth": 0.0, "elevation": math.radians(15.0), "fill": 0.85, "distance": 2.5}
@@ -100,6 +113,9 @@ def extract_sequence(params: dict) -> dict:
         raise ValueError(f"params['camera']['fill'] must be in (0, 1], got {fill}")
     if half <= 0:
         raise ValueError(f"params['half_extent'] must be > 0, got {half}")
+    root_rotation = p["root_rotation"]
+    if root_rotation not in ROOT_ROTATION_MODES:
+        raise ValueError(f"params['root_rotation'] must be one of {ROOT_ROTATION_MODES}, got {root_rotation!r}")
 
     # ---- import ----------------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -114,9 +130,9 @@ def extract_sequence(params: dict) -> dict:
     scene = bpy.context.scene
     kinds, (start, end) = _detect_animation(bpy, asset)
     frame_times = np.linspace(start, end, frames, dtype=np.float64) if frames > 1 else np.array([start], np.float64)
-    root_fn = _root_position_fn(bpy)
+    root_fn = _root_pose_fn(bpy)
 
-    verts_list, roots = [], []
+    verts_list, roots, root_mats = [], [], []
     faces = None
     layout = None
     for f in frame_times:
@@ -138,9 +154,18 @@ def extract_sequence(params: dict) -> dict:
             )
         _check_finite(v, asset, f)
         verts_list.append(v)
-        roots.append(root_fn(depsgraph))
+        position, linear = root_fn(depsgraph)
+        roots.append(position)
+        root_mats.append(linear)
     V = np.stack(verts_list)  # (T,N,3) float64, world
     root_positions = np.stack(roots)
+    root_rotations = None  # under "none" the root's matrix is not needed (a root scaled to 0 somewhere is fine)
+    if root_rotation != "none":
+        try:
+            root_rotations = nearest_rotation(np.stack(root_mats))
+        except ValueError as e:
+            raise TaskError(f"{asset}: the root's world matrix has no rotation part ({e}): the root is scaled to "
+                            f"zero in some frame; root rotation {root_rotation!r} needs it, 'none' does not") from None
 
     extent = float((V.reshape(-1, 3).max(0) - V.reshape(-1, 3).min(0)).max())
     if extent <= 0:
@@ -152,7 +177,11 @@ def extract_sequence(params: dict) -> dict:
             "vertex moves (the animated channels do not deform or move any mesh): not a 4D asset"
         )
 
-    v_noroot, offsets = remove_root_motion(V, root_positions)
+    try:
+        v_noroot, offsets, removed = remove_root_transform(V, root_positions, root_rotations, root_rotation)
+    except ValueError as e:
+        raise TaskError(f"{asset}: root rotation {root_rotation!r} cannot be removed: {e}") from None
+    to_root = root_transforms(offsets, removed, root_positions[0])
     norm = sequence_normalization(v_noroot, half)
     verts = apply(norm, v_noroot)
     if np.abs(verts).max() > half * (1 + 1e-6) + 1e-9:
@@ -179,7 +208,7 @@ def extract_sequence(params: dict) -> dict:
     paths, render_err = [], 0.0
     for t, f in enumerate(frame_times):
         _set_frame(scene, f)
-        root.matrix_world = to_matrix(norm @ _translation(-offsets[t]))
+        root.matrix_world = to_matrix(norm @ to_root[t])
         bpy.context.view_layer.update()
         v_check, _, _ = _frame_geometry(bpy.context.evaluated_depsgraph_get(), mesh_objects, layout, asset)
         render_err = max(render_err, float(np.abs(v_check - verts[t]).max()))
@@ -211,6 +240,9 @@ def extract_sequence(params: dict) -> dict:
         "info": {
             "normalization": norm.tolist(),
             "root_offsets": offsets.tolist(),
+            "root_rotations": removed.tolist(),
+            "root_origin": root_positions[0].tolist(),
+            "root_rotation_mode": root_rotation,
             "animation": {"kinds": kinds, "frame_range": [float(start), float(end)]},
             "fov_x": float(fov_x),
             "render_vertex_error": render_err,
@@ -284,8 +316,9 @@ def _set_frame(scene, f: float) -> None:
     scene.frame_set(int(whole), subframe=float(f - whole))
 
 
-def _root_position_fn(bpy):
-    """A function depsgraph -> (3,) world position of the sequence's root (see the module docstring)."""
+def _root_pose_fn(bpy):
+    """A function depsgraph -> ((3,) world position, (3,3) world linear map: rotation, maybe with scale) of the
+    sequence's root (see the module docstring)."""
     objs = sorted(bpy.context.scene.objects, key=lambda o: o.name)
     arms = [o for o in objs if o.type == "ARMATURE" and o.pose is not None and len(o.pose.bones) > 0]
     if arms:
@@ -294,8 +327,9 @@ def _root_position_fn(bpy):
 
         def armature_root(depsgraph):
             ev = arm.evaluated_get(depsgraph)
-            m = np.array(ev.matrix_world, dtype=np.float64)
-            return m[:3, :3] @ np.array(ev.pose.bones[bone].head, dtype=np.float64) + m[:3, 3]
+            # Pose-space matrix of the bone (rest and pose; its translation is the head) taken to world.
+            m = np.array(ev.matrix_world, dtype=np.float64) @ np.array(ev.pose.bones[bone].matrix, dtype=np.float64)
+            return m[:3, 3].copy(), m[:3, :3].copy()
 
         return armature_root
 
@@ -310,10 +344,11 @@ def _root_position_fn(bpy):
         top = min(animated, key=lambda o: (depth(o), o.name))
 
         def object_root(depsgraph):
-            return np.array(top.evaluated_get(depsgraph).matrix_world.translation, dtype=np.float64)
+            m = np.array(top.evaluated_get(depsgraph).matrix_world, dtype=np.float64)
+            return m[:3, 3].copy(), m[:3, :3].copy()
 
         return object_root
-    return lambda depsgraph: np.zeros(3)
+    return lambda depsgraph: (np.zeros(3), np.eye(3))
 
 
 def _frame_geometry(depsgraph, mesh_objects: list, layout, asset: Path):
@@ -359,12 +394,6 @@ def _check_finite(v: np.ndarray, asset: Path, f: float) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # Scene
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def _translation(t) -> np.ndarray:
-    m = np.eye(4)
-    m[:3, 3] = t
-    return m
 
 
 def _make_fixed_camera(bpy, scene, fov_x: float, distance: float, object_radius: float):

@@ -113,7 +113,7 @@ def arm_sequence(params: dict) -> dict:
     """Same contract as ``loom.render.anim.extract_sequence``: a two-part arm (two overlapping boxes, the
     forearm swinging 90 degrees about the elbow), already normalised into the unit box, seen by a fixed camera. The
     video is a flat-shaded splat of the vertices, enough to test the pipeline, not a render."""
-    from loom.geometry.sequence import apply, sequence_normalization
+    from loom.geometry.sequence import ROOT_ROTATION_MODES, apply, sequence_normalization
 
     path = params["asset_path"]
     if not os.path.exists(path):
@@ -123,6 +123,9 @@ def arm_sequence(params: dict) -> dict:
     if head == b"STATIC":
         raise TaskError(f"{path}: no animation (no actions, armature or shape-key animation): not a 4D asset")
     n, w, h = params["frames"], params["width"], params["height"]
+    mode = params.get("root_rotation", "none")
+    if mode not in ROOT_ROTATION_MODES:
+        raise ValueError(f"params['root_rotation'] must be one of {ROOT_ROTATION_MODES}, got {mode!r}")
     # Dense enough for surface sampling to look like a mesh: subdivide each box face into a grid.
     v1, f1 = _box((-1.0, -0.2, -0.2), (0.0, 0.2, 0.2))
     v2, f2 = _box((-0.1, -0.15, -0.15), (1.0, 0.15, 0.15))
@@ -150,7 +153,10 @@ def arm_sequence(params: dict) -> dict:
         "vertices": seq.astype(np.float32), "faces": faces.astype(np.int32), "video": video,
         "K": np.repeat(K[None], n, 0).astype(np.float32), "c2w": np.repeat(c2w[None], n, 0).astype(np.float32),
         "frame_times": np.arange(n, dtype=np.float64),
+        # The arm's root (the shoulder's part) never moves: nothing to remove whatever params["root_rotation"] says.
         "info": {"normalization": norm.tolist(), "root_offsets": np.zeros((n, 3)).tolist(),
+                 "root_rotations": np.broadcast_to(np.eye(3), (n, 3, 3)).tolist(), "root_origin": [-1.0, 0.0, 0.0],
+                 "root_rotation_mode": mode,
                  "animation": {"kinds": ["fake"], "frame_range": [0, n - 1]}, "blender_version": "fake",
                  "warnings": [], "timings": {"import": 0.0, "animation": 0.0, "render": 0.0, "readback": 0.0},
                  "mesh": {"vertices": int(seq.shape[1]), "faces": int(len(faces))}},
