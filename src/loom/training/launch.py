@@ -60,6 +60,11 @@ class TrainerSettings:
     checkpoint_every: int = field(100, help="save a checkpoint every N steps (and at the end)")
     keep_checkpoints: int = field(2, help="periodic checkpoints kept besides 'last' (-1 = all)")
     progress: bool = field(True, help="progress bar")
+    val_every: int = field(0, help="validation loss (fixed noise and timesteps per held-out sample) every N steps, "
+                           "logged as val/loss; the best weights are kept in OUT/best (0 = off)")
+    val_batches: int = field(0, help="validation batches per rank at each validation (0 = the whole held-out set)")
+    early_stop_patience: int = field(0, help="stop after this many validations in a row without a new best "
+                                     "val/loss (0 = off; needs val_every)")
     max_failures: int = field(3, help="Ray Train: restarts of the worker group after a worker or node is lost "
                               "(each continues from the last checkpoint)")
 
@@ -71,6 +76,11 @@ class TrainerSettings:
         require(self.accumulate >= 1, "accumulate", self.accumulate, "must be >= 1")
         require(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "must be >= 1")
         require(self.log_every >= 1, "log_every", self.log_every, "must be >= 1")
+        require(self.val_every >= 0, "val_every", self.val_every, "must be >= 0 (0 = off)")
+        require(self.val_batches >= 0, "val_batches", self.val_batches, "must be >= 0 (0 = all)")
+        require(self.early_stop_patience >= 0, "early_stop_patience", self.early_stop_patience, "must be >= 0")
+        require(not self.early_stop_patience or self.val_every, "early_stop_patience", self.early_stop_patience,
+                "needs trainer.val_every > 0 (early stopping watches the validation loss)")
 
 
 # The one list of config fields that may differ between a run's own config (<out>/config.yaml) and the config it is
@@ -80,7 +90,8 @@ class TrainerSettings:
 # run folder may be moved. MLflow records these fields as tags, updated on every resume; every other field is a
 # param, logged once, equal to the config (LoomModule.on_fit_start). A ``section.*`` entry allows a whole section.
 RESUMABLE = ("out", "trainer.max_steps", "trainer.progress", "trainer.log_every", "trainer.checkpoint_every",
-             "trainer.keep_checkpoints", "trainer.max_failures", "ray.address", "ray.cpus_per_worker")
+             "trainer.keep_checkpoints", "trainer.max_failures", "trainer.val_every", "trainer.early_stop_patience",
+             "ray.address", "ray.cpus_per_worker")
 
 
 def resumable(name: str) -> bool:
@@ -267,6 +278,8 @@ def build_trainer(t: TrainerSettings, tracking: TrackingSettings, out: str, *, r
         logger = MLFlowLogger(experiment_name=tracking.experiment, tracking_uri=uri, run_id=run_id,
                               run_name=tracking.run_name or os.path.basename(os.path.abspath(out)), log_model=False)
         callbacks = [*(callbacks or []), _run_record_callback(out, uri, tracking.experiment)]
+    if t.val_every:
+        callbacks = [*(callbacks or []), _validation_callback()]
     kw: dict[str, Any] = {}
     if ray:
         from ray.train.lightning import RayLightningEnvironment
@@ -283,6 +296,20 @@ def build_trainer(t: TrainerSettings, tracking: TrackingSettings, out: str, *, r
         gradient_clip_val=(t.grad_clip or None) if t.strategy != "deepspeed" else None,
         accumulate_grad_batches=t.accumulate, use_distributed_sampler=False, num_sanity_val_steps=0,
         limit_val_batches=0, default_root_dir=out, deterministic=False, **kw)
+
+
+def _validation_callback():
+    """Runs the module's ``run_validation()`` after each optimizer step. A callback, not the module's own hook:
+    Lightning calls callbacks before the module's ``on_train_batch_end`` and moves ``ModelCheckpoint`` after the
+    other callbacks, so the checkpoint of step N already holds the best-so-far of step N's validation (a resume from
+    it neither forgets nor repeats it)."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Validation(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            pl_module.run_validation()
+
+    return Validation()
 
 
 def _run_record_callback(out: str, uri: str, experiment: str):

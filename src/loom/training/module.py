@@ -7,16 +7,24 @@
   RESUMABLE``) as tags, updated on every resume, the rest as params (equal to the config), the loss as the
   mean over all ranks' real samples (padding repeats excluded), artifacts from rank 0;
 - ZeRO-3: :meth:`gathered` collects the trainable parameters on every rank before rank 0 saves them;
+- validation (``trainer.val_every``, off by default): every N optimizer steps the mean of the subclass's
+  ``val_loss(batch)`` over its ``make_val_loader()`` batches (fixed noise per sample, so comparable across steps and
+  resumes), all ranks' real samples, logged to MLflow as ``val/loss`` at the global step; the best is kept in
+  ``OUT/best`` (:meth:`save_best`, ``best.json``: step and loss), remembered in checkpoints, and
+  ``trainer.early_stop_patience`` validations without a new best stop the run;
 - ``LOOM_FAIL_AT_STEP`` (with ``LOOM_FAIL_RANK``, ``LOOM_FAIL_ONCE``): a crash injection the resume tests use.
 
 Subclasses implement ``make_loader()``, ``training_step`` (calling :meth:`take_data_state` first and
-:meth:`log_loss`), ``configure_optimizers`` and optionally ``context_params()`` and ``on_train_end``.
+:meth:`log_loss`), ``configure_optimizers`` and optionally ``context_params()``, ``on_train_end`` and, for
+validation, ``make_val_loader()``, ``val_loss(batch)`` and ``save_best(folder)``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -29,6 +37,9 @@ from loom.platform.tracking import flatten
 from loom.training.launch import resumable
 
 log = logging.getLogger(__name__)
+
+BEST = "best"  # OUT/best: the weights of the lowest val/loss, and best.json
+BEST_INFO = "best.json"
 
 
 class TrainBatches:
@@ -62,6 +73,11 @@ class LoomModule(L.LightningModule):
         self.batches: TrainBatches | None = None
         self._data_state: dict | None = None
         self.losses: list[tuple[int, float]] = []
+        self.val_losses: list[tuple[int, float]] = []
+        # best val/loss so far, its step, validations since it (saved in checkpoints: a resume continues them)
+        self.val_state: dict = {"best_loss": None, "best_step": None, "bad": 0}
+        self._val_loader = None
+        self._val_step = -1  # the step last validated (hooks run per micro-batch with trainer.accumulate > 1)
 
     # ------------------------------------------------------------------ data
 
@@ -86,6 +102,96 @@ class LoomModule(L.LightningModule):
                     return
                 open(once, "w").close()
             os._exit(17)
+
+    # ------------------------------------------------------------------ validation
+
+    def make_val_loader(self):
+        """An iterable of held-out batches (same shape as training batches, ``__key__`` and ``__pad__`` included),
+        iterated from its start at every validation; None: this run has no held-out data."""
+        return None
+
+    def val_loss(self, batch: dict) -> torch.Tensor:
+        """Per-sample (B,) loss of a held-out batch under fixed noise and timesteps (seeded by the sample key, not
+        the step): the same weights give the same number at any step, in any resume."""
+        raise NotImplementedError(f"{type(self).__name__} has no val_loss(batch): leave trainer.val_every at 0")
+
+    def save_best(self, folder: str) -> None:
+        """Keep the current weights as the best (called on every rank; ``folder`` is ``OUT/best``). Default: a
+        Lightning checkpoint ``best.ckpt``. Models whose published result is a smaller file override this."""
+        self.trainer.save_checkpoint(os.path.join(folder, "best.ckpt"))
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean ``val_loss`` over the first ``trainer.val_batches`` held-out batches of every rank (all of them for
+        0), real samples only; None without held-out data."""
+        if self._val_loader is None:
+            self._val_loader = self.make_val_loader() or ()
+        cap = self.cfg.trainer.val_batches
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        was_training = self.training
+        self.eval()
+        try:
+            with self.trainer.precision_plugin.forward_context():
+                for i, batch in enumerate(self._val_loader):
+                    if cap and i >= cap:
+                        break
+                    per = self.val_loss(batch).detach().double()
+                    pad = batch.get("__pad__")
+                    keep = (~torch.as_tensor(pad) if pad is not None else torch.ones(per.shape[0], dtype=torch.bool))
+                    keep = keep.to(per.device)
+                    total += torch.stack([(per * keep).sum(), keep.sum().double()]).to(total.device)
+        finally:
+            self.train(was_training)
+        if self.trainer.world_size > 1:
+            total = self.all_gather(total.float()).reshape(-1, 2).sum(0).double()
+        if total[1] == 0:
+            return None
+        return float(total[0] / total[1])
+
+    def run_validation(self) -> None:
+        """After an optimizer step (launch's validation callback): every ``trainer.val_every`` steps, validate,
+        log ``val/loss`` (and ``val/best_loss``) at the global step, keep a new best in ``OUT/best``, and stop the
+        run after ``trainer.early_stop_patience`` validations without one."""
+        t, step = self.cfg.trainer, self.global_step
+        if not t.val_every or step == 0 or step % t.val_every or step == self._val_step:
+            return
+        self._val_step = step
+        loss = self.validate()
+        if loss is None:
+            if not self.val_losses:
+                log.warning("trainer.val_every=%d but this run has no held-out data: no validation", t.val_every)
+                self.val_losses.append((step, math.nan))
+            return
+        self.val_losses.append((step, loss))
+        v = self.val_state
+        better = math.isfinite(loss) and (v["best_loss"] is None or loss < v["best_loss"])
+        if better:
+            v.update(best_loss=loss, best_step=step, bad=0)
+            folder = os.path.join(self.cfg.out, BEST)
+            if self.global_rank == 0:
+                os.makedirs(folder, exist_ok=True)
+            self.save_best(folder)
+            if self.global_rank == 0:
+                tmp = os.path.join(folder, BEST_INFO + ".tmp")
+                with open(tmp, "w") as f:
+                    json.dump({"step": step, "val_loss": loss, "run_id": self.run_id()}, f, indent=2)
+                os.replace(tmp, os.path.join(folder, BEST_INFO))
+        else:
+            v["bad"] += 1
+        run_id = self.run_id()
+        if self.global_rank == 0 and run_id is not None:
+            client = self.logger.experiment
+            client.log_metric(run_id, "val/loss", loss, step=step)
+            client.log_metric(run_id, "val/best_loss", v["best_loss"] if v["best_loss"] is not None else loss,
+                              step=step)
+        if self.global_rank == 0:
+            log.info("step %d: val/loss %.6g (best %.6g at step %s)", step, loss, v["best_loss"] or loss,
+                     v["best_step"])
+        if t.early_stop_patience and v["bad"] >= t.early_stop_patience:
+            if self.global_rank == 0:
+                log.warning("early stop at step %d: %d validations without a better val/loss than %.6g (step %s)",
+                            step, v["bad"], v["best_loss"], v["best_step"])
+            self.trainer.should_stop = True
 
     # ------------------------------------------------------------------ logging
 
@@ -168,6 +274,7 @@ class LoomModule(L.LightningModule):
             "mlflow_run_id": self.run_id(),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
             "config": to_dict(self.cfg),
+            "val": dict(self.val_state),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -177,3 +284,5 @@ class LoomModule(L.LightningModule):
             np.random.set_state(extra["rng"]["numpy"])
         if extra.get("data") is not None:
             self.train_dataloader().resume = extra["data"]
+        if extra.get("val"):
+            self.val_state = dict(extra["val"])

@@ -56,7 +56,9 @@ def absolute_paths(cfg: TrainShape4DJob) -> TrainShape4DJob:
     """Local paths made absolute: Ray Train workers (and a resumed run) may start in another directory."""
     r, m = dataclasses.replace, cfg.model
     model = r(m, base=absolute_model(m.base), vae=absolute_model(m.vae), image_encoder=absolute_model(m.image_encoder))
-    return r(cfg, out=absolute_path(cfg.out), data=r(cfg.data, source=absolute_path(cfg.data.source)), model=model)
+    d = cfg.data
+    data = r(d, source=absolute_path(d.source), val_source=absolute_path(d.val_source) if d.val_source else "")
+    return r(cfg, out=absolute_path(cfg.out), data=data, model=model)
 
 
 def train(cfg: TrainShape4DJob, *, resume: bool = False) -> None:

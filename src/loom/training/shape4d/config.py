@@ -25,12 +25,21 @@ class Shape4DDataSettings:
                               "(0 = all; only for a VAE with sharp edges)")
     num_workers: int = field(0, help="loader worker processes per rank")
     prefetch: int = field(2, help="batches a background thread reads ahead of the step (num_workers=0; 0 = off)")
+    val_source: str = field("", help="held-out sequences for trainer.val_every: 4D shards or a `loom cache 4d` "
+                            "corpus (empty = none)")
+    val_fraction: float = field(0.0, help="hold out this fraction of data.source's sequences for validation, "
+                                "chosen by a hash of the sample key: the same split for any seed, world size and "
+                                "resume, never shared with training (0 = none; not with val_source)")
 
     def __post_init__(self):
         require(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
         require(self.frames >= 0, "data.frames", self.frames, "must be >= 0 (0 = all)")
         require(self.surface_points >= 0, "data.surface_points", self.surface_points, "must be >= 0 (0 = all)")
         require(self.sharp_points >= 0, "data.sharp_points", self.sharp_points, "must be >= 0 (0 = all)")
+        require(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in [0, 1)")
+        require(not (self.val_source and self.val_fraction), "data.val_fraction", self.val_fraction,
+                "give either data.val_source (a held-out corpus) or data.val_fraction (a split of data.source), "
+                "not both")
 
 
 @config
