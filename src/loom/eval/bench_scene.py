@@ -92,6 +92,7 @@ FIDELITY = ("psnr", "ssim", "lpips")
 METRIC_DEPTH_MODELS = ("zoedepth", "depth_pro", "glpn")  # output metric depth: inverted before equalisation
 MUSIQ_NOTE = ("MUSIQ not computed: its maintained implementation (pyiqa) needs torchvision, which this environment "
               "does not have, and no registry package ships MUSIQ with local weights")
+# the normalisations of ImageNet (DINO, DPT) and OpenAI CLIP (transformers: IMAGENET_DEFAULT_*, OPENAI_CLIP_*)
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -291,22 +292,29 @@ def _resize_short(x, size: int, mode: str, crop: bool):
     return x
 
 
-class DinoFeatures:
-    """SC's features: the CLS token of a ViT (DINO ViT-B/16) or Dinov2 folder, on VBench's ``dino_transform``."""
+class _Normalised:
+    """A feature network with its input normalisation (mean, std per channel), moved to a device together."""
 
-    def __init__(self, model, size: int = 224):
+    def __init__(self, model, mean, std):
         import torch
 
         self.model = model.eval()
-        self.size = size
-        self.kind = model.config.model_type
-        self.mean = torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1)
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
 
     def to(self, device):
         self.model.to(device)
         self.mean, self.std = self.mean.to(device), self.std.to(device)
         return self
+
+
+class DinoFeatures(_Normalised):
+    """SC's features: the CLS token of a ViT (DINO ViT-B/16) or Dinov2 folder, on VBench's ``dino_transform``."""
+
+    def __init__(self, model, size: int = 224):
+        super().__init__(model, _IMAGENET_MEAN, _IMAGENET_STD)
+        self.size = size
+        self.kind = model.config.model_type
 
     def __call__(self, frames):
         import torch
@@ -327,22 +335,13 @@ def load_dino(path: str | os.PathLike) -> DinoFeatures:
     return DinoFeatures(model)
 
 
-class BackgroundCLIP:
+class BackgroundCLIP(_Normalised):
     """BC's features: CLIP image features (``get_image_features``) on VBench's ``clip_transform``: shorter side to
     the model's input size (bicubic, no antialiasing, 8 bits), centre crop, CLIP normalisation."""
 
     def __init__(self, model, size: int):
-        import torch
-
-        self.model = model.eval()
+        super().__init__(model, _CLIP_MEAN, _CLIP_STD)
         self.size = size
-        self.mean = torch.tensor(_CLIP_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(_CLIP_STD).view(1, 3, 1, 1)
-
-    def to(self, device):
-        self.model.to(device)
-        self.mean, self.std = self.mean.to(device), self.std.to(device)
-        return self
 
     def __call__(self, frames):
         import torch
@@ -361,24 +360,15 @@ def load_bc_clip(path: str | os.PathLike) -> BackgroundCLIP:
     return BackgroundCLIP(model, int(model.config.vision_config.image_size))
 
 
-class DepthEstimator:
+class DepthEstimator(_Normalised):
     """A transformers depth model with its ``preprocessor_config.json`` (DPT / Depth Anything: resize to ``size``
     keeping the aspect ratio as little changed as possible, to multiples of ``ensure_multiple_of``, bicubic;
     normalise) done in torch; returns inverse depth (N,H,W) at the frames' size."""
 
     def __init__(self, model, pre: dict):
-        import torch
-
-        self.model = model.eval()
+        super().__init__(model, pre.get("image_mean", _IMAGENET_MEAN), pre.get("image_std", _IMAGENET_STD))
         self.pre = pre
         self.metric = model.config.model_type in METRIC_DEPTH_MODELS
-        self.mean = torch.tensor(pre.get("image_mean", _IMAGENET_MEAN)).view(1, 3, 1, 1)
-        self.std = torch.tensor(pre.get("image_std", _IMAGENET_STD)).view(1, 3, 1, 1)
-
-    def to(self, device):
-        self.model.to(device)
-        self.mean, self.std = self.mean.to(device), self.std.to(device)
-        return self
 
     def input_size(self, h: int, w: int) -> tuple[int, int]:
         """The model's input size for an H x W frame (transformers' DPT ``get_resize_output_image_size``)."""

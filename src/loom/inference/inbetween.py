@@ -241,10 +241,11 @@ def render_scene(scene: str, trajectory: str, frames: int, size: tuple[int, int]
     return out
 
 
-def read_scene(data: str, key: str | None) -> dict:
+def read_scene(data: str, key: str | None, keys: tuple[str, ...] | None = ("rgb", "edges", "noise")) -> dict:
+    """Sample ``key`` (default: the first) of scene shards, with ``keys`` (None: every array)."""
     from loom.datasets.scene import iter_samples
 
-    for s in iter_samples(data, keys=("rgb", "edges", "noise")):
+    for s in iter_samples(data, keys=keys):
         if key is None or s["__key__"] == key:
             return s
     raise ValueError(f"--data {data}: " + (f"no sample {key!r}" if key else "no scene sample"))

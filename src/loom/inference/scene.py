@@ -118,12 +118,9 @@ def anchor_views(parts, sample: dict, keyframes: list[int], prompt: str, *, seed
 
 def read_scene_sample(data: str, key: str | None) -> dict:
     """The whole scene sample (edges, noise, depth, mask, cameras) of ``key`` (default: the first) in scene shards."""
-    from loom.datasets.scene import iter_samples
+    from loom.inference.inbetween import read_scene
 
-    for s in iter_samples(data):
-        if key is None or s["__key__"] == key:
-            return s
-    raise ValueError(f"--data {data}: " + (f"no sample {key!r}" if key else "no scene sample"))
+    return read_scene(data, key, keys=None)
 
 
 def _check_settings(out: str, settings: dict) -> None:
