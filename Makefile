@@ -30,6 +30,8 @@ define install-loom
 	$(1)/bin/python -m pip install -q --cache-dir $(PIP_CACHE) --upgrade pip
 	$(if $(4),DS_BUILD_OPS=0 $(1)/bin/python -m pip download -q --cache-dir $(PIP_CACHE) -d $(4) --find-links $(4) -c infra/constraints.txt '.[$($(3))]')
 	DS_BUILD_OPS=0 $(1)/bin/python -m pip install -q --cache-dir $(PIP_CACHE) $(if $(4),--find-links $(4) --no-compile )-c infra/constraints.txt -e '.[$($(3))]'
+	# rembg's import compiles pymatting's numba kernels (~1.5 min on 2 cores, cached beside them): once, here
+	$(1)/bin/python -c "import rembg"
 	touch $(1)/.loom-installed
 endef
 

@@ -50,7 +50,11 @@ by the metric ``failed`` and left out of the means; a missing prediction folder 
   outside the object or the image): seen from that same camera this is exactly the input painted onto the
   predicted surface (an occluded vertex takes its occluder's colour but is itself hidden in this view), so the
   metrics measure how well the predicted shape covers the object's pixels, not a texture model; ``clay`` renders
-  a grey diffuse surface under Blender's bundled ``render.hdri``. A point-cloud prediction is not rendered (its
+  a grey diffuse surface under Blender's bundled ``render.hdri``; ``textured`` is what ShapeGen4D renders for
+  Tab. 2: the prediction AS GENERATED goes through appendix A (`loom.inference.shape4d_video.texture_sequence`:
+  posed to the conditioning video from the shard's camera and frame 1, made topology-consistent, textured from
+  frame 1) and Loom's torch rasteriser renders the textured sequence from the shard's cameras (no Blender; rows
+  gain ``textured_reg_scale`` and ``textured_coverage``). A point-cloud prediction is not rendered (its
   row says so) and the rendering metrics are means over the rendered sequences (``render_items``). Per item
   ``render_mask_iou``: the IoU of the rendered and the ground-truth alpha masks (alpha >= 0.5).
 - ``renders=DIR``: ``DIR/<key>.mp4`` (or ``.mkv``), the predictions rendered by the user from the ground truth's
@@ -111,8 +115,17 @@ class RegistrationSettings:
 class PredictionRenderSettings:  # the section `render`: how Loom renders the predictions (not a corpus render job)
     enabled: bool = field(False, help="render the registered predictions with Blender from the shards' cameras "
                           "for the rendering metrics (ShapeGen4D Tab. 2); needs the render extra (bpy)")
-    shading: Literal["projected", "clay"] = field("projected", help="'projected': vertices painted with the "
-                                                  "conditioning frame's colours; 'clay': grey under an HDRI")
+    shading: Literal["projected", "clay", "textured"] = field("projected", help="'projected': vertices painted "
+                                                              "with the conditioning frame's colours; 'clay': grey "
+                                                              "under an HDRI (both Blender); 'textured': ShapeGen4D's "
+                                                              "appendix A (pose registered to the video, topology-"
+                                                              "consistent, textured from frame 1; Loom's torch "
+                                                              "rasteriser, no Blender)")
+    fast: bool = field(False, help="textured: the small registration and tracking settings (a quick look; tests)")
+    texture_resolution: int = field(512, help="textured: texture size in texels")
+    similarity: Literal["dino", "iou"] = field("iou", help="textured: how registration compares renders with the "
+                                               "frame ('dino' needs model.image_encoder of a run: with pred "
+                                               "folders, 'iou')")
     outside: tuple[float, float, float] = field((0.5, 0.5, 0.5), help="sRGB of vertices that project outside "
                                                 "the object or the image (projected shading)")
     samples: int = field(8, help="Cycles samples per pixel")
@@ -363,7 +376,7 @@ def _renders(cfg: Eval4DJob) -> bool:
 
 def _renderer(cfg: Eval4DJob, rank: int, parts: int) -> MeshRenderer | None:
     """Part ``rank``'s own Blender (``render.enabled``), or None."""
-    if not (_renders(cfg) and cfg.render.enabled):
+    if not (_renders(cfg) and cfg.render.enabled) or cfg.render.shading == "textured":
         return None
     r = cfg.render
     threads = r.threads
@@ -385,6 +398,25 @@ def _render_prediction(cfg: Eval4DJob, renderer: MeshRenderer, seq: _Scored, sam
     return renderer.render(meshes, K, c2w, video.shape[2], video.shape[1], colours=colours)
 
 
+def _textured_prediction(cfg: Eval4DJob, seq: _Scored, sample: dict[str, Any], row: dict[str, Any]) -> np.ndarray:
+    """ShapeGen4D's renders (Tab. 2): the prediction as generated (not the Tab. 1 registration to the ground truth)
+    posed to the conditioning video by appendix A.1 from the shard's camera and frame 1, made topology-consistent,
+    textured from frame 1 (`loom.inference.shape4d_video.texture_sequence`), rendered from the shard's cameras of
+    the compared frames: (T,H,W,4) uint8. Adds the registration's scale and the texture's coverage to the row."""
+    from loom.inference.shape4d_video import Video4DSettings, render_textured, texture_sequence
+
+    r = cfg.render
+    video, K, c2w = sample["video"][seq.idx], sample["K"][seq.idx], sample["c2w"][seq.idx]
+    meshes = [(v / seq.factor, f) for v, f in seq.pred]  # the files' own units and pose: the shard's cameras' units
+    st = Video4DSettings(fast=r.fast, texture_resolution=r.texture_resolution, similarity=r.similarity, turntable=0,
+                         size=max(video.shape[1:3]))
+    done = texture_sequence(meshes, video, K[0], c2w[0], st, seed=cfg.seed)
+    row.update(textured_reg_scale=float(done.registration["scale"]), textured_coverage=done.coverage_frame1)
+    h, w = video.shape[1:3]
+    return np.stack([render_textured(done.vertices[t], done.faces, done.uv, done.texture, K[t], c2w[t], (h, w))[0]
+                     for t in range(len(video))])
+
+
 def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a >= 128, b >= 128
     union = np.count_nonzero(a | b)
@@ -395,7 +427,8 @@ def _prediction_video(cfg: Eval4DJob, renderer: MeshRenderer | None, seq: _Score
                       row: dict[str, Any]) -> tuple[np.ndarray, str] | None:  # fmt: skip
     """The prediction's video for the rendering metrics and what to call it in errors: Loom's render (adding
     ``render_mask_iou`` to the row; None, with a note, for a point cloud) or the user's ``renders`` file."""
-    if renderer is None:
+    textured = cfg.render.enabled and cfg.render.shading == "textured"
+    if renderer is None and not textured:
         path = find_video(cfg.renders, seq.key)
         if path is None:
             raise FileNotFoundError(f"{cfg.renders} has no render of {seq.key} (<key>.mp4 or .mkv)")
@@ -403,7 +436,7 @@ def _prediction_video(cfg: Eval4DJob, renderer: MeshRenderer | None, seq: _Score
     if any(f is None for _, f in seq.pred):
         row["note"] = "; ".join(filter(None, [row.get("note"), "not rendered: a point cloud"]))
         return None
-    rgba = _render_prediction(cfg, renderer, seq, sample)
+    rgba = _textured_prediction(cfg, seq, sample, row) if textured else _render_prediction(cfg, renderer, seq, sample)
     row["render_mask_iou"] = float(np.mean([_mask_iou(rgba[t, ..., 3], sample["video"][j, ..., 3])
                                             for t, j in enumerate(seq.idx)]))  # fmt: skip
     return composite(rgba, cfg.background), f"Loom's render of {seq.key}"
@@ -536,7 +569,7 @@ def evaluate(cfg: Eval4DJob) -> dict[str, Any]:
     if renders:
         features.check([{"lpips": "lpips", "clip": "clip", "fvd": "i3d"}[m] for m in cfg.render_metrics])
         warn_if_tiny(features)
-    if renders and cfg.render.enabled:
+    if renders and cfg.render.enabled and cfg.render.shading != "textured":
         MeshRenderer.check("render.enabled=true renders the predictions with Blender",
                            "Or pass --renders DIR, or --set render.enabled=false")
     pred_dir = os.path.join(out, "pred") if cfg.run else cfg.pred

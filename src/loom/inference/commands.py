@@ -5,6 +5,7 @@ card, logged to MLflow as the run's model (no Lightning needed for either)."""
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -65,12 +66,39 @@ def _cmd_generate_scene(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate_4d(args: argparse.Namespace) -> int:
+    if bool(args.data) == bool(args.video):
+        raise SystemExit("loom generate 4d: give --video (an in-the-wild clip: registered, textured 4D mesh) or --data "
+                         "(a conditioning video as the corpus renders it: one mesh per frame), not both")
+    if args.video:
+        return _cmd_generate_4d_video(args)
+    if not args.run:
+        raise SystemExit("loom generate 4d --data needs --run (a finished `loom train shape4d` run)")
     from loom.inference.shape4d import generate_4d
 
     paths = generate_4d(args.run, args.data, args.out, key=args.key, frames=args.frames, steps=args.steps,
                         shift=args.shift, seed=args.seed, resolution=args.resolution, latents=args.latents,
-                        guidance_scale=args.guidance)
+                        guidance_scale=args.guidance, baseline=args.baseline)
     print(f"meshes:   {len(paths)} frames in {args.out}")
+    return 0
+
+
+def _cmd_generate_4d_video(args: argparse.Namespace) -> int:
+    from loom.inference.shape4d_video import Video4DSettings, generate_4d_video
+    from loom.platform.tracking import TrackingSettings, ui_hint
+
+    st = Video4DSettings(frames=args.frames or 0, size=args.size, fill=args.fill, register=not args.no_register,
+                         similarity=args.similarity, decimate=args.decimate,
+                         texture_resolution=args.texture_resolution, turntable=args.turntable, fast=args.fast)
+    tracking = None if args.no_mlflow else TrackingSettings(uri=args.tracking_uri or "", experiment=args.experiment)
+    done = generate_4d_video(args.run, args.video, args.out, mask=args.mask, matting=args.matting,
+                             meshes=args.meshes, texture_run=args.texture_run, seed=args.seed, steps=args.steps,
+                             settings=st, tracking=tracking)
+    print(f"4D mesh:  {done.frames} frames sharing {done.faces} faces: {os.path.join(args.out, 'animated.glb')}, "
+          f"{os.path.join(args.out, 'frames')}/frame_000.obj ...")
+    print(f"media:    {os.path.join(args.out, 'side_by_side.mp4')}, {os.path.join(args.out, 'turntable.mp4')}")
+    if done.mlflow:
+        print(f"mlflow:   run {done.mlflow[2]} ({done.mlflow[0]})")
+        print(f"UI:       {ui_hint(*done.mlflow)}")
     return 0
 
 
@@ -271,11 +299,40 @@ def register(sub) -> None:
     p.set_defaults(func=_cmd_generate_scene)
 
     p = gen.add_parser("4d", help="a mesh sequence from a conditioning video (ShapeGen4D): one mesh per frame")
-    p.add_argument("--run", required=True, help="a finished `loom train shape4d` run folder (config.yaml + "
-                   "spatiotemporal/)")
-    p.add_argument("--data", required=True, help="conditioning video: 4D shards (a sample's video), a video file, "
-                   "or a folder of frame images")
+    p.add_argument("--run", help="a finished `loom train shape4d` run folder (config.yaml + spatiotemporal/)")
+    p.add_argument("--meshes", help="with --video, instead of --run: per-frame meshes to register and texture "
+                   "(frame_000.obj ...: a `loom generate 4d --data` output or a baseline's)")
+    p.add_argument("--data", help="conditioning video as the 4D corpus renders it: 4D shards (a sample's video), a "
+                   "video file, or a folder of frame images -> one mesh per frame")
+    p.add_argument("--video", help="instead of --data: an in-the-wild clip (or a folder of frames) -> frames sampled "
+                   "and framed as the corpus, meshes generated, registered to the video (appendix A.1), made "
+                   "topology-consistent and textured (A.2): OUT/animated.glb, OUT/frames/, OUT/side_by_side.mp4")
+    p.add_argument("--mask", help="with --video: the foreground as a mask video or folder (white = object), one "
+                   "frame per video frame (default: the video's alpha, else --matting)")
+    p.add_argument("--matting", help="with --video: a folder with a background-removal ONNX model (rembg's u2net "
+                   "family, e.g. u2net.onnx or isnet-general-use.onnx), used through rembg")
+    p.add_argument("--texture-run", help="with --video: a finished `loom train ttv` run: texture frame 1 with "
+                   "`loom texture --run` (TAPESTRY; default: the video's first frame projected onto it)")
+    p.add_argument("--size", type=int, default=256, help="with --video: prepared frame size in pixels")
+    p.add_argument("--fill", type=float, default=0.85, help="with --video: share of the frame the object spans (the "
+                   "4D corpus's sequence.fill)")
+    p.add_argument("--similarity", default="dino", choices=["dino", "iou"], help="with --video: how registration "
+                   "compares renders with the frame (dino: silhouette IoU + DINOv2 cosine, DreamSim's stand-in)")
+    p.add_argument("--no-register", action="store_true", help="with --video: keep the model's pose (no A.1)")
+    p.add_argument("--decimate", type=int, default=8000, help="with --video: faces of frame 1 before tracking "
+                   "(0 = as generated)")
+    p.add_argument("--texture-resolution", type=int, default=1024, help="with --video: texture size in texels")
+    p.add_argument("--turntable", type=int, default=24, help="with --video: views of OUT/turntable.mp4 (0 = none)")
+    p.add_argument("--fast", action="store_true", help="with --video: small registration and tracking settings "
+                   "(a quick look; tests)")
+    p.add_argument("--experiment", default="generate-4d", help="with --video: MLflow experiment of the run")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db or "
+                   "$LOOM_HOME/mlflow.db)")
+    p.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
     p.add_argument("--key", help="sample key in 4D shards (default: the first)")
+    p.add_argument("--baseline", choices=["step1x3d", "step1x3d-shared"], help="with --data: a Tab. 1 baseline "
+                   "from the run's base without its spatiotemporal layers, per frame on independent (step1x3d) or "
+                   "shared (step1x3d-shared) noise; evaluate its folder with `loom eval 4d --pred`")
     p.add_argument("--frames", type=int, help="evenly spread frames of the video (default: the run's data.frames; "
                    "0 = all)")
     p.add_argument("--steps", type=int, help="sampler steps (default: the run's flow.sample_steps)")
@@ -285,7 +342,8 @@ def register(sub) -> None:
     p.add_argument("--latents", type=int, help="latents per frame (default: as in training)")
     p.add_argument("--resolution", type=int, help="marching-cubes grid (default: the run's flow.mesh_resolution)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
-    p.add_argument("--out", default="out/generated-4d", help="output folder: frame_000.obj, frame_001.obj, ...")
+    p.add_argument("--out", default="out/generated-4d", help="output folder (--data: frame_000.obj, ...; --video: "
+                   "the stages, kept for a rerun)")
     p.set_defaults(func=_cmd_generate_4d)
 
     p = gen.add_parser("3d", help="a mesh from one image with the base shape model alone (Step1X-3D as released, "

@@ -124,17 +124,27 @@ def read_conditioning_video(data: str, key: str | None = None) -> tuple[np.ndarr
     raise KeyError(f"no sample {key!r} in {data}" if key else f"no samples in {data}")
 
 
+BASELINES = {"step1x3d": False, "step1x3d-shared": True}  # Tab. 1: the base per frame, without / with shared noise
+
+
 def generate_4d(run: str, data: str, out: str, *, key: str | None = None, frames: int | None = None,
                 steps: int | None = None, shift: float | None = None, seed: int = 0,
                 resolution: int | None = None, latents: int | None = None,
-                guidance_scale: float | None = None) -> list[str]:
+                guidance_scale: float | None = None, baseline: str | None = None) -> list[str]:
     """``loom generate 4d``: a conditioning video -> per-frame DINOv2 tokens -> `sample_4d` (shared noise, time
-    shift) -> frozen VAE -> marching cubes: ``out/frame_000.obj`` ... one mesh per frame."""
+    shift) -> frozen VAE -> marching cubes: ``out/frame_000.obj`` ... one mesh per frame. ``baseline``: the rows of
+    ShapeGen4D's Tab. 1 ablation from the same run's base, without its spatiotemporal layers: ``step1x3d`` (each
+    frame on its own noise) or ``step1x3d-shared`` (one noise for all frames)."""
     import torch
 
     from loom.datasets.transforms import frame_indices
 
     model, info = load_run(run)
+    if baseline is not None:
+        if baseline not in BASELINES:
+            raise ValueError(f"--baseline {baseline!r}: use one of {list(BASELINES)}")
+        model.dit.spatiotemporal_layers = torch.nn.ModuleList()  # the base alone, run per frame
+        model.flow = dataclasses.replace(model.flow, shared_noise=BASELINES[baseline])
     if torch.cuda.is_available():
         model.to("cuda")
     video, _ = read_conditioning_video(data, key)
