@@ -189,3 +189,37 @@ def test_eval_4d_from_the_trained_run_generates_registers_and_renders(corpus, sh
                  "--set", "steps=2", "--set", "render.enabled=true", "--set", "render_metrics=[lpips,clip]",
                  env={"MLFLOW_TRACKING_URI": uri})
     assert "reused 2 prediction(s)" in again.stdout
+
+
+def test_baselines_drop_the_spatiotemporal_layers_and_choose_the_noise(tmp_path, monkeypatch):
+    """Tab. 1's baselines from a run's base: on a video whose frames are all the same, the base with one shared
+    noise gives every frame the same latents, with independent noise it does not, and the trained layers change
+    the result."""
+    from PIL import Image
+
+    from loom.inference import shape4d
+
+    run = str(tmp_path / "run")
+    tiny_run(run)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    img = np.zeros((32, 32, 4), np.uint8)
+    img[8:24, 10:22] = (200, 120, 40, 255)
+    for i in range(FRAMES):
+        Image.fromarray(img).save(frames / f"{i:02d}.png")
+    got = {}
+
+    def keep(self, latents, out_dir, resolution=None):
+        got[os.path.basename(out_dir)] = latents.clone()
+        return []
+
+    monkeypatch.setattr(shape4d.Shape4DRun, "meshes", keep)
+    for name in ("full", "step1x3d", "step1x3d-shared"):
+        shape4d.generate_4d(run, str(frames), str(tmp_path / name), steps=2, frames=FRAMES,
+                            baseline=None if name == "full" else name)
+    shared, own, full = got["step1x3d-shared"], got["step1x3d"], got["full"]
+    assert torch.allclose(shared[0], shared[-1], atol=1e-5)
+    assert not torch.allclose(own[0], own[-1], atol=1e-3)
+    assert not torch.allclose(full, shared, atol=1e-4)
+    with pytest.raises(ValueError, match="baseline"):
+        shape4d.generate_4d(run, str(frames), str(tmp_path / "x"), steps=1, baseline="nope")

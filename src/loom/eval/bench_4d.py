@@ -173,6 +173,10 @@ class Eval4DJob:
     limit: int = field(0, help="evaluate the first N ground-truth sequences (0 = all)")
     media: int = field(4, help="pred | gt point renders (and render videos) logged for the first N sequences")
     steps: int = field(0, help="with run: sampler steps (0 = the run's)")
+    baseline: Literal["", "step1x3d", "step1x3d-shared"] = field("", help="with run: generate Tab. 1's baseline "
+                                                                "instead, the run's base without its "
+                                                                "spatiotemporal layers per frame on independent "
+                                                                "(step1x3d) or shared (step1x3d-shared) noise")
     seed: int = field(0, help="seed of the surface sampling, the registration and (with run) the generation")
     features: FeatureSettings = field(default_factory=FeatureSettings, help="feature networks (LPIPS, CLIP, I3D)")
     ray: RaySettings = field(default_factory=eval_ray, help="Ray: workers sharing the sequences (1 = in this process)")
@@ -185,6 +189,7 @@ class Eval4DJob:
             require(not bad, name, list(getattr(self, name)), f"choose from {list(allowed)}")
         require(len(self.metrics) + len(self.render_metrics) > 0, "metrics", list(self.metrics), "nothing to compute")
         require(not (self.pred and self.run), "pred", self.pred, "give predictions (pred) or a run, not both")
+        require(not self.baseline or self.run, "baseline", self.baseline, "generates from a run: pass --run")
         require(not (self.renders and self.render.enabled), "renders", self.renders,
                 "give a renders folder or render.enabled=true, not both")
         require(self.scale_to >= 0, "scale_to", self.scale_to, "must be >= 0")
@@ -253,7 +258,8 @@ def read_mesh(url: str) -> tuple[np.ndarray, np.ndarray | None]:
 def _generate(cfg: Eval4DJob, key: str, folder: str) -> None:
     from loom.inference.shape4d import generate_4d  # the `loom generate 4d` of the trained run
 
-    generate_4d(cfg.run, cfg.gt, folder, key=key, steps=cfg.steps or None, seed=cfg.seed)
+    generate_4d(cfg.run, cfg.gt, folder, key=key, steps=cfg.steps or None, seed=cfg.seed,
+                baseline=cfg.baseline or None)
 
 
 def _ensure_generated(cfg: Eval4DJob, key: str, folder: str, done: Generated) -> None:
@@ -517,7 +523,8 @@ def _evaluate_part(cfg: Eval4DJob, rank: int, parts: int, features: Features,
     media_dir = os.path.join(out, "media")
     items, frames_rows, media, missing = [], [], [], []
     stats: dict[str, Any] = {}
-    done = Generated(pred_dir, cfg.run, bench="4d", steps=cfg.steps, seed=cfg.seed) if cfg.run else None
+    done = Generated(pred_dir, cfg.run, bench="4d", steps=cfg.steps, seed=cfg.seed,
+                     **({"baseline": cfg.baseline} if cfg.baseline else {})) if cfg.run else None
     for s in iter_samples(cfg.gt, keys=_sample_keys(cfg), part=(rank, parts)):
         i, key = s["__index__"], s["__key__"]
         if cfg.limit and i >= cfg.limit:
@@ -596,7 +603,9 @@ def evaluate(cfg: Eval4DJob) -> dict[str, Any]:
     if not ok:
         raise ValueError(f"every sequence failed: {items[0]['error']}")
     metrics, notes = _summary(cfg, items, ok, stats, short)
-    model = cfg.model or os.path.basename(os.path.abspath(cfg.run or cfg.pred).rstrip("/"))
+    model = cfg.model or (os.path.basename(os.path.abspath(cfg.run or cfg.pred).rstrip("/"))
+                          + ({"step1x3d": " (Step1X-3D per frame)", "step1x3d-shared": " (Step1X-3D + shared noise)"}
+                             .get(cfg.baseline, "")))
     ev = Evaluation(benchmark="4d", model=model, config=cfg, out=out, metrics=metrics, items=items,
                     tables={"frames": frames_rows}, media=media, notes=notes,
                     params={"checkpoint": where(cfg.run), "predictions": where(pred_dir), "renders": where(cfg.renders),

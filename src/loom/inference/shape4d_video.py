@@ -129,15 +129,17 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, target: int) -> tuple[np.n
 # ----------------------------------------------------------------------------------------------- rendering
 
 
-def render_clay(vertices: np.ndarray, faces: np.ndarray, K: np.ndarray, c2w: np.ndarray, size: int):
-    """(B,H,W,3) float clay renders and (B,H,W) bool masks of a mesh from ``c2w`` (4,4) or (B,4,4)."""
+def render_clay(vertices: np.ndarray, faces: np.ndarray, K: np.ndarray, c2w: np.ndarray, size: int,
+                hw: tuple[int, int] | None = None):
+    """(B,H,W,3) float clay renders and (B,H,W) bool masks of a mesh from ``c2w`` (4,4) or (B,4,4), ``size``^2
+    pixels or ``hw``."""
     import torch
 
     from loom.geometry.raster import rasterize, shade
 
     v, f = torch.as_tensor(vertices, dtype=torch.float32), torch.as_tensor(faces, dtype=torch.long)
     c = torch.as_tensor(np.asarray(c2w, np.float32).reshape(-1, 4, 4))
-    r = rasterize(v, f, torch.as_tensor(K, dtype=torch.float32), c, (size, size))
+    r = rasterize(v, f, torch.as_tensor(K, dtype=torch.float32), c, tuple(hw) if hw else (size, size))
     return shade(r, v, f, c), r.mask
 
 
@@ -205,10 +207,16 @@ def similarity_score(frame: np.ndarray, mask: np.ndarray, encoder=None, weight: 
 
 
 def register_first_frame(vertices: np.ndarray, faces: np.ndarray, frame: np.ndarray, K: np.ndarray, c2w_ref: np.ndarray,
-                         *, encoder=None, settings: Video4DSettings, seed: int = 0) -> dict[str, Any]:
-    """A.1 on frame 1: the camera under which the mesh looks like ``frame`` ((S,S,4) RGBA at the reference camera's
-    size), then the similarity that moves the mesh so the reference camera sees it that way. Returns a JSON-able
-    dict with ``transform`` (4x4), the found pose and the scores per stage."""
+                         *, encoder=None, settings: Video4DSettings, seed: int = 0,
+                         sequence: tuple[list, np.ndarray] | None = None) -> dict[str, Any]:
+    """A.1 on frame 1: the camera under which the mesh looks like ``frame`` ((H,W,4) RGBA seen by ``K``), then the
+    similarity that moves the mesh so the reference camera sees it that way. Returns a JSON-able dict with
+    ``transform`` (4x4), the found pose and the scores per stage.
+
+    ``sequence`` = (every frame's mesh, every frame's RGBA): a symmetric object fits frame 1's silhouette in several
+    poses equally well (a box turned by 180 degrees); when the refined poses tie on frame 1 (hard IoU within
+    ``TIE``), the one whose transform makes the WHOLE sequence cover the video's masks best is kept (Loom's addition
+    to the paper's frame-1 registration; the choice is in ``ties``)."""
     import torch
 
     from loom.geometry.pose import PoseSettings, register_pose, registration_transform
@@ -230,6 +238,16 @@ def register_first_frame(vertices: np.ndarray, faces: np.ndarray, frame: np.ndar
     # the reference camera looks at the origin: the registered object's centre goes to that depth
     ref_distance = float(-(np.asarray(c2w_ref)[:3, 3] @ np.asarray(c2w_ref)[:3, 2]))
     m = registration_transform(res.c2w, c2w_ref, lookat, ref_distance)
+    ties = [(p, iou) for p, iou in res.alternatives if iou >= res.iou - TIE]
+    chosen = None
+    if sequence is not None and len(ties) > 1:
+        scored = []
+        for p, iou in ties:
+            mp = registration_transform(p.c2w(), c2w_ref, np.asarray(p.lookat, np.float64), ref_distance)
+            scored.append((_sequence_iou(mp, sequence, K, c2w_ref), mp, p, iou))
+        chosen = max(range(len(scored)), key=lambda i: scored[i][0])
+        m, lookat = scored[chosen][1], np.asarray(scored[chosen][2].lookat, np.float64)
+        res = dataclasses.replace(res, pose=scored[chosen][2], c2w=scored[chosen][2].c2w(), iou=scored[chosen][3])
     scale = float(np.cbrt(abs(np.linalg.det(m[:3, :3]))))
     return {"transform": np.asarray(m).tolist(), "scale": scale,
             "pose": dataclasses.asdict(res.pose) if dataclasses.is_dataclass(res.pose) else res.pose,
@@ -237,7 +255,24 @@ def register_first_frame(vertices: np.ndarray, faces: np.ndarray, frame: np.ndar
             "scores": {"candidates": float(res.candidate_score), "particle_swarm": float(res.pso_score),
                        "soft_iou": float(res.refine_iou)},
             "silhouette_iou": float(res.iou),
+            "ties": [] if chosen is None else [{"pose": dataclasses.asdict(p), "frame1_iou": float(i),
+                                                "sequence_iou": float(q), "chosen": k == chosen}
+                                               for k, (q, _, p, i) in enumerate(scored)],
             "similarity": settings.similarity}
+
+
+TIE = 0.02  # frame-1 silhouette IoUs this close are a tie (register_first_frame)
+
+
+def _sequence_iou(m: np.ndarray, sequence: tuple[list, np.ndarray], K: np.ndarray, c2w: np.ndarray) -> float:
+    """Mean silhouette IoU over the frames of the meshes moved by ``m`` against the frames' alpha."""
+    meshes, frames = sequence
+    ious = []
+    for (v, f), fr in zip(meshes, frames, strict=True):
+        _, mask = render_clay(apply(m, v), f, K, c2w, 0, hw=fr.shape[:2])
+        a, b = mask[0].numpy(), fr[..., 3] >= 128
+        ious.append((a & b).sum() / max((a | b).sum(), 1))
+    return float(np.mean(ious))
 
 
 def _resize_rgba(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -334,7 +369,8 @@ def texture_sequence(meshes: list[tuple[np.ndarray, np.ndarray]], frames: np.nda
     st = settings
     v0, f0 = decimate(*meshes[0], st.decimate)
     if st.register:
-        reg = register_first_frame(v0, f0, frames[0], K, c2w_ref, settings=st, seed=seed, encoder=encoder)
+        reg = register_first_frame(v0, f0, frames[0], K, c2w_ref, settings=st, seed=seed, encoder=encoder,
+                                   sequence=([(v0, f0)] + list(meshes[1:]), frames))
     else:
         reg = {"transform": np.eye(4).tolist(), "scale": 1.0}
     m = np.asarray(reg["transform"])
@@ -451,7 +487,8 @@ def generate_4d_video(run: str | None, video: str, out: str, *, mask: str | None
         v0, f0 = decimate(*meshes[0], st.decimate)
         if st.register:
             reg = register_first_frame(v0, f0, frames[0], K, c2w_ref, settings=st, seed=seed,
-                                       encoder=model.image if st.similarity == "dino" and model else None)
+                                       encoder=model.image if st.similarity == "dino" and model else None,
+                                       sequence=([(v0, f0)] + meshes[1:], frames))
         else:
             reg = {"transform": np.eye(4).tolist(), "scale": 1.0, "pose": None, "similarity": None}
         reg.update({"K": K.tolist(), "c2w": c2w_ref.tolist(), "size": st.size})
