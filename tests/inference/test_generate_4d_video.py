@@ -135,3 +135,31 @@ def test_video_to_registered_textured_4d_mesh(clip, tmp_path):
     assert "registered frame 1" not in again.stdout and os.path.getmtime(out / "tracked.npz") == before
     refused = loom(*[a if a != "96" else "128" for a in args], "--no-mlflow", check=False)
     assert refused.returncode != 0 and "another command" in refused.stderr
+
+
+def test_texture_run_gets_frame_1_with_the_sequence_atlas(tmp_path, monkeypatch):
+    """``--texture-run``: `loom texture --run` (tested on its own in test_texture.py) receives frame 1 as a GLB
+    whose UVs and triangles it keeps (`load_uv_mesh` reads them back unchanged, +Y up), so the map it writes fits
+    every frame's atlas vertices."""
+    from PIL import Image
+
+    from loom.inference import shape4d_video as sv
+    from loom.inference import texture as tex
+
+    m = trimesh.creation.icosphere(subdivisions=2)
+    v, f = np.asarray(m.vertices), np.asarray(m.faces)
+    vmap, faces, uv = sv.uv_unwrap(v, f, 128)
+    seen = {}
+
+    def fake_texture_from_run(mesh_path, run, out, **kw):
+        seen["mesh"], seen["run"], seen["kw"] = tex.load_uv_mesh(mesh_path, kw["resolution"]), run, kw
+        Image.fromarray(np.full((128, 128, 3), 77, np.uint8)).save(os.path.join(out, "texture.png"))
+        return tex.Textured(out=out, coverage=0.5, alignment=0.0, own_texture_psnr_db=None, files=[])
+
+    monkeypatch.setattr(tex, "texture_from_run", fake_texture_from_run)
+    texture, cov = sv.texture_with_run(str(tmp_path), v[vmap], faces, uv, "RUN", seed=3, resolution=128)
+    got = seen["mesh"]
+    assert not got.unwrapped and np.array_equal(got.faces, faces)
+    assert np.abs(got.uv - uv).max() < 1e-6
+    assert np.allclose(got.vertices, v[vmap] @ sv.Z_UP_TO_Y_UP.T, atol=1e-6)
+    assert seen["run"] == "RUN" and seen["kw"]["seed"] == 3 and cov == 0.5 and texture.shape == (128, 128, 3)

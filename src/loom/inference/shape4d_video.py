@@ -338,7 +338,8 @@ def texture_with_run(out: str, vertices: np.ndarray, faces: np.ndarray, uv: np.n
     folder = os.path.join(out, "texture")
     os.makedirs(folder, exist_ok=True)
     glb = os.path.join(folder, "frame1.glb")
-    trimesh.Trimesh(vertices=vertices, faces=faces, process=False,
+    # +Y up in the file, as loom texture's renders import it (Blender turns it back to +Z up)
+    trimesh.Trimesh(vertices=np.asarray(vertices) @ Z_UP_TO_Y_UP.T, faces=faces, process=False,
                     visual=trimesh.visual.TextureVisuals(uv=uv)).export(glb)
     done = texture_from_run(glb, run, folder, resolution=resolution, seed=seed, steps=steps, stages=1)
     with Image.open(os.path.join(folder, "texture.png")) as im:

@@ -88,3 +88,29 @@ def test_val_loss_logged_best_kept_and_resume_keeps_the_best(corpus, tmp_path):
     a, b = m.val_loss(batch), m.val_loss(next(iter(m.make_val_loader())))
     assert torch.equal(a, b)  # same weights, same draws: same number
     assert float(a.mean()) == pytest.approx(best["val_loss"], rel=1e-4)
+
+
+def test_early_stop_after_patience_validations_without_a_new_best(tmp_path):
+    """`trainer.early_stop_patience=2`: the run stops at the second validation in a row without a better val/loss,
+    not before; a new best resets the count and is saved."""
+    import types
+
+    from loom.training.module import LoomModule
+
+    losses = iter([1.0, 0.9, 0.95, 0.85, 0.86, 0.87, 0.5])
+    saved = []
+    m = types.SimpleNamespace(
+        cfg=types.SimpleNamespace(trainer=types.SimpleNamespace(val_every=1, early_stop_patience=2), out=str(tmp_path)),
+        global_step=0, _val_step=None, val_losses=[], val_state={"best_loss": None, "best_step": None, "bad": 0},
+        global_rank=0, validate=lambda: next(losses), save_best=saved.append, run_id=lambda: None,
+        trainer=types.SimpleNamespace(should_stop=False))
+    stopped_at = None
+    for step in range(1, 8):
+        m.global_step = step
+        LoomModule.run_validation(m)
+        if m.trainer.should_stop:
+            stopped_at = step
+            break
+    assert stopped_at == 6  # 0.85 at step 4 was the last best; 0.86 and 0.87 are the two without one
+    assert m.val_state["best_step"] == 4 and m.val_state["best_loss"] == 0.85 and len(saved) == 3
+    assert json.load(open(os.path.join(tmp_path, "best", "best.json")))["step"] == 4
