@@ -26,6 +26,7 @@ def bench(name: str):
     return mod
 
 
+@pytest.mark.slow  # ~65 s: run it before a device session (`pytest -m slow tests/test_gpu_check.py`), not on every push
 @pytest.mark.integration
 def test_cpu_smoke_runs_every_part_end_to_end(tmp_path):
     out = tmp_path / "check"
