@@ -204,6 +204,15 @@ class _Silhouettes:
 # ---- rigid: similarity --------------------------------------------------------------------------------------------
 
 
+def _silhouette_term(f: np.ndarray, target_mesh, settings: TrackSettings):
+    """The silhouette term of a fit (None when ``settings.w_sil`` is 0)."""
+    if settings.w_sil <= 0:
+        return None
+    if target_mesh is None:
+        raise ValueError("settings.w_sil > 0 needs target_mesh=(Vt, Ft) to render the target silhouettes")
+    return _Silhouettes(f, target_mesh, settings.sil_views, settings.sil_size, settings.sil_sigma)
+
+
 def fit_similarity(V: np.ndarray, F: np.ndarray, target_points: np.ndarray, *, target_mesh=None,
                    settings: TrackSettings = TrackSettings(), rng: np.random.Generator | None = None,
                    rest: np.ndarray | None = None) -> tuple[np.ndarray, float]:
@@ -220,11 +229,7 @@ def fit_similarity(V: np.ndarray, F: np.ndarray, target_points: np.ndarray, *, t
         raise ValueError(f"target_points must be a finite, non-empty (P,3) array, got shape {tp.shape}")
     rng = np.random.default_rng(settings.seed) if rng is None else rng
     chamfer = _Chamfer(f, v if rest is None else np.asarray(rest, np.float64), tp, settings.points, rng)
-    sil = None
-    if settings.w_sil > 0:
-        if target_mesh is None:
-            raise ValueError("settings.w_sil > 0 needs target_mesh=(Vt, Ft) to render the target silhouettes")
-        sil = _Silhouettes(f, target_mesh, settings.sil_views, settings.sil_size, settings.sil_sigma)
+    sil = _silhouette_term(f, target_mesh, settings)
 
     c_src = v.mean(axis=0)
     r_src = _rms_radius(v)
@@ -387,11 +392,7 @@ def refine_nonrigid(V: np.ndarray, F: np.ndarray, target_points: np.ndarray, *, 
         raise ValueError(f"rest must have the shape of V {v.shape}, got {rest_np.shape}")
     rng = np.random.default_rng(settings.seed) if rng is None else rng
     chamfer = _Chamfer(f, v, target_points, settings.points, rng)
-    sil = None
-    if settings.w_sil > 0:
-        if target_mesh is None:
-            raise ValueError("settings.w_sil > 0 needs target_mesh=(Vt, Ft) to render the target silhouettes")
-        sil = _Silhouettes(f, target_mesh, settings.sil_views, settings.sil_size, settings.sil_sigma)
+    sil = _silhouette_term(f, target_mesh, settings)
     # Work in units of the RMS radius about the centroid: lambda, the learning rate and the Chamfer scale do not
     # depend on the object's size.
     c = v.mean(axis=0)

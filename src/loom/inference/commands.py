@@ -175,6 +175,14 @@ def _cmd_texture(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tracking_args(p: argparse.ArgumentParser, experiment: str, prefix: str = "") -> None:
+    """The MLflow flags of a command that logs one run for what it wrote (`TrackingSettings`)."""
+    p.add_argument("--experiment", default=experiment, help=f"{prefix}MLflow experiment of the run")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db or "
+                   "$LOOM_HOME/mlflow.db)")
+    p.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
+
+
 def register(sub) -> None:
     p = sub.add_parser("texture", help="a textured asset from a mesh: a generated (--run) or given "
                        "(--frames) turntable back-projected into its UV layout (TAPESTRY 3.2)")
@@ -209,10 +217,7 @@ def register(sub) -> None:
     p.add_argument("--render-size", type=int, default=0, help="with --run and no --frames: render size in pixels "
                    "(default: the run's data.size, else 512)")
     p.add_argument("--out", default="out/texture", help="output folder")
-    p.add_argument("--experiment", default="texture", help="MLflow experiment of the run")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db or "
-                   "$LOOM_HOME/mlflow.db)")
-    p.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
+    _tracking_args(p, "texture")
     p.set_defaults(func=_cmd_texture)
 
     gen = sub.add_parser("generate", help="sample from a trained model").add_subparsers(dest="model", metavar="MODEL")
@@ -292,10 +297,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed (anchor i: seed + i; segment i: seed + i)")
     p.add_argument("--out", default="out/scene", help="output folder: video.mp4, video.mkv, anchors/, structure/, "
                    "warps/, segments/, scene.json (a rerun goes on where a run stopped)")
-    p.add_argument("--experiment", default="scene", help="MLflow experiment of the run")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db or "
-                   "$LOOM_HOME/mlflow.db)")
-    p.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
+    _tracking_args(p, "scene")
     p.set_defaults(func=_cmd_generate_scene)
 
     p = gen.add_parser("4d", help="a mesh sequence from a conditioning video (ShapeGen4D): one mesh per frame")
@@ -325,10 +327,7 @@ def register(sub) -> None:
     p.add_argument("--turntable", type=int, default=24, help="with --video: views of OUT/turntable.mp4 (0 = none)")
     p.add_argument("--fast", action="store_true", help="with --video: small registration and tracking settings "
                    "(a quick look; tests)")
-    p.add_argument("--experiment", default="generate-4d", help="with --video: MLflow experiment of the run")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db or "
-                   "$LOOM_HOME/mlflow.db)")
-    p.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
+    _tracking_args(p, "generate-4d", "with --video: ")
     p.add_argument("--key", help="sample key in 4D shards (default: the first)")
     p.add_argument("--baseline", choices=["step1x3d", "step1x3d-shared"], help="with --data: a Tab. 1 baseline "
                    "from the run's base without its spatiotemporal layers, per frame on independent (step1x3d) or "
