@@ -172,6 +172,116 @@ def test_sdf_samples_on_a_sphere_match_closed_forms():
     assert np.abs(volume).max() <= 0.5 * 1.05 and np.abs(volume).max() > 0.5
 
 
+def _l_shape():
+    """A watertight L (two overlapping boxes, made watertight): convex and concave edges and corners."""
+    v, f = _concat(_box([0.8, 0.2, 0.2], (0.0, 0.0, 0.0)), _box([0.2, 0.6, 0.2], (0.3, 0.2, 0.0)))
+    return M.make_watertight(v, f, resolution=2000)
+
+
+def _probe_points(v, f, rng):
+    """Points that reach every feature of a mesh: on and very near its faces, edges and vertices, a band around
+    it, and the box around it."""
+    on, _ = M.sample_surface(v, f, 1500, rng)
+    edges = (v[f[:, 0]] + v[f[:, 1]]) / 2
+    return np.concatenate([
+        on, on + rng.normal(size=on.shape) * 1e-3, on + rng.normal(size=on.shape) * 0.02,
+        v + rng.normal(size=v.shape) * 2e-3, edges + rng.normal(size=edges.shape) * 2e-3, v, edges,
+        rng.uniform(-0.6, 0.6, size=(2000, 3)),
+    ])
+
+
+@pytest.mark.parametrize("clip", [0.005, 0.05])
+def test_clipped_signed_distance_equals_clipping_the_exact_one(clip):
+    rng = np.random.default_rng(3)
+    for v, f in (_box([0.5, 0.5, 0.5]), _sphere(0.4, 3), _l_shape()):
+        p = _probe_points(v, f, rng)
+        exact = M.signed_distance(p, v, f)
+        fast = M.signed_distance(p, v, f, clip=clip)
+        np.testing.assert_array_equal(fast, np.clip(exact, -clip, clip))  # to the bit, signs of zeros included
+
+
+def test_clipped_signed_distance_skips_far_points(monkeypatch):
+    calls = {"closest": 0}
+    closest = pcu.closest_points_on_mesh
+
+    def count_closest(p, v, f):
+        calls["closest"] += len(p)
+        return closest(p, v, f)
+
+    monkeypatch.setattr(pcu, "closest_points_on_mesh", count_closest)
+    v, f = _l_shape()
+    rng = np.random.default_rng(0)
+    near, _ = M.sample_surface(v, f, 1000, rng)
+    near = near + rng.normal(size=near.shape) * 0.002
+    far = rng.uniform(-0.6, 0.6, size=(1000, 3))
+    far = far[np.abs(M.signed_distance(far, v, f)) > 0.1]
+    calls.update(closest=0)
+    sdf = M.signed_distance(np.concatenate([near, far]), v, f, clip=0.01)
+    assert len(far) > 300 and calls["closest"] <= len(near) + 0.05 * len(far)  # the far points skipped the query
+    assert (np.abs(sdf[len(near):]) == 0.01).all()
+    # An open mesh: the bound needs no closed surface, so its clipped distances are exact too.
+    vb, fb = _box([1, 1, 1])
+    p = rng.uniform(-0.8, 0.8, size=(500, 3))
+    np.testing.assert_array_equal(M.signed_distance(p, vb, fb[1:], clip=0.2),
+                                  np.clip(M.signed_distance(p, vb, fb[1:]), -0.2, 0.2))
+
+
+def test_signed_distance_refuses_a_bad_clip():
+    v, f = _box([1, 1, 1])
+    with pytest.raises(ValueError, match="clip"):
+        M.signed_distance(np.zeros((1, 3)), v, f, clip=0.0)
+
+
+def test_sdf_samples_skip_far_changes_no_value():
+    v, f = _l_shape()
+    a = M.sdf_samples(v, f, 3000, 3000, np.random.default_rng(5), sigma=(0.001, 0.005), truncation=0.01)
+    b = M.sdf_samples(v, f, 3000, 3000, np.random.default_rng(5), sigma=(0.001, 0.005), truncation=0.01,
+                      skip_far=False)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def _arm(frame, frames=4):
+    """The fake renderer's arm (two overlapping boxes, the forearm bent up to 90 degrees), in the [-1, 1] box."""
+    from loom.render.fake import _box as box
+
+    v1, f1 = box((-1.0, -0.2, -0.2), (0.0, 0.2, 0.2))
+    v2, f2 = box((-0.1, -0.15, -0.15), (1.0, 0.15, 0.15))
+    a = 0.5 * np.pi * frame / (frames - 1)
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    v = np.concatenate([v1, v2 @ rot.T])
+    v = (v - (v.max(0) + v.min(0)) / 2) / (np.abs(v - (v.max(0) + v.min(0)) / 2).max())
+    return v, np.concatenate([f1, f2 + len(v1)])
+
+
+def test_default_4d_mesh_path_matches_the_old_one_within_tolerance():
+    """The 4D job's mesh path since 2026-12 (watertight resolution 10,000, far SDF points skipped) against the
+    one before (20,000, exact distance for every point), with the tolerances of benchmarks/render_4d.py --paths
+    (tau = the default recipe's SDF truncation 0.01, inner_threshold 0.04), on the fake renderer's arm: frames
+    whose watertight mesh is unchanged give the same SDF; a frame the new path changes drops one octree level at
+    most (offset <= 2.83x the old one, <= 0.75 inner_threshold) and its surface stays within 1 tau (mean) of the
+    old watertight surface."""
+    tau, frames = 0.01, 4
+    old_offsets, new_offsets, changed = [], [], 0
+    for frame in (1, 2):  # of 4: frame 1 keeps its mesh, frame 2 drops a level (frame 3 too, but costs 4 s more)
+        v, f = _arm(frame, frames)
+        old = M.make_watertight(v, f, resolution=20000)
+        new = M.make_watertight(v, f, resolution=10000)
+        assert M.is_watertight(*new)
+        old_offsets.append(np.median(_distance_to_mesh(old[0], v, f)))
+        new_offsets.append(np.median(_distance_to_mesh(new[0], v, f)))
+        if old[0].shape == new[0].shape and np.array_equal(old[0], new[0]):
+            pts, sdf = M.sdf_samples(*new, 2000, 1000, np.random.default_rng(frame), sigma=(0.001, 0.005),
+                                     truncation=tau, half_extent=1.0)
+            np.testing.assert_allclose(sdf, np.clip(M.signed_distance(pts, *old), -tau, tau), rtol=0, atol=1e-6)
+            continue
+        changed += 1
+        surface, _ = M.sample_surface(*new, 4000, np.random.default_rng(frame))
+        assert _distance_to_mesh(surface, *old).mean() <= tau
+        assert new_offsets[-1] <= 2.83 * old_offsets[-1] and new_offsets[-1] <= 0.75 * 0.04
+    assert changed == 1  # both kinds of frame were checked
+
+
 def test_sdf_samples_deterministic_for_a_seed():
     v, f = _sphere(subdivisions=2)
     a = M.sdf_samples(v, f, 64, 64, np.random.default_rng(3))

@@ -38,7 +38,8 @@ config.yaml):
   15 degrees (measured), so the fallback is rare and smooth shapes get points on those creases, as Dora's own
   watertight meshes would.
 - Lengths that depend on the box scale with it: ``points.inner_threshold`` 0.04 (the watertight offset is ~0.022
-  at resolution 20,000 in this box).
+  at resolution 20,000 in this box, and stays below 0.02 at the default 10,000 on the bundled assets: median
+  distance of the watertight vertices to the animated mesh 0.005-0.014 per frame at either resolution).
 
 Root motion ("root-body motion is removed from the animation", 5.1): the root's translation since frame 0 is always
 removed; ``animation.root_rotation`` says what of its rotation since frame 0 is removed too, about the root
@@ -117,7 +118,9 @@ class PointSettings:
     query_candidates: int = field(32768, help="points sampled on the original frame-0 mesh before FPS")
     inner_threshold: float = field(0.04, help="candidates farther than this from the watertight surface are "
                                    "inner points and dropped before FPS (box units; above the watertight offset)")
-    watertight_resolution: int = field(20000, help="resolution of the watertight conversion (point-cloud-utils)")
+    watertight_resolution: int = field(10000, help="resolution of the watertight conversion (point-cloud-utils' "
+                                       "octree leaves; 20,000 before 2026-12: 3-10x slower on frames whose octree "
+                                       "overshoots, see benchmarks/README.md render_4d.py --paths)")
     sdf_near: int = field(32768, help="SDF samples near the surface, per frame")
     sdf_volume: int = field(16384, help="SDF samples uniform in the box, per frame")
     sdf_truncation: float = field(0.01, help="signed distances are clipped to [-t, t] (box units; Step1X-3D's "
@@ -218,11 +221,15 @@ class Task4D(RenderTask):
     root_rotation: str = "none"  # animation.root_rotation: "none" | "yaw" | "full"
 
 
-def process_sequence(seq: dict, p: dict, seed: int, timings: dict[str, float]) -> dict[str, np.ndarray]:
+def process_sequence(seq: dict, p: dict, seed: int, timings: dict[str, float], *, skip_far: bool = True,
+                     watertight_out: list | None = None) -> dict[str, np.ndarray]:
     """Mesh processing of one extracted sequence: watertight meshes, surface, sharp-edge and SDF samples, aligned
     queries. ``p`` is the job's ``points`` section as a dict; ``sharp_points`` and ``sdf_sigma`` may be absent
     (callers from before them: no sharp points, `mesh.sdf_samples`' own sigma). With sharp points the result
-    also holds ``sharp_surface`` (T,S',6) and ``sharp_edges`` (T,) int64 (sharp edges found per frame)."""
+    also holds ``sharp_surface`` (T,S',6) and ``sharp_edges`` (T,) int64 (sharp edges found per frame).
+
+    ``skip_far=False`` computes every SDF distance exactly before clipping (the path before 2026-12; same values,
+    slower); ``watertight_out``, a list, receives each frame's watertight ``(Vw, Fw)`` (benchmarks, tests)."""
     from loom.geometry import mesh, sharp
 
     rng = np.random.default_rng(seed)
@@ -243,7 +250,7 @@ def process_sequence(seq: dict, p: dict, seed: int, timings: dict[str, float]) -
             sharp_surface.append(np.concatenate([sp_, sn_], axis=1))
             sharp_edges.append(found)
         sp, sd = mesh.sdf_samples(Vw, Fw, p["sdf_near"], p["sdf_volume"], rng, truncation=p["sdf_truncation"],
-                                  half_extent=float(seq.get("half_extent", 0.5)), **sigma)
+                                  half_extent=float(seq.get("half_extent", 0.5)), skip_far=skip_far, **sigma)
         t_s += time.perf_counter() - t1
         t_w += t1 - t0
         surface.append(np.concatenate([pts, nrm], axis=1))
@@ -251,6 +258,8 @@ def process_sequence(seq: dict, p: dict, seed: int, timings: dict[str, float]) -
         sdf.append(sd)
         if t == 0:
             water0 = (Vw, Fw)
+        if watertight_out is not None:
+            watertight_out.append((Vw, Fw))
     t0 = time.perf_counter()
     queries, faces, bary = mesh.aligned_queries(V, F, water0[0], water0[1], p["queries"], rng,
                                                 inner_threshold=p["inner_threshold"],
