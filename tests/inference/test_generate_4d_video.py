@@ -130,11 +130,17 @@ def test_video_to_registered_textured_4d_mesh(clip, tmp_path):
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"side_by_side.mp4", "turntable.mp4", "animated.glb"} <= arts
 
+    # the same command again (its function, in this process): every stage kept; other settings are refused
+    from loom.inference.shape4d_video import Video4DSettings, generate_4d_video
+
     before = os.path.getmtime(out / "tracked.npz")
-    again = loom(*args, "--no-mlflow")
-    assert "registered frame 1" not in again.stdout and os.path.getmtime(out / "tracked.npz") == before
-    refused = loom(*[a if a != "96" else "128" for a in args], "--no-mlflow", check=False)
-    assert refused.returncode != 0 and "another command" in refused.stderr
+    st = Video4DSettings(size=96, fast=True, similarity="iou", decimate=1500, texture_resolution=128, turntable=4)
+    lines = []
+    generate_4d_video(None, video, str(out), meshes=meshes, settings=st, progress=lines.append)
+    assert not any("registered frame 1" in x or "tracked" in x for x in lines), lines
+    assert os.path.getmtime(out / "tracked.npz") == before
+    with pytest.raises(ValueError, match="another command"):
+        generate_4d_video(None, video, str(out), meshes=meshes, settings=Video4DSettings(size=128, fast=True))
 
 
 def test_texture_run_gets_frame_1_with_the_sequence_atlas(tmp_path, monkeypatch):

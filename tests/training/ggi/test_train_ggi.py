@@ -77,6 +77,7 @@ def test_tiny_run_trains_logs_and_saves_a_loadable_transformer(corpus, tmp_path)
     assert {"samples", "transformer"} <= arts
 
 
+@pytest.mark.slow  # 34 s; LoomModule's exact resume stays in the default tier through ttv, shape4d and style
 @pytest.mark.integration
 def test_resume_after_a_kill_gives_the_losses_of_an_uninterrupted_run(corpus, tmp_path):
     sets = ("trainer.max_steps=4", "trainer.checkpoint_every=2")
