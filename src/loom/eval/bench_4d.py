@@ -72,16 +72,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import sys
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from loom.corpora.meshes import MeshRenderer, projected_colours
-from loom.eval.benchmarks import (check_eval_ray, eval_ray, EvalTracking, FeatureSettings, Features, Generated, composite,
-                                  find_video, merge_stats, read_video, run_parts, to_unit, warn_if_tiny, where,
-                                  write_media)
+from loom.eval.benchmarks import (check_eval_ray, eval_ray, EvalTracking, FeatureSettings, Features, Generated,
+                                  composite, find_video, merge_stats, read_video, run_parts, to_unit, warn_if_tiny,
+                                  where, write_media)
+from loom.inference.shape4d import FRAME_FILE as _FRAME
+from loom.inference.shape4d import SEQUENCE_MESH_EXTS, read_mesh
+from loom.inference.shape4d import frame_files as _frame_files
 from loom.platform.ray import RaySettings
 from loom.platform.config import config, field, recipe, require
 
@@ -90,8 +92,7 @@ if TYPE_CHECKING:  # the metrics package loads torch: imported where a sequence 
 
 METRICS = ("chamfer", "iou", "f_score")  # = loom.eval.metrics.sequence.METRICS (importing it here loads torch)
 RENDER_METRICS = ("lpips", "clip", "fvd")
-MESH_EXTS = (".obj", ".ply", ".off", ".stl")
-_FRAME = re.compile(r"^frame_(\d+)\.(obj|ply|off|stl)$", re.IGNORECASE)
+MESH_EXTS = SEQUENCE_MESH_EXTS
 
 
 @config
@@ -213,46 +214,6 @@ def _tiny() -> Eval4DJob:
 
 
 # ------------------------------------------------------------------------------------------------ predictions
-
-
-def _frame_files(folder: str) -> list[str]:
-    from loom.platform import storage
-
-    found = {}
-    for name in storage.listdir(folder):
-        m = _FRAME.match(name)
-        if m:
-            i = int(m.group(1))
-            if i in found:
-                raise ValueError(f"{folder}: two files for frame {i}: {found[i]} and {name}")
-            found[i] = name
-    if found and sorted(found) != list(range(len(found))):
-        raise ValueError(f"{folder}: frames {sorted(found)} are not numbered 0..{len(found) - 1}")
-    return [storage.join(folder, found[i]) for i in sorted(found)]
-
-
-def read_mesh(url: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """A mesh file -> (vertices (V,3) float64, faces (F,3) int64, or None for a point cloud)."""
-    import io
-
-    import trimesh
-
-    from loom.platform import storage
-
-    data = storage.read_bytes(url)
-    if not data.strip() or all(ln.startswith(b"#") for ln in data.strip().splitlines()):
-        raise ValueError(f"{url} is an empty mesh")
-    try:
-        geom = trimesh.load(io.BytesIO(data), file_type=url.rsplit(".", 1)[-1].lower(), process=False)
-    except Exception as e:  # trimesh raises many types for a broken file
-        raise ValueError(f"{url}: not a readable mesh ({e})") from e
-    if isinstance(geom, trimesh.Scene):
-        geom = geom.dump(concatenate=True) if geom.geometry else None
-    v = np.asarray(getattr(geom, "vertices", np.zeros((0, 3))), np.float64)
-    if len(v) == 0:
-        raise ValueError(f"{url} is an empty mesh")
-    f = np.asarray(getattr(geom, "faces", np.zeros((0, 3))), np.int64).reshape(-1, 3)
-    return v, (f if len(f) else None)
 
 
 def _generate(cfg: Eval4DJob, key: str, folder: str) -> None:

@@ -60,21 +60,11 @@ def unwrap_first_frame(vertices: np.ndarray, faces: np.ndarray, resolution: int 
     """Frame 1's UV atlas for the whole sequence: (uv (U, 2) v up, uv_faces (F, 3) into ``uv``), by xatlas on
     ``vertices[0]`` (charts packed for a ``resolution``^2 texture with ``padding`` texels between them, as
     `loom.inference.texture.unwrap`). The same arrays serve every frame: a texture made on frame 1 maps onto all."""
-    import xatlas
+    from loom.inference.texture import atlas
 
-    v = np.asarray(vertices, np.float32)
-    v0 = v[0] if v.ndim == 3 else v
-    f = np.asarray(faces, np.int64)
-    atlas = xatlas.Atlas()
-    atlas.add_mesh(np.ascontiguousarray(v0), np.ascontiguousarray(f, np.uint32))
-    pack = xatlas.PackOptions()
-    pack.resolution, pack.padding = int(resolution), int(padding)
-    atlas.generate(pack_options=pack)
-    vmap, idx, uv = atlas[0]
-    idx = np.asarray(idx, np.int64)
-    if idx.shape != f.shape or not np.array_equal(np.asarray(vmap)[idx], f):
-        raise RuntimeError("xatlas changed the triangles (degenerate or duplicate faces?): clean the mesh first")
-    return np.asarray(uv, np.float64), idx
+    v = np.asarray(vertices, np.float64)
+    _, idx, uv = atlas(v[0] if v.ndim == 3 else v, np.asarray(faces, np.int64), resolution, padding, check=True)
+    return uv, idx
 
 
 def _corners(n_vertices: int, faces, uv, uv_faces, vmapping):

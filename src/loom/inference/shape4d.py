@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -156,6 +157,55 @@ def generate_4d(run: str, data: str, out: str, *, key: str | None = None, frames
     q = latents or info.get("latents_per_frame") or model.dit.config.num_latents
     z = model.generate(image, q, seed=seed, steps=steps, shift=shift, guidance_scale=guidance_scale)
     return model.meshes(z[0].cpu(), out, resolution)
+
+
+# ============================================================================================== mesh sequences
+
+SEQUENCE_MESH_EXTS = (".obj", ".ply", ".off", ".stl")
+FRAME_FILE = re.compile(r"^frame_(\d+)\.(obj|ply|off|stl)$", re.IGNORECASE)
+
+
+def frame_files(folder: str) -> list[str]:
+    """The per-frame mesh files of a sequence folder (local or a URL), ``frame_000.obj``, ``frame_001.obj``, ... by
+    frame number (what ``loom generate 4d`` writes and ``loom eval 4d`` reads); [] when there is none. Two files for
+    one frame, or a gap in the numbering, is an error naming the folder."""
+    from loom.platform import storage
+
+    found = {}
+    for name in storage.listdir(folder):
+        m = FRAME_FILE.match(name)
+        if m:
+            i = int(m.group(1))
+            if i in found:
+                raise ValueError(f"{folder}: two files for frame {i}: {found[i]} and {name}")
+            found[i] = name
+    if found and sorted(found) != list(range(len(found))):
+        raise ValueError(f"{folder}: frames {sorted(found)} are not numbered 0..{len(found) - 1}")
+    return [storage.join(folder, found[i]) for i in sorted(found)]
+
+
+def read_mesh(url: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """A mesh file -> (vertices (V,3) float64, faces (F,3) int64, or None for a point cloud)."""
+    import io
+
+    import trimesh
+
+    from loom.platform import storage
+
+    data = storage.read_bytes(url)
+    if not data.strip() or all(ln.startswith(b"#") for ln in data.strip().splitlines()):
+        raise ValueError(f"{url} is an empty mesh")
+    try:
+        geom = trimesh.load(io.BytesIO(data), file_type=url.rsplit(".", 1)[-1].lower(), process=False)
+    except Exception as e:  # trimesh raises many types for a broken file
+        raise ValueError(f"{url}: not a readable mesh ({e})") from e
+    if isinstance(geom, trimesh.Scene):
+        geom = geom.dump(concatenate=True) if geom.geometry else None
+    v = np.asarray(getattr(geom, "vertices", np.zeros((0, 3))), np.float64)
+    if len(v) == 0:
+        raise ValueError(f"{url} is an empty mesh")
+    f = np.asarray(getattr(geom, "faces", np.zeros((0, 3))), np.int64).reshape(-1, 3)
+    return v, (f if len(f) else None)
 
 
 # ============================================================================================== loom generate 3d

@@ -45,6 +45,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from loom.platform import storage
+
 # The registered meshes are in the reference camera's world (+Z up); the files are +Y up: (x, y, z) -> (x, z, -y),
 # the inverse of the (x, y, z) -> (x, -z, y) of Blender's glTF / OBJ importers.
 Z_UP_TO_Y_UP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
@@ -63,7 +65,6 @@ class Video4DSettings:
     # reference camera as it stands)
     similarity: str = "dino"  # "dino" (IoU + DINOv2 CLS cosine) or "iou"
     dino_weight: float = 0.5
-    render_size: int = 128  # registration renders
     decimate: int = 8000  # faces of frame 1 before tracking (0 = as generated)
     texture_resolution: int = 1024
     turntable: int = 24  # views per turntable panel (0 = none)
@@ -77,8 +78,8 @@ class Video4DSettings:
             raise ValueError(f"--fill {self.fill} must be in (0, 1]")
         if self.similarity not in ("dino", "iou"):
             raise ValueError(f"--similarity {self.similarity!r}: use 'dino' or 'iou'")
-        if self.size < 16 or self.render_size < 16 or self.texture_resolution < 16:
-            raise ValueError("--size, the render size and --texture-resolution must be at least 16 pixels")
+        if self.size < 16 or self.texture_resolution < 16:
+            raise ValueError("--size and --texture-resolution must be at least 16 pixels")
 
 
 @dataclasses.dataclass
@@ -103,15 +104,16 @@ def reference_camera(size: int, fill: float, distance: float = REFERENCE_DISTANC
     return cam.intrinsics(fov, size, size), c2w
 
 
-def read_obj(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(vertices (V,3) float64, faces (F,3) int64) of a mesh file; an empty mesh is an error naming the file."""
-    import trimesh
+def read_frame_mesh(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """A frame's mesh (`loom.inference.shape4d.read_mesh`); a point cloud or an empty mesh is an error naming the
+    file."""
+    from loom.inference.shape4d import read_mesh
 
-    m = trimesh.load(path, force="mesh", process=False)
-    if not len(getattr(m, "faces", ())):
-        raise ValueError(f"{path}: the generated mesh has no faces (the model produced an empty surface); try another "
-                         "--seed or more --steps")
-    return np.asarray(m.vertices, np.float64), np.asarray(m.faces, np.int64)
+    v, f = read_mesh(path)
+    if f is None:
+        raise ValueError(f"{path} has no faces (a point cloud, or the model produced an empty surface): registration "
+                         "and texturing need triangles; try another --seed or more --steps")
+    return v, f
 
 
 def decimate(vertices: np.ndarray, faces: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray]:
@@ -221,19 +223,15 @@ def register_first_frame(vertices: np.ndarray, faces: np.ndarray, frame: np.ndar
 
     from loom.geometry.pose import PoseSettings, register_pose, registration_transform
 
-    h, w = frame.shape[:2]
-    scale = settings.render_size / max(h, w)
-    small = _resize_rgba(frame, (max(1, round(w * scale)), max(1, round(h * scale))))
-    mask = small[..., 3] >= 128
+    mask = frame[..., 3] >= 128
     if not mask.any():
         raise ValueError("the first frame's mask is empty: the object was not found (check --mask / --matting)")
-    k_small = np.asarray(K, np.float64).copy()
-    k_small[0] *= small.shape[1] / w
-    k_small[1] *= small.shape[0] / h
-    score = similarity_score(small, mask, encoder if settings.similarity == "dino" else None, settings.dino_weight)
+    # "iou": register_pose's own silhouette IoU (it resamples the mask and K to its render size)
+    score = (similarity_score(frame, mask, encoder, settings.dino_weight)
+             if settings.similarity == "dino" and encoder is not None else None)
     ps = PoseSettings.fast() if settings.fast else PoseSettings()
     torch.manual_seed(seed)
-    res = register_pose(vertices, faces, mask, k_small, score=score, settings=ps)
+    res = register_pose(vertices, faces, mask, np.asarray(K, np.float64), score=score, settings=ps)
     lookat = np.asarray(res.pose.lookat, np.float64)
     # the reference camera looks at the origin: the registered object's centre goes to that depth
     ref_distance = float(-(np.asarray(c2w_ref)[:3, 3] @ np.asarray(c2w_ref)[:3, 2]))
@@ -275,15 +273,6 @@ def _sequence_iou(m: np.ndarray, sequence: tuple[list, np.ndarray], K: np.ndarra
     return float(np.mean(ious))
 
 
-def _resize_rgba(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``frame`` resized to ``size`` (width, height)."""
-    from PIL import Image
-
-    if (frame.shape[1], frame.shape[0]) == tuple(size):
-        return frame
-    return np.asarray(Image.fromarray(frame).resize(tuple(size), Image.BILINEAR))
-
-
 def apply(m: np.ndarray, vertices: np.ndarray) -> np.ndarray:
     return vertices @ np.asarray(m)[:3, :3].T + np.asarray(m)[:3, 3]
 
@@ -292,15 +281,12 @@ def apply(m: np.ndarray, vertices: np.ndarray) -> np.ndarray:
 
 
 def uv_unwrap(vertices: np.ndarray, faces: np.ndarray, resolution: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Frame 1's atlas (`loom.inference.animated.unwrap_first_frame`, xatlas) in the split-vertex layout: (vmap
+    """Frame 1's atlas (`loom.inference.texture.atlas`, xatlas) in the split-vertex layout: (vmap
     (V',) the mesh vertex of each atlas vertex, faces (F,3) on the atlas vertices, uv (V',2) v up). Every frame's
     atlas vertices are ``vertices_t[vmap]``: the same UVs and faces for all."""
-    from loom.inference.animated import unwrap_first_frame
+    from loom.inference.texture import atlas
 
-    uv, uv_faces = unwrap_first_frame(vertices, faces, resolution)
-    vmap = np.zeros(len(uv), np.int64)
-    vmap[uv_faces.ravel()] = np.asarray(faces, np.int64).ravel()  # xatlas: one atlas vertex per (vertex, chart)
-    return vmap, uv_faces, uv
+    return atlas(vertices, faces, resolution, check=True)
 
 
 def texture_from_frame(vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray, frame: np.ndarray, K: np.ndarray,
@@ -360,25 +346,42 @@ class Textured4D:
     coverage_frame1: float
 
 
+def register(meshes: list[tuple[np.ndarray, np.ndarray]], frames: np.ndarray, K: np.ndarray, c2w_ref: np.ndarray,
+             settings: Video4DSettings, *, seed: int = 0, encoder=None) -> dict[str, Any]:
+    """A.1 for a sequence (frame 1 already decimated): `register_first_frame`, with the whole video breaking ties;
+    the identity with ``settings.register`` off."""
+    if not settings.register:
+        return {"transform": np.eye(4).tolist(), "scale": 1.0, "pose": None, "similarity": None}
+    v0, f0 = meshes[0]
+    return register_first_frame(v0, f0, frames[0], K, c2w_ref, settings=settings, seed=seed, encoder=encoder,
+                                sequence=(meshes, frames))
+
+
+def track(meshes: list[tuple[np.ndarray, np.ndarray]], m: np.ndarray, settings: Video4DSettings,
+          progress: Callable[[str], None] | None = None) -> tuple[np.ndarray, list[float]]:
+    """A.2 step 1 on the sequence moved by ``m``: frame 1's mesh carried through every frame (`loom.geometry.deform
+    .topology_consistent`) -> (vertices (T,V,3) float64 on frame 1's faces, Chamfer of each to its generated frame)."""
+    from loom.geometry.deform import TrackSettings, topology_consistent
+
+    seq = [(apply(m, v), f) for v, f in meshes]
+    report = None if progress is None else lambda t, n, i: progress(
+        f"tracked frame {t + 1}/{n}: Chamfer {i['rigid']:.4f} rigid, {i['nonrigid']:.4f} non-rigid")
+    verts = topology_consistent(seq, TrackSettings.fast() if settings.fast else TrackSettings(), progress=report)
+    verts = np.asarray(verts, np.float64)
+    f0 = meshes[0][1]
+    return verts, [_chamfer(verts[t], f0, *seq[t]) for t in range(len(seq))]
+
+
 def texture_sequence(meshes: list[tuple[np.ndarray, np.ndarray]], frames: np.ndarray, K: np.ndarray,
                      c2w_ref: np.ndarray, settings: Video4DSettings, *, seed: int = 0, encoder=None) -> Textured4D:
     """Appendix A in one call, nothing written (``loom eval 4d`` with ``render.shading=textured``): frame 1 posed
     for the camera (``K``, ``c2w_ref``) that saw ``frames`` ((T,S,S,4) RGBA, frame 1 first), every frame moved
     the same way, the sequence made topology-consistent, frame 1 textured from ``frames[0]``."""
-    from loom.geometry.deform import TrackSettings, topology_consistent
-
     st = settings
-    v0, f0 = decimate(*meshes[0], st.decimate)
-    if st.register:
-        reg = register_first_frame(v0, f0, frames[0], K, c2w_ref, settings=st, seed=seed, encoder=encoder,
-                                   sequence=([(v0, f0)] + list(meshes[1:]), frames))
-    else:
-        reg = {"transform": np.eye(4).tolist(), "scale": 1.0}
-    m = np.asarray(reg["transform"])
-    seq = [(apply(m, v0), f0)] + [(apply(m, v), f) for v, f in meshes[1:]]
-    verts = np.asarray(topology_consistent(seq, TrackSettings.fast() if st.fast else TrackSettings()), np.float64)
-    chamfers = [_chamfer(verts[t], f0, *seq[t]) for t in range(len(seq))]
-    vmap, afaces, uv = uv_unwrap(verts[0], f0, st.texture_resolution)
+    meshes = [decimate(*meshes[0], st.decimate)] + list(meshes[1:])
+    reg = register(meshes, frames, K, c2w_ref, st, seed=seed, encoder=encoder)
+    verts, chamfers = track(meshes, np.asarray(reg["transform"]), st)
+    vmap, afaces, uv = uv_unwrap(verts[0], meshes[0][1], st.texture_resolution)
     texture, cov = texture_from_frame(verts[0][vmap], afaces, uv, frames[0], K, c2w_ref, st.texture_resolution)
     return Textured4D(vertices=verts[:, vmap], faces=afaces, uv=uv, texture=texture, registration=reg,
                       chamfer_to_generated=chamfers, coverage_frame1=cov)
@@ -392,20 +395,13 @@ def _progress(line: str) -> None:
 
 
 def _stage_done(out: str, name: str) -> dict | None:
+    """What a finished stage recorded (``out/stages/NAME.json``), or None."""
     path = os.path.join(out, "stages", f"{name}.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
-    return None
+    return storage.read_json(path) if os.path.isfile(path) else None
 
 
 def _finish_stage(out: str, name: str, info: dict) -> dict:
-    folder = os.path.join(out, "stages")
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{name}.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(folder, f"{name}.json"))
+    storage.write_json(os.path.join(out, "stages", f"{name}.json"), info)  # atomic: a stage is done or not
     return info
 
 
@@ -420,7 +416,7 @@ def generate_4d_video(run: str | None, video: str, out: str, *, mask: str | None
     import torch
     from PIL import Image
 
-    from loom.inference.shape4d import load_run
+    from loom.inference.shape4d import frame_files, load_run
     from loom.inference.video4d import prepare_video
 
     st = settings or Video4DSettings()
@@ -440,7 +436,11 @@ def generate_4d_video(run: str | None, video: str, out: str, *, mask: str | None
               "video": os.path.abspath(video), "mask": mask and os.path.abspath(mask),
               "matting": matting and os.path.abspath(matting), "seed": seed, "steps": steps,
               "texture_run": texture_run and os.path.abspath(texture_run), "settings": dataclasses.asdict(st)}
-    given = _mesh_files(meshes) if meshes else None
+    given = None
+    if meshes:
+        given = [os.path.basename(p) for p in frame_files(meshes)]
+        if not given:
+            raise ValueError(f"--meshes {meshes} holds no frame_000.obj, frame_001.obj, ... files")
     model, info = load_run(run) if run else (None, {})
     n = st.frames or (len(given) if given else model.frames) or 16
     if given and len(given) != n:
@@ -479,19 +479,14 @@ def generate_4d_video(run: str | None, video: str, out: str, *, mask: str | None
         _finish_stage(out, "generate", {"meshes": [os.path.basename(p) for p in paths]})
         progress(f"generated {len(paths)} meshes into {mesh_dir}")
     names = _stage_done(out, "generate")["meshes"]
-    meshes = [read_obj(os.path.join(mesh_dir, nm)) for nm in names]
+    meshes = [read_frame_mesh(os.path.join(mesh_dir, nm)) for nm in names]
+    meshes[0] = decimate(*meshes[0], st.decimate)  # frame 1 carries the sequence: what registration and tracking use
     lap("generate")
 
     K, c2w_ref = reference_camera(st.size, st.fill)
     reg = _stage_done(out, "register")
     if reg is None:
-        v0, f0 = decimate(*meshes[0], st.decimate)
-        if st.register:
-            reg = register_first_frame(v0, f0, frames[0], K, c2w_ref, settings=st, seed=seed,
-                                       encoder=model.image if st.similarity == "dino" and model else None,
-                                       sequence=([(v0, f0)] + meshes[1:], frames))
-        else:
-            reg = {"transform": np.eye(4).tolist(), "scale": 1.0, "pose": None, "similarity": None}
+        reg = register(meshes, frames, K, c2w_ref, st, seed=seed, encoder=model.image if model else None)
         reg.update({"K": K.tolist(), "c2w": c2w_ref.tolist(), "size": st.size})
         _finish_stage(out, "register", reg)
         progress(f"registered frame 1: scale {reg['scale']:.3f}, silhouette IoU "
@@ -501,15 +496,9 @@ def generate_4d_video(run: str | None, video: str, out: str, *, mask: str | None
 
     tracked_path = os.path.join(out, "tracked.npz")
     if _stage_done(out, "track") is None:
-        from loom.geometry.deform import TrackSettings, topology_consistent
-
-        v0, f0 = decimate(*meshes[0], st.decimate)
-        seq = [(apply(m, v0), f0)] + [(apply(m, v), f) for v, f in meshes[1:]]
-        ts = TrackSettings.fast() if st.fast else TrackSettings()
-        verts = topology_consistent(seq, ts, progress=lambda t, n_, i: progress(
-            f"tracked frame {t + 1}/{n_}: Chamfer {i['rigid']:.4f} rigid, {i['nonrigid']:.4f} non-rigid"))
-        np.savez(tracked_path, vertices=np.asarray(verts, np.float32), faces=f0.astype(np.int64))
-        chamfers = [_chamfer(verts[t], f0, *seq[t]) for t in range(len(seq))]
+        verts, chamfers = track(meshes, m, st, progress)
+        v0, f0 = meshes[0]
+        np.savez(tracked_path, vertices=verts.astype(np.float32), faces=f0.astype(np.int64))
         _finish_stage(out, "track", {"faces": int(len(f0)), "vertices": int(len(v0)), "chamfer_to_generated": chamfers})
         progress(f"topology-consistent sequence: {len(f0)} faces on every frame, mean Chamfer to the generated "
                  f"meshes {np.mean(chamfers):.4f}")
@@ -568,19 +557,6 @@ def generate_4d_video(run: str | None, video: str, out: str, *, mask: str | None
         done.mlflow = log_output_run(out, tracking, name=os.path.basename(os.path.normpath(out)),
                                      tags={"loom.kind": "generate-4d"}, params=params, metrics=metrics, files=files)
     return done
-
-
-def _mesh_files(folder: str) -> list[str]:
-    """The per-frame mesh files of a folder (``frame_000.obj`` ..., by frame number); a clear error otherwise."""
-    import re
-
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--meshes {folder}: no such folder")
-    pat = re.compile(r"^frame_(\d+)\.(obj|ply|off|stl|glb)$", re.IGNORECASE)
-    found = sorted((int(m.group(1)), n) for n in os.listdir(folder) if (m := pat.match(n)))
-    if not found:
-        raise ValueError(f"--meshes {folder} holds no frame_000.obj, frame_001.obj, ... files")
-    return [n for _, n in found]
 
 
 def _jsonable(x):

@@ -131,18 +131,30 @@ def gltf_extensions(path: str) -> list[str]:
     return list(doc.get("extensionsUsed", [])) if isinstance(doc, dict) else []
 
 
-def unwrap(vertices: np.ndarray, faces: np.ndarray, resolution: int, padding: int = 4):
-    """(vertices (V',3), faces (F,3), uv (V',2)): a UV atlas by xatlas (vertices on chart seams duplicated), its
-    charts packed for a ``resolution``^2 texture with ``padding`` texels between them, so seam dilation has room."""
+def atlas(vertices: np.ndarray, faces: np.ndarray, resolution: int, padding: int = 4,
+          check: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """xatlas's UV atlas of a mesh: (vmap (V',) the mesh vertex of each atlas vertex (vertices on chart seams
+    duplicated), faces (F,3) on the atlas vertices, uv (V',2) v up), its charts packed for a ``resolution``^2
+    texture with ``padding`` texels between them, so seam dilation has room. ``check``: refuse an atlas whose
+    triangles are not the mesh's, in order (needed where the atlas serves other frames of the same mesh)."""
     import xatlas
 
-    atlas = xatlas.Atlas()
-    atlas.add_mesh(np.ascontiguousarray(vertices, np.float32), np.ascontiguousarray(faces, np.uint32))
+    xa = xatlas.Atlas()
+    xa.add_mesh(np.ascontiguousarray(vertices, np.float32), np.ascontiguousarray(faces, np.uint32))
     pack = xatlas.PackOptions()
     pack.resolution, pack.padding = int(resolution), int(padding)
-    atlas.generate(pack_options=pack)
-    vmap, idx, uv = atlas[0]
-    return vertices[vmap], np.asarray(idx, np.int64), np.asarray(uv, np.float64)
+    xa.generate(pack_options=pack)
+    vmap, idx, uv = xa[0]
+    vmap, idx = np.asarray(vmap, np.int64), np.asarray(idx, np.int64)
+    if check and (idx.shape != np.shape(faces) or not np.array_equal(vmap[idx], faces)):
+        raise RuntimeError("xatlas changed the triangles (degenerate or duplicate faces?): clean the mesh first")
+    return vmap, idx, np.asarray(uv, np.float64)
+
+
+def unwrap(vertices: np.ndarray, faces: np.ndarray, resolution: int, padding: int = 4):
+    """(vertices (V',3), faces (F,3), uv (V',2)): `atlas` with the atlas vertices' positions."""
+    vmap, idx, uv = atlas(vertices, faces, resolution, padding)
+    return vertices[vmap], idx, uv
 
 
 def find_sample(frames: str, mesh: UVMesh | None, key: str | None, frames_pass: str | None) -> dict[str, Any]:
