@@ -251,3 +251,10 @@ def frame_transform(frames: int = 0, size: int = 0) -> Compose | None:
     if size:
         ts.append(CropResize((size, size)))
     return Compose(*ts) if ts else None
+
+
+def composite(rgba: np.ndarray, background=(1.0, 1.0, 1.0)) -> np.ndarray:
+    """Straight-alpha (...,4) uint8 over a background colour -> (...,3) uint8."""
+    a = rgba[..., 3:4].astype(np.float32) / 255.0
+    bg = np.asarray(background, np.float32) * 255.0
+    return np.round(rgba[..., :3].astype(np.float32) * a + bg * (1.0 - a)).clip(0, 255).astype(np.uint8)

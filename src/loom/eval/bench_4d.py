@@ -78,9 +78,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from loom.corpora.meshes import MeshRenderer, projected_colours
+from loom.datasets.transforms import composite
 from loom.eval.benchmarks import (check_eval_ray, eval_ray, EvalTracking, FeatureSettings, Features, Generated,
-                                  composite, find_video, merge_stats, read_video, run_parts, to_unit, warn_if_tiny,
-                                  where, write_media)
+                                  find_video, merge_stats, read_video, run_parts, to_unit, warn_if_tiny, where,
+                                  write_media)
 from loom.inference.shape4d import FRAME_FILE as _FRAME
 from loom.inference.shape4d import SEQUENCE_MESH_EXTS, read_mesh
 from loom.inference.shape4d import frame_files as _frame_files

@@ -407,13 +407,6 @@ def to_unit(frames: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def composite(rgba: np.ndarray, background=(1.0, 1.0, 1.0)) -> np.ndarray:
-    """Straight-alpha (...,4) uint8 over a background colour -> (...,3) uint8."""
-    a = rgba[..., 3:4].astype(np.float32) / 255.0
-    bg = np.asarray(background, np.float32) * 255.0
-    return np.round(rgba[..., :3].astype(np.float32) * a + bg * (1.0 - a)).clip(0, 255).astype(np.uint8)
-
-
 def _pad(v: np.ndarray, t: int, h: int, w: int) -> np.ndarray:
     """(T',H',W',3) -> (t,h,w,3): the last frame held, white padding right and below."""
     if len(v) < t:

@@ -26,13 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from loom.inference.video4d import IMAGE_EXTS, VIDEO_EXTS, read_video
 from loom.models.shape4d import Shape4DFlowSettings, Shape4DModelSettings
 
 if TYPE_CHECKING:
     import torch
 
-VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".gif")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 
 
 @dataclasses.dataclass
@@ -101,18 +100,14 @@ def load_run(run: str) -> tuple[Shape4DRun, dict]:
 def read_conditioning_video(data: str, key: str | None = None) -> tuple[np.ndarray, str]:
     """The conditioning video (T,H,W,4) uint8 and its name, from 4D shards (a sample's ``video``; ``key`` or the
     first), a video file, or a folder of frame images (sorted by name)."""
-    from loom.datasets.codecs import decode_video
-
-    if os.path.isfile(data) and data.lower().endswith(VIDEO_EXTS):
-        with open(data, "rb") as f:
-            return decode_video(f.read(), channels=4), os.path.basename(data)
-    if os.path.isdir(data) and not os.path.exists(os.path.join(data, "manifest.json")):
-        frames = sorted(n for n in os.listdir(data) if n.lower().endswith(IMAGE_EXTS))
-        if frames:
-            from PIL import Image
-
-            imgs = [np.asarray(Image.open(os.path.join(data, n)).convert("RGBA")) for n in frames]
-            return np.stack(imgs), os.path.basename(os.path.normpath(data))
+    is_file = os.path.isfile(data) and data.lower().endswith(VIDEO_EXTS)
+    is_frames = (os.path.isdir(data) and not os.path.exists(os.path.join(data, "manifest.json"))
+                 and any(n.lower().endswith(IMAGE_EXTS) for n in os.listdir(data)))
+    if is_file or is_frames:
+        v = read_video(data).frames
+        if v.shape[-1] == 3:  # no alpha plane: all object
+            v = np.concatenate([v, np.full(v.shape[:-1] + (1,), 255, np.uint8)], -1)
+        return v, os.path.basename(os.path.normpath(data))
     from loom.datasets.shape4d import iter_samples
 
     try:

@@ -167,12 +167,6 @@ def render_textured(vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray, tex
     return (img.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
 
 
-def over(frames: np.ndarray, background=(255, 255, 255)) -> np.ndarray:
-    """(T,H,W,4) straight-alpha uint8 -> (T,H,W,3) uint8 over ``background``."""
-    a = frames[..., 3:4].astype(np.float32) / 255.0
-    return (frames[..., :3] * a + np.asarray(background, np.float32) * (1 - a) + 0.5).astype(np.uint8)
-
-
 # ----------------------------------------------------------------------------------------------- A.1
 
 
@@ -585,17 +579,18 @@ def write_media(out: str, verts: np.ndarray, faces: np.ndarray, uv: np.ndarray, 
     ``turntable.mp4``: frames 1, middle and last side by side, the camera circling them (``st.turntable`` views,
     the reference camera's distance and height)."""
     from loom.datasets.codecs import write_video
+    from loom.datasets.transforms import composite
     from loom.geometry import camera as cam
 
     size = st.size
     renders = np.stack([render_textured(verts[t], faces, uv, texture, K, c2w_ref, size)[0] for t in range(len(verts))])
-    files = [write_video(os.path.join(out, "side_by_side.mp4"), np.concatenate([over(frames), over(renders)], axis=2),
-                         fps=8)]
+    side = np.concatenate([composite(frames), composite(renders)], axis=2)  # input | render, over white
+    files = [write_video(os.path.join(out, "side_by_side.mp4"), side, fps=8)]
     if st.turntable:
         centre = verts.reshape(-1, 3).mean(0)
         orbit = cam.orbit_c2w(st.turntable, REFERENCE_DISTANCE, 0.0, phase=-math.pi / 2)
         orbit[:, :3, 3] += centre
         picks = sorted({0, len(verts) // 2, len(verts) - 1})
-        panels = [over(render_textured(verts[t], faces, uv, texture, K, orbit, size)) for t in picks]
+        panels = [composite(render_textured(verts[t], faces, uv, texture, K, orbit, size)) for t in picks]
         files.append(write_video(os.path.join(out, "turntable.mp4"), np.concatenate(panels, axis=2), fps=12))
     return files

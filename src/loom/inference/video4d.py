@@ -48,7 +48,8 @@ import os
 
 import numpy as np
 
-from loom.inference.shape4d import IMAGE_EXTS, VIDEO_EXTS
+VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".gif")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 
 MODEL_FRAMES = 16  # the released ShapeGen4D model and Loom's 4D corpus (loom.render.anim DEFAULTS["frames"])
 CORPUS_FILL = 0.85  # loom.render.anim CAMERA_DEFAULTS["fill"] (a test holds them equal)
