@@ -126,12 +126,13 @@ def run_loom(cfg, records) -> dict:
 def plain_jobs(cfg, records, cores: int, workdir: str) -> list[dict]:
     """The Loom job's task params, with the asset's local path and ``threads = cores`` (one process, all cores)."""
     from loom.corpora.assets import AssetRecord, fetch_local
-    from loom.corpora.base import build_tasks
+    from loom.corpora.base import job_spec
 
+    spec = job_spec(cfg, records)
     jobs = []
-    for t in build_tasks(cfg, records):
+    for t in spec.tasks:
         local = fetch_local(AssetRecord.from_dict(t.asset), os.path.join(workdir, "assets"))
-        jobs.append({"key": t.key, "params": {**t.params, "asset_path": local, "threads": cores}})
+        jobs.append({"key": t.key, "params": {**spec.params(t), "asset_path": local, "threads": cores}})
     return jobs
 
 

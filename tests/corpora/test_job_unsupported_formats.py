@@ -40,7 +40,8 @@ def test_unsupported_files_are_named_in_the_summary_and_the_failure_manifest(ray
     assert m["totals"]["samples"] == 2 and m["totals"]["failures"] == 2
     plan = storage.read_bytes(storage.join(str(out), "plan.json"))
     # the cubes fill the first shard exactly as they would without the unsupported files
-    assert [t["asset"]["format"] for t in json.loads(plan)["shards"][0]["tasks"]] == ["obj", "obj"]
+    doc = json.loads(plan)  # tasks: [key, asset index, variant, frames]
+    assert [doc["assets"][t[1]]["format"] for t in doc["shards"][0]["tasks"]] == ["obj", "obj"]
 
     assert cli.main(argv) == 0  # a rerun: nothing new to do, the same plan, and the files are still named
     again = capsys.readouterr().out

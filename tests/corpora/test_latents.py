@@ -3,6 +3,7 @@ turntable corpus, through real Ray and real sandbox processes, checked for shape
 runs, captions, resume and clear errors."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -147,8 +148,8 @@ def make_corpus(out, frames=5, *sets) -> str:
     for sh in plan_shards(spec.tasks, "ttv", 2):
         samples = []
         for t in sh["tasks"]:
-            res = ttv.render_entry({**t["params"], "asset_path": t["asset"]["path"], "workdir": str(out.parent)})
-            samples.append((t["key"], res["files"]))
+            res = ttv.render_entry({**spec.params(t), "asset_path": t.asset["path"], "workdir": str(out.parent)})
+            samples.append((t.key, res["files"]))
         size, sha, keys = shards.write_tar(shards.shard_url(str(out), sh["name"]), samples)
         shards.write_sidecar(str(out), shards.ShardRecord(name=sh["name"], samples=len(keys), size=size, sha256=sha,
                                                           keys=keys))
@@ -274,7 +275,12 @@ def test_cli_dry_run_and_missing_vae(tmp_path, capsys):
     args = p.parse_args(["cache", "latents", "--source", src, "--vae", vae_dir, "--out", str(tmp_path / "o"),
                          "--dry-run"])
     assert args.func(args) == 0
-    assert "3 sample(s) in 2 source shard(s)" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "3 sample(s) in 2 source shard(s)" in text
+    assert "s/sample" in text and "core-hours" in text and not os.path.exists(tmp_path / "o")  # priced, not run
+    args = p.parse_args(["cache", "latents", "--source", src, "--vae", vae_dir, "--out", str(tmp_path / "o"),
+                         "--dry-run", "--no-calibrate", "--assets-total", "30000"])
+    assert args.func(args) == 0 and "core-hours" not in capsys.readouterr().out
     args = p.parse_args(["cache", "latents", "--source", src, "--vae", str(tmp_path / "nope"), "--dry-run"])
     with pytest.raises(FileNotFoundError, match="nope"):
         args.func(args)

@@ -45,6 +45,13 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert "15 samples" in p.stdout and "60 frames" in p.stdout  # 5 bundled assets x 3 variants x 4 frames
     assert "core-hours" in p.stdout and "GB" in p.stdout
     assert not out.exists()
+    # a corpus priced from the assets at hand: 30,000 assets x 3 variants x 4 frames, at the config's prices
+    p = loom("render", "ttv", "--recipe", "smoke", "--set", "render.backend=fake", "--set", "lighting.variants=3",
+             "--set", "price.cpu_core_hour=1000", "--out", str(out), "--dry-run", "--assets-total", "30000",
+             check=True)
+    assert "90000 samples" in p.stdout and "360000 frames" in p.stdout and "a corpus of 30000 assets" in p.stdout
+    assert "1000/core-hour" in p.stdout and "USD" in p.stdout
+    assert "--assets-total" in loom("render", "ttv", "--assets-total", "0").stderr and not out.exists()
 
 
 def test_assets_list_bundled_and_manifest(tmp_path):

@@ -22,6 +22,7 @@ threads, ...) stay flat: they are the contract that ``loom.render.common`` share
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import time
@@ -31,7 +32,7 @@ import numpy as np
 
 import loom
 from loom.platform.config import config, config_hash, field, require, to_dict
-from loom.platform.jobs import JobSpec, ShardSettings, Task
+from loom.platform.jobs import JobSpec, PriceSettings, ShardSettings, Task
 from loom.platform.ray import RaySettings
 
 # ------------------------------------------------------------------------------------------------------ settings
@@ -90,7 +91,7 @@ class RenderJob:
     KIND: ClassVar[str]  # "ttv", "4d", "scene": the shard name prefix and the task's ``kind``
     SOURCE: ClassVar[str] = "assets"  # the field that names the asset source
     # Fields that do not change what a task renders: left out of the provenance hash.
-    NON_SAMPLE_FIELDS: ClassVar[tuple[str, ...]] = ("out", "ray", "shards")
+    NON_SAMPLE_FIELDS: ClassVar[tuple[str, ...]] = ("out", "ray", "shards", "price")
 
     out: str = field("out/render", help="output folder or fsspec URL for shards and manifests")
     seed: int = field(0, help="job seed; a task's seed derives from it, the asset's sha256 and the variant")
@@ -98,6 +99,7 @@ class RenderJob:
     lighting: LightingSettings = field(default_factory=LightingSettings, help="environment lighting")
     shards: ShardSettings = field(default_factory=ShardSettings, help="sharding")
     ray: RaySettings = field(default_factory=RaySettings, help="Ray: address, workers, CPUs and GPUs per worker")
+    price: PriceSettings = field(default_factory=PriceSettings, help="prices a --dry-run costs the job at")
 
     def task(self, asset: dict, variant: int, chash: str) -> RenderTask:
         """The parameters of one (asset, variant): pure and deterministic."""
@@ -178,15 +180,23 @@ def sample_config_hash(cfg: RenderJob) -> str:
 
 
 def build_tasks(cfg: RenderJob, records: list) -> list[Task]:
-    """One task per (asset, lighting variant), keyed ``<uid>_v<variant>``."""
+    """One task per (asset, lighting variant), keyed ``<uid>_v<variant>``. Each task's parameters are drawn here
+    once (a bad setting fails before anything runs) but not kept: :func:`expand_task` makes them again where they
+    are used, so the driver's memory does not grow with them."""
     chash = sample_config_hash(cfg)
     tasks = []
     for rec in records:
         a = rec.to_dict()
+        a.pop("annotations", None)  # the plan keeps what a task needs; annotations stay in the asset manifest
         for v in range(cfg.lighting.variants):
             t = cfg.task(a, v, chash)
-            tasks.append(Task(key=f"{rec.uid}_v{v}", asset=a, params=to_dict(t), frames=t.frames))
+            tasks.append(Task(key=f"{rec.uid}_v{v}", asset=a, frames=t.frames, variant=v))
     return tasks
+
+
+def expand_task(cfg: RenderJob, chash: str, asset: dict, variant: int) -> dict:
+    """The entry's parameters of the task (asset, variant): ``to_dict(cfg.task(...))``, pure."""
+    return to_dict(cfg.task(asset, variant, chash))
 
 
 def job_spec(cfg: RenderJob, records: list) -> JobSpec:
@@ -209,6 +219,7 @@ def job_spec(cfg: RenderJob, records: list) -> JobSpec:
         env={"OMP_NUM_THREADS": str(cfg.ray.cpus_per_worker)},
         fetch="loom.corpora.base:fetch_asset",
         preload=("bpy",) if blender else (),
+        expand=functools.partial(expand_task, cfg, sample_config_hash(cfg)),
     )
 
 
@@ -240,11 +251,15 @@ RENDER_META = ("engine", "device", "samples", "denoise", "width", "height", "ada
 
 def run_task(params: dict, *, meta_fields: tuple[str, ...], render: Callable[[dict], dict],
              to_arrays: Callable[[dict, dict, dict, dict], tuple[dict, dict]],
-             encode: Callable[[dict, dict, dict], dict[str, bytes]]) -> dict:
+             encode: Callable[[dict, dict, dict], dict[str, bytes]],
+             encodings: dict[str, dict] | None = None, encoding: str = "") -> dict:
     """Runs inside the sandbox: render one task, turn the result into the sample's arrays, encode them with their
     meta. ``meta_fields``: the task fields written into meta unchanged (the kind's ``RenderTask.META``);
     ``to_arrays(params, rendered, info, timings)`` returns the arrays and what the render adds to meta, and may add
-    its own stages to ``timings``."""
+    its own stages to ``timings``.
+
+    ``encodings``: the kind's encodings, {name: the params that choose it}, and ``encoding`` the task's own: a dry
+    run's calibration (``params["calibrate_encodings"]``) returns the sample's bytes in each as ``sizes``."""
     t0 = time.monotonic()
     if params["backend"] == "blender":
         from loom.render import hdri_path
@@ -265,4 +280,9 @@ def run_task(params: dict, *, meta_fields: tuple[str, ...], render: Callable[[di
     }
     files = encode(arrays, meta, params)
     timings.update(encode=time.monotonic() - t1, task=time.monotonic() - t0)
-    return {"files": files, "timings": timings, "warnings": info["warnings"]}
+    out = {"files": files, "timings": timings, "warnings": info["warnings"]}
+    if params.get("calibrate_encodings"):
+        out["encoding"] = encoding
+        out["sizes"] = {name: sum(len(b) for b in encode(arrays, meta, {**params, **choice}).values())
+                        for name, choice in (encodings or {}).items()}
+    return out

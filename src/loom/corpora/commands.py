@@ -53,9 +53,12 @@ def render_corpus(cfg, args: argparse.Namespace) -> None:
     if not records:
         raise ValueError(f"asset source {source!r} has no assets")
     spec = job_spec(cfg, records)
+    if args.assets_total is not None and not args.dry_run:
+        raise ValueError("--assets-total prices a corpus: use it with --dry-run")
     if args.dry_run:
         print(f"plan for {len(records)} asset(s) -> {len(spec.tasks)} task(s) -> {cfg.out}")
-        print(estimate(spec, calibrate=not args.no_calibrate).report())
+        print(estimate(spec, calibrate=not args.no_calibrate, assets_total=args.assets_total,
+                       assets_here=len(records), price=cfg.price).report())
         return
     print(f"rendering {len(spec.tasks)} {args.kind} sample(s) of {len(records)} asset(s) into {cfg.out}",
           file=sys.stderr)
@@ -102,6 +105,7 @@ def register(sub) -> None:
         p.add_argument("--dry-run", action="store_true", help="print tasks, frames, size and cost; render "
                        "nothing but one short calibration")
         p.add_argument("--no-calibrate", action="store_true", help="with --dry-run: skip the calibration render")
+        add_assets_total(p)
         p.add_argument("--retry-failed", action="store_true", help="redo shards that recorded failures")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.set_defaults(func=cmd_render)
@@ -139,8 +143,17 @@ def run_cache_job(cfg, args, spec, unit: str, encoders: str, then: str = "") -> 
     from loom.platform.jobs import run_job
 
     n = sum(len(t.asset["keys"]) for t in spec.tasks)
+    if args.assets_total is not None and not args.dry_run:
+        raise ValueError("--assets-total prices a corpus: use it with --dry-run")
     if args.dry_run:
         print(f"plan: {n} {unit} in {len(spec.tasks)} source shard(s) of {cfg.source} -> {cfg.out}")
+        if not args.no_calibrate:
+            from loom.platform.jobs import estimate
+
+            # a corpus's assets: its sample keys are <uid>_v<variant> (render jobs' build_tasks)
+            here = len({k.rsplit("_v", 1)[0] for t in spec.tasks for k in t.asset["keys"]})
+            print(estimate(spec, assets_total=args.assets_total, assets_here=here, price=getattr(cfg, "price", None),
+                           unit="sample", units_of=lambda t: len(t.asset["keys"])).report())
         return
     print(f"encoding {n} {unit} of {cfg.source} {encoders} into {cfg.out}", file=sys.stderr)
     summary = run_job(spec, progress=not args.no_progress, retry_failed=args.retry_failed)
@@ -150,9 +163,28 @@ def run_cache_job(cfg, args, spec, unit: str, encoders: str, then: str = "") -> 
         print(then)
 
 
+def add_assets_total(p) -> None:
+    p.add_argument("--assets-total", type=positive_int, metavar="N",
+                   help="with --dry-run: price a corpus of N assets (frames, TB per encoding, core-hours, GPU-hours, "
+                   "cost at the config's price.*) from a calibration on the assets at hand")
+
+
+def positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return n
+
+
 def add_cache_flags(p, checks: str = "the encoders and source") -> None:
     """The flags every cache command shares: --dry-run, --retry-failed, --no-progress."""
-    p.add_argument("--dry-run", action="store_true", help=f"check {checks}, print the plan, encode nothing")
+    p.add_argument("--dry-run", action="store_true", help=f"check {checks}, print the plan and its price from "
+                   "one calibration shard (encoded in a temporary folder); write nothing")
+    p.add_argument("--no-calibrate", action="store_true", help="with --dry-run: the plan only, no calibration")
+    add_assets_total(p)
     p.add_argument("--retry-failed", action="store_true", help="redo shards that recorded failures")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

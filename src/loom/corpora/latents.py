@@ -35,7 +35,7 @@ from typing import Literal
 
 import loom
 from loom.platform.ray import RaySettings
-from loom.platform.jobs import JobSpec, Summary, Task, run_job
+from loom.platform.jobs import PriceSettings, JobSpec, Summary, Task, run_job
 from loom.platform.hub import resolve_model_path
 from loom.platform import shards, storage
 from loom.platform.config import ConfigError, config, config_hash, field, recipe, require, to_dict
@@ -99,6 +99,7 @@ class CacheLatentsJob:
                           "one, else a plane cut drawn from the sample key; needs rgb and position in passes")
     timeout_s: float = field(3600.0, help="seconds allowed per source shard")
     ray: RaySettings = field(default_factory=RaySettings, help="Ray: address, workers, CPUs and GPUs per worker")
+    price: PriceSettings = field(default_factory=PriceSettings, help="prices a --dry-run costs the job at")
 
     def __post_init__(self):
         require(len(self.passes) >= 1 and set(self.passes) <= set(PASSES) and len(set(self.passes)) == len(
@@ -132,7 +133,7 @@ class CacheLatentsJob:
 
 
 # Fields that do not change what a sample holds; the encoders enter the hash by content, not by path.
-NON_SAMPLE_FIELDS = ("source", "out", "vae", "timeout_s", "ray")
+NON_SAMPLE_FIELDS = ("source", "out", "vae", "timeout_s", "ray", "price")
 # Hashed only when their encoder is configured (by content: digests, the captions file's sha256), so a VAE-only
 # job's hash does not depend on settings it ignores.
 TEXT_FIELDS = ("text_encoder", "tokenizer", "text_max_length", "prompt", "captions")

@@ -51,7 +51,7 @@ import loom
 from loom.platform import shards
 from loom.platform.config import config, config_hash, field, recipe, require
 from loom.platform.hub import resolve_model_path
-from loom.platform.jobs import JobSpec
+from loom.platform.jobs import PriceSettings, JobSpec
 from loom.platform.ray import RaySettings
 from loom.corpora.latents import _cached, _local_shard, cache_spec, dir_digest, source_shards
 
@@ -80,6 +80,7 @@ class Cache4DJob:
     device: Literal["cpu", "cuda"] = field("cpu", help="where the encoders run; cuda needs ray.gpus_per_worker > 0")
     timeout_s: float = field(3600.0, help="seconds allowed per source shard")
     ray: RaySettings = field(default_factory=RaySettings, help="Ray: address, workers, CPUs and GPUs per worker")
+    price: PriceSettings = field(default_factory=PriceSettings, help="prices a --dry-run costs the job at")
 
     def __post_init__(self):
         require(self.image_size >= 0, "image_size", self.image_size, "must be >= 0 (0 = the encoder's)")
@@ -92,7 +93,7 @@ class Cache4DJob:
 
 
 # Fields that do not change what a sample holds; the encoders enter the hash by content, not by path.
-NON_SAMPLE_FIELDS = ("source", "out", "vae", "image_encoder", "chunk", "timeout_s", "ray")
+NON_SAMPLE_FIELDS = ("source", "out", "vae", "image_encoder", "chunk", "timeout_s", "ray", "price")
 
 
 @recipe(Cache4DJob, "default", help="CPU, float32 compute, float16 storage, every point of the shards")

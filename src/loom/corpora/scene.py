@@ -71,7 +71,7 @@ class NoiseSettings:
 class RenderSceneJob(RenderJob):
     KIND: ClassVar[str] = "scene"
     SOURCE: ClassVar[str] = "scene"
-    NON_SAMPLE_FIELDS: ClassVar[tuple[str, ...]] = ("scene", "out", "ray", "shards")
+    NON_SAMPLE_FIELDS: ClassVar[tuple[str, ...]] = ("scene", "out", "ray", "shards", "price")
 
     scene: str = field("bundled-scene", help="scene file (.glb/.gltf/.obj/.blend) or 'bundled-scene'")
     trajectory: str = field("orbit", help="camera keyframes file (.yaml/.json) or a preset: 'orbit'")

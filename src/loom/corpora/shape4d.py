@@ -152,7 +152,7 @@ class PointSettings:
 @config
 class Render4DJob(RenderJob):
     KIND: ClassVar[str] = "4d"
-    NON_SAMPLE_FIELDS: ClassVar[tuple[str, ...]] = ("assets", "out", "limit", "ray", "shards")
+    NON_SAMPLE_FIELDS: ClassVar[tuple[str, ...]] = ("assets", "out", "limit", "ray", "shards", "price")
     OPTIONAL_SECTIONS: ClassVar[tuple[str, ...]] = ("animation",)  # hashed only when set (corpora before it resume)
 
     assets: str = field("bundled-animated", help="asset source (see loom.corpora.assets); 'bundled-animated' "

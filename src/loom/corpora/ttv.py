@@ -64,7 +64,7 @@ class PassSettings:
 @config
 class RenderTTVJob(RenderJob):
     KIND: ClassVar[str] = "ttv"
-    NON_SAMPLE_FIELDS: ClassVar[tuple[str, ...]] = ("assets", "out", "limit", "ray", "shards")
+    NON_SAMPLE_FIELDS: ClassVar[tuple[str, ...]] = ("assets", "out", "limit", "ray", "shards", "price")
     OPTIONAL_SECTIONS: ClassVar[tuple[str, ...]] = ("passes",)  # hashed only when set (corpora before it resume)
 
     assets: str = field("bundled", help="asset source: 'bundled', a folder/URL of meshes, a manifest, or "

@@ -2,14 +2,20 @@
 
 Data flow::
 
-    asset manifest ──> tasks (pure: asset, variant, seed -> params) ──> plan.json (task -> shard, fixed once)
-         ──> Ray Data: one row per unfinished shard ──map──> ShardWorker (one per Ray worker, owns a Sandbox)
-               for each task: fetch asset -> Sandbox.run(entry, params, timeout) -> {ext: bytes} | failure row
+    asset manifest ──> tasks (key, asset, variant; pure) ──> plan.json (task -> shard, fixed once; ~0.1 KB a task)
+         ──> Ray Data: one row per unfinished shard (its index) ──map──> ShardWorker (one per Ray worker, owns a
+               Sandbox; reads plan.json once): for each task of its shard: params = expand(asset, variant) (pure)
+               -> fetch asset -> Sandbox.run(entry, params, timeout) -> {ext: bytes} | failure row
                write tar atomically -> write sidecar JSON
          ──> driver: progress bar, then manifest.json + failures.jsonl + summary
 
-A job kind (turntable videos, 4D sequences, scene videos) supplies only its task list and an ``entry``
+A job kind (turntable videos, 4D sequences, scene videos) supplies its task list, an ``expand`` that makes a task's
+parameters from its asset and variant (or the parameters themselves, for jobs of a few tasks) and an ``entry``
 ("module:function") that turns task params into ``{"files": {ext: bytes}, "info": {...}}`` inside the sandbox.
+
+Why the plan holds no parameters: a task's parameters are a pure function of (config, asset, variant), ~2 KB each;
+storing them made plan.json 2.3 KB a task (270 MB at TAPESTRY's 120K videos) and held every one in the driver. The
+plan keeps what a rerun must agree on (which task of which asset goes in which shard) and each asset once.
 """
 
 from __future__ import annotations
@@ -21,8 +27,8 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Callable
 
 from loom.platform import shards, storage
 from loom.platform.config import config, field as cfield, require
@@ -41,8 +47,11 @@ class ShardSettings:
 class Task:
     key: str  # sample key in the tar (no dots); unique in the job
     asset: dict  # AssetRecord.to_dict()
-    params: dict  # JSON params for the entry, minus asset_path/workdir which the worker adds
+    # JSON params for the entry, minus asset_path/workdir which the worker adds; None: the job's ``expand`` makes
+    # them from (asset, variant) where they are needed (in the worker), so the driver never holds them all.
+    params: dict | None = None
     frames: int = 0
+    variant: int = 0
 
 
 @dataclass
@@ -62,6 +71,17 @@ class JobSpec:
     # ``asset_path``); None when the entry reads its own input (e.g. a source shard named in its params).
     fetch: str | None = None
     verb: str = "render"  # for the progress bar
+    # (asset dict, variant) -> params, for the tasks whose ``params`` is None. Pickled to the workers: a module-level
+    # function or a functools.partial of one.
+    expand: Callable[[dict, int], dict] | None = None
+
+    def params(self, task: Task) -> dict:
+        """The entry's parameters of ``task``."""
+        if task.params is not None:
+            return task.params
+        if self.expand is None:
+            raise ValueError(f"task {task.key!r} has no params and the job has no expand function")
+        return self.expand(task.asset, task.variant)
 
 
 @dataclass
@@ -87,56 +107,94 @@ class Summary:
 
 
 PLAN = "plan.json"
+PLAN_FORMAT = "loom-plan/2"
+# Asset-record fields a task needs in the worker (fetch, failure rows, provenance): annotations stay in the asset
+# manifest, not in the plan.
+PLAN_ASSET_DROP = ("annotations",)
 
 
 def plan_shards(tasks: list[Task], kind: str, per_shard: int) -> list[dict]:
-    return [
-        {"name": shards.shard_name(kind, i // per_shard), "tasks": [asdict(t) for t in tasks[i: i + per_shard]]}
-        for i in range(0, len(tasks), per_shard)
-    ]
+    """``[{"name": shard name, "tasks": [Task, ...]}]``: consecutive tasks, ``per_shard`` to a shard."""
+    return [{"name": shards.shard_name(kind, i // per_shard), "tasks": tasks[i: i + per_shard]}
+            for i in range(0, len(tasks), per_shard)]
+
+
+def plan_doc(spec: JobSpec, plan: list[dict]) -> dict:
+    """plan.json: each distinct asset once, then per shard its tasks as ``[key, asset index, variant, frames]``
+    (``+ [params]`` for a task that carries its own)."""
+    assets: list[dict] = []
+    index: dict[int, int] = {}
+    rows = []
+    for sh in plan:
+        tasks = []
+        for t in sh["tasks"]:
+            a = index.get(id(t.asset))
+            if a is None:
+                a = index[id(t.asset)] = len(assets)
+                assets.append({k: v for k, v in t.asset.items() if k not in PLAN_ASSET_DROP})
+            tasks.append([t.key, a, t.variant, t.frames] + ([t.params] if t.params is not None else []))
+        rows.append({"name": sh["name"], "tasks": tasks})
+    return {"format": PLAN_FORMAT, "kind": spec.kind, "config_hash": spec.config_hash, "assets": assets,
+            "shards": rows}
+
+
+def read_plan(doc: dict) -> list[dict]:
+    """plan.json (this format or the first, which stored every task whole) -> ``[{"name", "tasks": [Task]}]``."""
+    if doc.get("format") == PLAN_FORMAT:
+        assets = doc["assets"]
+        return [{"name": sh["name"],
+                 "tasks": [Task(key=r[0], asset=assets[r[1]], variant=r[2], frames=r[3],
+                                params=r[4] if len(r) > 4 else None) for r in sh["tasks"]]}
+                for sh in doc["shards"]]
+    return [{"name": sh["name"], "tasks": [Task(**t) for t in sh["tasks"]]} for sh in doc.get("shards") or []]
 
 
 def load_or_write_plan(spec: JobSpec) -> list[dict]:
     """The shard plan of ``spec.out``: written at the first run, reused by reruns. A rerun with a different config
-    or task list into the same folder is refused instead of mixing two corpora."""
+    or task list into the same folder is refused instead of mixing two corpora. A plan of the first format (whole
+    tasks, written by Loom before 0.x) with the same layout is rewritten in this one: the workers read it."""
     url = storage.join(spec.out, PLAN)
     plan = plan_shards(spec.tasks, spec.kind, spec.samples_per_shard)
-    doc = {"kind": spec.kind, "config_hash": spec.config_hash, "shards": plan}
     if storage.exists(url):
         old = storage.read_json(url)
         # Compared by what the shards hold (which task of which asset goes where), not by the task parameters'
         # layout: a folder planned by an earlier Loom whose parameters were spelled differently still resumes.
-        if old.get("config_hash") != spec.config_hash or _layout(old.get("shards") or []) != _layout(plan):
+        if old.get("config_hash") != spec.config_hash or _layout(read_plan(old)) != _layout(plan):
             what = "config" if old.get("config_hash") != spec.config_hash else "asset list"
             raise RuntimeError(
                 f"{spec.out} already holds a {old.get('kind')} job with a different {what} (plan.json). "
                 "Use a new --out, or delete that folder to start over."
             )
-        return plan
-    storage.write_json(url, doc)
+        if old.get("format") == PLAN_FORMAT and (spec.expand is None) == all(
+                len(r) > 4 for sh in old["shards"] for r in sh["tasks"]):
+            return plan
+    storage.write_bytes(url, (json.dumps(plan_doc(spec, plan), separators=(",", ":")) + "\n").encode())
     return plan
 
 
 def _layout(plan: list[dict]) -> list[tuple[str, list[tuple[str, str | None]]]]:
     """(shard name, [(task key, asset sha256)]) of a plan: what a rerun must agree on."""
-    return [(s["name"], [(t["key"], (t.get("asset") or {}).get("sha256")) for t in s["tasks"]]) for s in plan]
+    return [(s["name"], [(t.key, (t.asset or {}).get("sha256")) for t in s["tasks"]]) for s in plan]
 
 
 class ShardWorker:
     """Ray Data map function (one instance per worker): renders a shard's tasks in its sandbox, writes the tar."""
 
     def __init__(self, entry: str, out: str, timeout_s: float, env: dict[str, str], progress=None,
-                 preload: tuple[str, ...] = (), fetch: str | None = None):
+                 preload: tuple[str, ...] = (), fetch: str | None = None, expand=None):
         from loom.platform.sandbox import Sandbox
 
-        self.out, self.timeout_s, self.progress, self.fetch = out, timeout_s, progress, fetch
+        self.out, self.timeout_s, self.progress, self.fetch, self.expand = out, timeout_s, progress, fetch, expand
+        self.plan: list[dict] | None = None  # read from out/plan.json at the first shard: rows carry only an index
         self.scratch = tempfile.mkdtemp(prefix="loom-worker-")
         self.sandbox = Sandbox(entry, env=env, log_dir=os.path.join(self.scratch, "logs"), preload=preload)
         self.sandbox.start()  # pay the bpy import while Ray is still starting the other workers
 
     def __call__(self, row: dict) -> dict:
-        shard = json.loads(row["shard"])
-        return render_shard(shard, self.out, self.sandbox, self.timeout_s, self.scratch, self._tick, self.fetch)
+        if self.plan is None:
+            self.plan = read_plan(storage.read_json(storage.join(self.out, PLAN)))
+        return render_shard(self.plan[int(row["shard"])], self.out, self.sandbox, self.timeout_s, self.scratch,
+                            self._tick, self.fetch, self.expand)
 
     def _tick(self, ok: int, failed: int, frames: int) -> None:
         if self.progress is not None:
@@ -163,8 +221,9 @@ def task_keys(task: Task) -> list[str]:
 
 
 def render_shard(shard: dict, out: str, sandbox, timeout_s: float, scratch: str, tick=None,
-                 fetch: str | None = None) -> dict:
-    """Run every task of one shard and write it. One task's failure is a row, never the end of the shard.
+                 fetch: str | None = None, expand=None) -> dict:
+    """Run every task of one shard (``{"name", "tasks": [Task]}``) and write it. One task's failure is a row, never
+    the end of the shard. ``expand(asset, variant)`` makes the params of tasks that carry none.
 
     An entry returns either ``{"files": {ext: bytes}, ...}`` (one sample, keyed by the task) or
     ``{"samples": [(key, files)], "failures": [{"key", "reason"}], "frames": n, ...}`` (a task over many samples).
@@ -175,13 +234,13 @@ def render_shard(shard: dict, out: str, sandbox, timeout_s: float, scratch: str,
     t0 = time.monotonic()
     samples, failures, warnings, frames = [], [], [], 0
     stats: dict[str, float] = {}
-    for t in shard["tasks"]:
-        task = Task(**t)
+    for task in shard["tasks"]:
         row = {"uid": task.asset.get("uid"), "source": task.asset.get("source")}
         workdir = tempfile.mkdtemp(prefix="task-", dir=scratch)
         n_ok = n_failed = n_frames = 0
         try:
-            params = {**task.params, "workdir": workdir}
+            params = {**(task.params if task.params is not None else expand(task.asset, task.variant)),
+                      "workdir": workdir}
             if fetch_fn is not None:
                 params["asset_path"] = fetch_fn(task.asset, os.path.join(scratch, "assets"))
             res = sandbox.run(params, timeout_s)
@@ -241,14 +300,14 @@ def run_job(spec: JobSpec, *, progress: bool = True, retry_failed: bool = False,
     storage.write_bytes(storage.join(spec.out, "config.yaml"), _yaml(spec.config).encode())
     storage.remove_stale_temporaries(storage.join(spec.out, shards.SHARDS_DIR))
     summary = Summary(out=spec.out, shards_total=len(plan))
-    todo = []
-    for s in plan:
+    todo = []  # indices into the plan
+    for i, s in enumerate(plan):
         rec = shards.read_sidecar(spec.out, s["name"])
         if rec is not None and not (retry_failed and rec.failures):
             summary.shards_skipped += 1
             summary.samples_skipped += rec.samples
             continue
-        todo.append(s)
+        todo.append(i)
     if max_shards is not None:
         todo = todo[:max_shards]
     t0 = time.monotonic()
@@ -271,18 +330,19 @@ def run_job(spec: JobSpec, *, progress: bool = True, retry_failed: bool = False,
 
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
         counter = ray.remote(num_cpus=0)(_ProgressCounter).options(scheduling_strategy=here).remote()
-        ds = ray.data.from_items([{"shard": json.dumps(s)} for s in todo], override_num_blocks=len(todo))
+        ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
         ds = ds.map(
             ShardWorker,
             fn_constructor_kwargs=dict(entry=spec.entry, out=spec.out, timeout_s=spec.timeout_s, env=spec.env,
-                                       progress=counter, preload=spec.preload, fetch=spec.fetch),
+                                       progress=counter, preload=spec.preload, fetch=spec.fetch,
+                                       expand=spec.expand),
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=spec.ray.cpus_per_worker,
             num_gpus=spec.ray.gpus_per_worker or None,
         )
         from tqdm import tqdm
 
-        n_samples = sum(len(task_keys(Task(**t))) for s in todo for t in s["tasks"])
+        n_samples = sum(len(task_keys(t)) for i in todo for t in plan[i]["tasks"])
         bar = tqdm(total=n_samples, unit="sample", desc=f"{spec.verb} {spec.kind}", disable=not progress,
                    file=sys.stderr)
         rows: list[dict] = []
@@ -331,8 +391,26 @@ def _yaml(d: dict) -> str:
 
 
 
+@config
+class PriceSettings:
+    """What a dry run prices a job at (``--dry-run``): defaults are 2026 on-demand list prices of a large public
+    cloud, to be replaced by your own."""
+
+    cpu_core_hour: float = cfield(0.045, help="price of one CPU core for one hour (e.g. a c7i vCPU on demand)")
+    gpu_hour: float = cfield(2.50, help="price of one GPU for one hour (e.g. an H100 on demand)")
+    storage_tb_month: float = cfield(23.0, help="price of storing one TB for a month (e.g. S3 Standard)")
+    currency: str = cfield("USD", help="the currency of the prices above (printed beside them)")
+
+    def __post_init__(self):
+        for name in ("cpu_core_hour", "gpu_hour", "storage_tb_month"):
+            require(getattr(self, name) >= 0, f"price.{name}", getattr(self, name), "must be >= 0")
+
+
 @dataclass
 class Estimate:
+    """A job's price from a calibration: per unit (a frame of a render, a sample of a cache job) and per task, scaled
+    to ``tasks`` (the job's own, or a whole corpus's with ``--assets-total``)."""
+
     tasks: int
     shards: int
     frames: int
@@ -342,6 +420,12 @@ class Estimate:
     threads: int
     workers: int
     gpu: bool
+    unit: str = "frame"
+    assets: int | None = None  # the corpus's assets when scaled by --assets-total
+    calibrated_on: str = ""  # the asset and frames the calibration ran
+    bytes_by_encoding: dict[str, float] = field(default_factory=dict)  # bytes per unit of each encoding of the kind
+    encoding: str = ""  # the job's own encoding (a key of bytes_by_encoding)
+    price: PriceSettings | None = None
 
     @property
     def seconds_per_task(self) -> float:
@@ -363,46 +447,102 @@ class Estimate:
     def output_bytes(self) -> float:
         return self.bytes_per_frame * self.frames
 
+    def cost(self) -> dict[str, float]:
+        """Compute (CPU cores; GPUs where a GPU works) and a month of storage of the job's own encoding."""
+        p = self.price or PriceSettings()
+        compute = self.core_hours * p.cpu_core_hour + self.gpu_hours * p.gpu_hour
+        return {"compute": compute, "storage_month": self.output_bytes / 1e12 * p.storage_tb_month}
+
     def report(self) -> str:
-        gb = self.output_bytes / 1e9
+        u = self.unit
+        p = self.price or PriceSettings()
+        scope = f" (a corpus of {self.assets} assets, priced from the assets at hand)" if self.assets else ""
         lines = [
-            f"tasks            {self.tasks} samples in {self.shards} shards, {self.frames} frames",
-            f"calibration      {self.seconds_per_frame:.3f} s/frame + {self.seconds_per_task_fixed:.2f} s/task "
-            f"(import, scene set-up) with {self.threads} thread(s)",
-            f"output size      {gb:.3f} GB ({self.bytes_per_frame / 1e3:.1f} kB/frame)",
+            f"tasks            {self.tasks} samples in {self.shards} shards, {self.frames} {u}s{scope}",
+            f"calibration      {self.seconds_per_frame:.3f} s/{u} + {self.seconds_per_task_fixed:.2f} s/task "
+            f"(import, scene set-up) with {self.threads} thread(s)" + (f" on {self.calibrated_on}"
+                                                                       if self.calibrated_on else ""),
+            f"output size      {_size(self.output_bytes)} ({self.bytes_per_frame / 1e3:.1f} kB/{u})",
+        ]
+        for name, b in self.bytes_by_encoding.items():
+            mark = "  <- this job" if name == self.encoding else ""
+            lines.append(f"  encoding {name:<14s} {_size(b * self.frames)} ({b / 1e6:.3f} MB/{u}){mark}")
+        c = self.cost()
+        lines += [
             f"cost             {self.core_hours:.2f} core-hours" + (f", {self.gpu_hours:.2f} GPU-hours" if self.gpu
                                                                     else ""),
+            f"price            {c['compute']:,.2f} {p.currency} compute ({p.cpu_core_hour:g}/core-hour"
+            + (f", {p.gpu_hour:g}/GPU-hour" if self.gpu else "") + f") + {c['storage_month']:,.2f} {p.currency}/month "
+            f"storage ({p.storage_tb_month:g}/TB-month); set them with --set price.*=",
             f"wall time        {self.wall_hours:.2f} h with {self.workers} worker(s)",
         ]
         return "\n".join(lines)
 
 
-def estimate(spec: JobSpec, *, calibration_frames: int = 3, calibrate: bool = True) -> Estimate:
-    """Price a job before running it: render the first task with a few frames in a sandbox and extrapolate."""
+def _size(b: float) -> str:
+    return f"{b / 1e12:.2f} TB" if b >= 1e12 else f"{b / 1e9:.3f} GB"
+
+
+def estimate(spec: JobSpec, *, calibration_frames: int = 3, calibrate: bool = True, assets_total: int | None = None,
+             assets_here: int | None = None, price: PriceSettings | None = None, unit: str = "frame",
+             units_of: Callable[[Task], float] | None = None) -> Estimate:
+    """Price a job before running it: run the first task in a sandbox (with ``calibration_frames`` frames when its
+    parameters have ``frames``, e.g. a render; whole otherwise, e.g. a cache job's source shard) and extrapolate.
+
+    ``assets_total``: price a corpus of that many assets instead of the ``assets_here`` the job was given (its tasks,
+    shards and units scale by the ratio). ``unit``: what the per-unit figures count ("frame", "sample");
+    ``units_of(task)``: a task's units when its ``frames`` do not say (a cache task's samples). The entry may
+    return ``sizes`` ({encoding: bytes}) when asked with ``params["calibrate_encodings"]``: the bytes of the same
+    sample in each encoding its kind has."""
     from loom.platform.sandbox import Sandbox
 
-    n_frames = sum(t.frames for t in spec.tasks)
-    n_shards = len(plan_shards(spec.tasks, spec.kind, spec.samples_per_shard))
+    def units(t: Task) -> float:
+        return units_of(t) if units_of is not None else t.frames
+
+    n_units = sum(units(t) for t in spec.tasks)
+    n_tasks = len(spec.tasks)
     workers = spec.ray.workers or max(1, (os.cpu_count() or 1) // spec.ray.cpus_per_worker)
     spf = fixed = bpf = 0.0
+    sizes: dict[str, float] = {}
+    encoding, where = "", ""
     if calibrate and spec.tasks:
         task = spec.tasks[0]
-        cf = min(calibration_frames, task.frames) or 1
+        params = dict(spec.params(task))
+        cf = units(task) or 1
+        if units_of is None and isinstance(params.get("frames"), int):
+            cf = min(calibration_frames, task.frames) or 1
+            params["frames"] = cf
         scratch = tempfile.mkdtemp(prefix="loom-calibrate-")
         try:
-            params = {**task.params, "frames": cf, "workdir": scratch}
+            params.update(workdir=scratch, calibrate_encodings=True)
             if spec.fetch:
                 params["asset_path"] = _resolve_fn(spec.fetch)(task.asset, os.path.join(scratch, "assets"))
             with Sandbox(spec.entry, env=spec.env, log_dir=scratch) as box:
                 res = box.run(params, spec.timeout_s)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+        where = f"{task.key} ({cf:g} {unit}s)"
         tm = res["timings"]
-        # Every stage but loading the asset and setting up the scene grows with the number of frames.
-        per_frame = sum(v for k, v in tm.items() if k not in ("import", "scene", "load", "task"))
-        spf = per_frame / cf
-        fixed = max(tm.get("task", 0.0) - per_frame, 0.0)
-        bpf = sum(len(b) for b in res["files"].values()) / cf
-    return Estimate(tasks=len(spec.tasks), shards=n_shards, frames=n_frames, seconds_per_frame=spf,
+        files = res["files"] if "files" in res else {k: v for _, f in res.get("samples", []) for k, v in f.items()}
+        if units_of is None:
+            # Every stage but loading the asset and setting up the scene grows with the number of frames.
+            per_frame = sum(v for k, v in tm.items() if k not in ("import", "scene", "load", "task"))
+            spf = per_frame / cf
+            fixed = max(tm.get("task", 0.0) - per_frame, 0.0)
+        else:  # a task over samples: its whole time per sample
+            spf = (tm.get("task", 0.0) or sum(tm.values())) / cf
+        bpf = sum(len(b) for b in files.values()) / cf
+        sizes = {k: v / cf for k, v in (res.get("sizes") or {}).items()}
+        encoding = res.get("encoding", "")
+    n_shards = -(-n_tasks // spec.samples_per_shard)
+    scaled = None
+    if assets_total is not None:
+        if not assets_here:
+            raise ValueError("assets_total needs the number of assets the job was given (assets_here)")
+        ratio = assets_total / assets_here
+        n_tasks, n_units = round(n_tasks * ratio), round(n_units * ratio)
+        n_shards, scaled = -(-n_tasks // spec.samples_per_shard), assets_total
+    return Estimate(tasks=n_tasks, shards=n_shards, frames=int(n_units), seconds_per_frame=spf,
                     seconds_per_task_fixed=fixed, bytes_per_frame=bpf, threads=spec.ray.cpus_per_worker,
-                    workers=workers, gpu=spec.ray.gpus_per_worker > 0)
+                    workers=workers, gpu=spec.ray.gpus_per_worker > 0, unit=unit, assets=scaled,
+                    calibrated_on=where, bytes_by_encoding=sizes, encoding=encoding, price=price)
