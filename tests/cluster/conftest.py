@@ -30,9 +30,11 @@ def s3_server(monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     boto3.client("s3").create_bucket(Bucket="loom")
-    import fsspec
+    import s3fs
 
-    fsspec.filesystem("s3").invalidate_cache()
+    # fsspec caches filesystem instances by their arguments: one made for an earlier test's server (another port,
+    # now stopped) would be handed out again
+    s3fs.S3FileSystem.clear_instance_cache()
     try:
         yield {**os.environ, **env, "OMP_NUM_THREADS": "1"}
     finally:

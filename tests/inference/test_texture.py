@@ -397,6 +397,7 @@ def test_back_projection_of_blenders_albedo_is_exact_for_two_base_rotations(tmp_
 
 
 @pytest.mark.blender
+@pytest.mark.slow  # 31 s (default-tier budget); the other Blender texture tests run the stages' back-projection
 def test_inpainting_stages_raise_coverage_and_stop(tmp_path):
     """`loom texture --run` end to end with Blender: the cube's conditions rendered by the render job, a tiny run
     generates, each further stage turns the cube by the rotation that shows the most unseen texels, renders the

@@ -9,7 +9,7 @@ pure function of (asset sha256, variant, job seed), so a rerun renders the same 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 
@@ -24,7 +24,7 @@ from loom.corpora.base import (
     task_seed,
 )
 from loom.geometry.camera import random_rotation
-from loom.platform.config import config, field, recipe, require
+from loom.platform.config import ConfigError, config, field, recipe, require
 from loom.platform.jobs import ShardSettings
 
 
@@ -62,9 +62,38 @@ class PassSettings:
 
 
 @config
+class EncodingSettings:
+    geometry: Literal["auto", "precise", "model-input", "npz"] = field(
+        "auto", help="how normal, position, depth and mask are stored (precision and sizes: loom.datasets.ttv): "
+        "'precise' (16-bit fixed-point position, depth derived from it, 14-bit octahedral normals; ~0.3 MB per "
+        "512x512 frame), 'model-input' (8-bit, what the video VAE sees; implies H.264 rgb whatever encode.rgb_codec "
+        "says; ~0.1 MB), 'npz' (float16/float32 arrays, the layout of corpora begun before this setting; ~1.2 MB), "
+        "or 'auto': 'precise' for a new --out, else the encoding of the samples already there")
+
+
+def stored_geometry(out: str) -> str | None:
+    """The geometry encoding of the samples already in ``out`` (the first sample of its first complete shard), or
+    None where none is written yet. The shards, not plan.json or config.yaml: those are rewritten by every run."""
+    from loom.datasets.ttv import geometry_encoding
+    from loom.platform import shards, storage
+
+    folder = storage.join(out, shards.SHARDS_DIR)
+    if not storage.exists(folder):
+        return None
+    for name in sorted(n for n in storage.listdir(folder) if n.endswith(".tar")):
+        if shards.read_sidecar(out, name) is not None:
+            for _key, files in shards.iter_tar(shards.shard_url(out, name)):
+                return geometry_encoding(files)
+    return None
+
+
+@config
 class RenderTTVJob(RenderJob):
     KIND: ClassVar[str] = "ttv"
-    NON_SAMPLE_FIELDS: ClassVar[tuple[str, ...]] = ("assets", "out", "limit", "ray", "shards", "price")
+    # ``encoding`` decides how the samples are stored, not what is rendered: out of the hash like ``shards``, so a
+    # corpus begun before the section existed keeps its hash and resumes. A rerun never mixes encodings in one
+    # folder: ``geometry_encoding`` resolves 'auto' from the samples already there and refuses another explicit one.
+    NON_SAMPLE_FIELDS: ClassVar[tuple[str, ...]] = ("assets", "out", "limit", "ray", "shards", "price", "encoding")
     OPTIONAL_SECTIONS: ClassVar[tuple[str, ...]] = ("passes",)  # hashed only when set (corpora before it resume)
 
     assets: str = field("bundled", help="asset source: 'bundled', a folder/URL of meshes, a manifest, or "
@@ -74,11 +103,29 @@ class RenderTTVJob(RenderJob):
     orbit: OrbitSettings = field(default_factory=OrbitSettings, help="camera orbit")
     encode: EncodeSettings = field(default_factory=EncodeSettings, help="on-disk encoding")
     passes: PassSettings = field(default_factory=PassSettings, help="optional passes beyond the default sample")
+    encoding: EncodingSettings = field(default_factory=EncodingSettings, help="how the geometry passes are stored")
 
     def __post_init__(self):
         require(self.limit is None or self.limit >= 1, "limit", self.limit, "must be >= 1 or unset")
 
+    def geometry_encoding(self) -> str:
+        """``encoding.geometry`` with 'auto' resolved against ``out`` (looked up once per config object): the
+        encoding the tasks write. An explicit encoding other than that of the samples already in ``out`` is
+        refused."""
+        resolved = self.__dict__.get("_geometry")
+        if resolved is None:
+            stored, want = stored_geometry(self.out), self.encoding.geometry
+            if stored is not None and want not in ("auto", stored):
+                raise ConfigError(f"encoding.geometry={want!r}: {self.out} already holds turntable samples stored as "
+                                  f"{stored!r}; rerun it with encoding.geometry=auto (or {stored}), or use a new "
+                                  "--out", field="encoding.geometry")
+            resolved = stored or ("precise" if want == "auto" else want)
+            object.__setattr__(self, "_geometry", resolved)  # a cache, not a field: frozen config, same hash
+        return resolved
+
     def task(self, asset: dict, variant: int, chash: str) -> TTVTask:
+        """One (asset, variant): a pure function of (asset sha256, variant, job seed), and of the geometry encoding
+        (:meth:`geometry_encoding`: with 'auto', that of the samples already in ``out``)."""
         seed = task_seed(self.seed, asset["sha256"], variant)
         rng = np.random.default_rng(seed)
         rot = random_rotation(rng) if self.orbit.random_rotation else np.eye(3)
@@ -91,8 +138,11 @@ class RenderTTVJob(RenderJob):
 
             names = sorted(BASE_TILTS)
             partial = {"tilt": names[int(rng.integers(len(names)))], "views": self.passes.partial_views}
-        return TTVTask(**common, orbit=orbit, rotation=rot.tolist(), rgb_codec=self.encode.rgb_codec,
-                       albedo=self.passes.albedo, partial=partial)
+        geometry = self.geometry_encoding()
+        # model-input stores rgb as H.264 too (8-bit lossy colour is what the VAE sees): the task says what is written
+        rgb_codec = "h264" if geometry == "model-input" else self.encode.rgb_codec
+        return TTVTask(**common, orbit=orbit, rotation=rot.tolist(), rgb_codec=rgb_codec,
+                       albedo=self.passes.albedo, partial=partial, geometry=geometry)
 
 
 @recipe(RenderTTVJob, "default", help="the paper's settings: 61 frames, 4 lighting variants, 512x512")
@@ -140,6 +190,8 @@ class TTVTask(RenderTask):
     albedo: bool  # also render and store the unlit diffuse colour (albedo.mkv)
     # known.npz: the earlier orbit's base tilt (a name of loom.geometry.texture.BASE_TILTS) and camera count; None: off
     partial: dict | None = None
+    # how normal/position/depth/mask are stored (loom.datasets.ttv.GEOMETRY_ENCODINGS)
+    geometry: str = "npz"
 
 
 def render(params: dict) -> dict:
@@ -163,9 +215,15 @@ def to_arrays(params: dict, rendered: dict, info: dict, timings: dict) -> tuple[
 def encode(arrays: dict, meta: dict, params: dict) -> dict[str, bytes]:
     from loom.datasets.ttv import encode_sample
 
-    return encode_sample(arrays, meta, params["rgb_codec"])
+    return encode_sample(arrays, meta, params["rgb_codec"], params.get("geometry", "npz"))
 
 
 def render_entry(params: dict) -> dict:
     """The sandbox entry: render one turntable task into tar members."""
-    return run_task(params, meta_fields=TTVTask.META, render=render, to_arrays=to_arrays, encode=encode)
+    return run_task(params, meta_fields=TTVTask.META, render=render, to_arrays=to_arrays, encode=encode,
+                    encodings=ENCODINGS, encoding=params.get("geometry", "npz"))
+
+
+# What a dry run's calibration sizes (``run_task``'s ``encodings``): each geometry encoding with the rgb it writes.
+ENCODINGS = {"precise": {"geometry": "precise"}, "model-input": {"geometry": "model-input", "rgb_codec": "h264"},
+             "npz": {"geometry": "npz"}}

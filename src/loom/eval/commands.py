@@ -59,7 +59,60 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     mod, _ = _job(args.benchmark)
     direct = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _) in _FLAGS[args.benchmark].items()}
-    return run_job_command(args, mod.evaluate, out=args.out, model=args.model, **direct)
+    return run_job_command(args, lambda cfg: evaluate_anywhere(mod.evaluate, cfg), out=args.out, model=args.model,
+                           **direct)
+
+
+def evaluate_anywhere(evaluate, cfg):
+    """``evaluate(cfg)`` where the run folder (``run``) or the outputs (``out``) may be on object storage
+    (``s3://...``): a remote run is read through its local copy (`loom.inference.run.local_run`: config, final
+    weights, run record; a rerun downloads nothing again); remote outputs are made in a local staging folder
+    (``$LOOM_CACHE/eval/...``, first filled with what ``out`` already holds, so a stopped evaluation reuses its
+    predictions as it does locally) and copied to ``out`` when the job ends, each file atomically, only those that
+    changed. MLflow logs where it is configured; its artifacts come from the local folder."""
+    import dataclasses
+
+    from loom.platform import storage
+
+    run, out = getattr(cfg, "run", "") or "", cfg.out
+    changes = {}
+    if storage.is_remote(run):
+        from loom.inference.run import local_run
+
+        changes["run"] = local_run(run)
+    stage, before = None, {}
+    if storage.is_remote(out):
+        storage.check_bucket(out)
+        storage.check_writable(out)
+        stage = storage.local_folder(out, "eval")
+        storage.download_tree(out, stage)
+        before = {rel: _stat(stage, rel) for rel in _local_files(stage)}
+        changes["out"] = stage
+    result = evaluate(dataclasses.replace(cfg, **changes) if changes else cfg)
+    if stage is not None:
+        cfg_path = os.path.join(stage, "config.yaml")
+        if os.path.isfile(cfg_path):  # the outputs' config says where they are, and which run they evaluate
+            with open(cfg_path) as f:
+                text = f.read()
+            for local, url in ((stage, out), (changes.get("run"), run)):
+                if local:
+                    text = text.replace(local, url)
+            with open(cfg_path, "w") as f:
+                f.write(text)
+        sent = storage.upload_tree(stage, out, skip=lambda rel: rel == storage.SOURCES
+                                   or before.get(rel) == _stat(stage, rel))
+        print(f"outputs:  copied {len(sent)} file(s) to {out}")
+    return result
+
+
+def _local_files(folder: str) -> list[str]:
+    return [os.path.relpath(os.path.join(d, n), folder).replace(os.sep, "/") for d, _, names in os.walk(folder)
+            for n in names]
+
+
+def _stat(folder: str, rel: str) -> tuple[int, int]:
+    st = os.stat(os.path.join(folder, rel))
+    return st.st_size, st.st_mtime_ns
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:

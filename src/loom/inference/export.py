@@ -26,6 +26,11 @@ exports without metrics and without logging, and says so.
 
 The folder is written beside ``DIR`` and moved into place when complete; an existing non-empty ``DIR`` is replaced
 only with ``overwrite``.
+
+Object storage: ``RUN`` may be a URL (``s3://bucket/runs/x``): what the export reads (config, run record, the final
+weights or the one checkpoint of ``--step``) is downloaded into the local run cache (`loom.inference.run.local_run`;
+a rerun downloads nothing again). ``DIR`` may be a URL: the folder is made locally, then copied file by file
+(each atomically), the model card last: an export on the bucket is complete once its ``README.md`` is there.
 """
 
 from __future__ import annotations
@@ -97,11 +102,69 @@ def _read_run(run: str) -> tuple[dict[str, Any], str]:
     return doc, path
 
 
+def _where(path: str) -> str:
+    from loom.platform import storage
+
+    return path.rstrip("/") if storage.is_remote(path) else os.path.abspath(path)
+
+
+def _fetch_run(run: str, step: int | None) -> str:
+    """The local copy of a remote run folder with what exporting ``step`` (None: the final weights) reads."""
+    from loom.inference.run import local_run
+    from loom.platform import storage
+
+    if not storage.exists(storage.join(run, "config.yaml")):
+        raise storage.missing_error(storage.join(run, "config.yaml"), "run config",
+                                    "pass the --out of a `loom train ttv` run")
+    parts = ["config.yaml"] + (["mlflow_run.json"] if storage.exists(storage.join(run, "mlflow_run.json")) else [])
+    if step is None:
+        return local_run(run, [*parts, FINAL] if storage.exists(storage.join(run, FINAL)) else parts)
+    found: dict[int, tuple[int, str]] = {}
+    for name in storage.listdir(storage.join(run, CHECKPOINTS)):
+        m = _STEP_FILE.match(name)
+        if m:
+            s, version = int(m.group(1)), int(m.group(2) or 0)
+            if s not in found or version > found[s][0]:
+                found[s] = (version, name)
+    if step not in found:
+        raise FileNotFoundError(f"{storage.join(run, CHECKPOINTS)} has no checkpoint of step {step}; saved steps: "
+                                f"{_steps_text(dict(sorted(found.items())))} (training keeps trainer.keep_checkpoints "
+                                "of them, every trainer.checkpoint_every steps), or omit --step for the final weights")
+    name = found[step][1]
+    if not storage.exists(storage.join(run, CHECKPOINTS, name, "latest")) and not storage.filesystem(
+            storage.join(run, CHECKPOINTS, name))[0].isfile(storage.filesystem(storage.join(run, CHECKPOINTS,
+                                                                                          name))[1]):
+        raise FileNotFoundError(f"{storage.join(run, CHECKPOINTS, name)} is incomplete (no 'latest' marker: its "
+                                "upload was interrupted); export another step or the final weights")
+    return local_run(run, [*parts, f"{CHECKPOINTS}/{name}"])
+
+
 def _steps_text(steps: dict[int, str]) -> str:
     return ", ".join(map(str, steps)) if steps else "none"
 
 
+def _check_remote_out(run: str, out: str, overwrite: bool) -> None:
+    from loom.platform import storage
+
+    r, o = run.rstrip("/"), out.rstrip("/")
+    inside = (f"{r}/{FINAL}", f"{r}/{CHECKPOINTS}")
+    if o == r or r.startswith(o + "/") or any(o == x or o.startswith(x + "/") for x in inside):
+        raise ValueError(f"--out {out!r} would overwrite the run {run!r} it exports: choose a folder outside it "
+                         f"(or a new one inside it, e.g. {r}/export)")
+    if storage.files_under(out) and not overwrite:
+        raise FileExistsError(f"--out {out!r} exists and is not empty: pass --overwrite to replace it, or choose "
+                              "another folder")
+    storage.check_bucket(out)
+    storage.check_writable(out)
+
+
 def _check_out(run: str, out: str, overwrite: bool) -> None:
+    from loom.platform import storage
+
+    if storage.is_remote(out):
+        return _check_remote_out(run, out, overwrite)
+    if storage.is_remote(run):
+        run = "/nonexistent-remote-run"  # a local --out cannot be inside a remote run
     r, o = os.path.realpath(run), os.path.realpath(out)
 
     def within(a: str, b: str) -> bool:
@@ -264,9 +327,10 @@ def read_metrics(rec: dict[str, str], uri: str, step: int | None) -> RunMetrics:
                       metrics, evaluations)
 
 
-def log_export(info: RunMetrics, out: str, step: int | None, base: str | None) -> str:
-    """The export as a LoggedModel of the training run (artifacts: the folder), its output at the step, with the
-    run's metrics at that step; returns the model id."""
+def log_export(info: RunMetrics, out: str, step: int | None, base: str | None, where: str | None = None) -> str:
+    """The export as a LoggedModel of the training run (artifacts: the folder ``out``), its output at the step, with
+    the run's metrics at that step; returns the model id. ``where``: the export's URL when ``out`` is its local
+    copy."""
     import time
 
     import mlflow
@@ -275,7 +339,7 @@ def log_export(info: RunMetrics, out: str, step: int | None, base: str | None) -
     client = mlflow.MlflowClient(tracking_uri=info.uri)
     name = "ttv-lora" + (f"-step-{step}" if step is not None else "")
     tags = {"loom.kind": "export", "loom.export.step": "final" if step is None else str(step),
-            "loom.export.out": os.path.abspath(out)}
+            "loom.export.out": where or os.path.abspath(out)}
     if base:
         tags["loom.base_model"] = base
     model = client.create_logged_model(info.experiment_id, name=name, source_run_id=info.run_id, tags=tags,
@@ -340,7 +404,7 @@ def model_card(raw: dict, cfg_text: str, *, run: str, step: int | None, source: 
     if base is not None:
         front += [f"base_model: {base.repo_id}", "base_model_relation: adapter"]
     front += [f"library_name: {LIBRARY}", "tags:"] + [f"- {t}" for t in TAGS] + ["---", ""]
-    name = os.path.basename(os.path.abspath(run))
+    name = os.path.basename(_where(run))
     what = "the final weights" if step is None else f"the checkpoint of step {step}"
     rank, alpha = model.get("lora_rank"), model.get("lora_alpha") or model.get("lora_rank")
     body = [
@@ -393,7 +457,7 @@ def model_card(raw: dict, cfg_text: str, *, run: str, step: int | None, source: 
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body += ["", "## Config", "", "The run's resolved config (`config.yaml`):", "", "```yaml", cfg_text.rstrip(),
              "```", "", "## Provenance", "",
-             f"- Run folder: `{os.path.abspath(run)}`", f"- Weights: `{source}`",
+             f"- Run folder: `{_where(run)}`", f"- Weights: `{source}`",
              f"- Exported {now} by Loom {__version__} (`loom export ttv`)", ""]
     return "\n".join(front + body)
 
@@ -405,20 +469,58 @@ def export_ttv(run: str, out: str, *, step: int | None = None, overwrite: bool =
                mlflow: bool = True) -> Exported:
     """``loom export ttv``: write ``out`` (LoRA, fusion, model card) from the run's final weights or a saved
     ``step``, and log it to the run's MLflow run as its model (unless ``mlflow`` is False or the run was not
-    tracked). ``uri`` overrides the store recorded in the run folder."""
+    tracked). ``uri`` overrides the store recorded in the run folder. ``run`` and ``out`` may be URLs."""
+    import tempfile
+
+    from loom.platform import storage
     from loom.platform.tracking import read_run_record
 
+    url = run if storage.is_remote(run) else None
+    _check_out(run, out, overwrite)  # before downloading anything
+    if url:
+        run = _fetch_run(url, step)
     raw, cfg_path = _read_run(run)
-    _check_out(run, out, overwrite)
     rec = read_run_record(run) if mlflow else None
     info, note = None, None
     if rec is not None:
         info = read_metrics(rec, uri or rec.get("tracking_uri", ""), step)
     elif mlflow:
-        note = f"No MLflow record in {run} (mlflow_run.json): the run was trained with tracking.enabled=false."
+        note = f"No MLflow record in {url or run} (mlflow_run.json): the run was trained with tracking.enabled=false."
     else:
         note = "Exported with --no-mlflow: metrics not read."
 
+    remote_out = storage.is_remote(out)
+    if remote_out:  # made locally, then copied
+        os.makedirs(storage.cache_root(), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix="export-", dir=storage.cache_root())
+        local = os.path.join(tmp, "export")
+    else:
+        tmp, local = None, out
+    try:
+        files = _write_export(run, url, local, raw, cfg_path, step, info, note)
+        if remote_out:
+            if overwrite:
+                storage.remove(storage.join(out, CARD))  # incomplete first, then replaced
+                storage.remove_tree(out)
+            storage.upload_tree(local, out, last=(CARD,))  # the card last: complete once it is there
+        done = Exported(out=out, step=step, files=files)
+        if info is not None:
+            from loom.platform.hub import model_source
+
+            base = model_source(str((raw.get("model") or {}).get("transformer", "")))
+            done.model_id = log_export(info, local, step, base.repo_id if base else None,
+                                       where=out if remote_out else None)
+            done.run_id, done.tracking_uri, done.experiment_id = info.run_id, info.uri, info.experiment_id
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return done
+
+
+def _write_export(run: str, url: str | None, out: str, raw: dict, cfg_path: str, step: int | None,
+                  info: RunMetrics | None, note: str | None) -> list[str]:
+    """The export folder ``out`` (local), written beside it and moved into place when complete; its files.
+    ``url``: the run's URL when ``run`` is its local copy."""
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     part = os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.part-{os.getpid()}")
@@ -426,13 +528,17 @@ def export_ttv(run: str, out: str, *, step: int | None = None, overwrite: bool =
     os.makedirs(part)
     try:
         source, ckpt_step = _write_weights(run, raw, cfg_path, step, part)
+        if url:  # the weights' place on the bucket, not in the local copy
+            from loom.platform import storage
+
+            source = storage.join(url, os.path.relpath(source, os.path.abspath(run)).replace(os.sep, "/"))
         if step is not None and ckpt_step is not None and int(ckpt_step) != step:
             raise ValueError(f"{source} says it was saved at step {ckpt_step}, its name says {step}: the checkpoints "
                              "folder was edited; export another step")
         files = sorted(os.path.relpath(os.path.join(d, f), part) for d, _, fs in os.walk(part) for f in fs)
         with open(cfg_path) as f:
             cfg_text = f.read()
-        card = model_card(raw, cfg_text, run=run, step=step, source=source, files=[CARD, *files], info=info,
+        card = model_card(raw, cfg_text, run=url or run, step=step, source=source, files=[CARD, *files], info=info,
                           note=note)
         with open(os.path.join(part, CARD), "w") as f:
             f.write(card)
@@ -446,11 +552,4 @@ def export_ttv(run: str, out: str, *, step: int | None = None, overwrite: bool =
     except BaseException:
         shutil.rmtree(part, ignore_errors=True)
         raise
-    done = Exported(out=out, step=step, files=[CARD, *files])
-    if info is not None:
-        from loom.platform.hub import model_source
-
-        base = model_source(str((raw.get("model") or {}).get("transformer", "")))
-        done.model_id = log_export(info, out, step, base.repo_id if base else None)
-        done.run_id, done.tracking_uri, done.experiment_id = info.run_id, info.uri, info.experiment_id
-    return done
+    return [CARD, *files]

@@ -58,6 +58,9 @@ def load_ggi_run(run: str, steps: int | None = None, degradation: float | None =
     from loom.models import ggi
     from loom.platform.config import from_dict
 
+    from loom.inference.run import local_run
+
+    run = local_run(run)  # an s3:// run: its local copy (config.yaml, transformer/)
     cfg_path = os.path.join(run, "config.yaml")
     folder = os.path.join(run, "transformer")
     if not os.path.isfile(cfg_path):

@@ -72,10 +72,11 @@ def load_run(run: str) -> tuple[Shape4DRun, dict]:
     """A finished ``loom train shape4d`` run folder -> (its networks with the trained spatiotemporal layers, the
     layers' loom.json), built from the run's own config.yaml (base, VAE and DINOv2 folders as trained). Refuses a
     base folder whose weights are no longer those the layers were trained on."""
-    from loom.inference.run import config_section, read_run_config
+    from loom.inference.run import config_section, local_run, read_run_config
     from loom.models.shape4d import (base_digest, build_base_dit, build_frozen_vae, build_image_encoder,
                                      check_compatible, load_spatiotemporal)
 
+    run = local_run(run, ["config.yaml", "spatiotemporal"])  # an s3:// run: its local copy
     doc, cfg_path = read_run_config(run, "spatiotemporal", "loom train shape4d")
     layers = os.path.join(run, "spatiotemporal")
     model = config_section(doc, "model", Shape4DModelSettings, cfg_path)

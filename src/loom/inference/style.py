@@ -28,6 +28,9 @@ def load_style_run(run: str, device=None) -> StyleRun:
     from loom.models import sag
     from loom.platform.config import ConfigError, from_dict
 
+    from loom.inference.run import local_run
+
+    run = local_run(run)  # an s3:// run: its local copy (config.yaml, lora/, references/)
     lora = os.path.join(run, sag.LORA_DIR)
     index = os.path.join(run, sag.REFERENCES, sag.INDEX)
     for p in (os.path.join(run, "config.yaml"), os.path.join(lora, sag.TRANSFORMER_LORA), index):

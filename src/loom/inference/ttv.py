@@ -95,8 +95,9 @@ def _read_fields(raw: dict, path: str) -> dict[str, Any]:
 def load_run(run: str, *, steps: int | None = None) -> TTVRun:
     """A trained run folder (``loom train ttv --out RUN``) -> its networks with the trained LoRA and fusion
     weights, built from the run's own config.yaml; ``steps`` overrides the run's ``flow.sample_steps``."""
-    from loom.inference.run import config_section, read_run_config
+    from loom.inference.run import config_section, local_run, read_run_config
 
+    run = local_run(run, ["config.yaml", "lora"])  # an s3:// run: its local copy
     raw, cfg_path = read_run_config(run, "lora", "loom train ttv")
     lora = os.path.join(run, "lora")
     model = config_section(raw, "model", ModelSettings, cfg_path, required=True)

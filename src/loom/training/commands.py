@@ -69,8 +69,11 @@ def resume_config(job_cls: type, args: argparse.Namespace, wanted: Any) -> Any:
     from loom.platform.command import apply_overrides
     from loom.training.launch import RESUMABLE
 
-    path = os.path.join(wanted.out, "config.yaml")
-    if not os.path.isfile(path):
+    from loom.platform import storage
+
+    remote = storage.is_remote(wanted.out)
+    path = storage.join(wanted.out, "config.yaml") if remote else os.path.join(wanted.out, "config.yaml")
+    if not (storage.exists(path) if remote else os.path.isfile(path)):
         return wanted  # nothing to compare with; training then says whether there is a checkpoint to resume
     saved = cfgmod.load_yaml(job_cls, path)
     if not (args.recipe or args.config_file):

@@ -15,6 +15,14 @@ Checkpoints (``<out>/checkpoints``): Lightning's (model, optimizer, LR scheduler
 ``last``. With DeepSpeed a checkpoint is a folder; frozen parameters are left out of it (the base model comes back
 from its own weights), so a LoRA checkpoint of the 1.3B DiT holds only the LoRA and fusion weights and their
 optimizer state.
+
+Run folders on object storage (``--out s3://bucket/runs/x``, any fsspec URL): DeepSpeed and torch write and read
+local files, so the run trains in a local staging folder (``$LOOM_CACHE/stage/<name>-<hash of the URL>``) and
+every checkpoint Lightning saves is copied to ``<out>/checkpoints`` before training goes on, each file atomically;
+a DeepSpeed checkpoint folder's ``latest`` marker goes last (and is removed first when ``last.ckpt`` is replaced),
+so a checkpoint on the bucket is complete only once its marker is there. The rest of the run folder (config,
+``mlflow_run.json``, samples, final weights, best) follows at each checkpoint and when training ends. ``--resume``
+downloads the last complete checkpoint into a fresh staging folder: a killed run continues on another machine.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:  # torch is imported where it is used: `loom --help` builds every job's parser
     import torch
 
+from loom.platform import storage
 from loom.platform.checkpoints import checkpoint_safe_globals, safe_load
 from loom.platform.config import config, field, require
 from loom.platform.ray import RaySettings, forwarded_env, init_ray
@@ -233,22 +242,153 @@ def apply_sharding_intent(module: torch.nn.Module, t: TrainerSettings) -> dict[s
     return applied
 
 
+MARKER = "latest"  # a DeepSpeed checkpoint folder is complete once this file (naming its tag folder) is there
+STAGE = "stage"  # $LOOM_CACHE/stage/...: the local folders of runs whose --out is on object storage
+
+
 def checkpoint_dir(out: str) -> str:
-    return os.path.join(out, CHECKPOINTS)
+    return storage.join(out, CHECKPOINTS) if storage.is_remote(out) else os.path.join(out, CHECKPOINTS)
+
+
+def staging_dir(out: str) -> str:
+    """The local folder a run with ``out`` on object storage trains in (the same in every process of the run)."""
+    return storage.local_folder(out, STAGE)
+
+
+def _complete_remote(url: str) -> bool:
+    """A checkpoint on object storage: a file (Lightning's, written atomically), or a folder with its marker."""
+    fs, path = storage.filesystem(url)
+    return fs.isfile(path) or fs.isfile(f"{path}/{MARKER}")
 
 
 def last_checkpoint(out: str) -> str | None:
-    """The checkpoint ``resume`` continues from: ``last.ckpt`` (a file, or a folder with DeepSpeed), if complete."""
+    """The checkpoint ``resume`` continues from: ``last.ckpt`` (a file, or a folder with DeepSpeed), if complete.
+    On object storage (a URL): ``last.ckpt`` if complete, else the newest complete ``step-*.ckpt`` (a kill while
+    ``last.ckpt`` was being replaced leaves it without its marker, the step checkpoint saved just before complete)."""
+    if storage.is_remote(out):
+        folder = checkpoint_dir(out)
+        last = storage.join(folder, LAST)
+        if _complete_remote(last):
+            return last
+        steps = sorted((n for n in storage.listdir(folder) if n.startswith("step-") and n.endswith(".ckpt")),
+                       reverse=True)
+        return next((storage.join(folder, n) for n in steps if _complete_remote(storage.join(folder, n))), None)
     p = os.path.join(checkpoint_dir(out), LAST)
     if os.path.isfile(p) or os.path.isfile(os.path.join(p, "latest")):
         return p
     return None
 
 
+def _main_process() -> bool:
+    """The process the user started (Lightning's extra local ranks rerun the command with LOCAL_RANK set)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
+def fetch_checkpoint(ckpt: str, stage: str) -> str:
+    """The remote checkpoint ``ckpt`` as a local path in ``stage``'s checkpoints folder, downloaded by the main
+    process (into a clean place: nothing of an earlier attempt mixes in); the other local ranks find it there."""
+    local = os.path.join(stage, CHECKPOINTS, ckpt.rstrip("/").rsplit("/", 1)[-1])
+    if _main_process():
+        import shutil
+
+        if os.path.isdir(local):
+            shutil.rmtree(local)
+        elif os.path.exists(local):
+            os.remove(local)
+        fs, path = storage.filesystem(ckpt)
+        if fs.isfile(path):
+            storage.download_file(ckpt, local)
+        else:
+            storage.download_tree(ckpt, local)
+            os.remove(os.path.join(local, storage.SOURCES))
+        print(f"resume:   downloaded {ckpt} to {local}", file=sys.stderr, flush=True)
+    return local
+
+
+def sync_run_files(stage: str, out: str, done: dict[str, tuple[int, int]] | None = None) -> list[str]:
+    """Copy the run folder's files other than checkpoints (config, run record, samples, final weights, best) from
+    the staging folder to ``out``, each atomically; ``done`` ({relative path: (size, mtime)} of earlier copies) is
+    updated and skips files that have not changed since."""
+    done = {} if done is None else done
+
+    def skip(rel: str) -> bool:
+        if rel.split("/", 1)[0] in (CHECKPOINTS, "ray"):
+            return True
+        st = os.stat(os.path.join(stage, rel))
+        return done.get(rel) == (st.st_size, st.st_mtime_ns)
+
+    if not os.path.isdir(stage):
+        return []
+    sent = storage.upload_tree(stage, out, skip=skip)
+    for rel in sent:
+        st = os.stat(os.path.join(stage, rel))
+        done[rel] = (st.st_size, st.st_mtime_ns)
+    return sent
+
+
+def _remote_checkpoint_class():
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class RemoteCheckpoint(ModelCheckpoint):
+        """Lightning's checkpointing into the local staging folder, each saved checkpoint then copied to the run's
+        URL (before training goes on: a kill after it loses nothing on the bucket), each removed one removed there.
+        Every node's local rank 0 copies what its ranks wrote; global rank 0 writes the marker last."""
+
+        def __init__(self, *args, remote: str, stage: str, **kw):
+            super().__init__(*args, **kw)
+            self.remote, self.stage = remote, stage
+            self.synced: dict[str, tuple[int, int]] = {}
+
+        def remote_path(self, filepath: str) -> str:
+            return storage.join(checkpoint_dir(self.remote), os.path.basename(filepath.rstrip("/")))
+
+        def _save_checkpoint(self, trainer, filepath: str) -> None:
+            super()._save_checkpoint(trainer, filepath)
+            url = self.remote_path(filepath)
+            if os.path.isdir(filepath):
+                if trainer.is_global_zero:  # replacing last.ckpt: incomplete until its new marker is there
+                    storage.remove(storage.join(url, MARKER))
+                trainer.strategy.barrier("loom.remote_checkpoint.unmark")
+                if trainer.local_rank == 0:
+                    storage.upload_tree(filepath, url, skip=lambda rel: rel == MARKER)
+                trainer.strategy.barrier("loom.remote_checkpoint.upload")
+                if trainer.is_global_zero and os.path.isfile(os.path.join(filepath, MARKER)):
+                    storage.upload_file(os.path.join(filepath, MARKER), storage.join(url, MARKER))
+            elif trainer.is_global_zero:
+                storage.upload_file(filepath, url)
+            if trainer.is_global_zero:
+                sync_run_files(self.stage, self.remote, self.synced)
+            trainer.strategy.barrier("loom.remote_checkpoint.done")
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            # The checkpoint names the staging folder it was saved in; a resume on another machine (or with another
+            # $LOOM_CACHE) stages elsewhere: the same run, so its checkpoints are tracked (and rotated) here.
+            old = state_dict.get("dirpath")
+            if old and old != self.dirpath:
+                def move(p):
+                    return os.path.join(self.dirpath, os.path.basename(p)) if isinstance(p, str) and p.startswith(
+                        old) else p
+                state_dict = {**state_dict, "dirpath": self.dirpath,
+                              "best_k_models": {move(k): v for k, v in (state_dict.get("best_k_models") or {}).items()},
+                              **{k: move(state_dict.get(k, "")) for k in ("best_model_path", "kth_best_model_path",
+                                                                          "last_model_path")}}
+            super().load_state_dict(state_dict)
+
+        def _remove_checkpoint(self, trainer, filepath: str) -> None:
+            super()._remove_checkpoint(trainer, filepath)
+            if trainer.is_global_zero:
+                url = self.remote_path(filepath)
+                storage.remove(storage.join(url, MARKER))  # incomplete first, then gone
+                storage.remove_tree(url)
+
+    return RemoteCheckpoint
+
+
 def build_trainer(t: TrainerSettings, tracking: TrackingSettings, out: str, *, run_id: str | None = None,
-                  ray: bool = False, callbacks: list | None = None):
+                  ray: bool = False, callbacks: list | None = None, remote: str | None = None):
     """A Lightning ``Trainer`` from the settings. ``ray``: running inside a Ray Train worker (Ray's cluster
-    environment, one device per worker)."""
+    environment, one device per worker). ``remote``: the run's URL on object storage, ``out`` then being its local
+    staging folder (checkpoints are copied there as they are saved)."""
     import logging
 
     import torch
@@ -263,9 +403,10 @@ def build_trainer(t: TrainerSettings, tracking: TrackingSettings, out: str, *, r
     if on_gpu and not torch.cuda.is_available():
         raise RuntimeError("trainer.accelerator=gpu but CUDA is not available here: use trainer.accelerator=cpu")
     require(not t.precision.startswith("16") or on_gpu, "trainer.precision", t.precision, "float16 needs a GPU")
-    ckpt = ModelCheckpoint(dirpath=checkpoint_dir(out), filename="step-{step:07d}",
-                           every_n_train_steps=t.checkpoint_every, save_top_k=t.keep_checkpoints, monitor="step",
-                           mode="max", save_last=True, auto_insert_metric_name=False)
+    ckpt_kw: dict[str, Any] = dict(
+        dirpath=checkpoint_dir(out), filename="step-{step:07d}", every_n_train_steps=t.checkpoint_every,
+        save_top_k=t.keep_checkpoints, monitor="step", mode="max", save_last=True, auto_insert_metric_name=False)
+    ckpt = (_remote_checkpoint_class()(remote=remote, stage=out, **ckpt_kw) if remote else ModelCheckpoint(**ckpt_kw))
     logger: Any = False
     if tracking.enabled:
         from lightning.pytorch.loggers import MLFlowLogger
@@ -275,9 +416,10 @@ def build_trainer(t: TrainerSettings, tracking: TrackingSettings, out: str, *, r
         # processes at once collide); Lightning's extra local ranks have LOCAL_RANK set, Ray workers `ray`.
         if not ray and int(os.environ.get("LOCAL_RANK", "0")) == 0:
             ensure_experiment(uri, tracking.experiment)
+        name = remote.rstrip("/").rsplit("/", 1)[-1] if remote else os.path.basename(os.path.abspath(out))
         logger = MLFlowLogger(experiment_name=tracking.experiment, tracking_uri=uri, run_id=run_id,
-                              run_name=tracking.run_name or os.path.basename(os.path.abspath(out)), log_model=False)
-        callbacks = [*(callbacks or []), _run_record_callback(out, uri, tracking.experiment)]
+                              run_name=tracking.run_name or name, log_model=False)
+        callbacks = [*(callbacks or []), _run_record_callback(remote or out, uri, tracking.experiment)]
     if t.val_every:
         callbacks = [*(callbacks or []), _validation_callback()]
     kw: dict[str, Any] = {}
@@ -331,7 +473,9 @@ def _run_record_callback(out: str, uri: str, experiment: str):
 
 def check_resume(out: str, resume: bool) -> str | None:
     """The checkpoint to start from (None: a new run); refuses --resume without a checkpoint, and a new run over
-    an old one's checkpoints."""
+    an old one's checkpoints. ``out`` on object storage: the checkpoint's URL."""
+    if storage.is_remote(out):
+        return _check_remote_resume(out, resume)
     ckpt = last_checkpoint(out) if resume else None
     if resume and ckpt is None:
         raise FileNotFoundError(f"--resume: no complete checkpoint in {checkpoint_dir(out)}: train without --resume "
@@ -342,20 +486,52 @@ def check_resume(out: str, resume: bool) -> str | None:
     return ckpt
 
 
+def _check_remote_resume(out: str, resume: bool) -> str | None:
+    where = checkpoint_dir(out)
+    if resume:
+        ckpt = last_checkpoint(out)
+        if ckpt is None:
+            if not storage.exists(out):
+                raise storage.missing_error(out, "run folder", "train without --resume to start a new run there, or "
+                                            "point --out at the run to continue")
+            raise FileNotFoundError(f"--resume: no complete checkpoint in {where}: train without --resume to start a "
+                                    "new run, or point --out at the run to continue")
+        return ckpt
+    if storage.listdir(where):
+        raise FileExistsError(f"{where} already holds checkpoints: pass --resume to continue that run, or choose "
+                              "another --out")
+    storage.check_bucket(out)
+    storage.check_writable(out)
+    return None
+
+
 def fit(make: Callable[[], tuple[Any, Any]], t: TrainerSettings, tracking: TrackingSettings, out: str, *,
         resume: bool = False, ray: bool = False, restart: bool = False):
     """Build (module, train iterable) with ``make`` in this process and fit; from ``last`` when ``resume``.
     ``restart``: a Ray Train worker group restarted after a failure continues from the last checkpoint, if any
-    (the driver checked ``resume`` once, before the first start)."""
+    (the driver checked ``resume`` once, before the first start). ``out`` on object storage: ``make`` builds the
+    module for the staging folder (:func:`train_run`), checkpoints are downloaded from and copied to ``out``."""
     module, data = make()
     apply_sharding_intent(module, t)
+    remote = out if storage.is_remote(out) else None
     ckpt = last_checkpoint(out) if restart else check_resume(out, resume)
+    work = out
+    if remote:
+        work = staging_dir(remote)
+        if hasattr(module, "run_out"):
+            module.run_out = remote  # MLflow and checkpoints record where the run lives, not the staging folder
+        if ckpt:
+            ckpt = fetch_checkpoint(ckpt, work)
     run_id = read_run_id(ckpt) if ckpt else None
     # Under Ray Train the cluster environment is Ray's (ranks from the Train context); Ray's prepare_trainer() is
     # not called because it only admits Ray's own strategy classes, whose DeepSpeed one refuses CPUs.
-    trainer = build_trainer(t, tracking, out, run_id=run_id, ray=ray)
+    trainer = build_trainer(t, tracking, work, run_id=run_id, ray=ray, remote=remote)
     with safe_checkpoint_loading():
         trainer.fit(module, train_dataloaders=data, ckpt_path=ckpt, weights_only=True)
+    if remote and trainer.is_global_zero:
+        sent = sync_run_files(work, remote)
+        print(f"run:      {remote} ({len(sent)} files copied from the staging folder {work})", file=sys.stderr,
+              flush=True)
     return trainer, module
 
 
@@ -405,10 +581,39 @@ def train_run(cfg, make, *, resume: bool = False) -> None:
 
     from loom.platform import config as cfgmod
 
+    if storage.is_remote(cfg.out):
+        return _train_remote_run(cfg, make, resume=resume)
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "config.yaml"), "w") as f:
         f.write(cfgmod.dump_yaml(cfg))
     run(functools.partial(make, cfg), cfg.trainer, cfg.tracking, cfg.ray, cfg.out, resume=resume)
+
+
+def _train_remote_run(cfg, make, *, resume: bool) -> None:
+    """:func:`train_run` for ``out`` on object storage: the module is built for a clean local staging folder (its
+    config.yaml says where the run lives), the config goes to the bucket first, and :func:`fit` does the rest."""
+    import dataclasses
+    import functools
+    import shutil
+
+    from loom.platform import config as cfgmod
+
+    if uses_ray_train(cfg.ray):
+        raise ValueError(f"--out {cfg.out}: Ray Train (ray.address={cfg.ray.address!r}) needs a run folder every "
+                         "worker shares (a local or shared-volume path); object-storage run folders train in this "
+                         "process: leave ray.address empty, or give a shared path as --out")
+    stage = staging_dir(cfg.out)
+    if _main_process():
+        check_resume(cfg.out, resume)  # before anything is written: a missing bucket, a new run over an old one
+        shutil.rmtree(stage, ignore_errors=True)  # what an earlier attempt left here is not this run's state
+        os.makedirs(stage, exist_ok=True)
+        text = cfgmod.dump_yaml(cfg)
+        with open(os.path.join(stage, "config.yaml"), "w") as f:
+            f.write(text)
+        storage.write_bytes(storage.join(cfg.out, "config.yaml"), text.encode())
+        print(f"run:      {cfg.out} (staged in {stage})", file=sys.stderr, flush=True)
+    local = dataclasses.replace(cfg, out=stage)
+    run(functools.partial(make, local), cfg.trainer, cfg.tracking, cfg.ray, cfg.out, resume=resume)
 
 
 def run(make: Callable[[], tuple[Any, Any]], t: TrainerSettings, tracking: TrackingSettings, launch: RaySettings,

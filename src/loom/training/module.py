@@ -78,6 +78,16 @@ class LoomModule(L.LightningModule):
         self.val_state: dict = {"best_loss": None, "best_step": None, "bad": 0}
         self._val_loader = None
         self._val_step = -1  # the step last validated (hooks run per micro-batch with trainer.accumulate > 1)
+        # the run's URL when its folder is on object storage (cfg.out is then the local staging folder): what MLflow
+        # and checkpoints record as ``out`` (set by loom.training.launch.fit)
+        self.run_out: str | None = None
+
+    def run_config(self) -> Any:
+        """The config as the run's config.yaml says it: ``out`` is where the run lives."""
+        import dataclasses
+
+        run_out = getattr(self, "run_out", None)
+        return dataclasses.replace(self.cfg, out=run_out) if run_out else self.cfg
 
     # ------------------------------------------------------------------ data
 
@@ -226,7 +236,7 @@ class LoomModule(L.LightningModule):
             return
         client = self.logger.experiment
         existing = client.get_run(run_id).data.params
-        flat = flatten(to_dict(self.cfg))
+        flat = flatten(to_dict(LoomModule.run_config(self)))
         # Fields that may change on --resume (max_steps, ...) are tags, set again on every (re)start; the rest are
         # params, logged once: `loom train --resume` refuses a change to them, so they stay what the config says.
         for k, v in flat.items():
@@ -273,7 +283,7 @@ class LoomModule(L.LightningModule):
             "data": self._data_state,
             "mlflow_run_id": self.run_id(),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
-            "config": to_dict(self.cfg),
+            "config": to_dict(self.run_config()),
             "val": dict(self.val_state),
         }
 

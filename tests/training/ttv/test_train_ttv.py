@@ -150,6 +150,7 @@ def test_resume_after_a_kill_gives_the_losses_of_an_uninterrupted_run(corpus, tm
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # 33 s; two processes under DeepSpeed stay in the default tier through test_two_worker_ray_train_run
 def test_zero2_on_two_processes_gives_the_first_step_loss_of_one(corpus, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     loom_train(one, corpus, "trainer.max_steps=1", "data.batch_size=2")

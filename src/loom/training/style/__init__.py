@@ -70,5 +70,6 @@ def train_on_references(out: str, references: list[str], identifiers: list[str],
     overrides = [("out", out), ("data.references", list(references)), ("data.identifiers", list(identifiers)),
                  *cfgmod.parse_set(sets)]
     cfg = cfgmod.resolve(TrainStyleJob, recipe, overrides)
-    train(cfg, resume=last_checkpoint(os.path.abspath(cfg.out)) is not None)
+    out = cfg.out if "://" in cfg.out else os.path.abspath(cfg.out)
+    train(cfg, resume=last_checkpoint(out) is not None)
     return cfg.out
