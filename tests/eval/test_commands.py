@@ -445,6 +445,7 @@ def case_4d_video(tmp_path_factory):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # 46 s; registration, geometry and renders stay in the default tier
 def test_eval_4d_renders_the_registered_predictions_itself(case_4d_video, ray_local, tmp_path, capsys):
     """ShapeGen4D Tab. 2 without a renders folder: Loom renders each registered prediction from the shard's camera
     with Blender, painted with the conditioning frame's colours, and compares it with that video."""

@@ -175,6 +175,7 @@ def test_the_cli_renders_the_scene_with_blender_and_inbetweens(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # 52 s; `loom generate inbetween` through Blender stays in the default tier
 def test_a_trained_run_inbetweens_a_clip_whose_ends_decode_close_to_the_anchors(tmp_path):
     """The whole user path at tiny size: `loom train ggi` fits one clip (a pan), then `loom generate inbetween
     --run` with that clip's first and last frames as anchors writes a video of the requested frames whose first and

@@ -129,6 +129,7 @@ def test_generate_scene_writes_the_video_reuses_finished_work_and_refuses_other_
 
 @pytest.mark.blender
 @pytest.mark.integration
+@pytest.mark.slow  # 57 s; the anchor-view steps stay in the default tier in this file
 def test_loom_generate_scene_from_the_bundled_scene_trajectory_and_a_reference(tmp_path):
     """The user's command end to end at tiny size: the bundled scene rendered along the orbit by the scene job
     (Blender), a style LoRA trained on the reference image by `loom train style` (its own process), SAG anchors and

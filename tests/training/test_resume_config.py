@@ -120,6 +120,7 @@ def test_mlflow_params_are_the_config_and_resumable_fields_are_tags_updated_on_r
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # 34 s; exact resume stays in the default tier through ttv, shape4d and S3
 def test_a_real_resume_trains_longer_with_the_runs_own_config(tmp_path):
     pytest.importorskip("lightning")
     pytest.importorskip("deepspeed")

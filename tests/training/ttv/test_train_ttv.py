@@ -191,6 +191,7 @@ def test_two_worker_ray_train_run(corpus, tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # 85 s; the cache job's parity and resume stay in the default tier (tests/corpora/test_latents.py)
 def test_latent_shards_encoders_on_the_fly_and_generate(corpus, tmp_path):
     """Train on `loom cache latents` output (cached umT5/CLIP embeddings), and on pixels with the encoders run on
     the fly; then `loom generate ttv` from the run with a prompt and a reference image."""
