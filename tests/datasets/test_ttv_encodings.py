@@ -246,6 +246,14 @@ def corpus_job(assets: str, out: str, *sets: str):
     return cfg, job_spec(cfg, resolve_source(assets))
 
 
+def two_cubes(tmp_path) -> str:
+    """A folder of two distinct cube OBJ files."""
+    (tmp_path / "assets").mkdir()
+    for i in range(2):
+        (tmp_path / "assets" / f"cube{i}.obj").write_text(CUBE + f"# {i}\n")
+    return str(tmp_path / "assets")
+
+
 def members(out: str) -> set[str]:
     from loom.platform import shards
 
@@ -259,10 +267,7 @@ def test_a_new_corpus_is_precise_and_the_section_leaves_the_hash_alone(ray_local
     from loom.platform.config import config_hash
     from loom.platform.jobs import run_job
 
-    (tmp_path / "assets").mkdir()
-    for i in range(2):
-        (tmp_path / "assets" / f"cube{i}.obj").write_text(CUBE + f"# {i}\n")
-    assets = str(tmp_path / "assets")
+    assets = two_cubes(tmp_path)
     # A new folder: precise by default; the task says what it writes.
     cfg, spec = corpus_job(assets, str(tmp_path / "new"), "shards.samples_per_shard=1", "limit=1")
     assert cfg.encoding.geometry == "auto" and cfg.geometry_encoding() == "precise"
@@ -283,10 +288,7 @@ def test_an_old_corpus_resumes_in_its_own_encoding_and_refuses_another(ray_local
     from loom.platform.config import ConfigError
     from loom.platform.jobs import run_job
 
-    (tmp_path / "assets").mkdir()
-    for i in range(2):
-        (tmp_path / "assets" / f"cube{i}.obj").write_text(CUBE + f"# {i}\n")
-    assets = str(tmp_path / "assets")
+    assets = two_cubes(tmp_path)
     _, spec = corpus_job(assets, str(tmp_path / "new"), "shards.samples_per_shard=1")
     # An "old" corpus: written as npz, one shard then lost; a plain rerun (auto) is not refused and keeps npz.
     old_cfg, old = corpus_job(assets, str(tmp_path / "old"), "shards.samples_per_shard=1", "encoding.geometry=npz")
