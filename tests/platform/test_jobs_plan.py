@@ -50,7 +50,8 @@ def test_render_plan_is_small_per_task_and_expands_to_the_same_params(tmp_path):
     from loom.platform import config as c
     from loom.platform.config import to_dict
 
-    cfg = c.resolve(ttv.RenderTTVJob, "default", c.parse_set([f"out={tmp_path / 'o'}"]))
+    # the paper recipe; the fake backend: job_spec checks Blender's HDRIs otherwise (no bpy on Python 3.12)
+    cfg = c.resolve(ttv.RenderTTVJob, "default", c.parse_set([f"out={tmp_path / 'o'}", "render.backend=fake"]))
     records = _objaverse_like(tmp_path, 50)
     spec = job_spec(cfg, records)
     assert len(spec.tasks) == 200 and all(t.params is None for t in spec.tasks)
