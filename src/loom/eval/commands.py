@@ -86,7 +86,7 @@ def evaluate_anywhere(evaluate, cfg):
         storage.check_writable(out)
         stage = storage.local_folder(out, "eval")
         storage.download_tree(out, stage)
-        before = {rel: _stat(stage, rel) for rel in _local_files(stage)}
+        before = {rel: _stat(stage, rel) for rel in storage.files_under(stage)}
         changes["out"] = stage
     result = evaluate(dataclasses.replace(cfg, **changes) if changes else cfg)
     if stage is not None:
@@ -103,11 +103,6 @@ def evaluate_anywhere(evaluate, cfg):
                                    or before.get(rel) == _stat(stage, rel))
         print(f"outputs:  copied {len(sent)} file(s) to {out}")
     return result
-
-
-def _local_files(folder: str) -> list[str]:
-    return [os.path.relpath(os.path.join(d, n), folder).replace(os.sep, "/") for d, _, names in os.walk(folder)
-            for n in names]
 
 
 def _stat(folder: str, rel: str) -> tuple[int, int]:

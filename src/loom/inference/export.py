@@ -131,9 +131,9 @@ def _fetch_run(run: str, step: int | None) -> str:
                                 f"{_steps_text(dict(sorted(found.items())))} (training keeps trainer.keep_checkpoints "
                                 "of them, every trainer.checkpoint_every steps), or omit --step for the final weights")
     name = found[step][1]
-    if not storage.exists(storage.join(run, CHECKPOINTS, name, "latest")) and not storage.filesystem(
-            storage.join(run, CHECKPOINTS, name))[0].isfile(storage.filesystem(storage.join(run, CHECKPOINTS,
-                                                                                          name))[1]):
+    from loom.platform.checkpoints import checkpoint_complete
+
+    if not checkpoint_complete(storage.join(run, CHECKPOINTS, name)):
         raise FileNotFoundError(f"{storage.join(run, CHECKPOINTS, name)} is incomplete (no 'latest' marker: its "
                                 "upload was interrupted); export another step or the final weights")
     return local_run(run, [*parts, f"{CHECKPOINTS}/{name}"])
@@ -501,7 +501,7 @@ def export_ttv(run: str, out: str, *, step: int | None = None, overwrite: bool =
         if remote_out:
             if overwrite:
                 storage.remove(storage.join(out, CARD))  # incomplete first, then replaced
-                storage.remove_tree(out)
+                storage.remove(out, recursive=True)
             storage.upload_tree(local, out, last=(CARD,))  # the card last: complete once it is there
         done = Exported(out=out, step=step, files=files)
         if info is not None:

@@ -14,6 +14,17 @@ import pickle
 from typing import Any
 
 
+DEEPSPEED_MARKER = "latest"  # a DeepSpeed checkpoint folder is complete once this file (naming its tag) is there
+
+
+def checkpoint_complete(url: str) -> bool:
+    """A checkpoint (path or URL) that is there whole: a file (Lightning's, written atomically), or a DeepSpeed
+    folder with its marker (written last). Shared by resume (training) and export (inference)."""
+    from loom.platform import storage
+
+    return storage.isfile(url) or storage.isfile(storage.join(url, DEEPSPEED_MARKER))
+
+
 def checkpoint_safe_globals() -> list:
     """What a Loom training checkpoint holds besides tensors and plain containers: the numpy RNG state Loom saves,
     and DeepSpeed's ZeRO optimizer state (its loss scaler, stage enum and fragment addresses). Plain data classes:

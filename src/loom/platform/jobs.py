@@ -20,6 +20,7 @@ plan keeps what a rerun must agree on (which task of which asset goes in which s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -165,8 +166,7 @@ def load_or_write_plan(spec: JobSpec) -> list[dict]:
                 f"{spec.out} already holds a {old.get('kind')} job with a different {what} (plan.json). "
                 "Use a new --out, or delete that folder to start over."
             )
-        if old.get("format") == PLAN_FORMAT and (spec.expand is None) == all(
-                len(r) > 4 for sh in old["shards"] for r in sh["tasks"]):
+        if old.get("format") == PLAN_FORMAT:
             return plan
     storage.write_bytes(url, (json.dumps(plan_doc(spec, plan), separators=(",", ":")) + "\n").encode())
     return plan
@@ -193,8 +193,12 @@ class ShardWorker:
     def __call__(self, row: dict) -> dict:
         if self.plan is None:
             self.plan = read_plan(storage.read_json(storage.join(self.out, PLAN)))
-        return render_shard(self.plan[int(row["shard"])], self.out, self.sandbox, self.timeout_s, self.scratch,
-                            self._tick, self.fetch, self.expand)
+        shard = self.plan[int(row["shard"])]
+        if row["params"]:  # tasks that carry their own parameters: this run's, not those plan.json was written with
+            shard = {**shard, "tasks": [dataclasses.replace(t, params=p)
+                                        for t, p in zip(shard["tasks"], json.loads(row["params"]), strict=True)]}
+        return render_shard(shard, self.out, self.sandbox, self.timeout_s, self.scratch, self._tick, self.fetch,
+                            self.expand)
 
     def _tick(self, ok: int, failed: int, frames: int) -> None:
         if self.progress is not None:
@@ -330,7 +334,12 @@ def run_job(spec: JobSpec, *, progress: bool = True, retry_failed: bool = False,
 
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
         counter = ray.remote(num_cpus=0)(_ProgressCounter).options(scheduling_strategy=here).remote()
-        ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
+        # a row: the shard's index in plan.json (which the workers read), and the parameters of its tasks where they
+        # carry their own (a cache job's few tasks; a rerun by a later Loom may spell them differently)
+        ds = ray.data.from_items(
+            [{"shard": i, "params": json.dumps([t.params for t in plan[i]["tasks"]])
+              if any(t.params is not None for t in plan[i]["tasks"]) else ""} for i in todo],
+            override_num_blocks=len(todo))
         ds = ds.map(
             ShardWorker,
             fn_constructor_kwargs=dict(entry=spec.entry, out=spec.out, timeout_s=spec.timeout_s, env=spec.env,
@@ -523,7 +532,7 @@ def estimate(spec: JobSpec, *, calibration_frames: int = 3, calibrate: bool = Tr
             shutil.rmtree(scratch, ignore_errors=True)
         where = f"{task.key} ({cf:g} {unit}s)"
         tm = res["timings"]
-        files = res["files"] if "files" in res else {k: v for _, f in res.get("samples", []) for k, v in f.items()}
+        samples = [res["files"]] if "files" in res else [f for _, f in res.get("samples", [])]
         if units_of is None:
             # Every stage but loading the asset and setting up the scene grows with the number of frames.
             per_frame = sum(v for k, v in tm.items() if k not in ("import", "scene", "load", "task"))
@@ -531,7 +540,7 @@ def estimate(spec: JobSpec, *, calibration_frames: int = 3, calibrate: bool = Tr
             fixed = max(tm.get("task", 0.0) - per_frame, 0.0)
         else:  # a task over samples: its whole time per sample
             spf = (tm.get("task", 0.0) or sum(tm.values())) / cf
-        bpf = sum(len(b) for b in files.values()) / cf
+        bpf = sum(len(b) for f in samples for b in f.values()) / cf
         sizes = {k: v / cf for k, v in (res.get("sizes") or {}).items()}
         encoding = res.get("encoding", "")
     n_shards = -(-n_tasks // spec.samples_per_shard)

@@ -55,10 +55,16 @@ def makedirs(url: str) -> None:
     fs.makedirs(path, exist_ok=True)
 
 
-def remove(url: str) -> None:
+def remove(url: str, recursive: bool = False) -> None:
+    """Delete a file (``recursive``: a folder and everything below it); nothing if it does not exist."""
     fs, path = filesystem(url)
     if fs.exists(path):
-        fs.rm(path)
+        fs.rm(path, recursive=recursive)
+
+
+def isfile(url: str) -> bool:
+    fs, path = filesystem(url)
+    return bool(fs.isfile(path))
 
 
 def listdir(url: str) -> list[str]:
@@ -225,13 +231,6 @@ def upload_tree(local: str, url: str, *, last: tuple[str, ...] = (), skip=None) 
     for rel in rels:
         upload_file(os.path.join(local, rel), join(url, rel))
     return rels
-
-
-def remove_tree(url: str) -> None:
-    """Delete a folder (or file) and everything below it; nothing if it does not exist."""
-    fs, path = filesystem(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
 
 
 def _identity(fs: fsspec.AbstractFileSystem, path: str) -> str:

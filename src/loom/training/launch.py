@@ -40,7 +40,8 @@ if TYPE_CHECKING:  # torch is imported where it is used: `loom --help` builds ev
     import torch
 
 from loom.platform import storage
-from loom.platform.checkpoints import checkpoint_safe_globals, safe_load
+from loom.platform.checkpoints import DEEPSPEED_MARKER as MARKER
+from loom.platform.checkpoints import checkpoint_complete, checkpoint_safe_globals, safe_load
 from loom.platform.config import config, field, require
 from loom.platform.ray import RaySettings, forwarded_env, init_ray
 from loom.platform.tracking import TrackingSettings, ensure_experiment, resolve_uri, write_run_record
@@ -242,7 +243,6 @@ def apply_sharding_intent(module: torch.nn.Module, t: TrainerSettings) -> dict[s
     return applied
 
 
-MARKER = "latest"  # a DeepSpeed checkpoint folder is complete once this file (naming its tag folder) is there
 STAGE = "stage"  # $LOOM_CACHE/stage/...: the local folders of runs whose --out is on object storage
 
 
@@ -255,12 +255,6 @@ def staging_dir(out: str) -> str:
     return storage.local_folder(out, STAGE)
 
 
-def _complete_remote(url: str) -> bool:
-    """A checkpoint on object storage: a file (Lightning's, written atomically), or a folder with its marker."""
-    fs, path = storage.filesystem(url)
-    return fs.isfile(path) or fs.isfile(f"{path}/{MARKER}")
-
-
 def last_checkpoint(out: str) -> str | None:
     """The checkpoint ``resume`` continues from: ``last.ckpt`` (a file, or a folder with DeepSpeed), if complete.
     On object storage (a URL): ``last.ckpt`` if complete, else the newest complete ``step-*.ckpt`` (a kill while
@@ -268,15 +262,13 @@ def last_checkpoint(out: str) -> str | None:
     if storage.is_remote(out):
         folder = checkpoint_dir(out)
         last = storage.join(folder, LAST)
-        if _complete_remote(last):
+        if checkpoint_complete(last):
             return last
         steps = sorted((n for n in storage.listdir(folder) if n.startswith("step-") and n.endswith(".ckpt")),
                        reverse=True)
-        return next((storage.join(folder, n) for n in steps if _complete_remote(storage.join(folder, n))), None)
+        return next((storage.join(folder, n) for n in steps if checkpoint_complete(storage.join(folder, n))), None)
     p = os.path.join(checkpoint_dir(out), LAST)
-    if os.path.isfile(p) or os.path.isfile(os.path.join(p, "latest")):
-        return p
-    return None
+    return p if checkpoint_complete(p) else None
 
 
 def _main_process() -> bool:
@@ -379,7 +371,7 @@ def _remote_checkpoint_class():
             if trainer.is_global_zero:
                 url = self.remote_path(filepath)
                 storage.remove(storage.join(url, MARKER))  # incomplete first, then gone
-                storage.remove_tree(url)
+                storage.remove(url, recursive=True)
 
     return RemoteCheckpoint
 
@@ -414,7 +406,7 @@ def build_trainer(t: TrainerSettings, tracking: TrackingSettings, out: str, *, r
         uri = resolve_uri(tracking)
         # Only the launching process creates the database and experiment (SQLite migrations from several
         # processes at once collide); Lightning's extra local ranks have LOCAL_RANK set, Ray workers `ray`.
-        if not ray and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        if not ray and _main_process():
             ensure_experiment(uri, tracking.experiment)
         name = remote.rstrip("/").rsplit("/", 1)[-1] if remote else os.path.basename(os.path.abspath(out))
         logger = MLFlowLogger(experiment_name=tracking.experiment, tracking_uri=uri, run_id=run_id,
