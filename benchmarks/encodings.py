@@ -8,8 +8,9 @@ Renders (Blender, Cycles, CPU) a few frames of each bundled asset at 512x512 wit
    model-input <= 0.15 MB per 512x512 frame);
 2. the largest decode error of each array against the renderer's own float32 passes (position and depth: world
    units; normal: radians; mask: wrong pixels);
-3. the decode rate (frames/s through ``decode_sample``) with all keys and with the keys ttv training loads
-   (rgb, normal, position, mask), as a ratio to npz measured in the same run: smaller must not be slower.
+3. the decode rate (frames/s through ``decode_sample``) with all keys and with the keys ttv conditioning uses
+   (rgb, normal, position, mask), as a ratio to npz measured in the same run: smaller must not be slower;
+4. the same for whole epochs through ``LoomLoader``, the trainers' reader (tar reads included, all keys).
 
 Usage::
 
@@ -117,11 +118,35 @@ def measure(uids: list[str], size: int, frames: int, repeats: int) -> dict:
                     rates[g].append(decode_rate(files[g], frames, keys, 1))
             for g in ENCODINGS:
                 row[g][f"fps_{name}"] = max(rates[g])
+        row["_files"] = files
         rows[uid] = row
     return rows
 
 
-def report(rows: dict, size: int) -> list[str]:
+def loader_rates(rows: dict, frames: int, repeats: int) -> dict[str, float]:
+    """Frames per second of whole epochs through ``LoomLoader`` (the trainers' reader: one tar per encoding holding
+    every asset's sample, all keys, batch size 1, no workers, no prefetch; the best of ``repeats`` epochs, the
+    encodings taking turns epoch by epoch)."""
+    from loom.datasets.loader import LoomLoader
+    from loom.platform.shards import write_tar
+
+    with tempfile.TemporaryDirectory(prefix="loom-enc-loader-") as tmp:
+        loaders = {}
+        for g in ENCODINGS:
+            url = os.path.join(tmp, f"{g}.tar")
+            write_tar(url, [(uid, r["_files"][g]) for uid, r in rows.items()])
+            loaders[g] = LoomLoader(url, 1, kind="ttv", shuffle=False, cache_index=False)
+        best = {g: float("inf") for g in ENCODINGS}
+        for _ in range(repeats):
+            for g, loader in loaders.items():
+                t0 = time.perf_counter()
+                n = sum(1 for _ in loader)
+                best[g] = min(best[g], time.perf_counter() - t0)
+                assert n == len(rows), (g, n)
+        return {g: len(rows) * frames / best[g] for g in ENCODINGS}
+
+
+def report(rows: dict, size: int, loader: dict | None = None) -> list[str]:
     lines = []
     members = sorted({ext for r in rows.values() for g in ENCODINGS for ext in r[g]["bytes"]})
     lines.append(f"bytes per {size}x{size} frame (kB), per member, mean over assets")
@@ -158,6 +183,12 @@ def report(rows: dict, size: int) -> list[str]:
                                                          if g != "npz") + f"{base:>10.1f} f/s")
         gm = {g: float(np.exp(np.mean(np.log(ratios[g])))) for g in ENCODINGS}
         lines.append(f"{'geomean':<20}{name:<7}" + "".join(f"{gm[g]:>12.2f}x" for g in ENCODINGS if g != "npz"))
+    if loader:
+        lines.append("")
+        lines.append("whole epochs through LoomLoader (all assets in one tar, all keys: what `loom train ttv` reads)")
+        lines.append(f"{'':<27}" + "".join(f"{g:>13}" for g in ENCODINGS if g != "npz") + "   npz f/s")
+        lines.append(f"{'ratio to npz':<27}" + "".join(f"{loader[g] / loader['npz']:>12.2f}x" for g in ENCODINGS
+                                                        if g != "npz") + f"{loader['npz']:>10.1f} f/s")
     return lines
 
 
@@ -175,10 +206,12 @@ def main() -> None:
     if args.quick:
         uids, frames = uids[:2], 2
     rows = measure(uids, args.size, frames, args.repeats)
-    print("\n".join(report(rows, args.size)))
+    loader = loader_rates(rows, frames, args.repeats)
+    print("\n".join(report(rows, args.size, loader)))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"assets": {uid: {k: v for k, v in r.items() if k != "_files"} for uid, r in rows.items()},
+                       "loader_fps": loader}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -7,20 +7,21 @@ bundled assets (slow) and by benchmarks/encodings.py."""
 import io
 import json
 import os
-import zipfile
 
 import numpy as np
 import pytest
+import zstandard
 
 from loom.datasets import ttv
 from loom.datasets.codecs import decode_planes, encode_planes, oct_decode, oct_encode
 from loom.geometry.camera import unproject_depth
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "ttv_encodings", "suzi_checker-128.npz")
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "ttv_encodings")
+FIXTURE = os.path.join(FIXTURES, "suzi_checker-128.npz")
 ENCODINGS = ("precise", "model-input", "npz")
 # The documented bounds (loom.datasets.ttv's table): position per coordinate, depth, normal angle in radians.
 BOUNDS = {"precise": (3.07e-5, 5.3e-5, 3e-4), "model-input": (3.95e-3, 6.9e-3, 1e-2), "npz": (4.9e-4, 0.0, 5e-4)}
-MEMBERS = {"precise": {"position.q15.npz", "normal.oct14.npz"}, "model-input": {"position.q8.npz", "normal.q8.npz"},
+MEMBERS = {"precise": {"position.q15.zst", "normal.oct14.zst"}, "model-input": {"position.q8.zst", "normal.q8.zst"},
            "npz": {"position.npz", "normal.npz", "depth.npz", "mask.npz"}}
 
 
@@ -143,6 +144,33 @@ def test_an_old_npz_sample_decodes_exactly_as_before_and_npz_still_writes_it():
 
 
 @pytest.mark.parametrize("geometry", ["precise", "model-input"])
+def test_samples_of_the_earlier_deflated_store_decode_to_the_same_arrays(geometry):
+    """Members written by Loom before the zstd store (tests/fixtures/ttv_encodings/make_legacy.py) hold the same
+    codes: they decode to exactly what today's members of the same render decode to."""
+    a = real()
+    today = ttv.encode_sample(a, {"uid": "suzi_checker"}, "ffv1", geometry)
+    with np.load(os.path.join(FIXTURES, "legacy-zlib.npz")) as z:
+        old = {name: z[name].tobytes() for name in ttv.LEGACY_LAYOUTS[geometry][:2]}
+    legacy = {k: v for k, v in today.items() if k not in ttv.LAYOUTS[geometry][:2]} | old
+    assert ttv.geometry_encoding(legacy) == geometry and all(v[:2] == b"PK" for v in old.values())
+    for k, v in ttv.decode_sample(legacy).items():
+        if k != "meta":
+            np.testing.assert_array_equal(v, ttv.decode_sample(today)[k], err_msg=k)
+    with pytest.raises(ValueError, match="more than one position member"):
+        ttv.decode_sample(today | old)
+
+
+def test_a_plane_store_that_claims_too_much_is_refused_before_decompressing():
+    good = encode_planes(np.zeros((1, 1, 4, 4), np.uint16))
+    # a zstd frame header whose content size field says 2**40 bytes (single-segment, 8-byte size)
+    hostile = b"\x28\xb5\x2f\xfd" + bytes([0xE0]) + (1 << 40).to_bytes(8, "little") + good[-20:]
+    with pytest.raises(ValueError, match="content size"):
+        decode_planes(hostile)
+    with pytest.raises(ValueError, match="neither zstd nor zip"):
+        decode_planes(b"GIF89a" + good)
+
+
+@pytest.mark.parametrize("geometry", ["precise", "model-input"])
 def test_corrupt_or_missing_members_are_named(geometry):
     files = ttv.encode_sample(synthetic(), {"kind": "ttv"}, "ffv1", geometry)
     pos, nrm = sorted(MEMBERS[geometry], key=lambda e: not e.startswith("position"))
@@ -151,7 +179,7 @@ def test_corrupt_or_missing_members_are_named(geometry):
         with pytest.raises(ValueError, match=member.replace(".", r"\.")):
             ttv.decode_sample(bad)
     flipped = bytearray(files[pos])
-    flipped[len(flipped) // 2] ^= 0xFF  # inside the deflated data: the zip's CRC catches it
+    flipped[len(flipped) // 2] ^= 0xFF  # inside the compressed data: the checksum catches it
     with pytest.raises(ValueError, match=pos.replace(".", r"\.")):
         ttv.decode_sample({**files, pos: bytes(flipped)})
     with pytest.raises(ValueError, match=nrm.replace(".", r"\.")):
@@ -183,9 +211,12 @@ def test_planes_and_octahedral_codes_round_trip():
         planes = rng.integers(0, top, (2, 3, 5, 7)).astype(dtype)
         back = decode_planes(encode_planes(planes))
         assert back.dtype == dtype and np.array_equal(back, planes)
-    assert encode_planes(planes) == encode_planes(planes.copy())  # deterministic bytes (no zip timestamps)
-    with zipfile.ZipFile(io.BytesIO(encode_planes(planes))) as z:  # a plain .npz: np.load reads it anywhere
-        assert z.namelist() == ["residual.npy"]
+    assert encode_planes(planes) == encode_planes(planes.copy())  # deterministic bytes
+    # outside Loom: zstd, then np.load of the upper-neighbour residuals' byte planes
+    split = np.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(encode_planes(planes))))
+    res = planes.copy()
+    res[..., 1:, :] -= planes[..., :-1, :]
+    np.testing.assert_array_equal(split[0], res)
     n = rng.standard_normal((50000, 3))
     n = np.concatenate([n / np.linalg.norm(n, axis=-1, keepdims=True), np.eye(3), -np.eye(3)])
     err = {bits: angle(oct_decode(oct_encode(n, bits), bits), n).max() for bits in (14, 16)}

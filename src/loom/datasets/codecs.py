@@ -147,13 +147,22 @@ def write_video(path: str, frames: np.ndarray, fps: int = 12) -> str:
 
 # ---------------------------------------------------------------------------------------------- geometry planes
 # Fixed-point and octahedral codes for unit-range geometry (turntable positions and normals), and a lossless store of
-# integer planes. Measured on Blender renders of the five bundled assets at 512x512 (4 frames each), 16-bit position
-# codes (15-bit ones are ~30% smaller), mean kB per frame (decode ms per frame on one shared core): lzma-6 of left-delta residuals split into high
-# and low byte planes 114 (18), FFV1 gray16le of the stacked planes 125 (25), zstd-19 of the same residuals 130 (2;
-# not a core dependency of Loom), zlib-9 145 (4), FFV1 gbrp16le 154, 16-bit PNG (cv2) 189, float16 npz 392 (19);
-# 14-bit octahedral normals: lzma 85 (11), zstd-19 93 (1), zlib-9 106 (2.4). Zigzag-mapping the residuals and
-# the MED, gradient or second-order predictors did not help. zlib won: smaller than the float16 npz by 2.7x and decoded faster
-# than it, with the standard library alone; lzma would be ~20% smaller but decodes 4x slower than zlib.
+# integer planes. Measured on Blender renders of the five bundled assets at 512x512 (4 frames each; 15-bit position
+# codes in kB per frame, decode ms per frame on one core of this 2-core machine):
+# - compressors of left-neighbour residuals split into high and low byte planes: lzma-6 ~100 (18), FFV1 gray16le
+#   of the stacked planes ~110 (25), zstd-19 109 (2.6), zlib-9 124 (4.4); 16-bit PNG (cv2) and FFV1 gbrp16le larger
+#   still, float16 npz 392 (19). lzma is ~10% smaller than zstd but decodes 7x slower: zstd won.
+# - predictors: the upper neighbour beats the left one by 3% on positions (106.5 vs 109.4 kB at zstd-19) and 1% on
+#   normals; zigzag-mapped residuals and the MED, gradient and second-order predictors did not help. NumPy undoes the
+#   left one with a cumsum over each row (2.1 ns a value: the largest cost of decoding, more than inflating) but the
+#   upper one with one vector add per image row (0.5 ns a value).
+# - zstd levels (upper residuals, position + 14-bit octahedral normal, kB per frame, encode ms per frame): 15 219
+#   (104), 17 205 (148), 19 199 (372); zlib-9 220 (~190). Level 17: zstd-19's size within 3% at 40% of its encode
+#   time, so encoding (once per sample, in the render worker) costs less than zlib did.
+# Until 2026-12 (Loom e20185c) the store was a zip of deflated left-neighbour residuals: still read, never written.
+PLANES_ZSTD_LEVEL = 17
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_PLANES_MAX_BYTES = 1 << 32  # refuse a store that claims more (a corrupt or hostile frame header), before allocating
 
 
 def fixed_point(x: np.ndarray, bits: int, keep: np.ndarray) -> np.ndarray:
@@ -241,40 +250,71 @@ def _oct_table(bits: int) -> np.ndarray:
 
 
 def encode_planes(planes: np.ndarray) -> bytes:
-    """(T,P,H,W) uint8 or uint16 integer planes -> lossless bytes: the residual of predicting each value by its left
-    neighbour (modulo 2**bits), split into byte planes (high bytes first), as the array ``residual`` (bytes, T, P, H,
-    W) uint8 of a .npz (zip, deflate level 9, fixed timestamps: the same planes give the same bytes), so ``np.load``
-    reads it anywhere."""
-    import zipfile
+    """(T,P,H,W) uint8 or uint16 integer planes -> lossless bytes: the residual of predicting each value by the one
+    above it (modulo 2**bits; the first row as is), split into byte planes (high bytes first), saved as the .npy of a
+    (bytes, T, P, H, W) uint8 array, compressed as one zstd frame (level ``PLANES_ZSTD_LEVEL``, content size and
+    checksum in the frame: a flipped bit is an error, not other planes). Deterministic: the same planes give the
+    same bytes. Outside Loom: ``zstd -d``, then ``np.load``."""
+    import zstandard
 
     planes = np.ascontiguousarray(planes)
     if planes.ndim != 4 or planes.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"expected (T,P,H,W) uint8 or uint16 planes, got {planes.shape} {planes.dtype}")
     res = planes.copy()
-    res[..., 1:] -= planes[..., :-1]  # wraps modulo 2**bits: exact
+    res[..., 1:, :] -= planes[..., :-1, :]  # wraps modulo 2**bits: exact
     split = np.stack([(res >> 8).astype(np.uint8), (res & 0xFF).astype(np.uint8)]) if res.dtype == np.uint16 \
         else res[None]
     npy = io.BytesIO()
     np.save(npy, split, allow_pickle=False)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
-        z.writestr(zipfile.ZipInfo("residual.npy", date_time=(1980, 1, 1, 0, 0, 0)), npy.getvalue(),
-                   compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
-    return buf.getvalue()
+    return zstandard.ZstdCompressor(level=PLANES_ZSTD_LEVEL, write_content_size=True,
+                                     write_checksum=True).compress(npy.getvalue())
 
 
 def decode_planes(data: bytes) -> np.ndarray:
-    """Bytes of :func:`encode_planes` -> the (T,P,H,W) uint8 or uint16 planes. Raises ValueError when the bytes are
-    not such planes (the caller names the member)."""
+    """Bytes of :func:`encode_planes` (or of the deflated zip store Loom wrote before) -> the (T,P,H,W) uint8 or
+    uint16 planes. Raises ValueError when the bytes are not such planes (the caller names the member)."""
+    if data[:4] == _ZSTD_MAGIC:
+        split = _load_zstd_npy(data)
+        upper = True
+    elif data[:4] == b"PK\x03\x04":
+        split = _load_zip_npy(data)
+        upper = False
+    else:
+        raise ValueError(f"not a store of residual planes (starts with {bytes(data[:4])!r}: neither zstd nor zip)")
+    if split.dtype != np.uint8 or split.ndim != 5 or split.shape[0] not in (1, 2):
+        raise ValueError(f"expected (1 or 2, T, P, H, W) uint8 byte planes, got {split.shape} {split.dtype}")
+    res = split[0].copy() if split.shape[0] == 1 else (split[0].astype(np.uint16) << 8) | split[1]
+    if not upper:  # the zip store: left-neighbour residuals
+        return np.cumsum(res, axis=-1, dtype=res.dtype)
+    rows = res.reshape((-1,) + res.shape[2:])  # (T*P, H, W), a view: summed in place, one image row at a time
+    for i in range(1, rows.shape[1]):
+        np.add(rows[:, i], rows[:, i - 1], out=rows[:, i])
+    return res
+
+
+def _load_zstd_npy(data: bytes) -> np.ndarray:
+    import zstandard
+
+    try:
+        size = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as e:
+        raise ValueError(f"not a zstd frame ({e})") from None
+    if size < 0 or size > _PLANES_MAX_BYTES:
+        raise ValueError(f"zstd frame declares {'no' if size < 0 else size} content size (Loom writes it, "
+                         f"<= {_PLANES_MAX_BYTES} bytes)")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(data)
+        return np.load(io.BytesIO(raw), allow_pickle=False)
+    except (zstandard.ZstdError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"not a zstd-compressed .npy of residual planes ({type(e).__name__}: {e})") from None
+
+
+def _load_zip_npy(data: bytes) -> np.ndarray:
     import zipfile
 
     try:
         # the member read whole (one inflate), not streamed through np.load's zip reader in 8 KB pieces: 2x faster
         with zipfile.ZipFile(io.BytesIO(data)) as z:
-            split = np.load(io.BytesIO(z.read("residual.npy")), allow_pickle=False)
+            return np.load(io.BytesIO(z.read("residual.npy")), allow_pickle=False)
     except (zipfile.BadZipFile, KeyError, EOFError, OSError, ValueError) as e:
         raise ValueError(f"not a .npz of residual planes ({type(e).__name__}: {e})") from None
-    if split.dtype != np.uint8 or split.ndim != 5 or split.shape[0] not in (1, 2):
-        raise ValueError(f"expected (1 or 2, T, P, H, W) uint8 byte planes, got {split.shape} {split.dtype}")
-    res = split[0] if split.shape[0] == 1 else (split[0].astype(np.uint16) << 8) | split[1]
-    return np.cumsum(res, axis=-1, dtype=res.dtype)

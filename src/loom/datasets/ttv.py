@@ -40,17 +40,20 @@ On disk (one WebDataset sample = these tar members, ``<key>.<ext>``). The member
 Normal, position, depth and mask are stored in one of three encodings (``encoding.geometry`` of ``loom render ttv``;
 the reader tells them apart by their members, so one reader reads every corpus):
 
-- ``precise`` (the default of new corpora): ``position.q15.npz``, the position as 15-bit fixed point over [-1, 1]
+- ``precise`` (the default of new corpora): ``position.q15.zst``, the position as 15-bit fixed point over [-1, 1]
   (codes 1..32767, step 2/32766 = 6.1e-5; code 0 = outside the mask, so there is no mask member), and
-  ``normal.oct14.npz``, the normal as two 14-bit octahedral coordinates (0 outside the mask). Each holds its planes
-  (T,P,H,W) as the left-neighbour residuals split into byte planes, deflated (:func:`loom.datasets.codecs.
-  encode_planes`; why this compressor: the measurements there). Depth is not stored: the renderer computes it from
-  its position pass (camera-space z, see the render module), and so does the reader, from the decoded position and
-  ``c2w``. 0.15-0.37 MB per 512x512 frame with FFV1 rgb, averaged over 4 frames (single frames up to 0.42 MB;
-  benchmarks/encodings.py; target <= 0.45 MB).
-- ``model-input``: what the video VAE sees, at 8 bits: ``position.q8.npz`` and ``normal.q8.npz``, x, y and z each as
-  8-bit fixed point over [-1, 1] (codes 1..255, step 2/254; 0 = outside the mask), stored the same way, and rgb
-  always as H.264 (CRF 18, yuv444p). 0.05-0.12 MB per 512x512 frame (target <= 0.15 MB).
+  ``normal.oct14.zst``, the normal as two 14-bit octahedral coordinates (0 outside the mask). Each holds its planes
+  (T,P,H,W) as the residuals of predicting each value by the one above it, split into byte planes, as a .npy in a
+  zstd frame (:func:`loom.datasets.codecs.encode_planes`; why this store: the measurements there). Depth is not
+  stored: the renderer computes it from its position pass (camera-space z, see the render module), and so does the
+  reader, from the decoded position and ``c2w``. 0.16-0.33 MB per 512x512 frame with FFV1 rgb, averaged over 4
+  frames (single frames up to 0.38 MB; benchmarks/encodings.py; target <= 0.45 MB); decodes 1.6x faster than
+  ``npz``. Samples written before the zstd store (``position.q15.npz`` / ``normal.oct14.npz``: zips of deflated
+  left-neighbour residuals, ``LEGACY_LAYOUTS``) hold the same codes and decode to the same arrays.
+- ``model-input``: what the video VAE sees, at 8 bits: ``position.q8.zst`` and ``normal.q8.zst`` (formerly
+  ``.npz``, read likewise), x, y and z each as 8-bit fixed point over [-1, 1] (codes 1..255, step 2/254; 0 = outside
+  the mask), stored the same way, and rgb always as H.264 (CRF 18, yuv444p). 0.05-0.10 MB per 512x512 frame (single
+  frames up to 0.12; target <= 0.15 MB).
 - ``npz`` (corpora made before these encodings, and ``encoding.geometry=npz``): ``normal.npz``, ``position.npz``
   (float16, ``np.savez_compressed``), ``depth.npz`` (float32), ``mask.npz`` (bool). ~1.2 MB per 512x512 frame.
 
@@ -95,16 +98,23 @@ RGB_EXTS = ("rgb.mkv", "rgb.mp4")
 # The members of each geometry encoding besides rgb (and the optional albedo and known); the position member names it.
 LAYOUTS = {
     "npz": ("normal.npz", "position.npz", "depth.npz", "mask.npz", "camera.npz", "meta.json"),
+    "precise": ("normal.oct14.zst", "position.q15.zst", "camera.npz", "meta.json"),
+    "model-input": ("normal.q8.zst", "position.q8.zst", "camera.npz", "meta.json"),
+}
+GEOMETRY_ENCODINGS = tuple(LAYOUTS)
+# The members that Loom wrote for the same encodings before the zstd plane store (deflated zips, up to e20185c):
+# read, never written. Same codes, so a sample decodes to the same arrays either way.
+LEGACY_LAYOUTS = {
     "precise": ("normal.oct14.npz", "position.q15.npz", "camera.npz", "meta.json"),
     "model-input": ("normal.q8.npz", "position.q8.npz", "camera.npz", "meta.json"),
 }
-GEOMETRY_ENCODINGS = tuple(LAYOUTS)
 # precise positions: step 6.1e-5 (error <= 3.05e-5, 16x inside float16's 4.9e-4); 16 bits cost 44 kB more per
 # 512x512 frame, which took the first frame of the bundled marble_shaderball past 0.45 MB
 POS_BITS = 15
 OCT_BITS = 14  # precise normals: <= 2.6e-4 rad, below float16's ~4e-4; 16 bits cost +27% for the normals
 REQUIRED_EXTS = LAYOUTS["npz"]  # the layout of corpora made before the other encodings
-_POSITION = {LAYOUTS[e][1]: e for e in GEOMETRY_ENCODINGS}
+# position member -> (encoding, its layout): the position member names the encoding and the store
+_POSITION = {layout[1]: (e, layout) for layouts in (LAYOUTS, LEGACY_LAYOUTS) for e, layout in layouts.items()}
 
 
 def encode_sample(arrays: dict[str, np.ndarray], meta: dict[str, Any], rgb_codec: str = "ffv1",
@@ -151,10 +161,9 @@ def _encode_geometry(a: dict[str, np.ndarray], geometry: str) -> dict[str, bytes
                          "(world positions of the normalised asset); encode with geometry='npz' otherwise") from None
     if geometry == "precise":
         nrm = np.where(m[..., None], oct_encode(a["normal"], OCT_BITS), 0).astype(np.uint16)
-        names = ("position.q15.npz", "normal.oct14.npz")
     else:
         nrm = fixed_point(a["normal"], 8, m)
-        names = ("position.q8.npz", "normal.q8.npz")
+    names = LAYOUTS[geometry][1], LAYOUTS[geometry][0]
     planes = lambda x: np.moveaxis(x, -1, 1)  # noqa: E731  (T,H,W,C) -> (T,C,H,W)
     return {names[0]: encode_planes(planes(pos)), names[1]: encode_planes(planes(nrm))}
 
@@ -191,7 +200,12 @@ def check_arrays(a: dict[str, np.ndarray]) -> None:
 
 def geometry_encoding(files: dict[str, bytes]) -> str:
     """Which encoding a sample's normal/position/depth/mask are in, from its members."""
-    found = [e for ext, e in _POSITION.items() if ext in files]
+    return _layout(files)[0]
+
+
+def _layout(files: dict[str, bytes]) -> tuple[str, tuple[str, ...]]:
+    """(encoding, members) of a sample, from its position member."""
+    found = [v for ext, v in _POSITION.items() if ext in files]
     if len(found) != 1:
         raise ValueError(f"sample has {'no' if not found else 'more than one'} position member (one of "
                          f"{sorted(_POSITION)}): not a complete turntable sample")
@@ -217,8 +231,8 @@ def decode_sample(files: dict[str, bytes], keys: tuple[str, ...] | None = None) 
     def need(k: str) -> bool:
         return want is None or k in want
 
-    geometry = geometry_encoding(files)
-    missing = [e for e in LAYOUTS[geometry] if e not in files] + \
+    geometry, layout = _layout(files)
+    missing = [e for e in layout if e not in files] + \
         ([] if any(e in files for e in RGB_EXTS) else ["rgb"])
     if missing:
         raise ValueError(f"sample lacks {missing}: not a complete turntable sample ({geometry} encoding)")
@@ -246,16 +260,16 @@ def decode_sample(files: dict[str, bytes], keys: tuple[str, ...] | None = None) 
                 out[k] = _read(files, f"{k}.npz", lambda b, k=k: _unnpz(b)[k]).astype(np.float32 if k != "mask"
                                                                                       else bool)
     elif any(need(k) for k in ("normal", "position", "depth", "mask")):
-        out.update(_decode_geometry(files, geometry, need, cam))
+        out.update(_decode_geometry(files, geometry, layout, need, cam))
     if need("K") or need("c2w"):
         out["K"], out["c2w"] = cam["K"], cam["c2w"]
     out["meta"] = _read(files, "meta.json", json.loads)
     return out
 
 
-def _decode_geometry(files: dict[str, bytes], geometry: str, need: Callable[[str], bool],
+def _decode_geometry(files: dict[str, bytes], geometry: str, layout: tuple[str, ...], need: Callable[[str], bool],
                      cam: dict | None) -> dict[str, np.ndarray]:
-    pos_ext, nrm_ext = LAYOUTS[geometry][1], LAYOUTS[geometry][0]
+    pos_ext, nrm_ext = layout[1], layout[0]
     bits = POS_BITS if geometry == "precise" else 8
     codes = _read(files, pos_ext, decode_planes)  # (T,3,H,W)
     if codes.dtype != (np.uint16 if bits > 8 else np.uint8) or codes.max(initial=0) >= 2**bits:
