@@ -139,3 +139,44 @@ def test_export_and_eval_read_a_run_on_s3_and_write_there(env, tmp_path, monkeyp
 
     model = load_run(url)
     assert model.path.startswith(env["LOOM_CACHE"]) and os.path.isdir(os.path.join(model.path, "lora"))
+
+
+def test_eval_reads_ground_truth_shards_and_predictions_from_the_bucket(env, tmp_path, monkeypatch, capsys):
+    import json
+
+    from loom.cli import main
+    from loom.platform import storage
+    from tests.eval import bench_data
+
+    monkeypatch.setenv("LOOM_HOME", env["LOOM_HOME"])
+    monkeypatch.setenv("LOOM_CACHE", env["LOOM_CACHE"])
+    case = bench_data.make_ttv_case(str(tmp_path / "case"), samples=2)
+    for name in ("gt", "noisy"):
+        storage.upload_tree(case[name], f"s3://loom/cases/{name}")
+
+    def evaluate(pred, out):
+        args = ["eval", "ttv", "--recipe", "tiny", "--gt", "s3://loom/cases/gt", "--pred", pred, "--out", out,
+                "--set", "metrics=[psnr,ssim]"]
+        assert main(args) == 0
+        with open(os.path.join(out, "metrics.json")) as f:
+            return json.load(f), capsys.readouterr()
+
+    local, first = evaluate(case["noisy"], str(tmp_path / "local"))
+    remote, got = evaluate("s3://loom/cases/noisy", str(tmp_path / "remote"))
+    assert "--pred s3://loom/cases/noisy: 2 of 2 file(s) downloaded" in got.out, got.out
+    assert "--gt" not in got.out  # shards are read from the bucket, not copied
+    assert remote["metrics"] == local["metrics"] and remote["metrics"]["psnr"] < 40  # the same scores as local files
+    cfg = (tmp_path / "remote" / "config.yaml").read_text()
+    assert "pred: s3://loom/cases/noisy" in cfg and env["LOOM_CACHE"] not in cfg
+    _, again = evaluate("s3://loom/cases/noisy", str(tmp_path / "remote"))
+    assert "0 of 2 file(s) downloaded" in again.out, again.out
+    # a prediction removed from the bucket is not scored from the stale copy: its key is reported missing
+    (key,) = [k for k in objects("cases/noisy/")][:1]
+    boto3.client("s3").delete_object(Bucket="loom", Key=key)
+    args = ["eval", "ttv", "--recipe", "tiny", "--gt", "s3://loom/cases/gt", "--pred", "s3://loom/cases/noisy",
+            "--out", str(tmp_path / "third"), "--set", "metrics=[psnr]"]
+    assert main(args) != 0
+    assert os.path.basename(key).split(".")[0] in capsys.readouterr().err
+    assert main(["eval", "ttv", "--gt", "s3://loom/cases/gt", "--pred", "s3://loom/cases/none", "--out",
+                 str(tmp_path / "x")]) != 0
+    assert "--pred s3://loom/cases/none: no such folder" in capsys.readouterr().err

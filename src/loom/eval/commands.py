@@ -63,9 +63,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                            **direct)
 
 
+# Input fields read as folders of files (videos, images, meshes): a remote one is read through a local copy. Shards
+# (``gt`` of every benchmark but texture's image folders) are read from the bucket as they are, by the shard reader.
+_INPUT_FOLDERS = ("gt", "pred", "renders")
+
+
 def evaluate_anywhere(evaluate, cfg):
-    """``evaluate(cfg)`` where the run folder (``run``) or the outputs (``out``) may be on object storage
-    (``s3://...``): a remote run is read through its local copy (`loom.inference.run.local_run`: config, final
+    """``evaluate(cfg)`` where the inputs (``gt``, ``pred``, ``renders``), the run folder (``run``) or the outputs
+    (``out``) may be on object storage (``s3://...``). Shard corpora are read from the bucket directly; folders of
+    predictions or renders through a local copy (``$LOOM_CACHE/eval-inputs/...``: a rerun downloads only what
+    changed). A remote run is read through its local copy (`loom.inference.run.local_run`: config, final
     weights, run record; a rerun downloads nothing again); remote outputs are made in a local staging folder
     (``$LOOM_CACHE/eval/...``, first filled with what ``out`` already holds, so a stopped evaluation reuses its
     predictions as it does locally) and copied to ``out`` when the job ends, each file atomically, only those that
@@ -76,6 +83,10 @@ def evaluate_anywhere(evaluate, cfg):
 
     run, out = getattr(cfg, "run", "") or "", cfg.out
     changes = {}
+    for field in _INPUT_FOLDERS:
+        url = getattr(cfg, field, "") or ""
+        if storage.is_remote(url) and not _is_shards(url):
+            changes[field] = _local_inputs(url, field)
     if storage.is_remote(run):
         from loom.inference.run import local_run
 
@@ -89,20 +100,46 @@ def evaluate_anywhere(evaluate, cfg):
         before = {rel: _stat(stage, rel) for rel in storage.files_under(stage)}
         changes["out"] = stage
     result = evaluate(dataclasses.replace(cfg, **changes) if changes else cfg)
+    cfg_path = os.path.join(stage or out, "config.yaml")
+    if changes and os.path.isfile(cfg_path):  # the outputs' config names the URLs, not the local copies
+        with open(cfg_path) as f:
+            text = f.read()
+        for field, local in changes.items():
+            text = text.replace(local, getattr(cfg, field))
+        with open(cfg_path, "w") as f:
+            f.write(text)
     if stage is not None:
-        cfg_path = os.path.join(stage, "config.yaml")
-        if os.path.isfile(cfg_path):  # the outputs' config says where they are, and which run they evaluate
-            with open(cfg_path) as f:
-                text = f.read()
-            for local, url in ((stage, out), (changes.get("run"), run)):
-                if local:
-                    text = text.replace(local, url)
-            with open(cfg_path, "w") as f:
-                f.write(text)
         sent = storage.upload_tree(stage, out, skip=lambda rel: rel == storage.SOURCES
                                    or before.get(rel) == _stat(stage, rel))
         print(f"outputs:  copied {len(sent)} file(s) to {out}")
     return result
+
+
+def _is_shards(url: str) -> bool:
+    from loom.platform.shards import shard_urls
+
+    try:
+        return bool(shard_urls(url))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def _local_inputs(url: str, field: str) -> str:
+    """The local copy of the input folder ``url`` (``--{field}``), brought up to date."""
+    from loom.platform import storage
+
+    storage.check_bucket(url)
+    rels = storage.files_under(url)
+    if not rels:
+        raise FileNotFoundError(f"--{field} {url}: no such folder, or nothing in it (give the folder of "
+                                f"{'predictions' if field == 'pred' else 'files'} itself)")
+    local = storage.local_folder(url, "eval-inputs")
+    got = storage.download_tree(url, local, rels)
+    gone = set(storage.files_under(local)) - set(rels) - {storage.SOURCES}
+    for rel in gone:  # removed from the bucket since the last copy: not evaluated
+        os.remove(os.path.join(local, *rel.split("/")))
+    print(f"inputs:   --{field} {url}: {len(got)} of {len(rels)} file(s) downloaded to {local}")
+    return local
 
 
 def _stat(folder: str, rel: str) -> tuple[int, int]:
