@@ -168,6 +168,10 @@ def test_eval_reads_ground_truth_shards_and_predictions_from_the_bucket(env, tmp
     assert remote["metrics"] == local["metrics"] and remote["metrics"]["psnr"] < 40  # the same scores as local files
     cfg = (tmp_path / "remote" / "config.yaml").read_text()
     assert "pred: s3://loom/cases/noisy" in cfg and env["LOOM_CACHE"] not in cfg
+    c = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+    runs = c.search_runs([c.get_experiment_by_name("bench/ttv").experiment_id])
+    logged = {r.data.params["predictions"] for r in runs}
+    assert logged == {"s3://loom/cases/noisy", case["noisy"]}, logged  # the URL, not the local copy
     _, again = evaluate("s3://loom/cases/noisy", str(tmp_path / "remote"))
     assert "0 of 2 file(s) downloaded" in again.out, again.out
     # a prediction removed from the bucket is not scored from the stale copy: its key is reported missing

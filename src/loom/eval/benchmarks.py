@@ -367,11 +367,23 @@ def code_version() -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ inputs and media
 
 
+# local copy -> the URL it stands for, while an evaluation reads remote inputs through local copies
+# (loom.eval.commands.evaluate_anywhere): params name what the user gave, not the cache
+LOCAL_COPIES: dict[str, str] = {}
+
+
 def where(url: str) -> str:
-    """A path as logged in params: absolute for local paths, URLs as given; '-' for none."""
+    """A path as logged in params: absolute for local paths, URLs as given (also for the local copy of one, see
+    ``LOCAL_COPIES``); '-' for none."""
     if not url:
         return "-"
-    return url if "://" in url else os.path.abspath(url)
+    if "://" in url:
+        return url
+    path = os.path.abspath(url)
+    for local, remote in LOCAL_COPIES.items():
+        if path == local or path.startswith(local.rstrip(os.sep) + os.sep):
+            return remote.rstrip("/") + path[len(local.rstrip(os.sep)):].replace(os.sep, "/")
+    return path
 
 
 VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".mov", ".avi")

@@ -99,7 +99,15 @@ def evaluate_anywhere(evaluate, cfg):
         storage.download_tree(out, stage)
         before = {rel: _stat(stage, rel) for rel in storage.files_under(stage)}
         changes["out"] = stage
-    result = evaluate(dataclasses.replace(cfg, **changes) if changes else cfg)
+    from loom.eval.benchmarks import LOCAL_COPIES
+
+    copies = {os.path.abspath(local): getattr(cfg, field) for field, local in changes.items()}
+    LOCAL_COPIES.update(copies)
+    try:
+        result = evaluate(dataclasses.replace(cfg, **changes) if changes else cfg)
+    finally:
+        for local in copies:
+            LOCAL_COPIES.pop(local, None)
     cfg_path = os.path.join(stage or out, "config.yaml")
     if changes and os.path.isfile(cfg_path):  # the outputs' config names the URLs, not the local copies
         with open(cfg_path) as f:
