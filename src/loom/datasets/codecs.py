@@ -149,16 +149,17 @@ def write_video(path: str, frames: np.ndarray, fps: int = 12) -> str:
 # Fixed-point and octahedral codes for unit-range geometry (turntable positions and normals), and a lossless store of
 # integer planes. Measured on Blender renders of the five bundled assets at 512x512 (4 frames each; 15-bit position
 # codes in kB per frame, decode ms per frame on one core of this 2-core machine):
-# - compressors of left-neighbour residuals split into high and low byte planes: lzma-6 ~100 (18), FFV1 gray16le
-#   of the stacked planes ~110 (25), zstd-19 109 (2.6), zlib-9 124 (4.4); 16-bit PNG (cv2) and FFV1 gbrp16le larger
-#   still, float16 npz 392 (19). lzma is ~10% smaller than zstd but decodes 7x slower: zstd won.
+# - compressors of left-neighbour residuals split into high and low byte planes, 16-bit position codes: lzma-6 114
+#   (18), FFV1 gray16le of the stacked planes 125 (25), zstd-19 130 (2), zlib-9 145 (4), FFV1 gbrp16le 154, 16-bit
+#   PNG (cv2) 189, float16 npz 392 (19); with the 15-bit codes stored now, zstd-19 109 (2.6), zlib-9 124 (4.4). lzma
+#   is ~12% smaller than zstd but decodes 9x slower: zstd won.
 # - predictors: the upper neighbour beats the left one by 3% on positions (106.5 vs 109.4 kB at zstd-19) and 1% on
 #   normals; zigzag-mapped residuals and the MED, gradient and second-order predictors did not help. NumPy undoes the
 #   left one with a cumsum over each row (2.1 ns a value: the largest cost of decoding, more than inflating) but the
-#   upper one with one vector add per image row (0.5 ns a value).
+#   upper one with one vector add per image row (1.1 ns a value).
 # - zstd levels (upper residuals, position + 14-bit octahedral normal, kB per frame, encode ms per frame): 15 219
-#   (104), 17 205 (148), 19 199 (372); zlib-9 220 (~190). Level 17: zstd-19's size within 3% at 40% of its encode
-#   time, so encoding (once per sample, in the render worker) costs less than zlib did.
+#   (104), 17 205 (148), 19 199 (372); zlib-9 220 (the position alone 99). Level 17: zstd-19's size within 3% at 40% of its encode
+#   time, and about what zlib-9 cost to encode (once per sample, in the render worker).
 # Until 2026-12 (Loom e20185c) the store was a zip of deflated left-neighbour residuals: still read, never written.
 PLANES_ZSTD_LEVEL = 17
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
