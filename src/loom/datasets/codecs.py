@@ -158,8 +158,8 @@ def write_video(path: str, frames: np.ndarray, fps: int = 12) -> str:
 #   left one with a cumsum over each row (2.1 ns a value: the largest cost of decoding, more than inflating) but the
 #   upper one with one vector add per image row (1.1 ns a value).
 # - zstd levels (upper residuals, position + 14-bit octahedral normal, kB per frame, encode ms per frame): 15 219
-#   (104), 17 205 (148), 19 199 (372); zlib-9 220 (the position alone 99). Level 17: zstd-19's size within 3% at 40% of its encode
-#   time, and about what zlib-9 cost to encode (once per sample, in the render worker).
+#   (104), 17 205 (148), 19 199 (372); zlib-9 220 (the position alone 99). Level 17: zstd-19's size within 3% at
+#   40% of its encode time, and about what zlib-9 cost to encode (once per sample, in the render worker).
 # Until 2026-12 (Loom e20185c) the store was a zip of deflated left-neighbour residuals: still read, never written.
 PLANES_ZSTD_LEVEL = 17
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
