@@ -65,7 +65,7 @@ class PassSettings:
 class EncodingSettings:
     geometry: Literal["auto", "precise", "model-input", "npz"] = field(
         "auto", help="how normal, position, depth and mask are stored (precision and sizes: loom.datasets.ttv): "
-        "'precise' (16-bit fixed-point position, depth derived from it, 14-bit octahedral normals; ~0.3 MB per "
+        "'precise' (15-bit fixed-point position, depth derived from it, 14-bit octahedral normals; ~0.3 MB per "
         "512x512 frame), 'model-input' (8-bit, what the video VAE sees; implies H.264 rgb whatever encode.rgb_codec "
         "says; ~0.1 MB), 'npz' (float16/float32 arrays, the layout of corpora begun before this setting; ~1.2 MB), "
         "or 'auto': 'precise' for a new --out, else the encoding of the samples already there")

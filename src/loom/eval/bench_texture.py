@@ -44,6 +44,7 @@ import numpy as np
 from loom.eval.benchmarks import (check_eval_ray, eval_ray, IMAGE_EXTS, EvalTracking, Features, FeatureSettings, merge_stats,
                                   run_parts, to_unit, warn_if_tiny, where, write_media)
 from loom.platform.ray import RaySettings
+from loom.platform.shards import is_shards
 from loom.platform.config import config, field, recipe, require
 
 METRICS = ("fid", "kid", "clip_s", "lpips")
@@ -150,16 +151,6 @@ def read_image(url: str) -> np.ndarray:
 
 
 _MARK = ".loom-views"  # marks a views folder that `--run` wrote (and may replace)
-
-
-def is_shards(url: str) -> bool:
-    """Whether ``url`` is turntable shards (an output folder, a folder of tars, a .tar) rather than images."""
-    from loom.platform.shards import shard_urls
-
-    try:
-        return bool(shard_urls(url))
-    except (FileNotFoundError, NotADirectoryError):
-        return False
 
 
 def _write_views(folder: str, video: np.ndarray) -> None:

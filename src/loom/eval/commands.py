@@ -80,12 +80,13 @@ def evaluate_anywhere(evaluate, cfg):
     import dataclasses
 
     from loom.platform import storage
+    from loom.platform.shards import is_shards
 
     run, out = getattr(cfg, "run", "") or "", cfg.out
     changes = {}
     for field in _INPUT_FOLDERS:
         url = getattr(cfg, field, "") or ""
-        if storage.is_remote(url) and not _is_shards(url):
+        if storage.is_remote(url) and not is_shards(url):
             changes[field] = _local_inputs(url, field)
     if storage.is_remote(run):
         from loom.inference.run import local_run
@@ -123,15 +124,6 @@ def evaluate_anywhere(evaluate, cfg):
     return result
 
 
-def _is_shards(url: str) -> bool:
-    from loom.platform.shards import shard_urls
-
-    try:
-        return bool(shard_urls(url))
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-
-
 def _local_inputs(url: str, field: str) -> str:
     """The local copy of the input folder ``url`` (``--{field}``), brought up to date."""
     from loom.platform import storage
@@ -142,10 +134,7 @@ def _local_inputs(url: str, field: str) -> str:
         raise FileNotFoundError(f"--{field} {url}: no such folder, or nothing in it (give the folder of "
                                 f"{'predictions' if field == 'pred' else 'files'} itself)")
     local = storage.local_folder(url, "eval-inputs")
-    got = storage.download_tree(url, local, rels)
-    gone = set(storage.files_under(local)) - set(rels) - {storage.SOURCES}
-    for rel in gone:  # removed from the bucket since the last copy: not evaluated
-        os.remove(os.path.join(local, *rel.split("/")))
+    got = storage.download_tree(url, local, rels, prune=True)  # a file gone from the bucket is not evaluated
     print(f"inputs:   --{field} {url}: {len(got)} of {len(rels)} file(s) downloaded to {local}")
     return local
 

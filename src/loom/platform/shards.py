@@ -216,6 +216,14 @@ def shard_urls(url: str) -> list[str]:
     return [storage.join(sub, n) for n in names]
 
 
+def is_shards(url: str) -> bool:
+    """Whether ``url`` is shards (an output folder, a folder of tars, a .tar) rather than a folder of other files."""
+    try:
+        return bool(shard_urls(url))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
 def verify(out: str, deep: bool = True) -> list[str]:
     """Check every shard of an output folder against its manifest: present, same size, same sha256, and (deep)
     readable to the end with the recorded keys. Returns a list of problems (empty: all good)."""

@@ -253,10 +253,11 @@ def download_file(url: str, local: str) -> None:
         raise
 
 
-def download_tree(url: str, local: str, rels: list[str] | None = None) -> list[str]:
+def download_tree(url: str, local: str, rels: list[str] | None = None, *, prune: bool = False) -> list[str]:
     """Copy the files below the folder ``url`` (or only the relative paths ``rels``) into ``local``, skipping each
     whose object is the one already fetched (same size, ETag or mtime, recorded in ``local/.loom-sources.json``):
-    a rerun downloads nothing again. Returns the relative paths downloaded."""
+    a rerun downloads nothing again. ``prune``: also delete the local files that are not among them (a mirror).
+    Returns the relative paths downloaded."""
     fs, _ = filesystem(url)
     rels = files_under(url) if rels is None else rels
     record = os.path.join(local, SOURCES)
@@ -280,6 +281,9 @@ def download_tree(url: str, local: str, rels: list[str] | None = None) -> list[s
         with open(tmp, "w") as f:
             json.dump(seen, f, indent=1, sort_keys=True)
         os.replace(tmp, record)
+    if prune:
+        for rel in set(files_under(local)) - set(rels) - {SOURCES}:
+            os.remove(os.path.join(local, *rel.split("/")))
     return got
 
 
@@ -296,10 +300,12 @@ def _bucket_there(url: str) -> tuple[bool, str]:
 def missing_error(url: str, what: str, todo: str) -> FileNotFoundError:
     """The error for a missing object or bucket: the URL, what was looked for, what to do."""
     there, bucket = _bucket_there(url)
-    if not there:
-        return FileNotFoundError(f"{url}: the bucket {bucket!r} does not exist or cannot be read with these "
-                                 f"credentials/endpoint (looking for {what}): create it, or check AWS_* / the URL")
-    return FileNotFoundError(f"{url}: no {what} there: {todo}")
+    return FileNotFoundError(f"{url}: no {what} there: {todo}") if there else _no_bucket(url, bucket, what)
+
+
+def _no_bucket(url: str, bucket: str, what: str = "") -> FileNotFoundError:
+    return FileNotFoundError(f"{url}: the bucket {bucket!r} does not exist or cannot be read with these credentials/"
+                             f"endpoint{f' (looking for {what})' if what else ''}: create it, or check AWS_* / the URL")
 
 
 def check_bucket(url: str) -> None:
@@ -308,5 +314,4 @@ def check_bucket(url: str) -> None:
         return
     there, bucket = _bucket_there(url)
     if not there:
-        raise FileNotFoundError(f"{url}: the bucket {bucket!r} does not exist or cannot be read with these "
-                                "credentials/endpoint: create it, or check AWS_* / the URL")
+        raise _no_bucket(url, bucket)
